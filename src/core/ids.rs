@@ -1,0 +1,128 @@
+//! Identifier derivation.
+//!
+//! * Knock ids are arbitrary strings (`user_3`, `Jane.Doe@x`); Kubernetes names
+//!   are DNS subdomains. [`resource_name`] keeps a valid id as it is and turns any
+//!   other into a readable, hashed name, so different ids never share a name.
+//!   Lookups always go by the id in spec, never by assuming name == id.
+//! * A workflow recipient run id is a UUID v5 whose namespace is the workflow run
+//!   id (the TriggerRun's uid, a UUID v4) and whose name is the recipient's
+//!   canonical key (`user:<id>` or `object:<collection>:<id>`): stable across
+//!   restarts and replicas, and different for every recipient of a run.
+
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::model::RecipientKey;
+
+const MAX_NAME: usize = 253;
+
+/// True when `s` is a valid Kubernetes object name (a DNS-1123 subdomain).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// A short, stable hash of a string (hex of SHA-256, first `len` characters).
+pub fn short_hash(s: &str, len: usize) -> String {
+    let digest = Sha256::digest(s.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    hex[..len.min(hex.len())].to_string()
+}
+
+/// Derives a valid metadata.name from one or more id parts (joined with `-`).
+/// A name that is already valid and made of one part is kept as is;
+/// anything else is lowercased, has other characters replaced by `-`, and
+/// gets an 8-character hash of the exact parts appended.
+pub fn resource_name(parts: &[&str]) -> String {
+    if let [single] = parts {
+        if is_dns_subdomain(single) && single.len() <= 63 {
+            return single.to_string();
+        }
+    }
+    let joined = parts.join("-");
+    let mut readable: String = joined
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' }
+        })
+        .collect();
+    // Collapse runs of '-' and trim them, keeping names short and readable.
+    while readable.contains("--") {
+        readable = readable.replace("--", "-");
+    }
+    let readable = readable.trim_matches('-');
+    let readable: String = readable.chars().take(50).collect();
+    let readable = readable.trim_end_matches('-');
+    // The hash covers the parts with a separator that cannot occur in one
+    // part's position, so ("a-b", "c") and ("a", "b-c") differ.
+    let hash = short_hash(&parts.join("\u{0}"), 8);
+    if readable.is_empty() { format!("x-{hash}") } else { format!("{readable}-{hash}") }
+}
+
+/// The metadata.name for a user, tenant, audience with this id.
+pub fn name_for_id(id: &str) -> String {
+    resource_name(&[id])
+}
+
+/// The metadata.name for an object: `<collection>-<id>`, hashed when needed.
+pub fn name_for_object(collection: &str, id: &str) -> String {
+    let joined = format!("{collection}-{id}");
+    if is_dns_subdomain(&joined) && joined.len() <= 63 {
+        joined
+    } else {
+        resource_name(&[collection, id])
+    }
+}
+
+/// A recipient's workflow recipient run id (see the module docs).
+pub fn recipient_run_id(workflow_run_id: &Uuid, recipient: &RecipientKey) -> Uuid {
+    Uuid::new_v5(workflow_run_id, recipient.canonical().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_names_are_kept() {
+        assert_eq!(name_for_id("user-1"), "user-1");
+        assert_eq!(name_for_id("a.b"), "a.b");
+        assert_eq!(name_for_object("projects", "p1"), "projects-p1");
+    }
+
+    #[test]
+    fn other_ids_become_readable_hashed_names() {
+        let n = name_for_id("Jane.Doe@x");
+        assert!(n.starts_with("jane-doe-x-"), "{n}");
+        assert!(is_dns_subdomain(&n));
+        assert_ne!(name_for_id("user_1"), name_for_id("user-1"));
+        assert_ne!(name_for_id("user_1"), name_for_id("USER_1"));
+        let long = "x".repeat(400);
+        assert!(is_dns_subdomain(&name_for_id(&long)));
+        assert!(is_dns_subdomain(&name_for_id("___")));
+        assert!(is_dns_subdomain(&name_for_object("My Projects", "P 1")));
+        assert_ne!(resource_name(&["a-b", "c"]), resource_name(&["a", "b-c"]));
+    }
+
+    #[test]
+    fn recipient_run_ids_are_stable_and_distinct() {
+        let run = Uuid::parse_str("6f1c1c8e-8b0e-4d5e-9d7a-3a3f0f7b9e11").unwrap();
+        let a = recipient_run_id(&run, &RecipientKey::user("user_1"));
+        assert_eq!(a, recipient_run_id(&run, &RecipientKey::user("user_1")));
+        assert_eq!(a.get_version_num(), 5);
+        assert_ne!(a, recipient_run_id(&run, &RecipientKey::user("user_2")));
+        assert_ne!(a, recipient_run_id(&run, &RecipientKey::object("user", "user_1")));
+        let other = Uuid::new_v4();
+        assert_ne!(a, recipient_run_id(&other, &RecipientKey::user("user_1")));
+        // Pinned, so the derivation documented in the README cannot change silently.
+        assert_eq!(a, Uuid::new_v5(&run, b"user:user_1"));
+    }
+}

@@ -1,0 +1,5 @@
+//! The pure core: herald's decisions, with no Kubernetes or HTTP types, so
+//! they can be tested without a cluster.
+
+pub mod ids;
+pub mod model;

@@ -1,0 +1,34 @@
+//! The `Audience` kind: a named list of recipients (the notify API's `lists`).
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A named list of recipients, e.g. `project.123.followers`.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "herald.dev",
+    version = "v1alpha1",
+    kind = "Audience",
+    namespaced,
+    category = "herald",
+    printcolumn = r#"{"name":"Key","type":"string","jsonPath":".spec.key"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AudienceSpec {
+    /// The audience key triggers name (any string).
+    pub key: String,
+    /// Members: user id strings or object references `{id, collection}`.
+    #[serde(default)]
+    #[schemars(schema_with = "members_schema")]
+    pub members: Vec<Value>,
+}
+
+fn members_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"x-kubernetes-preserve-unknown-fields": true},
+    })
+}

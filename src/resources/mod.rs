@@ -1,0 +1,26 @@
+//! The custom resource kinds of `herald.dev/v1alpha1`, one module per kind.
+//! A namespace plays the part of a Knock environment.
+
+pub mod audience;
+pub mod channel;
+pub mod object;
+pub mod recipient_page;
+pub mod schema;
+pub mod tenant;
+pub mod trigger_run;
+pub mod user;
+pub mod workflow;
+
+pub use audience::{Audience, AudienceSpec};
+pub use channel::{Channel, ChannelSpec, ChannelStatus, ChannelType};
+pub use object::{Object, ObjectSpec, Subscription};
+pub use recipient_page::{RecipientPage, RecipientPageSpec, RecipientPageStatus, RecipientState, RecipientStatus, StepState, StepStatus};
+pub use tenant::{Tenant, TenantSpec};
+pub use trigger_run::{RecipientTotals, RunState, TriggerRun, TriggerRunSpec, TriggerRunStatus};
+pub use user::{User, UserSpec};
+pub use workflow::{Workflow, WorkflowSpec, WorkflowStatus};
+
+/// The API group.
+pub const GROUP: &str = "herald.dev";
+/// The API version.
+pub const VERSION: &str = "v1alpha1";

@@ -1,0 +1,141 @@
+//! The `TriggerRun` kind: one trigger of a workflow, and what became of it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::core::model::JsonObject;
+
+/// One trigger of a workflow for a set of recipients (Knock's trigger call).
+/// The spec is immutable once created; status records each recipient's run.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "herald.dev",
+    version = "v1alpha1",
+    kind = "TriggerRun",
+    namespaced,
+    status = "TriggerRunStatus",
+    shortname = "tr",
+    category = "herald",
+    printcolumn = r#"{"name":"Workflow","type":"string","jsonPath":".spec.workflow"}"#,
+    printcolumn = r#"{"name":"Recipients","type":"integer","jsonPath":".status.totals.recipients"}"#,
+    printcolumn = r#"{"name":"Completed","type":"integer","jsonPath":".status.totals.completed"}"#,
+    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.totals.failed"}"#,
+    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerRunSpec {
+    /// The key of the Workflow to run, in this namespace.
+    pub workflow: String,
+    /// Who performed the action: a user id, `{id, collection}`, or an inline user or object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::resources::schema::any_value")]
+    pub actor: Option<Value>,
+    /// Who to notify, at most 1,000 entries: user id strings, object references
+    /// `{id, collection}`, or inline users and objects (Knock's shape: `id`,
+    /// `collection`, `channel_data`, `preferences`, `$trigger_data` and any other properties).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "recipients_schema")]
+    pub recipients: Vec<Value>,
+    /// Keys of Audiences (the notify API's `lists`) whose members are notified too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// The trigger data: a JSON object, validated against the workflow's dataSchema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::resources::schema::free_form_object")]
+    pub data: Option<JsonObject>,
+    /// A key that cancels this run (with the workflow key) before it finishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancellation_key: Option<String>,
+    /// The tenant: an id, or an inline tenant `{id, name, settings}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::resources::schema::any_value")]
+    pub tenant: Option<Value>,
+    /// The idempotency key this run was created with, if any (set by the HTTP API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Seconds to keep the run after it finishes; default: the operator's (7 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+}
+
+fn recipients_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": 1000,
+        "items": {"x-kubernetes-preserve-unknown-fields": true},
+    })
+}
+
+/// The state of a whole run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RunState {
+    #[default]
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunState {
+    pub fn is_finished(self) -> bool {
+        matches!(self, RunState::Completed | RunState::Failed | RunState::Cancelled)
+    }
+}
+
+/// Recipient counts by state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecipientTotals {
+    pub recipients: i64,
+    pub queued: i64,
+    pub running: i64,
+    pub waiting: i64,
+    pub completed: i64,
+    pub skipped: i64,
+    pub cancelled: i64,
+    pub failed: i64,
+}
+
+/// The observed state of a TriggerRun. Per-recipient detail lives in the
+/// RecipientPage objects listed in `pages` (owned by this run).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TriggerRunStatus {
+    /// The workflow run id (this object's metadata.uid), as Knock returns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_run_id: Option<String>,
+    /// Pending, Running, Completed, Failed or Cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<RunState>,
+    /// The actor, as resolved (`user_2` or `collection/id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// The tenant id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Recipient counts by state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<RecipientTotals>,
+    /// Names of the RecipientPage objects holding every recipient's status, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pages: Vec<String>,
+    /// When the controller started the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the run finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Accepted` (the trigger was valid) and `Succeeded` (the run finished well), with reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::resources::schema::conditions")]
+    pub conditions: Vec<Condition>,
+}
