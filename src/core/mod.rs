@@ -3,3 +3,7 @@
 
 pub mod ids;
 pub mod model;
+pub mod conditions;
+pub mod preferences;
+pub mod templates;
+pub mod validation;

@@ -111,8 +111,8 @@ pub struct TriggerRunStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow_run_id: Option<String>,
     /// Pending, Running, Completed, Failed or Cancelled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<RunState>,
+    #[serde(default)]
+    pub state: RunState,
     /// The actor, as resolved (`user_2` or `collection/id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
