@@ -1,1 +1,430 @@
-//! (being written)
+//! Knock step conditions: `variable` `operator` `argument`, evaluated against
+//! a run's context (`{"data", "recipient", "actor", "tenant", "workflow"}`).
+//!
+//! Comparisons are loose on purpose: YAML authors write `argument: 5` and
+//! `argument: "5"` interchangeably, so numbers compare numerically whenever one
+//! side is a number and the other is a number or a numeric string.
+
+use std::cmp::Ordering;
+
+use serde_json::Value;
+
+use crate::resources::workflow::StepCondition;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConditionError {
+    #[error("condition on `{variable}`: unknown operator `{operator}`")]
+    UnknownOperator { variable: String, operator: String },
+    #[error("condition on `{variable}`: operator `{operator}` needs an argument")]
+    MissingArgument { variable: String, operator: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operator {
+    EqualTo,
+    NotEqualTo,
+    GreaterThan,
+    LessThan,
+    GreaterThanOrEqualTo,
+    LessThanOrEqualTo,
+    Contains,
+    NotContains,
+    Empty,
+    NotEmpty,
+    Exists,
+    NotExists,
+}
+
+impl Operator {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "equal_to" => Operator::EqualTo,
+            "not_equal_to" => Operator::NotEqualTo,
+            "greater_than" => Operator::GreaterThan,
+            "less_than" => Operator::LessThan,
+            "greater_than_or_equal_to" => Operator::GreaterThanOrEqualTo,
+            "less_than_or_equal_to" => Operator::LessThanOrEqualTo,
+            "contains" => Operator::Contains,
+            "not_contains" => Operator::NotContains,
+            "empty" => Operator::Empty,
+            "not_empty" => Operator::NotEmpty,
+            "exists" => Operator::Exists,
+            "not_exists" => Operator::NotExists,
+            _ => return None,
+        })
+    }
+
+    fn needs_argument(self) -> bool {
+        !matches!(self, Operator::Empty | Operator::NotEmpty | Operator::Exists | Operator::NotExists)
+    }
+}
+
+/// The operator of `c`, checked to be known and to have its argument.
+fn checked(c: &StepCondition) -> Result<(Operator, Option<&Value>), ConditionError> {
+    let op = Operator::parse(&c.operator).ok_or_else(|| ConditionError::UnknownOperator {
+        variable: c.variable.clone(),
+        operator: c.operator.clone(),
+    })?;
+    let argument = c.argument.as_ref();
+    if op.needs_argument() && argument.is_none() {
+        return Err(ConditionError::MissingArgument { variable: c.variable.clone(), operator: c.operator.clone() });
+    }
+    Ok((op, argument))
+}
+
+/// Checks every condition's operator (and argument), for validating a Workflow
+/// when it is applied.
+pub fn check_operators(conditions: &[StepCondition]) -> Result<(), ConditionError> {
+    conditions.iter().try_for_each(|c| checked(c).map(|_| ()))
+}
+
+/// True when every condition holds (an empty list holds). Malformed conditions
+/// are reported whatever the data, so a typo is never hidden by a short-circuit.
+pub fn all_hold(conditions: &[StepCondition], context: &Value) -> Result<bool, ConditionError> {
+    let checked = conditions.iter().map(|c| checked(c).map(|(op, arg)| (c, op, arg))).collect::<Result<Vec<_>, _>>()?;
+    Ok(checked.into_iter().all(|(c, op, argument)| holds(op, lookup(context, &c.variable), argument)))
+}
+
+/// The value at a dot path; numeric segments index arrays. `None` when any
+/// segment is missing.
+fn lookup<'a>(context: &'a Value, path: &str) -> Option<&'a Value> {
+    if path.is_empty() {
+        return None;
+    }
+    path.split('.').try_fold(context, |current, segment| match current {
+        Value::Object(map) => map.get(segment),
+        Value::Array(items) => segment.parse::<usize>().ok().and_then(|i| items.get(i)),
+        _ => None,
+    })
+}
+
+fn holds(op: Operator, value: Option<&Value>, argument: Option<&Value>) -> bool {
+    match op {
+        Operator::Empty => is_empty(value),
+        Operator::NotEmpty => !is_empty(value),
+        Operator::Exists => exists(value),
+        Operator::NotExists => !exists(value),
+        _ => {
+            // `checked` guarantees an argument for the remaining operators.
+            let (Some(value), Some(argument)) = (value, argument) else {
+                // A missing variable makes comparisons false, and their negations true.
+                return matches!(op, Operator::NotEqualTo | Operator::NotContains);
+            };
+            match op {
+                Operator::EqualTo => loose_eq(value, argument),
+                Operator::NotEqualTo => !loose_eq(value, argument),
+                Operator::Contains => contains(value, argument),
+                Operator::NotContains => !contains(value, argument),
+                Operator::GreaterThan => compare(value, argument) == Some(Ordering::Greater),
+                Operator::LessThan => compare(value, argument) == Some(Ordering::Less),
+                Operator::GreaterThanOrEqualTo => {
+                    matches!(compare(value, argument), Some(Ordering::Greater | Ordering::Equal))
+                }
+                Operator::LessThanOrEqualTo => matches!(compare(value, argument), Some(Ordering::Less | Ordering::Equal)),
+                Operator::Empty | Operator::NotEmpty | Operator::Exists | Operator::NotExists => false,
+            }
+        }
+    }
+}
+
+fn is_empty(value: Option<&Value>) -> bool {
+    match value {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s.is_empty(),
+        Some(Value::Array(a)) => a.is_empty(),
+        Some(Value::Object(o)) => o.is_empty(),
+        Some(Value::Bool(_) | Value::Number(_)) => false,
+    }
+}
+
+fn exists(value: Option<&Value>) -> bool {
+    !matches!(value, None | Some(Value::Null))
+}
+
+/// A number read from a JSON number or a numeric string. Integers are kept
+/// exact (i128 covers both i64 and u64); anything else is a finite f64.
+#[derive(Debug, Clone, Copy)]
+enum Number {
+    Int(i128),
+    Float(f64),
+}
+
+impl Number {
+    fn of(v: &Value) -> Option<Number> {
+        match v {
+            Value::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    Some(Number::Int(i.into()))
+                } else if let Some(u) = n.as_u64() {
+                    Some(Number::Int(u.into()))
+                } else {
+                    n.as_f64().filter(|f| f.is_finite()).map(Number::Float)
+                }
+            }
+            Value::String(s) => {
+                let s = s.trim();
+                if let Ok(i) = s.parse::<i128>() {
+                    Some(Number::Int(i))
+                } else {
+                    // f64 parsing accepts "inf" and "NaN"; those are words, not numbers.
+                    s.parse::<f64>().ok().filter(|f| f.is_finite()).map(Number::Float)
+                }
+            }
+            _ => None,
+        }
+    }
+
+    fn cmp(self, other: Number) -> Option<Ordering> {
+        match (self, other) {
+            (Number::Int(a), Number::Int(b)) => Some(a.cmp(&b)),
+            (a, b) => a.as_f64().partial_cmp(&b.as_f64()),
+        }
+    }
+
+    fn as_f64(self) -> f64 {
+        match self {
+            Number::Int(i) => i as f64,
+            Number::Float(f) => f,
+        }
+    }
+}
+
+/// Numeric ordering when one side is a number and the other is a number or a
+/// numeric string. Non-numeric values have no order (comparisons are false):
+/// comparing e.g. arbitrary strings lexicographically would surprise more
+/// often than help.
+fn compare(value: &Value, argument: &Value) -> Option<Ordering> {
+    if !(value.is_number() || argument.is_number()) {
+        // Two numeric strings ("10" vs "9") still compare as numbers: an author
+        // writing `argument: "9"` against a stringly-typed field means a number.
+        if !(value.is_string() && argument.is_string()) {
+            return None;
+        }
+    }
+    Number::of(value)?.cmp(Number::of(argument)?)
+}
+
+/// The string form of a scalar, for comparing against a string.
+fn scalar_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Knock-style loose equality.
+fn loose_eq(a: &Value, b: &Value) -> bool {
+    // Numbers (or a number and a numeric string) compare numerically: 7 == "7.0".
+    if a.is_number() || b.is_number() {
+        if let (Some(x), Some(y)) = (Number::of(a), Number::of(b)) {
+            return x.cmp(y) == Some(Ordering::Equal);
+        }
+    }
+    match (a, b) {
+        (Value::String(x), Value::String(y)) => x == y,
+        // A string against a bool or number compares the other side's string
+        // form: `argument: "true"` matches `true`.
+        (Value::String(s), other) | (other, Value::String(s)) => scalar_string(other).is_some_and(|o| &o == s),
+        _ => a == b,
+    }
+}
+
+fn contains(value: &Value, argument: &Value) -> bool {
+    match value {
+        Value::String(s) => scalar_string(argument).is_some_and(|needle| s.contains(needle.as_str())),
+        Value::Array(items) => items.iter().any(|item| loose_eq(item, argument)),
+        Value::Object(map) => scalar_string(argument).is_some_and(|key| map.contains_key(&key)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cond(variable: &str, operator: &str, argument: Option<Value>) -> StepCondition {
+        StepCondition { variable: variable.into(), operator: operator.into(), argument }
+    }
+
+    fn context() -> Value {
+        json!({
+            "data": {
+                "severity": "high",
+                "count": 7,
+                "count_str": "7",
+                "ratio": 0.5,
+                "big": 18446744073709551615u64,
+                "urgent": true,
+                "nothing": null,
+                "blank": "",
+                "none": [],
+                "empty_obj": {},
+                "tags": ["a", "b", 3],
+                "items": [{"name": "first"}, {"name": "second"}],
+                "labels": {"team": "core"}
+            },
+            "recipient": {"plan": "pro", "age": "42"},
+            "tenant": {"id": "acme"}
+        })
+    }
+
+    /// Evaluates a single condition against [`context`].
+    fn check(variable: &str, operator: &str, argument: Option<Value>) -> bool {
+        all_hold(&[cond(variable, operator, argument)], &context()).expect("valid condition")
+    }
+
+    #[test]
+    fn empty_list_holds() {
+        assert_eq!(all_hold(&[], &context()), Ok(true));
+    }
+
+    #[test]
+    fn equal_to_and_not_equal_to() {
+        assert!(check("data.severity", "equal_to", Some(json!("high"))));
+        assert!(!check("data.severity", "equal_to", Some(json!("low"))));
+        assert!(check("data.severity", "not_equal_to", Some(json!("low"))));
+        assert!(!check("data.severity", "not_equal_to", Some(json!("high"))));
+        assert!(check("recipient.plan", "equal_to", Some(json!("pro"))));
+        assert!(check("tenant.id", "equal_to", Some(json!("acme"))));
+        // Numbers, numeric strings and string forms of scalars.
+        assert!(check("data.count", "equal_to", Some(json!(7))));
+        assert!(check("data.count", "equal_to", Some(json!("7"))));
+        assert!(check("data.count", "equal_to", Some(json!("7.0"))));
+        assert!(check("data.count_str", "equal_to", Some(json!(7))));
+        assert!(check("data.ratio", "equal_to", Some(json!("0.5"))));
+        assert!(check("data.urgent", "equal_to", Some(json!("true"))));
+        assert!(check("data.urgent", "equal_to", Some(json!(true))));
+        assert!(!check("data.urgent", "equal_to", Some(json!("false"))));
+        assert!(!check("data.count", "equal_to", Some(json!("seven"))));
+        assert!(check("data.big", "equal_to", Some(json!("18446744073709551615"))));
+        assert!(!check("data.big", "equal_to", Some(json!("18446744073709551614"))));
+        // Two strings compare as strings, not numbers.
+        assert!(!check("data.count_str", "equal_to", Some(json!("7.0"))));
+        // Null and structured values.
+        assert!(check("data.nothing", "equal_to", Some(Value::Null)));
+        assert!(check("data.labels", "equal_to", Some(json!({"team": "core"}))));
+    }
+
+    #[test]
+    fn ordering_operators() {
+        assert!(check("data.count", "greater_than", Some(json!(5))));
+        assert!(check("data.count", "greater_than", Some(json!("5"))));
+        assert!(!check("data.count", "greater_than", Some(json!(7))));
+        assert!(check("data.count", "greater_than_or_equal_to", Some(json!(7))));
+        assert!(check("data.count", "greater_than_or_equal_to", Some(json!("6.5"))));
+        assert!(!check("data.count", "greater_than_or_equal_to", Some(json!(8))));
+        assert!(check("data.count", "less_than", Some(json!(10))));
+        assert!(!check("data.count", "less_than", Some(json!("7"))));
+        assert!(check("data.count", "less_than_or_equal_to", Some(json!("7"))));
+        assert!(!check("data.count", "less_than_or_equal_to", Some(json!(6))));
+        assert!(check("data.ratio", "less_than", Some(json!(1))));
+        // Numeric strings on both sides compare numerically ("42" > "100" as text).
+        assert!(check("recipient.age", "less_than", Some(json!("100"))));
+        assert!(check("recipient.age", "greater_than", Some(json!(41))));
+        // Non-numeric values have no order.
+        assert!(!check("data.severity", "greater_than", Some(json!("a"))));
+        assert!(!check("data.severity", "less_than", Some(json!("z"))));
+        assert!(!check("data.count", "greater_than", Some(json!("many"))));
+        assert!(!check("data.urgent", "greater_than", Some(json!(0))));
+    }
+
+    #[test]
+    fn contains_and_not_contains() {
+        assert!(check("data.severity", "contains", Some(json!("ig"))));
+        assert!(!check("data.severity", "contains", Some(json!("low"))));
+        assert!(check("data.severity", "not_contains", Some(json!("low"))));
+        assert!(check("data.tags", "contains", Some(json!("a"))));
+        assert!(check("data.tags", "contains", Some(json!("3"))));
+        assert!(check("data.tags", "contains", Some(json!(3))));
+        assert!(!check("data.tags", "contains", Some(json!("c"))));
+        assert!(check("data.tags", "not_contains", Some(json!("c"))));
+        assert!(!check("data.tags", "not_contains", Some(json!("b"))));
+        assert!(check("data.labels", "contains", Some(json!("team"))));
+        assert!(!check("data.labels", "contains", Some(json!("core"))));
+        assert!(!check("data.count", "contains", Some(json!(7))));
+    }
+
+    #[test]
+    fn empty_and_not_empty() {
+        for path in ["data.missing", "data.nothing", "data.blank", "data.none", "data.empty_obj"] {
+            assert!(check(path, "empty", None), "{path} should be empty");
+            assert!(!check(path, "not_empty", None), "{path} should not be not_empty");
+        }
+        for path in ["data.severity", "data.count", "data.urgent", "data.tags", "data.labels"] {
+            assert!(!check(path, "empty", None), "{path} should not be empty");
+            assert!(check(path, "not_empty", None), "{path} should be not_empty");
+        }
+    }
+
+    #[test]
+    fn exists_and_not_exists() {
+        assert!(check("data.blank", "exists", None));
+        assert!(check("data.none", "exists", None));
+        assert!(!check("data.nothing", "exists", None));
+        assert!(!check("data.missing", "exists", None));
+        assert!(check("data.missing", "not_exists", None));
+        assert!(check("data.nothing", "not_exists", None));
+        assert!(!check("data.count", "not_exists", None));
+    }
+
+    #[test]
+    fn missing_paths_make_comparisons_false_and_negations_true() {
+        for op in ["equal_to", "greater_than", "less_than", "greater_than_or_equal_to", "less_than_or_equal_to", "contains"] {
+            assert!(!check("data.missing", op, Some(json!(1))), "{op}");
+            assert!(!check("actor.id", op, Some(json!("x"))), "{op}");
+        }
+        assert!(check("data.missing", "not_equal_to", Some(json!(1))));
+        assert!(check("data.missing", "not_contains", Some(json!(1))));
+        // A path through a scalar is missing, not an error.
+        assert!(!check("data.severity.deeper", "exists", None));
+        assert!(!check("", "exists", None));
+    }
+
+    #[test]
+    fn numeric_segments_index_arrays() {
+        assert!(check("data.items.0.name", "equal_to", Some(json!("first"))));
+        assert!(check("data.items.1.name", "equal_to", Some(json!("second"))));
+        assert!(check("data.tags.2", "equal_to", Some(json!(3))));
+        assert!(!check("data.items.2.name", "exists", None));
+        assert!(!check("data.items.x", "exists", None));
+        assert!(!check("data.items.-1", "exists", None));
+    }
+
+    #[test]
+    fn all_conditions_must_hold() {
+        let both = [
+            cond("data.severity", "equal_to", Some(json!("high"))),
+            cond("data.count", "greater_than", Some(json!(3))),
+        ];
+        assert_eq!(all_hold(&both, &context()), Ok(true));
+        let one_fails = [
+            cond("data.severity", "equal_to", Some(json!("high"))),
+            cond("data.count", "greater_than", Some(json!(30))),
+        ];
+        assert_eq!(all_hold(&one_fails, &context()), Ok(false));
+    }
+
+    #[test]
+    fn malformed_conditions_are_errors() {
+        let unknown = cond("data.x", "equals", Some(json!(1)));
+        let expected = ConditionError::UnknownOperator { variable: "data.x".into(), operator: "equals".into() };
+        assert_eq!(check_operators(std::slice::from_ref(&unknown)), Err(expected.clone()));
+        assert_eq!(all_hold(&[unknown], &context()), Err(expected.clone()));
+        assert_eq!(expected.to_string(), "condition on `data.x`: unknown operator `equals`");
+
+        let no_arg = cond("data.count", "greater_than", None);
+        let expected = ConditionError::MissingArgument { variable: "data.count".into(), operator: "greater_than".into() };
+        assert_eq!(check_operators(std::slice::from_ref(&no_arg)), Err(expected.clone()));
+        assert_eq!(expected.to_string(), "condition on `data.count`: operator `greater_than` needs an argument");
+
+        // Reported even when an earlier condition is false.
+        let later_typo = [cond("data.severity", "equal_to", Some(json!("low"))), cond("data.x", "bogus", None)];
+        assert!(matches!(all_hold(&later_typo, &context()), Err(ConditionError::UnknownOperator { .. })));
+
+        let fine = [cond("data.x", "exists", None), cond("data.x", "equal_to", Some(json!(1)))];
+        assert_eq!(check_operators(&fine), Ok(()));
+    }
+}

@@ -3,6 +3,9 @@
 
 pub mod ids;
 pub mod model;
+pub mod status;
+pub mod expansion;
+pub mod execution;
 pub mod conditions;
 pub mod preferences;
 pub mod templates;

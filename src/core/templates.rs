@@ -1,1 +1,739 @@
-//! (being written)
+//! Liquid templates of a workflow's steps, and delay durations.
+//!
+//! Templates are parsed once, when a Workflow is applied, so that a broken
+//! template is reported on the Workflow rather than on every run.
+//!
+//! Missing variables: the liquid crate errors on an unknown variable and has no
+//! lenient mode, while Knock (Shopify Liquid) renders it as nothing. Rendering
+//! therefore goes through a lenient view of the JSON context ([`Node`]) in
+//! which any missing key, at any depth, is `nil`: `{{ data.nope }}` and
+//! `{{ nope.deeper }}` render as "", `{{ data.nope | default: "x" }}` renders
+//! "x", and `{% if data.nope %}` is false. Limits: a variable made with
+//! `{% assign %}` / `{% capture %}` lives in liquid's own (strict) model, so
+//! `{% assign x = data.obj %}{{ x.missing }}` still errors; and filters that
+//! need an array (`join`, `map`, ...) error on `nil` as they do on any non-array.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use liquid::model::{ArrayView, DisplayCow, KStringCow, ObjectView, ScalarCow, State, Value as LiquidValue, ValueView};
+use serde_json::Value;
+
+use super::conditions;
+use super::validation::truncate;
+use crate::resources::workflow::{Step, StepTemplate, StepType};
+
+/// A template that does not parse or render, naming the step and the field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("step `{step}` {field}: {message}")]
+pub struct TemplateError {
+    pub step: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl TemplateError {
+    fn new(step: &str, field: &str, message: impl Into<String>) -> Self {
+        TemplateError { step: step.into(), field: field.into(), message: message.into() }
+    }
+}
+
+/// Every template of a workflow, parsed once when the Workflow is applied.
+/// `Send + Sync` (liquid's parsed templates are), so it can be shared via `Arc`.
+pub struct CompiledTemplates {
+    /// step ref → field name (`template.body`, `template.headers.X-Team`, `delay.until`) → template.
+    steps: BTreeMap<String, BTreeMap<String, liquid::Template>>,
+}
+
+impl fmt::Debug for CompiledTemplates {
+    // liquid::Template is not Debug; list what was compiled.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.steps.iter().map(|(step, fields)| (step, fields.keys().collect::<Vec<_>>()))).finish()
+    }
+}
+
+/// The Liquid fields of a channel step's template, with their field names.
+fn template_fields(t: &StepTemplate) -> Vec<(String, &str)> {
+    let mut fields: Vec<(String, &str)> = [
+        ("template.method", &t.method),
+        ("template.url", &t.url),
+        ("template.body", &t.body),
+        ("template.text", &t.text),
+        ("template.blocks", &t.blocks),
+        ("template.from", &t.from),
+        ("template.to", &t.to),
+        ("template.subject", &t.subject),
+        ("template.html", &t.html),
+    ]
+    .into_iter()
+    .filter_map(|(name, source)| source.as_deref().map(|s| (name.to_string(), s)))
+    .collect();
+    fields.extend(t.headers.iter().map(|(name, source)| (format!("template.headers.{name}"), source.as_str())));
+    fields
+}
+
+impl CompiledTemplates {
+    /// Parses every Liquid field of every channel step's `template` and every
+    /// delay step's `delay.until`; checks each delay `duration` and each step's
+    /// condition operators. The first error names the step and field
+    /// (`template.body`, `template.headers.X-Team`, `delay.until`,
+    /// `delay.duration`, `conditions`, or `ref` for a duplicate step ref).
+    pub fn compile(steps: &[Step]) -> Result<Self, TemplateError> {
+        let parser = liquid::ParserBuilder::with_stdlib()
+            .build()
+            .map_err(|e| TemplateError::new("", "", format!("cannot build the Liquid parser: {}", one_line(&e))))?;
+        let mut compiled: BTreeMap<String, BTreeMap<String, liquid::Template>> = BTreeMap::new();
+        for step in steps {
+            let step_ref = step.step_ref.as_str();
+            // Templates are looked up by ref, so a duplicate would silently shadow a step.
+            if compiled.contains_key(step_ref) {
+                return Err(TemplateError::new(step_ref, "ref", "duplicate step ref"));
+            }
+            conditions::check_operators(&step.conditions)
+                .map_err(|e| TemplateError::new(step_ref, "conditions", e.to_string()))?;
+
+            let mut sources: Vec<(String, &str)> = Vec::new();
+            match step.step_type {
+                StepType::Channel => {
+                    if let Some(t) = &step.template {
+                        sources = template_fields(t);
+                    }
+                }
+                StepType::Delay => {
+                    if let Some(delay) = &step.delay {
+                        if let Some(d) = &delay.duration {
+                            parse_duration(d).map_err(|e| TemplateError::new(step_ref, "delay.duration", e))?;
+                        }
+                        if let Some(until) = &delay.until {
+                            sources.push(("delay.until".into(), until.as_str()));
+                        }
+                    }
+                }
+            }
+
+            let mut fields = BTreeMap::new();
+            for (field, source) in sources {
+                let template =
+                    parser.parse(source).map_err(|e| TemplateError::new(step_ref, &field, one_line(&e)))?;
+                fields.insert(field, template);
+            }
+            compiled.insert(step_ref.to_string(), fields);
+        }
+        Ok(CompiledTemplates { steps: compiled })
+    }
+
+    /// Renders one field of one step (`template.body`, `template.headers.X-Team`,
+    /// `delay.until`, ...) against a JSON object context such as
+    /// `{"data": ..., "recipient": ..., "actor": ..., "tenant": ..., "workflow": ...}`.
+    /// `Ok(None)` when the step does not have that field; an error for a step
+    /// ref that was not compiled (a caller bug, not a missing field).
+    pub fn render(&self, step_ref: &str, field: &str, context: &Value) -> Result<Option<String>, TemplateError> {
+        let fields = self
+            .steps
+            .get(step_ref)
+            .ok_or_else(|| TemplateError::new(step_ref, field, "no such step in the compiled workflow"))?;
+        let Some(template) = fields.get(field) else {
+            return Ok(None);
+        };
+        let Value::Object(map) = context else {
+            return Err(TemplateError::new(step_ref, field, "the render context must be a JSON object"));
+        };
+        let globals = ObjectNode::root(map);
+        template.render(&globals).map(Some).map_err(|e| TemplateError::new(step_ref, field, one_line(&e)))
+    }
+
+    /// Renders every header template of a step: header name → value. Empty
+    /// when the step has no headers.
+    pub fn render_headers(&self, step_ref: &str, context: &Value) -> Result<BTreeMap<String, String>, TemplateError> {
+        let fields = self
+            .steps
+            .get(step_ref)
+            .ok_or_else(|| TemplateError::new(step_ref, "template.headers", "no such step in the compiled workflow"))?;
+        let mut headers = BTreeMap::new();
+        for field in fields.keys() {
+            if let Some(name) = field.strip_prefix("template.headers.") {
+                if let Some(value) = self.render(step_ref, field, context)? {
+                    headers.insert(name.to_string(), value);
+                }
+            }
+        }
+        Ok(headers)
+    }
+}
+
+/// liquid's errors span several lines (message, then context); conditions and
+/// Events need one, and short: some messages list every available filter or key.
+fn one_line(e: &liquid::Error) -> String {
+    truncate(&e.to_string().split_whitespace().collect::<Vec<_>>().join(" "), MAX_MESSAGE_CHARS)
+}
+
+/// Longest error message kept (liquid's can list every filter or object key).
+const MAX_MESSAGE_CHARS: usize = 300;
+
+/// Delays longer than this are refused, so adding one to a timestamp can
+/// never overflow (chrono panics on `+` overflow).
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+const DURATION_FORMAT: &str = "expected whole numbers with units ms, s, m, h or d, e.g. 30s, 5m, 1h30m, 2d, 250ms";
+
+/// Parses `30s`, `5m`, `1h30m`, `2d`, `250ms` (sums of whole numbers with a
+/// unit; surrounding whitespace is ignored).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let input = s.trim();
+    if input.is_empty() {
+        return Err(format!("empty duration: {DURATION_FORMAT}"));
+    }
+    if input.starts_with('-') {
+        return Err(format!("duration `{input}` is negative: {DURATION_FORMAT}"));
+    }
+    let too_long = || format!("duration `{input}` is too long (at most 100 years)");
+    let mut total = Duration::ZERO;
+    let mut rest = input;
+    while !rest.is_empty() {
+        let digits_end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits_end == 0 {
+            return Err(format!("invalid duration `{input}`: {DURATION_FORMAT}"));
+        }
+        let (digits, after) = rest.split_at(digits_end);
+        let unit_end = after.find(|c: char| c.is_ascii_digit()).unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_end);
+        // All digits, so the only possible parse failure is overflow.
+        let n: u64 = digits.parse().map_err(|_| too_long())?;
+        let seconds_per_unit = match unit {
+            "ms" => None,
+            "s" => Some(1),
+            "m" => Some(60),
+            "h" => Some(3_600),
+            "d" => Some(86_400),
+            "" => return Err(format!("duration `{input}` needs a unit after `{digits}`: {DURATION_FORMAT}")),
+            u if u.starts_with('.') => {
+                return Err(format!("duration `{input}`: fractions are not supported (write 1h30m, not 1.5h)"))
+            }
+            u => return Err(format!("duration `{input}` has an unknown unit `{u}`: {DURATION_FORMAT}")),
+        };
+        let part = match seconds_per_unit {
+            None => Duration::from_millis(n),
+            Some(k) => Duration::from_secs(n.checked_mul(k).ok_or_else(too_long)?),
+        };
+        total = total.checked_add(part).filter(|t| *t <= MAX_DURATION).ok_or_else(too_long)?;
+        rest = next;
+    }
+    Ok(total)
+}
+
+// ---------------------------------------------------------------------------
+// A lenient Liquid view of a JSON value: missing keys and out-of-range indexes
+// are `nil` instead of errors (see the module docs).
+
+/// `nil`, for JSON null and anything missing. It also acts as an empty object
+/// whose every key is `nil`, so that `{{ a.b.c }}` is `nil` when `a` is missing.
+#[derive(Debug)]
+struct Nil;
+
+static NIL: Nil = Nil;
+
+/// A JSON value converted for liquid.
+#[derive(Debug)]
+enum Node {
+    Null,
+    Scalar(LiquidValue),
+    Array(ArrayNode),
+    Object(ObjectNode),
+}
+
+#[derive(Debug)]
+struct ArrayNode(Vec<Node>);
+
+#[derive(Debug)]
+struct ObjectNode {
+    entries: BTreeMap<String, Node>,
+    /// The render globals claim every root variable, so that liquid asks them
+    /// (and gets `nil`) instead of failing with "Unknown variable".
+    root: bool,
+}
+
+impl Node {
+    fn from_json(v: &Value) -> Node {
+        match v {
+            Value::Null => Node::Null,
+            Value::Bool(b) => Node::Scalar(LiquidValue::scalar(*b)),
+            Value::Number(n) => Node::Scalar(if let Some(i) = n.as_i64() {
+                LiquidValue::scalar(i)
+            } else if n.is_u64() {
+                // Beyond i64 (liquid's widest integer): such numbers are ids far
+                // more often than quantities, so keep every digit as text.
+                LiquidValue::scalar(n.to_string())
+            } else {
+                LiquidValue::scalar(n.as_f64().unwrap_or(f64::NAN))
+            }),
+            Value::String(s) => Node::Scalar(LiquidValue::scalar(s.clone())),
+            Value::Array(items) => Node::Array(ArrayNode(items.iter().map(Node::from_json).collect())),
+            Value::Object(map) => Node::Object(ObjectNode::new(map, false)),
+        }
+    }
+
+    fn view(&self) -> &dyn ValueView {
+        match self {
+            Node::Null => &NIL,
+            Node::Scalar(v) => v,
+            Node::Array(a) => a,
+            Node::Object(o) => o,
+        }
+    }
+}
+
+impl ObjectNode {
+    fn new(map: &serde_json::Map<String, Value>, root: bool) -> Self {
+        ObjectNode { entries: map.iter().map(|(k, v)| (k.clone(), Node::from_json(v))).collect(), root }
+    }
+
+    fn root(map: &serde_json::Map<String, Value>) -> Self {
+        Self::new(map, true)
+    }
+}
+
+/// A missing key's value. `size` is left to liquid (None), which then reports
+/// the object's size as Shopify does.
+fn missing(index: &str) -> Option<&'static dyn ValueView> {
+    if index == "size" {
+        None
+    } else {
+        Some(&NIL)
+    }
+}
+
+impl ValueView for Nil {
+    fn as_debug(&self) -> &dyn fmt::Debug {
+        self
+    }
+    fn render(&self) -> DisplayCow<'_> {
+        DisplayCow::Borrowed(&"")
+    }
+    fn source(&self) -> DisplayCow<'_> {
+        DisplayCow::Borrowed(&"nil")
+    }
+    fn type_name(&self) -> &'static str {
+        "nil"
+    }
+    fn query_state(&self, state: State) -> bool {
+        LiquidValue::Nil.query_state(state)
+    }
+    fn to_kstr(&self) -> KStringCow<'_> {
+        KStringCow::from_static("")
+    }
+    fn to_value(&self) -> LiquidValue {
+        LiquidValue::Nil
+    }
+    fn as_object(&self) -> Option<&dyn ObjectView> {
+        Some(self)
+    }
+    fn is_nil(&self) -> bool {
+        true
+    }
+}
+
+impl ObjectView for Nil {
+    fn as_value(&self) -> &dyn ValueView {
+        self
+    }
+    fn size(&self) -> i64 {
+        0
+    }
+    fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
+        Box::new(std::iter::empty())
+    }
+    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
+        Box::new(std::iter::empty())
+    }
+    fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
+        Box::new(std::iter::empty())
+    }
+    fn contains_key(&self, _index: &str) -> bool {
+        false
+    }
+    fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
+        missing(index)
+    }
+}
+
+impl ValueView for Node {
+    fn as_debug(&self) -> &dyn fmt::Debug {
+        self
+    }
+    fn render(&self) -> DisplayCow<'_> {
+        self.view().render()
+    }
+    fn source(&self) -> DisplayCow<'_> {
+        self.view().source()
+    }
+    fn type_name(&self) -> &'static str {
+        self.view().type_name()
+    }
+    fn query_state(&self, state: State) -> bool {
+        self.view().query_state(state)
+    }
+    fn to_kstr(&self) -> KStringCow<'_> {
+        self.view().to_kstr()
+    }
+    fn to_value(&self) -> LiquidValue {
+        self.view().to_value()
+    }
+    fn as_scalar(&self) -> Option<ScalarCow<'_>> {
+        self.view().as_scalar()
+    }
+    fn as_array(&self) -> Option<&dyn ArrayView> {
+        self.view().as_array()
+    }
+    fn as_object(&self) -> Option<&dyn ObjectView> {
+        self.view().as_object()
+    }
+    fn as_state(&self) -> Option<State> {
+        self.view().as_state()
+    }
+    fn is_nil(&self) -> bool {
+        self.view().is_nil()
+    }
+}
+
+impl ValueView for ArrayNode {
+    fn as_debug(&self) -> &dyn fmt::Debug {
+        self
+    }
+    // Rendering goes through liquid's own values so output matches liquid's.
+    fn render(&self) -> DisplayCow<'_> {
+        DisplayCow::Owned(Box::new(self.to_value().render().to_string()))
+    }
+    fn source(&self) -> DisplayCow<'_> {
+        DisplayCow::Owned(Box::new(self.to_value().source().to_string()))
+    }
+    fn type_name(&self) -> &'static str {
+        "array"
+    }
+    fn query_state(&self, state: State) -> bool {
+        match state {
+            State::Truthy => true,
+            State::DefaultValue | State::Empty | State::Blank => self.0.is_empty(),
+        }
+    }
+    fn to_kstr(&self) -> KStringCow<'_> {
+        KStringCow::from_string(self.to_value().render().to_string())
+    }
+    fn to_value(&self) -> LiquidValue {
+        LiquidValue::Array(self.0.iter().map(ValueView::to_value).collect())
+    }
+    fn as_array(&self) -> Option<&dyn ArrayView> {
+        Some(self)
+    }
+}
+
+impl ArrayView for ArrayNode {
+    fn as_value(&self) -> &dyn ValueView {
+        self
+    }
+    fn size(&self) -> i64 {
+        i64::try_from(self.0.len()).unwrap_or(i64::MAX)
+    }
+    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
+        Box::new(self.0.iter().map(|n| n as &dyn ValueView))
+    }
+    fn contains_key(&self, index: i64) -> bool {
+        self.position(index).is_some()
+    }
+    fn get(&self, index: i64) -> Option<&dyn ValueView> {
+        // Out of range is nil, as in Shopify Liquid.
+        Some(self.position(index).map_or(&NIL as &dyn ValueView, |i| &self.0[i]))
+    }
+}
+
+impl ArrayNode {
+    /// Liquid indexes: negative counts from the end.
+    fn position(&self, index: i64) -> Option<usize> {
+        let len = self.0.len();
+        let i = if index < 0 {
+            len.checked_sub(usize::try_from(index.unsigned_abs()).ok()?)?
+        } else {
+            usize::try_from(index).ok()?
+        };
+        (i < len).then_some(i)
+    }
+}
+
+impl ValueView for ObjectNode {
+    fn as_debug(&self) -> &dyn fmt::Debug {
+        self
+    }
+    fn render(&self) -> DisplayCow<'_> {
+        DisplayCow::Owned(Box::new(self.to_value().render().to_string()))
+    }
+    fn source(&self) -> DisplayCow<'_> {
+        DisplayCow::Owned(Box::new(self.to_value().source().to_string()))
+    }
+    fn type_name(&self) -> &'static str {
+        "object"
+    }
+    fn query_state(&self, state: State) -> bool {
+        match state {
+            State::Truthy => true,
+            State::DefaultValue | State::Empty | State::Blank => self.entries.is_empty(),
+        }
+    }
+    fn to_kstr(&self) -> KStringCow<'_> {
+        KStringCow::from_string(self.to_value().render().to_string())
+    }
+    fn to_value(&self) -> LiquidValue {
+        LiquidValue::Object(self.entries.iter().map(|(k, v)| (k.clone().into(), v.to_value())).collect())
+    }
+    fn as_object(&self) -> Option<&dyn ObjectView> {
+        Some(self)
+    }
+}
+
+impl ObjectView for ObjectNode {
+    fn as_value(&self) -> &dyn ValueView {
+        self
+    }
+    fn size(&self) -> i64 {
+        i64::try_from(self.entries.len()).unwrap_or(i64::MAX)
+    }
+    fn keys<'k>(&'k self) -> Box<dyn Iterator<Item = KStringCow<'k>> + 'k> {
+        Box::new(self.entries.keys().map(|k| KStringCow::from_ref(k.as_str())))
+    }
+    fn values<'k>(&'k self) -> Box<dyn Iterator<Item = &'k dyn ValueView> + 'k> {
+        Box::new(self.entries.values().map(|n| n as &dyn ValueView))
+    }
+    fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
+        Box::new(self.entries.iter().map(|(k, n)| (KStringCow::from_ref(k.as_str()), n as &dyn ValueView)))
+    }
+    fn contains_key(&self, index: &str) -> bool {
+        self.root || self.entries.contains_key(index)
+    }
+    fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
+        match self.entries.get(index) {
+            Some(n) => Some(n),
+            None => missing(index),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::workflow::{Delay, StepCondition};
+    use serde_json::json;
+
+    fn channel_step(step_ref: &str, template: StepTemplate) -> Step {
+        Step {
+            step_ref: step_ref.into(),
+            step_type: StepType::Channel,
+            channel: Some("hooks".into()),
+            template: Some(template),
+            ..Default::default()
+        }
+    }
+
+    fn delay_step(step_ref: &str, duration: Option<&str>, until: Option<&str>) -> Step {
+        Step {
+            step_ref: step_ref.into(),
+            step_type: StepType::Delay,
+            delay: Some(Delay { duration: duration.map(Into::into), until: until.map(Into::into) }),
+            ..Default::default()
+        }
+    }
+
+    fn context() -> Value {
+        json!({
+            "data": {"comment_text": "Nice!", "count": 3, "ratio": 0.5, "items": [{"name": "a"}, {"name": "b"}],
+                     "tags": ["x", "y"], "flag": false, "nothing": null, "remind_at": "2030-01-01T00:00:00Z"},
+            "recipient": {"id": "user_1", "name": "Jane", "email": "jane@example.com"},
+            "actor": {"id": "user_2"},
+            "tenant": {"id": "acme"},
+            "workflow": {"key": "new-comment"}
+        })
+    }
+
+    fn compile_one(source: &str) -> CompiledTemplates {
+        CompiledTemplates::compile(&[channel_step("s", StepTemplate { body: Some(source.into()), ..Default::default() })])
+            .expect("template compiles")
+    }
+
+    fn render_one(source: &str) -> String {
+        compile_one(source).render("s", "template.body", &context()).expect("renders").expect("field exists")
+    }
+
+    #[test]
+    fn renders_data_and_recipient_fields() {
+        let steps = [channel_step(
+            "email",
+            StepTemplate {
+                subject: Some("{{ actor.id }} commented".into()),
+                to: Some("{{ recipient.email }}".into()),
+                html: Some("<p>Hi {{ recipient.name }}: {{ data.comment_text }} ({{ data.count | plus: 1 }})</p>".into()),
+                ..Default::default()
+            },
+        )];
+        let t = CompiledTemplates::compile(&steps).expect("compiles");
+        let ctx = context();
+        assert_eq!(t.render("email", "template.subject", &ctx).unwrap().as_deref(), Some("user_2 commented"));
+        assert_eq!(t.render("email", "template.to", &ctx).unwrap().as_deref(), Some("jane@example.com"));
+        assert_eq!(
+            t.render("email", "template.html", &ctx).unwrap().as_deref(),
+            Some("<p>Hi Jane: Nice! (4)</p>")
+        );
+        // Fields the step does not have.
+        assert_eq!(t.render("email", "template.body", &ctx), Ok(None));
+        assert_eq!(t.render("email", "template.headers.X-Team", &ctx), Ok(None));
+        // An unknown step is a caller error.
+        assert!(t.render("nope", "template.body", &ctx).is_err());
+        assert!(t.render("email", "template.subject", &json!([1])).is_err());
+    }
+
+    #[test]
+    fn renders_structures_and_liquid_tags() {
+        assert_eq!(render_one("{{ data.items[1].name }} {{ data.items.first.name }} {{ data.items.size }}"), "b a 2");
+        assert_eq!(render_one("{% for t in data.tags %}[{{ t }}]{% endfor %}"), "[x][y]");
+        assert_eq!(render_one("{{ data.tags | join: \",\" }} {{ data.ratio }} {{ tenant.id | upcase }}"), "x,y 0.5 ACME");
+        assert_eq!(render_one("{% if data.count > 2 %}many{% else %}few{% endif %}"), "many");
+        assert_eq!(render_one("{% if data.flag %}yes{% else %}no{% endif %}"), "no");
+        assert_eq!(render_one("{% assign n = data.count | times: 2 %}{{ n }}"), "6");
+        assert_eq!(render_one("{{ data.items[-1].name }}"), "b");
+        let t = compile_one("{{ data.id }}");
+        let ctx = json!({"data": {"id": 18446744073709551615u64}});
+        assert_eq!(t.render("s", "template.body", &ctx).unwrap().as_deref(), Some("18446744073709551615"));
+    }
+
+    #[test]
+    fn missing_variables_render_as_nothing() {
+        assert_eq!(render_one("[{{ data.missing }}]"), "[]");
+        assert_eq!(render_one("[{{ missing_root }}]"), "[]");
+        assert_eq!(render_one("[{{ data.missing.deeper.still }}]"), "[]");
+        assert_eq!(render_one("[{{ data.items[5].name }}]"), "[]");
+        assert_eq!(render_one("[{{ data.nothing }}]"), "[]");
+        assert_eq!(render_one("{{ data.missing | default: \"y\" }}"), "y");
+        assert_eq!(render_one("{{ recipient.nickname | default: recipient.name }}"), "Jane");
+        assert_eq!(render_one("{{ data.nothing | default: \"n\" }}"), "n");
+        assert_eq!(render_one("{{ data.comment_text | default: \"unused\" }}"), "Nice!");
+        assert_eq!(render_one("{% if data.missing %}yes{% else %}no{% endif %}"), "no");
+        assert_eq!(render_one("{% if data.missing == nil %}nil{% endif %}"), "nil");
+        assert_eq!(render_one("{% if data.missing.deeper > 3 %}yes{% else %}no{% endif %}"), "no");
+        assert_eq!(render_one("{% for x in data.missing %}{{ x }}{% endfor %}done"), "done");
+        assert_eq!(render_one("{{ data.missing | size }}"), "0");
+        assert_eq!(render_one("{{ data.missing | upcase }}|{{ data.missing | append: \"!\" }}"), "|!");
+    }
+
+    #[test]
+    fn headers_render() {
+        let mut headers = BTreeMap::new();
+        headers.insert("X-Team".to_string(), "{{ tenant.id }}".to_string());
+        headers.insert("Authorization".to_string(), "Bearer {{ data.token | default: \"none\" }}".to_string());
+        let steps = [channel_step(
+            "hook",
+            StepTemplate {
+                method: Some("PUT".into()),
+                url: Some("https://example.com/{{ recipient.id }}".into()),
+                headers,
+                body: Some("{\"text\": \"{{ data.comment_text }}\"}".into()),
+                ..Default::default()
+            },
+        )];
+        let t = CompiledTemplates::compile(&steps).expect("compiles");
+        let ctx = context();
+        assert_eq!(t.render("hook", "template.headers.X-Team", &ctx).unwrap().as_deref(), Some("acme"));
+        assert_eq!(t.render("hook", "template.method", &ctx).unwrap().as_deref(), Some("PUT"));
+        assert_eq!(t.render("hook", "template.url", &ctx).unwrap().as_deref(), Some("https://example.com/user_1"));
+        assert_eq!(t.render("hook", "template.body", &ctx).unwrap().as_deref(), Some("{\"text\": \"Nice!\"}"));
+        let all = t.render_headers("hook", &ctx).expect("headers render");
+        assert_eq!(all.len(), 2);
+        assert_eq!(all["X-Team"], "acme");
+        assert_eq!(all["Authorization"], "Bearer none");
+    }
+
+    #[test]
+    fn broken_templates_fail_compile_naming_step_and_field() {
+        for source in ["{{ data.x ", "{% if %}yes{% endif %}", "{% for %}", "{{ data.x | no_such_filter }}", "{% endif %}"] {
+            let steps = [
+                channel_step("fine", StepTemplate { text: Some("ok".into()), ..Default::default() }),
+                channel_step("broken", StepTemplate { subject: Some("ok".into()), body: Some(source.into()), ..Default::default() }),
+            ];
+            let err = CompiledTemplates::compile(&steps).expect_err(source);
+            assert_eq!((err.step.as_str(), err.field.as_str()), ("broken", "template.body"), "{source}");
+            assert!(!err.message.is_empty() && !err.message.contains('\n'), "{err}");
+            assert!(err.to_string().starts_with("step `broken` template.body: "), "{err}");
+            assert!(err.message.chars().count() <= MAX_MESSAGE_CHARS + 1, "{err}");
+        }
+
+        let mut headers = BTreeMap::new();
+        headers.insert("X-Team".to_string(), "{{ oops".to_string());
+        let err = CompiledTemplates::compile(&[channel_step("h", StepTemplate { headers, ..Default::default() })])
+            .expect_err("bad header");
+        assert_eq!(err.field, "template.headers.X-Team");
+
+        let err = CompiledTemplates::compile(&[delay_step("wait", None, Some("{{ data.remind_at"))]).expect_err("bad until");
+        assert_eq!((err.step.as_str(), err.field.as_str()), ("wait", "delay.until"));
+    }
+
+    #[test]
+    fn compile_checks_durations_conditions_and_refs() {
+        let err = CompiledTemplates::compile(&[delay_step("wait", Some("5 minutes"), None)]).expect_err("bad duration");
+        assert_eq!((err.step.as_str(), err.field.as_str()), ("wait", "delay.duration"));
+
+        let mut step = channel_step("s", StepTemplate::default());
+        step.conditions =
+            vec![StepCondition { variable: "data.x".into(), operator: "equals".into(), argument: Some(json!(1)) }];
+        let err = CompiledTemplates::compile(&[step]).expect_err("bad operator");
+        assert_eq!((err.step.as_str(), err.field.as_str()), ("s", "conditions"));
+        assert!(err.message.contains("unknown operator `equals`"), "{err}");
+
+        let err = CompiledTemplates::compile(&[delay_step("a", Some("1s"), None), delay_step("a", Some("2s"), None)])
+            .expect_err("duplicate ref");
+        assert_eq!((err.step.as_str(), err.field.as_str()), ("a", "ref"));
+    }
+
+    #[test]
+    fn delay_until_renders() {
+        let t = CompiledTemplates::compile(&[delay_step("wait", Some("1h"), Some("{{ data.remind_at }}"))])
+            .expect("compiles");
+        assert_eq!(t.render("wait", "delay.until", &context()).unwrap().as_deref(), Some("2030-01-01T00:00:00Z"));
+        // A delay step's template fields are not compiled (it has none).
+        assert_eq!(t.render("wait", "template.body", &context()), Ok(None));
+    }
+
+    #[test]
+    fn compiled_templates_are_shareable() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<CompiledTemplates>();
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s250ms"), Ok(Duration::from_millis(90_250)));
+        assert_eq!(parse_duration(" 10s "), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn bad_durations_fail_with_a_reason() {
+        let cases = [
+            ("", "empty"),
+            ("   ", "empty"),
+            ("-5m", "negative"),
+            ("5", "needs a unit"),
+            ("5w", "unknown unit `w`"),
+            ("5 m", "unknown unit ` m`"),
+            ("m", "invalid duration"),
+            ("1.5h", "fractions"),
+            ("99999999999999999999s", "too long"),
+            ("18446744073709551615d", "too long"),
+            ("36501d", "too long"),
+        ];
+        for (input, expected) in cases {
+            let err = parse_duration(input).expect_err(input);
+            assert!(err.contains(expected), "{input:?}: {err}");
+        }
+        assert!(parse_duration("36500d").is_ok());
+    }
+}

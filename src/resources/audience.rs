@@ -22,13 +22,6 @@ pub struct AudienceSpec {
     pub key: String,
     /// Members: user id strings or object references `{id, collection}`.
     #[serde(default)]
-    #[schemars(schema_with = "members_schema")]
+    #[schemars(schema_with = "crate::resources::schema::recipient_list")]
     pub members: Vec<Value>,
-}
-
-fn members_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-    schemars::json_schema!({
-        "type": "array",
-        "items": {"x-kubernetes-preserve-unknown-fields": true},
-    })
 }

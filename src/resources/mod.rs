@@ -2,6 +2,7 @@
 //! A namespace plays the part of a Knock environment.
 
 pub mod audience;
+pub mod cancellation;
 pub mod channel;
 pub mod object;
 pub mod recipient_page;
@@ -12,11 +13,12 @@ pub mod user;
 pub mod workflow;
 
 pub use audience::{Audience, AudienceSpec};
+pub use cancellation::{Cancellation, CancellationSpec};
 pub use channel::{Channel, ChannelSpec, ChannelStatus, ChannelType};
 pub use object::{Object, ObjectSpec, Subscription};
-pub use recipient_page::{RecipientPage, RecipientPageSpec, RecipientPageStatus, RecipientState, RecipientStatus, StepState, StepStatus};
+pub use recipient_page::{RecipientPage, RecipientPageSpec, RecipientPageStatus};
 pub use tenant::{Tenant, TenantSpec};
-pub use trigger_run::{RecipientTotals, RunState, TriggerRun, TriggerRunSpec, TriggerRunStatus};
+pub use trigger_run::{TriggerRun, TriggerRunSpec, TriggerRunStatus};
 pub use user::{User, UserSpec};
 pub use workflow::{Workflow, WorkflowSpec, WorkflowStatus};
 

@@ -36,3 +36,11 @@ pub fn conditions(generator: &mut SchemaGenerator) -> Schema {
     schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
     schema
 }
+
+/// A list of recipient identifiers (strings or objects, checked by herald).
+pub fn recipient_list(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "items": {"x-kubernetes-preserve-unknown-fields": true},
+    })
+}

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::core::model::JsonObject;
+use crate::core::status::{RecipientTotals, RunState};
 
 /// One trigger of a workflow for a set of recipients (Knock's trigger call).
 /// The spec is immutable once created; status records each recipient's run.
@@ -69,37 +70,6 @@ fn recipients_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "maxItems": 1000,
         "items": {"x-kubernetes-preserve-unknown-fields": true},
     })
-}
-
-/// The state of a whole run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum RunState {
-    #[default]
-    Pending,
-    Running,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl RunState {
-    pub fn is_finished(self) -> bool {
-        matches!(self, RunState::Completed | RunState::Failed | RunState::Cancelled)
-    }
-}
-
-/// Recipient counts by state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct RecipientTotals {
-    pub recipients: i64,
-    pub queued: i64,
-    pub running: i64,
-    pub waiting: i64,
-    pub completed: i64,
-    pub skipped: i64,
-    pub cancelled: i64,
-    pub failed: i64,
 }
 
 /// The observed state of a TriggerRun. Per-recipient detail lives in the

@@ -1,0 +1,152 @@
+//! The reconcilers: thin layers that read resources, call the core, and write
+//! status. They share one [`Context`].
+
+pub mod conditions;
+pub mod delivery;
+pub mod directory;
+pub mod identify;
+pub mod trigger_run;
+pub mod workflow;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+
+use crate::resources::{Audience, Cancellation, Channel, Object, Tenant, User, Workflow};
+use crate::settings::Settings;
+
+/// Errors of the reconcilers; each goes to the error policy, which retries with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("TriggerRun has no namespace or name")]
+    MissingMetadata,
+    #[error("serializing status: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::MissingMetadata => "metadata",
+            Error::Serialize(_) => "serialize",
+        }
+    }
+}
+
+/// In-memory caches of the resources the reconcilers read, fed by watches.
+#[derive(Clone)]
+pub struct Stores {
+    pub workflows: Store<Workflow>,
+    pub users: Store<User>,
+    pub objects: Store<Object>,
+    pub tenants: Store<Tenant>,
+    pub audiences: Store<Audience>,
+    pub channels: Store<Channel>,
+    pub cancellations: Store<Cancellation>,
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub stores: Stores,
+    pub recorder: Recorder,
+    pub workflows: workflow::Compiled,
+    pub deliverer: delivery::Deliverer,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Field manager for herald's server-side apply writes.
+pub const MANAGER: &str = "herald";
+
+/// An Api for kind `K` in the watched namespace, or in all namespaces.
+pub fn scoped_api<K>(client: &Client, settings: &Settings) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Starts a watch-fed store for kind `K`; the task ends with the runtime.
+fn spawn_store<K>(client: &Client, settings: &Settings) -> Store<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    <K as Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(scoped_api::<K>(client, settings), watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            if let Err(e) = item {
+                tracing::warn!(error = %e, kind = %K::kind(&Default::default()), "watch error; retrying");
+            }
+        }
+    });
+    reader
+}
+
+impl Stores {
+    /// Starts every store.
+    pub fn start(client: &Client, settings: &Settings) -> Self {
+        Stores {
+            workflows: spawn_store(client, settings),
+            users: spawn_store(client, settings),
+            objects: spawn_store(client, settings),
+            tenants: spawn_store(client, settings),
+            audiences: spawn_store(client, settings),
+            channels: spawn_store(client, settings),
+            cancellations: spawn_store(client, settings),
+        }
+    }
+
+    /// Waits until every store has its first full list.
+    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.workflows.wait_until_ready().await?;
+        self.users.wait_until_ready().await?;
+        self.objects.wait_until_ready().await?;
+        self.tenants.wait_until_ready().await?;
+        self.audiences.wait_until_ready().await?;
+        self.channels.wait_until_ready().await?;
+        self.cancellations.wait_until_ready().await
+    }
+}
+
+impl Context {
+    pub fn new(client: Client, settings: Settings, stores: Stores) -> Arc<Self> {
+        let recorder = Recorder::new(client.clone(), Reporter { controller: "herald".into(), instance: std::env::var("HOSTNAME").ok() });
+        Arc::new(Context {
+            deliverer: delivery::Deliverer::new(),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
+            client,
+            settings,
+            stores,
+            recorder,
+            workflows: workflow::Compiled::default(),
+        })
+    }
+}
+
+/// Runs every controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let shutdown = futures::future::FutureExt::shared(shutdown);
+    let workflows = workflow::run(ctx.clone(), shutdown.clone());
+    let runs = trigger_run::run(ctx.clone(), shutdown.clone());
+    futures::join!(workflows, runs);
+}

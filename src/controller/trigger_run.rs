@@ -1,0 +1,747 @@
+//! The TriggerRun reconciler: accepts a trigger (workflow, data, recipients,
+//! actor, tenant), expands its recipients into RecipientPages, then takes every
+//! recipient through the workflow's steps, checkpointing each page's status.
+//! The decisions are the core's; this module reads, calls the core, and writes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::directory;
+use super::identify::{self, Identified};
+use super::workflow::find_by_key;
+use super::{conditions, scoped_api, Context, Error, MANAGER};
+use crate::core::execution::{self, ChannelTypes, Next, RecipientContext, RunContext, TenantRecord};
+use crate::core::expansion::{self, Directory};
+use crate::core::ids;
+use crate::core::model::{parse_recipient, parse_tenant, JsonObject, RecipientInput, RecipientKey, TenantInput};
+use crate::core::status::{self as run_status, RecipientState, RecipientStatus, RunState};
+use crate::core::validation;
+use crate::resources::workflow::OnInvalid;
+use crate::resources::{Cancellation, RecipientPage, RecipientPageSpec, RecipientPageStatus, TriggerRun, TriggerRunStatus, Workflow};
+
+/// Recipients per RecipientPage: small enough that a page stays far below
+/// etcd's request limit, large enough that 10,000 recipients take 20 pages.
+pub const PAGE_SIZE: usize = 500;
+/// Directly listed recipients allowed per trigger (Knock's limit).
+pub const MAX_RECIPIENTS: usize = 1000;
+/// The label that ties a RecipientPage to its TriggerRun.
+pub const RUN_LABEL: &str = "herald.dev/trigger-run";
+/// Keys of runs with an idempotency key live at least this long (Knock keeps keys 7 days).
+const IDEMPOTENCY_RETENTION: SignedDuration = SignedDuration::from_hours(7 * 24);
+
+/// What a trigger says, parsed and checked.
+struct Trigger {
+    recipients: Vec<RecipientInput>,
+    actor: Option<RecipientInput>,
+    tenant: Option<TenantInput>,
+    data: JsonObject,
+}
+
+/// Why a run failed before any recipient ran: the reason and message of its conditions.
+struct Refusal {
+    reason: &'static str,
+    message: String,
+}
+
+fn refuse(reason: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal { reason, message: message.into() }
+}
+
+/// Reads the trigger's recipients, actor, tenant and data, naming the first bad entry.
+fn parse_trigger(run: &TriggerRun) -> Result<Trigger, Refusal> {
+    let spec = &run.spec;
+    if spec.recipients.len() > MAX_RECIPIENTS {
+        return Err(refuse(
+            "TooManyRecipients",
+            format!("{} recipients listed; at most {MAX_RECIPIENTS} are allowed (use an Object or an Audience to reach more)", spec.recipients.len()),
+        ));
+    }
+    if spec.recipients.is_empty() && spec.audiences.is_empty() {
+        return Err(refuse("NoRecipients", "the trigger names neither recipients nor audiences"));
+    }
+    let mut problems = Vec::new();
+    let mut recipients = Vec::with_capacity(spec.recipients.len());
+    for (i, value) in spec.recipients.iter().enumerate() {
+        match parse_recipient(value) {
+            Ok(r) => recipients.push(r),
+            Err(e) => problems.push(format!("recipients[{i}]: {e}")),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(refuse("InvalidRecipients", problems.join("; ")));
+    }
+    let actor = match &spec.actor {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_recipient(v).map_err(|e| refuse("InvalidActor", format!("actor: {e}")))?),
+    };
+    let tenant = match &spec.tenant {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(parse_tenant(v).map_err(|e| refuse("InvalidTenant", format!("tenant: {e}")))?),
+    };
+    Ok(Trigger { recipients, actor, tenant, data: spec.data.clone().unwrap_or_default() })
+}
+
+/// Overlays what the trigger's inline recipients and actor say onto the
+/// directory, so they are visible even before the watch cache has the
+/// identified resources.
+fn overlay_inline(directory: &mut Directory, trigger: &Trigger) {
+    let inline = trigger.recipients.iter().chain(trigger.actor.iter());
+    for input in inline {
+        let RecipientInput::Inline(inline) = input else { continue };
+        if directory.contains(&inline.key) {
+            continue;
+        }
+        match &inline.key {
+            RecipientKey::User(id) => {
+                let mut spec = crate::resources::UserSpec { id: id.clone(), ..Default::default() };
+                identify::merge_user(&mut spec, &inline.properties, &inline.channel_data, &inline.preferences);
+                directory.insert_user(directory::user_record(&crate::resources::User::new("inline", spec)));
+            }
+            RecipientKey::Object { collection, id } => directory.insert_object(expansion::ObjectRecord {
+                collection: collection.clone(),
+                id: id.clone(),
+                properties: inline.properties.clone(),
+                channel_data: inline.channel_data.clone(),
+                preferences: inline.preferences.clone(),
+                subscribers: Vec::new(),
+            }),
+        }
+    }
+}
+
+fn tenant_record(ctx: &Context, namespace: &str, tenant: &TenantInput) -> TenantRecord {
+    if let Some(record) = directory::tenant(&ctx.stores, namespace, tenant.id()) {
+        return record;
+    }
+    match tenant {
+        TenantInput::Reference(id) => TenantRecord { id: id.clone(), ..Default::default() },
+        TenantInput::Inline { id, properties, preference_set } => {
+            TenantRecord { id: id.clone(), properties: properties.clone(), preference_set: preference_set.clone() }
+        }
+    }
+}
+
+/// The workflow run id: the TriggerRun's uid.
+fn run_id(run: &TriggerRun) -> Uuid {
+    run.uid().and_then(|u| Uuid::parse_str(&u).ok()).unwrap_or_default()
+}
+
+/// A RecipientPage name: `<run>-p<index>`, shortened with a hash for long run names.
+pub fn page_name(run: &str, index: usize) -> String {
+    let suffix = format!("-p{index}");
+    if run.len() + suffix.len() <= 253 {
+        format!("{run}{suffix}")
+    } else {
+        format!("{}-{}{suffix}", &run[..200], ids::short_hash(run, 10))
+    }
+}
+
+/// A page of recipients in memory.
+struct Page {
+    name: String,
+    recipients: Vec<RecipientStatus>,
+}
+
+struct Reconciler<'a> {
+    ctx: &'a Context,
+    run: &'a TriggerRun,
+    namespace: String,
+    name: String,
+}
+
+impl<'a> Reconciler<'a> {
+    fn runs(&self) -> Api<TriggerRun> {
+        Api::namespaced(self.ctx.client.clone(), &self.namespace)
+    }
+
+    fn pages_api(&self) -> Api<RecipientPage> {
+        Api::namespaced(self.ctx.client.clone(), &self.namespace)
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, note: String) {
+        let event = Event { type_, reason: reason.into(), note: Some(conditions::truncate(&note, 1000)), action: "Reconcile".into(), secondary: None };
+        if let Err(e) = self.ctx.recorder.publish(&event, &self.run.object_ref(&())).await {
+            tracing::warn!(error = %e, run = %self.name, "could not publish event");
+        }
+    }
+
+    /// Writes the run's status if it differs from what is stored.
+    async fn write_status(&self, status: &TriggerRunStatus) -> Result<(), Error> {
+        if self.run.status.as_ref() == Some(status) {
+            return Ok(());
+        }
+        let patch = json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "status": status});
+        self.runs().patch_status(&self.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+        self.ctx.metrics.write("TriggerRun");
+        Ok(())
+    }
+
+    async fn write_page(&self, page: &Page) -> Result<(), Error> {
+        let patch = json!({"apiVersion": "herald.dev/v1alpha1", "kind": "RecipientPage", "status": RecipientPageStatus { recipients: page.recipients.clone() }});
+        self.pages_api().patch_status(&page.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+        self.ctx.metrics.write("RecipientPage");
+        Ok(())
+    }
+
+    /// Fails the run before any recipient ran.
+    async fn fail(&self, mut status: TriggerRunStatus, refusal: Refusal) -> Result<Action, Error> {
+        let generation = self.run.metadata.generation;
+        status.workflow_run_id = Some(run_id(self.run).to_string());
+        status.state = RunState::Failed;
+        status.observed_generation = generation;
+        if status.completion_time.is_none() {
+            status.completion_time = Some(Time(Timestamp::now()));
+        }
+        conditions::set(&mut status.conditions, "Accepted", conditions::FALSE, refusal.reason, &refusal.message, generation);
+        conditions::set(&mut status.conditions, "Succeeded", conditions::FALSE, refusal.reason, &refusal.message, generation);
+        let changed = self.run.status.as_ref() != Some(&status);
+        self.write_status(&status).await?;
+        if changed {
+            self.event(EventType::Warning, refusal.reason, refusal.message).await;
+        }
+        Ok(self.retention_action(&status))
+    }
+
+    /// When a finished run is deleted: ttlSecondsAfterFinished (or the
+    /// operator's default) after completion, and for runs with an idempotency
+    /// key never before 7 days after creation.
+    fn expiry(&self, status: &TriggerRunStatus) -> Option<Timestamp> {
+        let finished = status.completion_time.as_ref()?.0;
+        let ttl = self.run.spec.ttl_seconds_after_finished.unwrap_or(self.ctx.settings.default_ttl_seconds).max(0);
+        let mut expiry = finished.checked_add(SignedDuration::from_secs(ttl)).ok()?;
+        if self.run.spec.idempotency_key.is_some() {
+            if let Some(created) = self.run.metadata.creation_timestamp.as_ref() {
+                expiry = expiry.max(created.0.checked_add(IDEMPOTENCY_RETENTION).ok()?);
+            }
+        }
+        Some(expiry)
+    }
+
+    fn retention_action(&self, status: &TriggerRunStatus) -> Action {
+        match self.expiry(status) {
+            Some(expiry) => Action::requeue(until(expiry).max(Duration::from_millis(100))),
+            None => Action::await_change(),
+        }
+    }
+
+    /// Deletes a finished run (and its pages) once it expires.
+    async fn retain(&self, status: &TriggerRunStatus) -> Result<Action, Error> {
+        let Some(expiry) = self.expiry(status) else { return Ok(Action::await_change()) };
+        if expiry > Timestamp::now() {
+            return Ok(self.retention_action(status));
+        }
+        // Pages first: a run is never gone while its pages remain (clusters
+        // without a garbage collector, like the local control plane, would keep them).
+        let selector = format!("{RUN_LABEL}={}", self.name);
+        self.pages_api().delete_collection(&DeleteParams::default(), &ListParams::default().labels(&selector)).await?;
+        self.ctx.metrics.write("RecipientPage");
+        match self.runs().delete(&self.name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.ctx.metrics.write("TriggerRun");
+        tracing::info!(run = %self.name, "deleted finished run after its TTL");
+        Ok(Action::await_change())
+    }
+
+    /// Accepts a pending run: checks it, identifies inline recipients, expands
+    /// the recipients and writes the pages. Returns the pages, or the action to
+    /// take when the run is not (yet) accepted.
+    async fn accept(&self, mut status: TriggerRunStatus) -> Result<Result<(TriggerRunStatus, Vec<Page>), Action>, Error> {
+        let generation = self.run.metadata.generation;
+        let key = &self.run.spec.workflow;
+        let Some(workflow) = find_by_key(self.ctx, &self.namespace, key) else {
+            let age = self.run.metadata.creation_timestamp.as_ref().map(|t| Timestamp::now().duration_since(t.0)).unwrap_or_default();
+            if age < SignedDuration::try_from(self.ctx.settings.workflow_grace()).unwrap_or_default() {
+                conditions::set(&mut status.conditions, "Accepted", conditions::UNKNOWN, "WaitingForWorkflow", &format!("no Workflow with key `{key}` yet"), generation);
+                self.write_status(&status).await?;
+                return Ok(Err(Action::requeue(Duration::from_secs(1))));
+            }
+            return self.fail(status, refuse("WorkflowNotFound", format!("no Workflow with key `{key}` in namespace {}", self.namespace))).await.map(Err);
+        };
+        if !workflow.spec.active {
+            return self.fail(status, refuse("WorkflowInactive", format!("Workflow `{key}` is not active"))).await.map(Err);
+        }
+        let compiled = self.ctx.workflows.get(&workflow);
+        let compiled = match compiled.as_ref() {
+            Ok(c) => c,
+            Err(message) => return self.fail(status, refuse("WorkflowInvalid", format!("Workflow `{key}` is not ready: {message}"))).await.map(Err),
+        };
+        let trigger = match parse_trigger(self.run) {
+            Ok(t) => t,
+            Err(refusal) => return self.fail(status, refusal).await.map(Err),
+        };
+        if let Some(schema) = &compiled.schema {
+            let errors = schema.validate(&Value::Object(trigger.data.clone()));
+            if !errors.is_empty() {
+                let message = format!("data does not match the workflow's dataSchema: {}", validation::summarize(&errors));
+                match workflow.spec.validation.on_invalid {
+                    OnInvalid::Reject => return self.fail(status, refuse("InvalidData", message)).await.map(Err),
+                    OnInvalid::Warn => {
+                        conditions::set(&mut status.conditions, "DataValid", conditions::FALSE, "InvalidData", &message, generation);
+                        self.event(EventType::Warning, "InvalidData", format!("{message} (running anyway: validation.onInvalid is Warn)")).await;
+                    }
+                }
+            }
+        }
+
+        // Identify inline recipients, actor and tenant before the workflow runs for them.
+        let mut directory = directory::build(&self.ctx.stores, &self.namespace);
+        for input in trigger.recipients.iter().chain(trigger.actor.iter()) {
+            if let RecipientInput::Inline(inline) = input {
+                match identify::identify_recipient(&self.ctx.client, &self.ctx.stores, &self.namespace, inline).await? {
+                    Identified::User(user) => directory.insert_user(directory::user_record(&user)),
+                    Identified::Object(object) => directory.insert_object(directory::object_record(&object)),
+                }
+                self.ctx.metrics.write(if inline.key.is_object() { "Object" } else { "User" });
+            }
+        }
+        if let Some(tenant) = &trigger.tenant {
+            if identify::identify_tenant(&self.ctx.client, &self.ctx.stores, &self.namespace, tenant).await?.is_some() {
+                self.ctx.metrics.write("Tenant");
+            }
+        }
+
+        let direct: Vec<RecipientKey> = trigger.recipients.iter().map(|r| r.key().clone()).collect();
+        let actor = trigger.actor.as_ref().map(|a| a.key().clone());
+        let expanded = expansion::expand(&direct, &self.run.spec.audiences, actor.as_ref(), &directory);
+        if !expanded.missing_audiences.is_empty() {
+            self.event(EventType::Warning, "AudienceNotFound", format!("no Audience with key {}", expanded.missing_audiences.join(", "))).await;
+        }
+        if expanded.recipients.is_empty() {
+            return self.fail(status, refuse("NoRecipients", "the trigger's recipients and audiences reach nobody")).await.map(Err);
+        }
+        self.ctx.metrics.fanout.observe(expanded.recipients.len() as f64);
+
+        let workflow_run_id = run_id(self.run);
+        let recipients: Vec<RecipientStatus> = expanded
+            .recipients
+            .iter()
+            .map(|reached| {
+                let mut r = RecipientStatus {
+                    recipient: reached.key.id().to_string(),
+                    collection: match &reached.key {
+                        RecipientKey::Object { collection, .. } => Some(collection.clone()),
+                        RecipientKey::User(_) => None,
+                    },
+                    recipient_run_id: ids::recipient_run_id(&workflow_run_id, &reached.key).to_string(),
+                    via: Some(reached.via.label()),
+                    ..Default::default()
+                };
+                if !reached.found {
+                    r.state = RecipientState::Failed;
+                    r.reason = Some("RecipientNotFound".into());
+                    r.message = Some(format!("no {} `{}` in namespace {}", if reached.key.is_object() { "Object" } else { "User" }, reached.key, self.namespace));
+                }
+                r
+            })
+            .collect();
+
+        // Pages first, then the run's status that lists them: a crash in
+        // between re-expands and rewrites the same pages (nothing was sent yet).
+        let owner = self.run.controller_owner_ref(&()).ok_or(Error::MissingMetadata)?;
+        let mut pages = Vec::new();
+        for (index, chunk) in recipients.chunks(PAGE_SIZE).enumerate() {
+            let name = page_name(&self.name, index);
+            let mut page = RecipientPage::new(&name, RecipientPageSpec { trigger_run: self.name.clone(), index: index as i32, size: chunk.len() as i32 });
+            page.metadata.labels = Some(BTreeMap::from([(RUN_LABEL.to_string(), self.name.clone())]));
+            page.metadata.owner_references = Some(vec![owner.clone()]);
+            self.pages_api().patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&page)).await?;
+            self.ctx.metrics.write("RecipientPage");
+            let page = Page { name, recipients: chunk.to_vec() };
+            self.write_page(&page).await?;
+            pages.push(page);
+        }
+
+        status.workflow_run_id = Some(workflow_run_id.to_string());
+        status.state = RunState::Running;
+        status.actor = actor.map(|a| a.to_string());
+        status.tenant = trigger.tenant.as_ref().map(|t| t.id().to_string());
+        status.pages = pages.iter().map(|p| p.name.clone()).collect();
+        status.totals = Some(run_status::totals(&recipients));
+        status.start_time = Some(Time(Timestamp::now()));
+        status.observed_generation = generation;
+        conditions::set(&mut status.conditions, "Accepted", conditions::TRUE, "Accepted", &format!("{} recipients", recipients.len()), generation);
+        conditions::set(&mut status.conditions, "Succeeded", conditions::UNKNOWN, "Running", "the run is in progress", generation);
+        self.write_status(&status).await?;
+        self.event(EventType::Normal, "Accepted", format!("workflow `{key}`: {} recipients in {} pages", recipients.len(), pages.len())).await;
+        Ok(Ok((status, pages)))
+    }
+
+    async fn load_pages(&self, status: &TriggerRunStatus) -> Result<Vec<Page>, Error> {
+        let api = self.pages_api();
+        let mut pages = Vec::with_capacity(status.pages.len());
+        for name in &status.pages {
+            let page = api.get(name).await?;
+            pages.push(Page { name: name.clone(), recipients: page.status.map(|s| s.recipients).unwrap_or_default() });
+        }
+        Ok(pages)
+    }
+
+    /// Which recipients a Cancellation for this run covers: None, all, or some.
+    fn cancellation(&self) -> Cancelled {
+        let Some(key) = self.run.spec.cancellation_key.as_deref() else { return Cancelled::None };
+        let retention = SignedDuration::from_secs(self.ctx.settings.cancellation_retention_seconds.max(0));
+        let now = Timestamp::now();
+        let mut some = HashSet::new();
+        for c in self.ctx.stores.cancellations.state() {
+            if c.namespace().as_deref() != Some(self.namespace.as_str()) || c.spec.workflow != self.run.spec.workflow || c.spec.cancellation_key != key {
+                continue;
+            }
+            let live = c.metadata.creation_timestamp.as_ref().is_none_or(|t| t.0.checked_add(retention).is_ok_and(|end| end > now));
+            if !live {
+                continue;
+            }
+            if c.spec.recipients.is_empty() {
+                return Cancelled::All;
+            }
+            some.extend(c.spec.recipients.iter().filter_map(|r| expansion::parse_reference(r).ok()));
+        }
+        if some.is_empty() { Cancelled::None } else { Cancelled::Some(some) }
+    }
+
+    /// Takes every unfinished recipient as far as it can go, page by page,
+    /// saving each page that changed, then the run's totals.
+    async fn execute(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>) -> Result<Action, Error> {
+        let generation = self.run.metadata.generation;
+        let key = &self.run.spec.workflow;
+        let Some(workflow) = find_by_key(self.ctx, &self.namespace, key) else {
+            return self.fail_unfinished(status, pages, "WorkflowNotFound", &format!("Workflow `{key}` was deleted")).await;
+        };
+        let compiled = self.ctx.workflows.get(&workflow);
+        let compiled = match compiled.as_ref() {
+            Ok(c) => c,
+            Err(message) => return self.fail_unfinished(status, pages, "WorkflowInvalid", message).await,
+        };
+        let trigger = match parse_trigger(self.run) {
+            Ok(t) => t,
+            Err(refusal) => return self.fail_unfinished(status, pages, refusal.reason, &refusal.message).await,
+        };
+
+        let mut directory = directory::build(&self.ctx.stores, &self.namespace);
+        overlay_inline(&mut directory, &trigger);
+        let trigger_data: HashMap<RecipientKey, &JsonObject> = trigger
+            .recipients
+            .iter()
+            .filter_map(|r| match r {
+                RecipientInput::Inline(i) if !i.trigger_data.is_empty() => Some((i.key.clone(), &i.trigger_data)),
+                _ => None,
+            })
+            .collect();
+        let tenant = trigger.tenant.as_ref().map(|t| tenant_record(self.ctx, &self.namespace, t));
+        let actor = trigger.actor.as_ref().map(|a| identify::actor_view(&directory, a.key()));
+        let channels = NamespaceChannels::new(self.ctx, &self.namespace);
+        let run_context = RunContext {
+            workflow_key: key,
+            categories: &workflow.spec.categories,
+            override_preferences: workflow.spec.override_preferences,
+            steps: &workflow.spec.steps,
+            templates: &compiled.templates,
+            workflow_run_id: run_id(self.run),
+            data: &trigger.data,
+            actor,
+            tenant: tenant.as_ref(),
+        };
+        let cancelled = self.cancellation();
+
+        let mut next_wake: Option<Timestamp> = None;
+        for page in &mut pages {
+            let pending: Vec<usize> = (0..page.recipients.len()).filter(|&i| !page.recipients[i].state.is_finished()).collect();
+            if pending.is_empty() {
+                continue;
+            }
+            let results: Vec<(usize, RecipientStatus, Option<Timestamp>)> = futures::stream::iter(pending)
+                .map(|i| {
+                    let mut recipient_status = page.recipients[i].clone();
+                    let recipient_key = recipient_status.key();
+                    let is_cancelled = cancelled.covers(&recipient_key);
+                    let run_context = &run_context;
+                    let directory = &directory;
+                    let channels = &channels;
+                    let trigger_data = trigger_data.get(&recipient_key).copied();
+                    async move {
+                        let via = recipient_status.via.as_deref().and_then(expansion::Via::parse);
+                        let recipient = RecipientContext {
+                            key: &recipient_key,
+                            recipient_run_id: Uuid::parse_str(&recipient_status.recipient_run_id).unwrap_or_default(),
+                            user: match &recipient_key {
+                                RecipientKey::User(id) => directory.user(id),
+                                RecipientKey::Object { .. } => None,
+                            },
+                            object: match &recipient_key {
+                                RecipientKey::Object { collection, id } => directory.object(collection, id),
+                                RecipientKey::User(_) => None,
+                            },
+                            trigger_data,
+                            subscription: via.as_ref().and_then(|v| expansion::subscription(directory, v, &recipient_key)),
+                        };
+                        let wake = self.drive(run_context, &recipient, channels, &mut recipient_status, is_cancelled).await;
+                        (i, recipient_status, wake)
+                    }
+                })
+                .buffer_unordered(self.ctx.settings.run_concurrency.max(1))
+                .collect()
+                .await;
+            let mut changed = false;
+            for (i, new_status, wake) in results {
+                if let Some(w) = wake {
+                    next_wake = Some(next_wake.map_or(w, |n| n.min(w)));
+                }
+                if page.recipients[i] != new_status {
+                    page.recipients[i] = new_status;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.write_page(page).await?;
+            }
+        }
+
+        let totals = run_status::totals(pages.iter().flat_map(|p| p.recipients.iter()));
+        status.totals = Some(totals.clone());
+        match run_status::run_outcome(&totals) {
+            Some((state, ok, reason, message)) => {
+                status.state = state;
+                if status.completion_time.is_none() {
+                    status.completion_time = Some(Time(Timestamp::now()));
+                }
+                let cond = if ok { conditions::TRUE } else { conditions::FALSE };
+                conditions::set(&mut status.conditions, "Succeeded", cond, reason, &message, generation);
+                let changed = self.run.status.as_ref() != Some(&status);
+                self.write_status(&status).await?;
+                if changed {
+                    let type_ = if ok { EventType::Normal } else { EventType::Warning };
+                    self.event(type_, reason, message).await;
+                }
+                Ok(self.retention_action(&status))
+            }
+            None => {
+                self.write_status(&status).await?;
+                Ok(match next_wake {
+                    Some(wake) => Action::requeue(until(wake).max(Duration::from_millis(50))),
+                    None => Action::requeue(Duration::from_secs(5)),
+                })
+            }
+        }
+    }
+
+    /// Drives one recipient until it is done, waits, or fails.
+    async fn drive(
+        &self,
+        run: &RunContext<'_>,
+        recipient: &RecipientContext<'_>,
+        channels: &NamespaceChannels,
+        status: &mut RecipientStatus,
+        cancelled: bool,
+    ) -> Option<Timestamp> {
+        loop {
+            match execution::advance(run, recipient, channels, status, cancelled, Timestamp::now()) {
+                Next::Done => return None,
+                Next::WaitUntil(wake) => return Some(wake),
+                Next::Deliver(message) => {
+                    let outcome = self.ctx.deliverer.deliver(&self.namespace, &message).await;
+                    self.ctx
+                        .metrics
+                        .deliveries
+                        .get_or_create(&crate::metrics::DeliveryLabels {
+                            channel_type: message.channel_type.to_string(),
+                            outcome: outcome.reason.clone(),
+                        })
+                        .inc();
+                    execution::record_delivery(status, &message, &outcome, Timestamp::now());
+                }
+            }
+        }
+    }
+
+    /// Fails every unfinished recipient (the workflow went away mid-run, or the spec changed).
+    async fn fail_unfinished(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>, reason: &str, message: &str) -> Result<Action, Error> {
+        for page in &mut pages {
+            let mut changed = false;
+            for r in page.recipients.iter_mut().filter(|r| !r.state.is_finished()) {
+                r.state = RecipientState::Failed;
+                r.reason = Some(reason.to_string());
+                r.message = Some(message.to_string());
+                changed = true;
+            }
+            if changed {
+                self.write_page(page).await?;
+            }
+        }
+        let generation = self.run.metadata.generation;
+        status.totals = Some(run_status::totals(pages.iter().flat_map(|p| p.recipients.iter())));
+        status.state = RunState::Failed;
+        if status.completion_time.is_none() {
+            status.completion_time = Some(Time(Timestamp::now()));
+        }
+        conditions::set(&mut status.conditions, "Succeeded", conditions::FALSE, reason, message, generation);
+        let changed = self.run.status.as_ref() != Some(&status);
+        self.write_status(&status).await?;
+        if changed {
+            self.event(EventType::Warning, "RunFailed", format!("{reason}: {message}")).await;
+        }
+        Ok(self.retention_action(&status))
+    }
+}
+
+/// Which recipients a cancellation covers.
+enum Cancelled {
+    None,
+    All,
+    Some(HashSet<RecipientKey>),
+}
+
+impl Cancelled {
+    fn covers(&self, key: &RecipientKey) -> bool {
+        match self {
+            Cancelled::None => false,
+            Cancelled::All => true,
+            Cancelled::Some(keys) => keys.contains(key),
+        }
+    }
+}
+
+/// The Channels of a namespace, by name.
+struct NamespaceChannels(HashMap<String, &'static str>);
+
+impl NamespaceChannels {
+    fn new(ctx: &Context, namespace: &str) -> Self {
+        NamespaceChannels(
+            ctx.stores
+                .channels
+                .state()
+                .iter()
+                .filter(|c| c.namespace().as_deref() == Some(namespace))
+                .map(|c| (c.name_any(), c.spec.channel_type.preference_name()))
+                .collect(),
+        )
+    }
+}
+
+impl ChannelTypes for NamespaceChannels {
+    fn channel_type(&self, channel: &str) -> Option<&'static str> {
+        self.0.get(channel).copied()
+    }
+}
+
+/// The time from now until `t` (zero if past).
+fn until(t: Timestamp) -> Duration {
+    Duration::try_from(t.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO)
+}
+
+async fn reconcile(run: Arc<TriggerRun>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let labels = crate::metrics::ControllerLabels { controller: "triggerrun".into() };
+    ctx.metrics.reconciles.get_or_create(&labels).inc();
+    let result = reconcile_run(&run, &ctx).await;
+    ctx.metrics.reconcile_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_run(run: &TriggerRun, ctx: &Context) -> Result<Action, Error> {
+    let namespace = run.namespace().ok_or(Error::MissingMetadata)?;
+    let name = run.name_any();
+    if run.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let r = Reconciler { ctx, run, namespace, name };
+    let status = run.status.clone().unwrap_or_default();
+    if status.state.is_finished() {
+        return r.retain(&status).await;
+    }
+    if status.state == RunState::Pending {
+        return match r.accept(status).await? {
+            Ok((status, pages)) => r.execute(status, pages).await,
+            Err(action) => Ok(action),
+        };
+    }
+    // The spec is immutable; where the apiserver cannot enforce it (before
+    // Kubernetes 1.25), a changed spec is never acted on.
+    if status.observed_generation.is_some() && status.observed_generation != run.metadata.generation {
+        let pages = r.load_pages(&status).await?;
+        return r.fail_unfinished(status, pages, "SpecChanged", "the spec changed after the run started; create a new TriggerRun instead").await;
+    }
+    let pages = r.load_pages(&status).await?;
+    r.execute(status, pages).await
+}
+
+fn error_policy(run: Arc<TriggerRun>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ErrorLabels { controller: "triggerrun".into(), error: error.label().into() })
+        .inc();
+    tracing::warn!(run = %run.name_any(), error = %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Runs the TriggerRun controller until `shutdown`.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let runs: Api<TriggerRun> = scoped_api(&ctx.client, &ctx.settings);
+    let controller = Controller::new(runs, watcher::Config::default());
+    let store = controller.store();
+    let by_cancellation = store.clone();
+    let by_workflow = store;
+    controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.max_concurrent_runs))
+        // A Cancellation wakes the runs it covers.
+        .watches(scoped_api::<Cancellation>(&ctx.client, &ctx.settings), watcher::Config::default(), move |c: Cancellation| {
+            let ns = c.namespace();
+            by_cancellation
+                .state()
+                .iter()
+                .filter(|r| r.namespace() == ns && r.spec.workflow == c.spec.workflow && r.spec.cancellation_key.as_deref() == Some(c.spec.cancellation_key.as_str()))
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        // A Workflow wakes the runs still waiting for it.
+        .watches(scoped_api::<Workflow>(&ctx.client, &ctx.settings), watcher::Config::default(), move |w: Workflow| {
+            let ns = w.namespace();
+            let key = w.key();
+            by_workflow
+                .state()
+                .iter()
+                .filter(|r| r.namespace() == ns && r.spec.workflow == key && r.status.as_ref().is_none_or(|s| s.state == RunState::Pending))
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "triggerrun controller event");
+            }
+        })
+        .await;
+}
+
+/// Deletes Cancellations whose retention window has passed, once a minute.
+pub async fn sweep_cancellations(ctx: Arc<Context>) {
+    let retention = SignedDuration::from_secs(ctx.settings.cancellation_retention_seconds.max(0));
+    loop {
+        let now = Timestamp::now();
+        for c in ctx.stores.cancellations.state() {
+            let expired = c.metadata.creation_timestamp.as_ref().is_some_and(|t| t.0.checked_add(retention).is_ok_and(|end| end <= now));
+            if let (true, Some(ns)) = (expired, c.namespace()) {
+                let api: Api<Cancellation> = Api::namespaced(ctx.client.clone(), &ns);
+                if api.delete(&c.name_any(), &DeleteParams::default()).await.is_ok() {
+                    ctx.metrics.write("Cancellation");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}

@@ -1,0 +1,157 @@
+//! The Workflow reconciler: compiles a workflow's data schema and templates
+//! once per generation (cached for the TriggerRun reconciler) and reports
+//! `Ready` with the compiler's message when something does not compile.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, ResourceExt};
+use serde_json::{json, Value};
+
+use super::{conditions, scoped_api, Context, Error, MANAGER};
+use crate::core::templates::CompiledTemplates;
+use crate::core::validation::DataSchema;
+use crate::resources::workflow::StepType;
+use crate::resources::{Workflow, WorkflowSpec, WorkflowStatus};
+
+/// A workflow ready to run.
+pub struct CompiledWorkflow {
+    pub schema: Option<DataSchema>,
+    pub templates: CompiledTemplates,
+}
+
+/// Compiles a workflow spec: the data schema, every template, and the shape of
+/// the steps. The error names what is wrong.
+pub fn compile(spec: &WorkflowSpec) -> Result<CompiledWorkflow, String> {
+    let mut refs = HashSet::new();
+    for (i, step) in spec.steps.iter().enumerate() {
+        if step.step_ref.is_empty() {
+            return Err(format!("steps[{i}]: `ref` must not be empty"));
+        }
+        if !refs.insert(step.step_ref.as_str()) {
+            return Err(format!("steps[{i}]: ref `{}` is used twice", step.step_ref));
+        }
+        match step.step_type {
+            StepType::Channel if step.channel.as_deref().unwrap_or("").is_empty() => {
+                return Err(format!("step `{}`: a channel step needs `channel`", step.step_ref));
+            }
+            StepType::Delay if step.delay.is_none() => {
+                return Err(format!("step `{}`: a delay step needs `delay`", step.step_ref));
+            }
+            _ => {}
+        }
+    }
+    let schema = match &spec.data_schema {
+        Some(schema) => Some(DataSchema::compile(&Value::Object(schema.clone())).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let templates = CompiledTemplates::compile(&spec.steps).map_err(|e| e.to_string())?;
+    Ok(CompiledWorkflow { schema, templates })
+}
+
+type Entry = (i64, Arc<Result<CompiledWorkflow, String>>);
+
+/// Compiled workflows by uid, recompiled when the generation changes.
+#[derive(Default)]
+pub struct Compiled {
+    cache: Mutex<HashMap<String, Entry>>,
+}
+
+impl Compiled {
+    /// The compiled form of this generation of the workflow.
+    pub fn get(&self, workflow: &Workflow) -> Arc<Result<CompiledWorkflow, String>> {
+        let uid = workflow.uid().unwrap_or_default();
+        let generation = workflow.metadata.generation.unwrap_or_default();
+        let mut cache = self.cache.lock().expect("compiled workflow cache poisoned");
+        if let Some((g, compiled)) = cache.get(&uid) {
+            if *g == generation {
+                return compiled.clone();
+            }
+        }
+        let compiled = Arc::new(compile(&workflow.spec));
+        cache.insert(uid, (generation, compiled.clone()));
+        compiled
+    }
+
+    fn forget(&self, uid: &str) {
+        self.cache.lock().expect("compiled workflow cache poisoned").remove(uid);
+    }
+}
+
+/// The Workflow with this key in the namespace (from the cache).
+pub fn find_by_key(ctx: &Context, namespace: &str, key: &str) -> Option<Arc<Workflow>> {
+    ctx.stores.workflows.find(|w| w.namespace().as_deref() == Some(namespace) && w.key() == key)
+}
+
+async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = workflow.namespace().ok_or(Error::MissingMetadata)?;
+    if workflow.metadata.deletion_timestamp.is_some() {
+        ctx.workflows.forget(&workflow.uid().unwrap_or_default());
+        return Ok(Action::await_change());
+    }
+    let generation = workflow.metadata.generation;
+    let current = workflow.status.clone().unwrap_or_default();
+    let mut status = WorkflowStatus {
+        key: Some(workflow.key()),
+        steps: Some(workflow.spec.steps.len() as i32),
+        observed_generation: generation,
+        conditions: current.conditions.clone(),
+    };
+    match ctx.workflows.get(&workflow).as_ref() {
+        Ok(_) => conditions::set(&mut status.conditions, "Ready", conditions::TRUE, "Compiled", "data schema and templates compile", generation),
+        Err(message) => conditions::set(&mut status.conditions, "Ready", conditions::FALSE, "InvalidWorkflow", message, generation),
+    }
+    if status != current {
+        let api: Api<Workflow> = Api::namespaced(ctx.client.clone(), &namespace);
+        let patch = json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "status": status});
+        api.patch_status(&workflow.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    }
+    Ok(Action::await_change())
+}
+
+fn error_policy(_workflow: Arc<Workflow>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "workflow reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the Workflow controller until `shutdown`.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let api: Api<Workflow> = scoped_api(&ctx.client, &ctx.settings);
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "workflow controller event");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::workflow::Step;
+
+    fn step(r: &str, t: StepType) -> Step {
+        Step { step_ref: r.into(), step_type: t, channel: Some("c".into()), ..Default::default() }
+    }
+
+    #[test]
+    fn rejects_malformed_steps_and_schemas() {
+        let mut spec = WorkflowSpec { steps: vec![step("a", StepType::Channel), step("a", StepType::Channel)], ..Default::default() };
+        assert!(compile(&spec).err().unwrap().contains("used twice"));
+        spec.steps = vec![step("d", StepType::Delay)];
+        assert!(compile(&spec).err().unwrap().contains("needs `delay`"));
+        spec.steps = vec![];
+        spec.data_schema = Some(json!({"type": 12}).as_object().unwrap().clone());
+        assert!(compile(&spec).is_err());
+        spec.data_schema = Some(json!({"type": "object"}).as_object().unwrap().clone());
+        assert!(compile(&spec).is_ok());
+    }
+}

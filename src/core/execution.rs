@@ -1,0 +1,381 @@
+//! Taking one recipient through a workflow's steps.
+//!
+//! [`advance`] is a pure state machine over a recipient's status: it runs
+//! conditions, preferences, delays and template rendering, and stops when a
+//! message must be delivered (the caller delivers and reports back with
+//! [`record_delivery`]), when a delay is pending, or when the recipient is done.
+//! Because every outcome is written into the status before the next step, a
+//! restart resumes exactly where the last saved status left off.
+
+use jiff::Timestamp;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use super::conditions;
+use super::expansion::{ObjectRecord, UserRecord};
+use super::model::{JsonObject, PreferenceSet, RecipientKey};
+use super::preferences::{self, PreferenceDecision, PreferenceQuery};
+use super::status::{RecipientState, RecipientStatus, StepState, StepStatus};
+use super::templates::{parse_duration, CompiledTemplates};
+use crate::resources::workflow::{Step, StepType};
+
+/// A tenant as the core sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TenantRecord {
+    pub id: String,
+    pub properties: JsonObject,
+    pub preference_set: Option<PreferenceSet>,
+}
+
+/// What is the same for every recipient of a run.
+pub struct RunContext<'a> {
+    pub workflow_key: &'a str,
+    pub categories: &'a [String],
+    pub override_preferences: bool,
+    pub steps: &'a [Step],
+    pub templates: &'a CompiledTemplates,
+    pub workflow_run_id: Uuid,
+    pub data: &'a JsonObject,
+    /// The actor as templates see it (`{id, ...properties}`), if any.
+    pub actor: Option<Value>,
+    pub tenant: Option<&'a TenantRecord>,
+}
+
+/// The recipient a step is decided for.
+pub struct RecipientContext<'a> {
+    pub key: &'a RecipientKey,
+    pub recipient_run_id: Uuid,
+    pub user: Option<&'a UserRecord>,
+    pub object: Option<&'a ObjectRecord>,
+    pub trigger_data: Option<&'a JsonObject>,
+    pub subscription: Option<&'a JsonObject>,
+}
+
+/// Resolves a channel step's channel name to its type name (`http`, `chat`, `email`),
+/// or None when there is no such Channel.
+pub trait ChannelTypes {
+    fn channel_type(&self, channel: &str) -> Option<&'static str>;
+}
+
+/// A rendered message for the caller to deliver.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    pub step_ref: String,
+    pub channel: String,
+    pub channel_type: &'static str,
+    /// Rendered template fields, e.g. `body`, `url`, `headers.X-Team`, `subject`.
+    pub fields: Map<String, Value>,
+    /// The recipient's channel data for this channel (e.g. a webhook `url`).
+    pub channel_data: Option<Value>,
+    /// The recipient's email address, if any (the default `to`).
+    pub email: Option<String>,
+    /// `<recipient run id>:<step ref>`: the same on every attempt and after restarts.
+    pub idempotency_key: String,
+}
+
+/// What the caller must do next for a recipient.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Next {
+    /// Nothing: the recipient is finished.
+    Done,
+    /// Deliver this message, then call [`record_delivery`].
+    Deliver(Message),
+    /// Come back at this time (a delay).
+    WaitUntil(Timestamp),
+}
+
+/// The result of a delivery.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeliveryOutcome {
+    pub ok: bool,
+    /// CamelCase: Delivered, WouldSend, DeliveryFailed, ...
+    pub reason: String,
+    pub message: String,
+    pub attempts: i32,
+    pub status_code: Option<i32>,
+}
+
+/// The merged data a recipient's templates and conditions see: the trigger's
+/// `data` with the recipient's `$trigger_data` over it (the recipient's keys win).
+pub fn merged_data(data: &JsonObject, trigger_data: Option<&JsonObject>) -> JsonObject {
+    let mut merged = data.clone();
+    if let Some(extra) = trigger_data {
+        merged.extend(extra.clone());
+    }
+    merged
+}
+
+/// The `recipient` object templates see: id, collection, properties, channel_data, subscription.
+pub fn recipient_view(recipient: &RecipientContext) -> Value {
+    let mut view = Map::new();
+    let (properties, channel_data) = match (recipient.user, recipient.object) {
+        (Some(u), _) => (Some(&u.properties), Some(&u.channel_data)),
+        (None, Some(o)) => (Some(&o.properties), Some(&o.channel_data)),
+        _ => (None, None),
+    };
+    if let Some(p) = properties {
+        view.extend(p.clone());
+    }
+    view.insert("id".into(), json!(recipient.key.id()));
+    if let RecipientKey::Object { collection, .. } = recipient.key {
+        view.insert("collection".into(), json!(collection));
+    }
+    view.insert("channel_data".into(), Value::Object(channel_data.cloned().unwrap_or_default()));
+    if let Some(s) = recipient.subscription {
+        view.insert("subscription".into(), Value::Object(s.clone()));
+    }
+    Value::Object(view)
+}
+
+/// The whole context of a recipient's templates and conditions.
+pub fn template_context(run: &RunContext, recipient: &RecipientContext) -> Value {
+    let tenant = run.tenant.map(|t| {
+        let mut v = t.properties.clone();
+        v.insert("id".into(), json!(t.id));
+        Value::Object(v)
+    });
+    json!({
+        "data": merged_data(run.data, recipient.trigger_data),
+        "recipient": recipient_view(recipient),
+        "actor": run.actor.clone().unwrap_or(Value::Null),
+        "tenant": tenant.unwrap_or(Value::Null),
+        "workflow": {"key": run.workflow_key, "categories": run.categories},
+        "workflow_run_id": run.workflow_run_id.to_string(),
+        "recipient_run_id": recipient.recipient_run_id.to_string(),
+    })
+}
+
+/// The preference sets that apply, highest precedence first: the recipient's
+/// tenant-specific set, the tenant's defaults, the recipient's default set.
+pub fn preference_sets<'a>(recipient: &RecipientContext<'a>, tenant: Option<&'a TenantRecord>) -> Vec<&'a PreferenceSet> {
+    let mut sets = Vec::new();
+    if let (Some(user), Some(t)) = (recipient.user, tenant) {
+        sets.extend(user.tenant_preferences.get(&t.id));
+    }
+    if let Some(t) = tenant {
+        sets.extend(t.preference_set.as_ref());
+    }
+    let defaults = match (recipient.user, recipient.object) {
+        (Some(u), _) => u.preferences.get("default"),
+        (None, Some(o)) => o.preferences.get("default"),
+        _ => None,
+    };
+    sets.extend(defaults);
+    sets
+}
+
+fn now_string(now: Timestamp) -> String {
+    now.to_string()
+}
+
+fn finish(status: &mut RecipientStatus, state: RecipientState, reason: &str, message: Option<String>) -> Next {
+    status.state = state;
+    status.reason = Some(reason.to_string());
+    status.message = message;
+    status.wake_at = None;
+    Next::Done
+}
+
+fn push_step(status: &mut RecipientStatus, step_ref: &str, state: StepState, reason: &str, message: Option<String>, now: Timestamp) {
+    status.steps.push(StepStatus {
+        step_ref: step_ref.to_string(),
+        state,
+        reason: Some(reason.to_string()),
+        message,
+        attempts: None,
+        status_code: None,
+        time: Some(now_string(now)),
+    });
+}
+
+/// Advances a recipient as far as it can go without delivering (see the module docs).
+/// `cancelled` stops an unfinished recipient before its next step.
+pub fn advance(
+    run: &RunContext,
+    recipient: &RecipientContext,
+    channels: &dyn ChannelTypes,
+    status: &mut RecipientStatus,
+    cancelled: bool,
+    now: Timestamp,
+) -> Next {
+    if status.state.is_finished() {
+        return Next::Done;
+    }
+    if cancelled {
+        if let Some(last) = status.steps.last_mut() {
+            if last.state == StepState::Waiting {
+                last.state = StepState::Cancelled;
+                last.time = Some(now_string(now));
+            }
+        }
+        return finish(status, RecipientState::Cancelled, "Cancelled", Some("cancelled by cancellation key".into()));
+    }
+    // Resume a pending delay.
+    if let Some(last) = status.steps.last_mut() {
+        if last.state == StepState::Waiting {
+            let wake = status.wake_at.as_deref().and_then(|w| w.parse::<Timestamp>().ok()).unwrap_or(now);
+            if wake > now {
+                status.state = RecipientState::Waiting;
+                return Next::WaitUntil(wake);
+            }
+            last.state = StepState::Completed;
+            last.reason = Some("DelayElapsed".into());
+            last.time = Some(now_string(now));
+            status.wake_at = None;
+        }
+    }
+    let context = template_context(run, recipient);
+    status.state = RecipientState::Running;
+    while status.steps.len() < run.steps.len() {
+        let step = &run.steps[status.steps.len()];
+        match conditions::all_hold(&step.conditions, &context) {
+            Ok(true) => {}
+            Ok(false) => {
+                push_step(status, &step.step_ref, StepState::Skipped, "ConditionNotMet", None, now);
+                continue;
+            }
+            Err(e) => {
+                push_step(status, &step.step_ref, StepState::Failed, "InvalidCondition", Some(e.to_string()), now);
+                return finish(status, RecipientState::Failed, "StepFailed", Some(format!("step `{}`: {e}", step.step_ref)));
+            }
+        }
+        match step.step_type {
+            StepType::Delay => match delay_until(run, step, &context, now) {
+                Ok(wake) if wake > now => {
+                    push_step(status, &step.step_ref, StepState::Waiting, "Delaying", Some(format!("until {wake}")), now);
+                    status.wake_at = Some(wake.to_string());
+                    status.state = RecipientState::Waiting;
+                    return Next::WaitUntil(wake);
+                }
+                Ok(_) => push_step(status, &step.step_ref, StepState::Completed, "DelayElapsed", None, now),
+                Err(message) => {
+                    push_step(status, &step.step_ref, StepState::Failed, "InvalidDelay", Some(message.clone()), now);
+                    return finish(status, RecipientState::Failed, "StepFailed", Some(format!("step `{}`: {message}", step.step_ref)));
+                }
+            },
+            StepType::Channel => {
+                let channel = step.channel.clone().unwrap_or_default();
+                let Some(channel_type) = channels.channel_type(&channel) else {
+                    let message = format!("Channel `{channel}` does not exist");
+                    push_step(status, &step.step_ref, StepState::Failed, "ChannelNotFound", Some(message.clone()), now);
+                    return finish(status, RecipientState::Failed, "StepFailed", Some(message));
+                };
+                if !run.override_preferences {
+                    let sets = preference_sets(recipient, run.tenant);
+                    let query = PreferenceQuery { workflow_key: run.workflow_key, categories: run.categories, channel_type };
+                    if let PreferenceDecision::OptedOut { setting } = preferences::evaluate(&sets, &query) {
+                        push_step(status, &step.step_ref, StepState::Skipped, "PreferenceOptOut", Some(format!("opted out by {setting}")), now);
+                        continue;
+                    }
+                }
+                match render_message(run, recipient, step, &channel, channel_type, &context) {
+                    Ok(message) => return Next::Deliver(message),
+                    Err(message) => {
+                        push_step(status, &step.step_ref, StepState::Failed, "RenderFailed", Some(message.clone()), now);
+                        return finish(status, RecipientState::Failed, "StepFailed", Some(message));
+                    }
+                }
+            }
+        }
+    }
+    conclude(run, status)
+}
+
+/// The end of the steps: Completed if anything was sent (or there was nothing
+/// to send), Skipped when every channel step was skipped.
+fn conclude(run: &RunContext, status: &mut RecipientStatus) -> Next {
+    let channel_steps: Vec<&StepStatus> = run
+        .steps
+        .iter()
+        .zip(&status.steps)
+        .filter(|(step, _)| step.step_type == StepType::Channel)
+        .map(|(_, s)| s)
+        .collect();
+    let all_skipped = !channel_steps.is_empty() && channel_steps.iter().all(|s| s.state == StepState::Skipped);
+    if all_skipped {
+        let opted_out = channel_steps.iter().all(|s| s.reason.as_deref() == Some("PreferenceOptOut"));
+        let reason = if opted_out { "PreferenceOptOut" } else { "NothingToSend" };
+        return finish(status, RecipientState::Skipped, reason, None);
+    }
+    finish(status, RecipientState::Completed, "WorkflowCompleted", None)
+}
+
+/// Records the outcome of the delivery [`advance`] asked for.
+pub fn record_delivery(status: &mut RecipientStatus, message: &Message, outcome: &DeliveryOutcome, now: Timestamp) {
+    let state = if outcome.ok { StepState::Completed } else { StepState::Failed };
+    status.steps.push(StepStatus {
+        step_ref: message.step_ref.clone(),
+        state,
+        reason: Some(outcome.reason.clone()),
+        message: Some(outcome.message.clone()),
+        attempts: Some(outcome.attempts),
+        status_code: outcome.status_code,
+        time: Some(now_string(now)),
+    });
+    if !outcome.ok {
+        finish(status, RecipientState::Failed, "DeliveryFailed", Some(format!("step `{}`: {}", message.step_ref, outcome.message)));
+    }
+}
+
+fn delay_until(run: &RunContext, step: &Step, context: &Value, now: Timestamp) -> Result<Timestamp, String> {
+    let delay = step.delay.as_ref().ok_or("delay step has no `delay`")?;
+    if let Some(duration) = &delay.duration {
+        let d = parse_duration(duration)?;
+        let span = jiff::SignedDuration::try_from(d).map_err(|e| e.to_string())?;
+        return now.checked_add(span).map_err(|e| e.to_string());
+    }
+    if delay.until.is_some() {
+        let rendered = run
+            .templates
+            .render(&step.step_ref, "delay.until", context)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        return rendered.trim().parse::<Timestamp>().map_err(|e| format!("delay.until rendered `{rendered}`, not an RFC 3339 time: {e}"));
+    }
+    Err("delay needs `duration` or `until`".into())
+}
+
+const TEMPLATE_FIELDS: [&str; 9] = ["method", "url", "body", "text", "blocks", "from", "to", "subject", "html"];
+
+fn render_message(
+    run: &RunContext,
+    recipient: &RecipientContext,
+    step: &Step,
+    channel: &str,
+    channel_type: &'static str,
+    context: &Value,
+) -> Result<Message, String> {
+    let mut fields = Map::new();
+    let render = |field: &str| run.templates.render(&step.step_ref, field, context).map_err(|e| e.to_string());
+    for field in TEMPLATE_FIELDS {
+        if let Some(value) = render(&format!("template.{field}"))? {
+            fields.insert(field.to_string(), Value::String(value));
+        }
+    }
+    if let Some(template) = &step.template {
+        let mut headers = Map::new();
+        for name in template.headers.keys() {
+            if let Some(value) = render(&format!("template.headers.{name}"))? {
+                headers.insert(name.clone(), Value::String(value));
+            }
+        }
+        if !headers.is_empty() {
+            fields.insert("headers".into(), Value::Object(headers));
+        }
+    }
+    let channel_data = match (recipient.user, recipient.object) {
+        (Some(u), _) => u.channel_data.get(channel).cloned(),
+        (None, Some(o)) => o.channel_data.get(channel).cloned(),
+        _ => None,
+    };
+    let email = recipient.user.and_then(|u| u.properties.get("email")).and_then(Value::as_str).map(str::to_string);
+    Ok(Message {
+        step_ref: step.step_ref.clone(),
+        channel: channel.to_string(),
+        channel_type,
+        fields,
+        channel_data,
+        email,
+        idempotency_key: format!("{}:{}", recipient.recipient_run_id, step.step_ref),
+    })
+}

@@ -1,0 +1,328 @@
+//! Recipient expansion: from a trigger's recipients and audiences to the
+//! de-duplicated list of everyone the workflow runs for.
+//!
+//! Rules (Knock's): direct recipients come first, in order, then audience
+//! members; an object is itself a recipient and fans out to its subscribers,
+//! nested at most two levels (object → object → users); the actor is never
+//! notified through an object's subscriptions (but is when listed directly);
+//! a recipient reached several ways runs once, as first reached.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::model::{parse_recipient, IdentifierError, InlineRecipient, JsonObject, PreferenceSet, RecipientInput, RecipientKey};
+
+/// A user as the core sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct UserRecord {
+    pub id: String,
+    /// Every property templates see as `recipient.<key>` (name, email, ... and custom ones).
+    pub properties: JsonObject,
+    pub channel_data: JsonObject,
+    pub preferences: BTreeMap<String, PreferenceSet>,
+    pub tenant_preferences: BTreeMap<String, PreferenceSet>,
+}
+
+/// An object as the core sees it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObjectRecord {
+    pub collection: String,
+    pub id: String,
+    pub properties: JsonObject,
+    pub channel_data: JsonObject,
+    pub preferences: BTreeMap<String, PreferenceSet>,
+    pub subscribers: Vec<SubscriberRecord>,
+}
+
+/// One subscription of an object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubscriberRecord {
+    pub recipient: RecipientKey,
+    pub properties: JsonObject,
+}
+
+/// The users, objects and audiences of one namespace, looked up by id.
+#[derive(Clone, Debug, Default)]
+pub struct Directory {
+    users: HashMap<String, UserRecord>,
+    objects: HashMap<(String, String), ObjectRecord>,
+    audiences: HashMap<String, Vec<RecipientKey>>,
+}
+
+impl Directory {
+    pub fn insert_user(&mut self, user: UserRecord) {
+        self.users.insert(user.id.clone(), user);
+    }
+    pub fn insert_object(&mut self, object: ObjectRecord) {
+        self.objects.insert((object.collection.clone(), object.id.clone()), object);
+    }
+    pub fn insert_audience(&mut self, key: String, members: Vec<RecipientKey>) {
+        self.audiences.insert(key, members);
+    }
+    pub fn user(&self, id: &str) -> Option<&UserRecord> {
+        self.users.get(id)
+    }
+    pub fn object(&self, collection: &str, id: &str) -> Option<&ObjectRecord> {
+        self.objects.get(&(collection.to_string(), id.to_string()))
+    }
+    pub fn audience(&self, key: &str) -> Option<&[RecipientKey]> {
+        self.audiences.get(key).map(Vec::as_slice)
+    }
+
+    /// True when the recipient exists.
+    pub fn contains(&self, key: &RecipientKey) -> bool {
+        match key {
+            RecipientKey::User(id) => self.users.contains_key(id),
+            RecipientKey::Object { collection, id } => self.object(collection, id).is_some(),
+        }
+    }
+}
+
+/// Parses an audience's members or an object's subscriber reference list.
+pub fn parse_reference(value: &serde_json::Value) -> Result<RecipientKey, IdentifierError> {
+    parse_recipient(value).map(|input| input.key().clone())
+}
+
+/// How a recipient was reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    Direct,
+    Object { collection: String, id: String },
+    Audience(String),
+}
+
+impl Via {
+    /// The form shown in status: `direct`, `object:<collection>/<id>`, `audience:<key>`.
+    pub fn label(&self) -> String {
+        match self {
+            Via::Direct => "direct".into(),
+            Via::Object { collection, id } => format!("object:{collection}/{id}"),
+            Via::Audience(key) => format!("audience:{key}"),
+        }
+    }
+
+    /// Parses [`Via::label`]'s form back.
+    pub fn parse(label: &str) -> Option<Via> {
+        if label == "direct" {
+            return Some(Via::Direct);
+        }
+        if let Some(rest) = label.strip_prefix("object:") {
+            let (collection, id) = rest.split_once('/')?;
+            return Some(Via::Object { collection: collection.into(), id: id.into() });
+        }
+        label.strip_prefix("audience:").map(|k| Via::Audience(k.into()))
+    }
+}
+
+/// One recipient the workflow runs for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reached {
+    pub key: RecipientKey,
+    pub via: Via,
+    /// False when no such user or object exists (the recipient fails with RecipientNotFound).
+    pub found: bool,
+}
+
+/// The outcome of expansion.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Expansion {
+    pub recipients: Vec<Reached>,
+    /// Audience keys that do not exist.
+    pub missing_audiences: Vec<String>,
+}
+
+/// Object nesting limit: object → object → users.
+const MAX_DEPTH: usize = 2;
+
+/// Expands direct recipients and audiences (see the module docs).
+pub fn expand(direct: &[RecipientKey], audiences: &[String], actor: Option<&RecipientKey>, directory: &Directory) -> Expansion {
+    let mut walk = Walk { directory, actor, seen: HashSet::new(), out: Expansion::default() };
+    for key in direct {
+        walk.reach(key, Via::Direct, 0);
+    }
+    for audience in audiences {
+        match directory.audience(audience) {
+            Some(members) => {
+                for member in members {
+                    walk.reach(member, Via::Audience(audience.clone()), 0);
+                }
+            }
+            None => walk.out.missing_audiences.push(audience.clone()),
+        }
+    }
+    walk.out
+}
+
+struct Walk<'a> {
+    directory: &'a Directory,
+    actor: Option<&'a RecipientKey>,
+    seen: HashSet<RecipientKey>,
+    out: Expansion,
+}
+
+impl Walk<'_> {
+    /// Adds `key` (if new) and, for an object above the nesting limit, its subscribers.
+    fn reach(&mut self, key: &RecipientKey, via: Via, depth: usize) {
+        if self.seen.insert(key.clone()) {
+            let found = self.directory.contains(key);
+            self.out.recipients.push(Reached { key: key.clone(), via, found });
+        }
+        // Fan out even when the object was already reached directly: the
+        // subscribers are de-duplicated by `seen` and the depth bounds cycles.
+        if let RecipientKey::Object { collection, id } = key {
+            if depth >= MAX_DEPTH {
+                return;
+            }
+            let Some(object) = self.directory.object(collection, id) else { return };
+            let via = Via::Object { collection: collection.clone(), id: id.clone() };
+            for subscriber in &object.subscribers {
+                if Some(&subscriber.recipient) == self.actor {
+                    continue;
+                }
+                if subscriber.recipient.is_object() && depth + 1 >= MAX_DEPTH {
+                    continue;
+                }
+                self.reach(&subscriber.recipient, via.clone(), depth + 1);
+            }
+        }
+    }
+}
+
+/// Properties of the subscription through which `key` was reached, if any.
+pub fn subscription<'a>(directory: &'a Directory, via: &Via, key: &RecipientKey) -> Option<&'a JsonObject> {
+    let Via::Object { collection, id } = via else { return None };
+    directory.object(collection, id)?.subscribers.iter().find(|s| &s.recipient == key).map(|s| &s.properties)
+}
+
+/// The inline recipients of a trigger, by key: what is identified and their `$trigger_data`.
+pub fn inline_recipients(inputs: &[RecipientInput]) -> Vec<&InlineRecipient> {
+    inputs
+        .iter()
+        .filter_map(|i| match i {
+            RecipientInput::Inline(inline) => Some(inline),
+            RecipientInput::Reference(_) => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn user(id: &str) -> UserRecord {
+        UserRecord { id: id.into(), ..Default::default() }
+    }
+
+    fn object(collection: &str, id: &str, subs: &[RecipientKey]) -> ObjectRecord {
+        ObjectRecord {
+            collection: collection.into(),
+            id: id.into(),
+            subscribers: subs
+                .iter()
+                .map(|k| SubscriberRecord { recipient: k.clone(), properties: JsonObject::new() })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn keys(e: &Expansion) -> Vec<String> {
+        e.recipients.iter().map(|r| r.key.to_string()).collect()
+    }
+
+    fn u(id: &str) -> RecipientKey {
+        RecipientKey::user(id)
+    }
+
+    fn directory() -> Directory {
+        let mut d = Directory::default();
+        for id in ["u1", "u2", "u3", "u4", "actor"] {
+            d.insert_user(user(id));
+        }
+        d.insert_object(object("teams", "ops", &[u("u3"), u("u1"), RecipientKey::object("teams", "deep")]));
+        d.insert_object(object("teams", "deep", &[u("u4")]));
+        d.insert_object(object("projects", "p1", &[u("u1"), u("actor"), RecipientKey::object("teams", "ops"), u("u2")]));
+        d
+    }
+
+    #[test]
+    fn fans_out_two_levels_deduplicates_and_excludes_the_actor() {
+        let d = directory();
+        let e = expand(&[u("u2"), RecipientKey::object("projects", "p1")], &[], Some(&u("actor")), &d);
+        // u2 direct first; p1; its subscribers u1, teams/ops (level 1) and ops' users (level 2);
+        // teams/deep is an object at level 2 and is not reached; the actor is excluded.
+        assert_eq!(keys(&e), ["u2", "projects/p1", "u1", "teams/ops", "u3"]);
+        assert_eq!(e.recipients[0].via, Via::Direct);
+        assert_eq!(e.recipients[2].via, Via::Object { collection: "projects".into(), id: "p1".into() });
+        assert_eq!(e.recipients[4].via.label(), "object:teams/ops");
+        assert!(e.recipients.iter().all(|r| r.found));
+    }
+
+    #[test]
+    fn the_actor_is_notified_when_listed_directly() {
+        let d = directory();
+        let e = expand(&[u("actor"), RecipientKey::object("projects", "p1")], &[], Some(&u("actor")), &d);
+        assert_eq!(e.recipients.iter().filter(|r| r.key == u("actor")).count(), 1);
+    }
+
+    #[test]
+    fn unknown_recipients_are_reached_but_not_found() {
+        let d = directory();
+        let e = expand(&[u("nobody"), RecipientKey::object("projects", "nope")], &[], None, &d);
+        assert_eq!(keys(&e), ["nobody", "projects/nope"]);
+        assert!(e.recipients.iter().all(|r| !r.found));
+    }
+
+    #[test]
+    fn audiences_fan_out_after_direct_recipients() {
+        let mut d = directory();
+        d.insert_audience("followers".into(), vec![u("u1"), u("u4"), RecipientKey::object("teams", "deep")]);
+        let e = expand(&[u("u1")], &["followers".into(), "missing".into()], None, &d);
+        assert_eq!(keys(&e), ["u1", "u4", "teams/deep"]);
+        assert_eq!(e.recipients[1].via, Via::Audience("followers".into()));
+        assert_eq!(e.missing_audiences, ["missing"]);
+    }
+
+    #[test]
+    fn cycles_terminate() {
+        let mut d = Directory::default();
+        d.insert_user(user("u1"));
+        d.insert_object(object("a", "1", &[RecipientKey::object("b", "1")]));
+        d.insert_object(object("b", "1", &[RecipientKey::object("a", "1"), u("u1")]));
+        let e = expand(&[RecipientKey::object("a", "1")], &[], None, &d);
+        assert_eq!(keys(&e), ["a/1", "b/1", "u1"]);
+    }
+
+    #[test]
+    fn ten_thousand_subscribers_expand_once_each() {
+        let mut d = Directory::default();
+        let subs: Vec<RecipientKey> = (0..10_000).map(|i| u(&format!("user_{i}"))).collect();
+        for s in &subs {
+            d.insert_user(user(s.id()));
+        }
+        // Every subscriber twice: once directly in the object, once through a nested one.
+        d.insert_object(object("big", "nested", &subs));
+        let mut top = subs.clone();
+        top.push(RecipientKey::object("big", "nested"));
+        d.insert_object(object("big", "top", &top));
+        let e = expand(&[RecipientKey::object("big", "top")], &[], None, &d);
+        assert_eq!(e.recipients.len(), 10_002);
+    }
+
+    #[test]
+    fn via_labels_round_trip() {
+        for via in [Via::Direct, Via::Object { collection: "c".into(), id: "a/b".into() }, Via::Audience("x.y".into())] {
+            assert_eq!(Via::parse(&via.label()), Some(via));
+        }
+    }
+
+    #[test]
+    fn subscription_properties_are_found() {
+        let mut d = Directory::default();
+        let mut o = object("projects", "p1", &[]);
+        o.subscribers.push(SubscriberRecord { recipient: u("u1"), properties: json!({"role": "owner"}).as_object().unwrap().clone() });
+        d.insert_object(o);
+        let via = Via::Object { collection: "projects".into(), id: "p1".into() };
+        assert_eq!(subscription(&d, &via, &u("u1")).unwrap()["role"], "owner");
+        assert!(subscription(&d, &Via::Direct, &u("u1")).is_none());
+    }
+}
