@@ -81,8 +81,8 @@ pub fn check_operators(conditions: &[StepCondition]) -> Result<(), ConditionErro
 /// True when every condition holds (an empty list holds). Malformed conditions
 /// are reported whatever the data, so a typo is never hidden by a short-circuit.
 pub fn all_hold(conditions: &[StepCondition], context: &Value) -> Result<bool, ConditionError> {
-    let checked = conditions.iter().map(|c| checked(c).map(|(op, arg)| (c, op, arg))).collect::<Result<Vec<_>, _>>()?;
-    Ok(checked.into_iter().all(|(c, op, argument)| holds(op, lookup(context, &c.variable), argument)))
+    let parsed = conditions.iter().map(|c| checked(c).map(|(op, arg)| (c, op, arg))).collect::<Result<Vec<_>, _>>()?;
+    Ok(parsed.into_iter().all(|(c, op, argument)| holds(op, lookup(context, &c.variable), argument)))
 }
 
 /// The value at a dot path; numeric segments index arrays. `None` when any
@@ -99,31 +99,26 @@ fn lookup<'a>(context: &'a Value, path: &str) -> Option<&'a Value> {
 }
 
 fn holds(op: Operator, value: Option<&Value>, argument: Option<&Value>) -> bool {
+    // A missing variable (or argument) makes a comparison false, and so its
+    // negation (not_equal_to, not_contains) true.
+    let compared = |test: &dyn Fn(&Value, &Value) -> bool| match (value, argument) {
+        (Some(v), Some(a)) => test(v, a),
+        _ => false,
+    };
+    let ordered = |accept: &[Ordering]| compared(&|v, a| compare(v, a).is_some_and(|o| accept.contains(&o)));
     match op {
+        Operator::EqualTo => compared(&loose_eq),
+        Operator::NotEqualTo => !compared(&loose_eq),
+        Operator::Contains => compared(&contains),
+        Operator::NotContains => !compared(&contains),
+        Operator::GreaterThan => ordered(&[Ordering::Greater]),
+        Operator::LessThan => ordered(&[Ordering::Less]),
+        Operator::GreaterThanOrEqualTo => ordered(&[Ordering::Greater, Ordering::Equal]),
+        Operator::LessThanOrEqualTo => ordered(&[Ordering::Less, Ordering::Equal]),
         Operator::Empty => is_empty(value),
         Operator::NotEmpty => !is_empty(value),
         Operator::Exists => exists(value),
         Operator::NotExists => !exists(value),
-        _ => {
-            // `checked` guarantees an argument for the remaining operators.
-            let (Some(value), Some(argument)) = (value, argument) else {
-                // A missing variable makes comparisons false, and their negations true.
-                return matches!(op, Operator::NotEqualTo | Operator::NotContains);
-            };
-            match op {
-                Operator::EqualTo => loose_eq(value, argument),
-                Operator::NotEqualTo => !loose_eq(value, argument),
-                Operator::Contains => contains(value, argument),
-                Operator::NotContains => !contains(value, argument),
-                Operator::GreaterThan => compare(value, argument) == Some(Ordering::Greater),
-                Operator::LessThan => compare(value, argument) == Some(Ordering::Less),
-                Operator::GreaterThanOrEqualTo => {
-                    matches!(compare(value, argument), Some(Ordering::Greater | Ordering::Equal))
-                }
-                Operator::LessThanOrEqualTo => matches!(compare(value, argument), Some(Ordering::Less | Ordering::Equal)),
-                Operator::Empty | Operator::NotEmpty | Operator::Exists | Operator::NotExists => false,
-            }
-        }
     }
 }
 

@@ -25,13 +25,21 @@ impl RunState {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RecipientTotals {
+    /// Recipients in the run, after expansion.
     pub recipients: i64,
+    /// Recipients not started yet.
     pub queued: i64,
+    /// Recipients being processed.
     pub running: i64,
+    /// Recipients waiting on a delay.
     pub waiting: i64,
+    /// Recipients that went through every step.
     pub completed: i64,
+    /// Recipients for whom nothing was sent (preferences or conditions).
     pub skipped: i64,
+    /// Recipients stopped by a cancellation.
     pub cancelled: i64,
+    /// Recipients that failed (not found, delivery or template errors).
     pub failed: i64,
 }
 

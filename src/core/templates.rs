@@ -129,36 +129,44 @@ impl CompiledTemplates {
     /// `Ok(None)` when the step does not have that field; an error for a step
     /// ref that was not compiled (a caller bug, not a missing field).
     pub fn render(&self, step_ref: &str, field: &str, context: &Value) -> Result<Option<String>, TemplateError> {
-        let fields = self
-            .steps
-            .get(step_ref)
-            .ok_or_else(|| TemplateError::new(step_ref, field, "no such step in the compiled workflow"))?;
+        let fields = self.fields(step_ref, field)?;
         let Some(template) = fields.get(field) else {
             return Ok(None);
         };
-        let Value::Object(map) = context else {
-            return Err(TemplateError::new(step_ref, field, "the render context must be a JSON object"));
-        };
-        let globals = ObjectNode::root(map);
+        let globals = globals(step_ref, field, context)?;
         template.render(&globals).map(Some).map_err(|e| TemplateError::new(step_ref, field, one_line(&e)))
     }
 
     /// Renders every header template of a step: header name → value. Empty
     /// when the step has no headers.
     pub fn render_headers(&self, step_ref: &str, context: &Value) -> Result<BTreeMap<String, String>, TemplateError> {
-        let fields = self
-            .steps
+        let fields = self.fields(step_ref, "template.headers")?;
+        // Converted once for every header.
+        let globals = globals(step_ref, "template.headers", context)?;
+        fields
+            .iter()
+            .filter_map(|(field, template)| field.strip_prefix("template.headers.").map(|name| (field, name, template)))
+            .map(|(field, name, template)| {
+                template
+                    .render(&globals)
+                    .map(|value| (name.to_string(), value))
+                    .map_err(|e| TemplateError::new(step_ref, field, one_line(&e)))
+            })
+            .collect()
+    }
+
+    fn fields(&self, step_ref: &str, field: &str) -> Result<&BTreeMap<String, liquid::Template>, TemplateError> {
+        self.steps
             .get(step_ref)
-            .ok_or_else(|| TemplateError::new(step_ref, "template.headers", "no such step in the compiled workflow"))?;
-        let mut headers = BTreeMap::new();
-        for field in fields.keys() {
-            if let Some(name) = field.strip_prefix("template.headers.") {
-                if let Some(value) = self.render(step_ref, field, context)? {
-                    headers.insert(name.to_string(), value);
-                }
-            }
-        }
-        Ok(headers)
+            .ok_or_else(|| TemplateError::new(step_ref, field, "no such step in the compiled workflow"))
+    }
+}
+
+/// The lenient render globals for a JSON object context.
+fn globals(step_ref: &str, field: &str, context: &Value) -> Result<ObjectNode, TemplateError> {
+    match context {
+        Value::Object(map) => Ok(ObjectNode::root(map)),
+        _ => Err(TemplateError::new(step_ref, field, "the render context must be a JSON object")),
     }
 }
 

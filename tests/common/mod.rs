@@ -1,0 +1,206 @@
+//! Test harness: one real control plane (etcd + kube-apiserver) per test run,
+//! the CRDs installed once, and a fresh namespace per test.
+//!
+//! Where the control plane comes from, in order:
+//! * `HERALD_TEST_KUBECONFIG`: a kubeconfig for a running control plane
+//!   (scripts/test.sh starts one and sets it);
+//! * `HERALD_TEST_USE_KUBECONFIG=1`: the cluster `KUBECONFIG` points at (a real cluster);
+//! * otherwise this process starts one with scripts/controlplane.sh and stops
+//!   it when the process exits.
+//! When none can be had, tests fail with a message saying what is missing.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use herald::operator::Operator;
+use herald::settings::Settings;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+static KUBECONFIG: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static CRDS: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn start_control_plane() -> Result<PathBuf, String> {
+    if let Ok(path) = std::env::var("HERALD_TEST_KUBECONFIG") {
+        return Ok(PathBuf::from(path));
+    }
+    if std::env::var("HERALD_TEST_USE_KUBECONFIG").as_deref() == Ok("1") {
+        let path = std::env::var("KUBECONFIG").map_err(|_| "HERALD_TEST_USE_KUBECONFIG=1 but KUBECONFIG is not set".to_string())?;
+        return Ok(PathBuf::from(path));
+    }
+    let dir = std::env::temp_dir().join(format!("herald-cp-{}", std::process::id()));
+    let script = repo().join("scripts/controlplane.sh");
+    let out = Command::new("bash").arg(&script).arg("start").arg(&dir).output().map_err(|e| format!("running {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "could not start the local control plane ({}):\n{}\nInstall it with `scripts/controlplane.sh install`, or run the tests with scripts/test.sh",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    // Stop the control plane when this test process exits.
+    let watchdog = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; bash '{script}' stop '{dir}'; rm -rf '{dir}'",
+        pid = std::process::id(),
+        script = script.display(),
+        dir = dir.display()
+    );
+    Command::new("setsid").arg("sh").arg("-c").arg(watchdog).spawn().map_err(|e| format!("starting the watchdog: {e}"))?;
+    Ok(dir.join("kubeconfig"))
+}
+
+/// The kubeconfig of the test control plane.
+pub fn kubeconfig() -> PathBuf {
+    match KUBECONFIG.get_or_init(start_control_plane) {
+        Ok(path) => path.clone(),
+        Err(message) => panic!("no Kubernetes control plane for the tests: {message}"),
+    }
+}
+
+/// A client for the test control plane (one per test: clients belong to a runtime).
+pub async fn client() -> Client {
+    let path = kubeconfig();
+    let kubeconfig = Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig");
+    let client = Client::try_from(config).expect("client");
+    CRDS.get_or_init(|| install_crds(client.clone())).await;
+    client
+}
+
+async fn install_crds(client: Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in herald::crds::all() {
+        let name = crd.metadata.name.clone().unwrap();
+        for attempt in 0..5 {
+            let result = match api.get_opt(&name).await.expect("reading CRDs") {
+                Some(existing) => {
+                    let mut crd = crd.clone();
+                    crd.metadata.resource_version = existing.metadata.resource_version;
+                    api.replace(&name, &PostParams::default(), &crd).await
+                }
+                None => api.create(&PostParams::default(), &crd).await,
+            };
+            match result {
+                Ok(_) => break,
+                Err(kube::Error::Api(s)) if s.code == 409 && attempt < 4 => continue,
+                Err(e) => panic!("installing CRD {name}: {e}"),
+            }
+        }
+    }
+    herald::operator::wait_for_crds(&client, Duration::from_secs(60)).await.expect("CRDs established");
+}
+
+/// A fresh namespace for one test, deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    pub client: Client,
+}
+
+impl TestNamespace {
+    pub async fn new(client: &Client) -> TestNamespace {
+        let name = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"herald.dev/test": "true"}}
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &ns).await.expect("creating the test namespace");
+        TestNamespace { name, client: client.clone() }
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Best effort, off the test's runtime (which may be shutting down).
+        let name = self.name.clone();
+        let path = kubeconfig();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let Ok(kc) = Kubeconfig::read_from(&path) else { return };
+                let Ok(config) = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await else { return };
+                let Ok(client) = Client::try_from(config) else { return };
+                let _ = Api::<Namespace>::all(client).delete(&name, &DeleteParams::default()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Starts an operator watching only `namespace`, in this process.
+pub async fn operator(client: &Client, namespace: &str) -> Operator {
+    operator_with(client, Settings::for_namespace(namespace)).await
+}
+
+pub async fn operator_with(client: &Client, settings: Settings) -> Operator {
+    herald::telemetry::init(herald::settings::LogFormat::Text);
+    herald::operator::start(client.clone(), settings).await.expect("starting the operator")
+}
+
+/// Polls `check` until it returns Some, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Applies a YAML file of the examples/ folder (one or more documents) into `ns`.
+pub async fn apply_yaml(ns: &TestNamespace, yaml: &str) {
+    use kube::api::{DynamicObject, Patch, PatchParams};
+    use kube::discovery::ApiResource;
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(doc).expect("yaml");
+        if value.is_null() {
+            continue;
+        }
+        let obj: DynamicObject = serde_json::from_value(value.clone()).expect("object");
+        let types = obj.types.clone().expect("apiVersion and kind");
+        let (group, version) = types.api_version.split_once('/').unwrap_or(("", &types.api_version));
+        let plural = format!("{}s", types.kind.to_lowercase());
+        let ar = ApiResource { group: group.into(), version: version.into(), api_version: types.api_version.clone(), kind: types.kind.clone(), plural };
+        let api: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
+        let name = obj.metadata.name.clone().expect("name");
+        api.patch(&name, &PatchParams::apply("herald-tests").force(), &Patch::Apply(&value)).await.unwrap_or_else(|e| panic!("applying {name}: {e}"));
+    }
+}
+
+pub fn read_example(name: &str) -> String {
+    std::fs::read_to_string(repo().join("examples").join(name)).unwrap()
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    repo().join(rel)
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
