@@ -367,7 +367,9 @@ mod tests {
 
     #[test]
     fn missing_paths_make_comparisons_false_and_negations_true() {
-        for op in ["equal_to", "greater_than", "less_than", "greater_than_or_equal_to", "less_than_or_equal_to", "contains"] {
+        for op in
+            ["equal_to", "greater_than", "less_than", "greater_than_or_equal_to", "less_than_or_equal_to", "contains"]
+        {
             assert!(!check("data.missing", op, Some(json!(1))), "{op}");
             assert!(!check("actor.id", op, Some(json!("x"))), "{op}");
         }
@@ -411,7 +413,8 @@ mod tests {
         assert_eq!(expected.to_string(), "condition on `data.x`: unknown operator `equals`");
 
         let no_arg = cond("data.count", "greater_than", None);
-        let expected = ConditionError::MissingArgument { variable: "data.count".into(), operator: "greater_than".into() };
+        let expected =
+            ConditionError::MissingArgument { variable: "data.count".into(), operator: "greater_than".into() };
         assert_eq!(check_operators(std::slice::from_ref(&no_arg)), Err(expected.clone()));
         assert_eq!(expected.to_string(), "condition on `data.count`: operator `greater_than` needs an argument");
 

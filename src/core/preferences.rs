@@ -23,7 +23,9 @@ pub enum PreferenceDecision {
     /// The recipient opted out; `setting` names the deciding entry, e.g.
     /// `workflows.new-comment`, `categories.collaboration.channel_types.email`
     /// or `channel_types.email`.
-    OptedOut { setting: String },
+    OptedOut {
+        setting: String,
+    },
 }
 
 impl PreferenceDecision {
@@ -210,10 +212,7 @@ mod tests {
         let tenant_specific = set(json!({"workflows": {"new-comment": true}}));
         let tenant_default = PreferenceSet::default();
         let user_default = set(json!({"channel_types": {"email": false}}));
-        assert_eq!(
-            evaluate(&[&tenant_specific, &tenant_default, &user_default], &q),
-            opted_out("channel_types.email")
-        );
+        assert_eq!(evaluate(&[&tenant_specific, &tenant_default, &user_default], &q), opted_out("channel_types.email"));
 
         // The whole workflow entry comes from one set: a higher per-channel-type
         // entry that allows email replaces a lower plain `false`.

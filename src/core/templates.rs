@@ -49,7 +49,9 @@ pub struct CompiledTemplates {
 impl fmt::Debug for CompiledTemplates {
     // liquid::Template is not Debug; list what was compiled.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.steps.iter().map(|(step, fields)| (step, fields.keys().collect::<Vec<_>>()))).finish()
+        f.debug_map()
+            .entries(self.steps.iter().map(|(step, fields)| (step, fields.keys().collect::<Vec<_>>())))
+            .finish()
     }
 }
 
@@ -114,8 +116,7 @@ impl CompiledTemplates {
 
             let mut fields = BTreeMap::new();
             for (field, source) in sources {
-                let template =
-                    parser.parse(source).map_err(|e| TemplateError::new(step_ref, &field, one_line(&e)))?;
+                let template = parser.parse(source).map_err(|e| TemplateError::new(step_ref, &field, one_line(&e)))?;
                 fields.insert(field, template);
             }
             compiled.insert(step_ref.to_string(), fields);
@@ -560,8 +561,11 @@ mod tests {
     }
 
     fn compile_one(source: &str) -> CompiledTemplates {
-        CompiledTemplates::compile(&[channel_step("s", StepTemplate { body: Some(source.into()), ..Default::default() })])
-            .expect("template compiles")
+        CompiledTemplates::compile(&[channel_step(
+            "s",
+            StepTemplate { body: Some(source.into()), ..Default::default() },
+        )])
+        .expect("template compiles")
     }
 
     fn render_one(source: &str) -> String {
@@ -575,7 +579,9 @@ mod tests {
             StepTemplate {
                 subject: Some("{{ actor.id }} commented".into()),
                 to: Some("{{ recipient.email }}".into()),
-                html: Some("<p>Hi {{ recipient.name }}: {{ data.comment_text }} ({{ data.count | plus: 1 }})</p>".into()),
+                html: Some(
+                    "<p>Hi {{ recipient.name }}: {{ data.comment_text }} ({{ data.count | plus: 1 }})</p>".into(),
+                ),
                 ..Default::default()
             },
         )];
@@ -583,10 +589,7 @@ mod tests {
         let ctx = context();
         assert_eq!(t.render("email", "template.subject", &ctx).unwrap().as_deref(), Some("user_2 commented"));
         assert_eq!(t.render("email", "template.to", &ctx).unwrap().as_deref(), Some("jane@example.com"));
-        assert_eq!(
-            t.render("email", "template.html", &ctx).unwrap().as_deref(),
-            Some("<p>Hi Jane: Nice! (4)</p>")
-        );
+        assert_eq!(t.render("email", "template.html", &ctx).unwrap().as_deref(), Some("<p>Hi Jane: Nice! (4)</p>"));
         // Fields the step does not have.
         assert_eq!(t.render("email", "template.body", &ctx), Ok(None));
         assert_eq!(t.render("email", "template.headers.X-Team", &ctx), Ok(None));
@@ -599,7 +602,10 @@ mod tests {
     fn renders_structures_and_liquid_tags() {
         assert_eq!(render_one("{{ data.items[1].name }} {{ data.items.first.name }} {{ data.items.size }}"), "b a 2");
         assert_eq!(render_one("{% for t in data.tags %}[{{ t }}]{% endfor %}"), "[x][y]");
-        assert_eq!(render_one("{{ data.tags | join: \",\" }} {{ data.ratio }} {{ tenant.id | upcase }}"), "x,y 0.5 ACME");
+        assert_eq!(
+            render_one("{{ data.tags | join: \",\" }} {{ data.ratio }} {{ tenant.id | upcase }}"),
+            "x,y 0.5 ACME"
+        );
         assert_eq!(render_one("{% if data.count > 2 %}many{% else %}few{% endif %}"), "many");
         assert_eq!(render_one("{% if data.flag %}yes{% else %}no{% endif %}"), "no");
         assert_eq!(render_one("{% assign n = data.count | times: 2 %}{{ n }}"), "6");
@@ -657,10 +663,15 @@ mod tests {
 
     #[test]
     fn broken_templates_fail_compile_naming_step_and_field() {
-        for source in ["{{ data.x ", "{% if %}yes{% endif %}", "{% for %}", "{{ data.x | no_such_filter }}", "{% endif %}"] {
+        for source in
+            ["{{ data.x ", "{% if %}yes{% endif %}", "{% for %}", "{{ data.x | no_such_filter }}", "{% endif %}"]
+        {
             let steps = [
                 channel_step("fine", StepTemplate { text: Some("ok".into()), ..Default::default() }),
-                channel_step("broken", StepTemplate { subject: Some("ok".into()), body: Some(source.into()), ..Default::default() }),
+                channel_step(
+                    "broken",
+                    StepTemplate { subject: Some("ok".into()), body: Some(source.into()), ..Default::default() },
+                ),
             ];
             let err = CompiledTemplates::compile(&steps).expect_err(source);
             assert_eq!((err.step.as_str(), err.field.as_str()), ("broken", "template.body"), "{source}");
@@ -675,7 +686,8 @@ mod tests {
             .expect_err("bad header");
         assert_eq!(err.field, "template.headers.X-Team");
 
-        let err = CompiledTemplates::compile(&[delay_step("wait", None, Some("{{ data.remind_at"))]).expect_err("bad until");
+        let err =
+            CompiledTemplates::compile(&[delay_step("wait", None, Some("{{ data.remind_at"))]).expect_err("bad until");
         assert_eq!((err.step.as_str(), err.field.as_str()), ("wait", "delay.until"));
     }
 

@@ -55,14 +55,11 @@ impl DataSchema {
     /// Compiles `schema`. The schema itself is validated against its
     /// meta-schema, so e.g. `{"type": 12}` or `{"type": "strin"}` is an error.
     pub fn compile(schema: &Value) -> Result<Self, SchemaError> {
-        let validator = jsonschema::options()
-            .with_retriever(NoExternalRefs)
-            .build(schema)
-            .map_err(|e| {
-                let at = e.instance_path();
-                let message = if at.is_empty() { e.to_string() } else { format!("at {at}: {e}") };
-                SchemaError::Invalid(truncate(&message, MAX_MESSAGE_CHARS))
-            })?;
+        let validator = jsonschema::options().with_retriever(NoExternalRefs).build(schema).map_err(|e| {
+            let at = e.instance_path();
+            let message = if at.is_empty() { e.to_string() } else { format!("at {at}: {e}") };
+            SchemaError::Invalid(truncate(&message, MAX_MESSAGE_CHARS))
+        })?;
         Ok(DataSchema { validator })
     }
 
@@ -168,7 +165,10 @@ mod tests {
         let errors = comment_schema().validate(&json!({"count": 1}));
         assert_eq!(
             errors,
-            vec![DataError { pointer: "/comment_text".into(), message: "\"comment_text\" is a required property".into() }]
+            vec![DataError {
+                pointer: "/comment_text".into(),
+                message: "\"comment_text\" is a required property".into()
+            }]
         );
     }
 
