@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::model::{parse_recipient, IdentifierError, InlineRecipient, JsonObject, PreferenceSet, RecipientInput, RecipientKey};
+use super::model::{parse_recipient, IdentifierError, JsonObject, PreferenceSet, RecipientKey};
 
 /// A user as the core sees it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -191,17 +191,6 @@ impl Walk<'_> {
 pub fn subscription<'a>(directory: &'a Directory, via: &Via, key: &RecipientKey) -> Option<&'a JsonObject> {
     let Via::Object { collection, id } = via else { return None };
     directory.object(collection, id)?.subscribers.iter().find(|s| &s.recipient == key).map(|s| &s.properties)
-}
-
-/// The inline recipients of a trigger, by key: what is identified and their `$trigger_data`.
-pub fn inline_recipients(inputs: &[RecipientInput]) -> Vec<&InlineRecipient> {
-    inputs
-        .iter()
-        .filter_map(|i| match i {
-            RecipientInput::Inline(inline) => Some(inline),
-            RecipientInput::Reference(_) => None,
-        })
-        .collect()
 }
 
 #[cfg(test)]
