@@ -32,6 +32,7 @@ export KUBECONFIG="$PWD/$dir/kubeconfig"
 cleanup() {
   if [ "$keep" = false ]; then
     [ -f "$dir/herald.pid" ] && kill "$(cat "$dir/herald.pid")" 2>/dev/null || true
+    [ -f "$dir/receiver.pid" ] && kill "$(cat "$dir/receiver.pid")" 2>/dev/null || true
     bash scripts/controlplane.sh stop "$dir"
   fi
 }
@@ -49,8 +50,15 @@ echo $! > "$dir/herald.pid"
 for _ in $(seq 1 60); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.5; done
 curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { tail -20 "$dir/herald.log" >&2; echo "herald did not become ready" >&2; exit 1; }
 
+echo "==> starting a webhook receiver (requests: $dir/received.jsonl)" >&2
+rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+rm -f "$dir/received.jsonl"; touch "$dir/received.jsonl"
+python3 scripts/demo_receiver.py "$rport" "$dir/received.jsonl" &
+echo $! > "$dir/receiver.pid"
+
 echo "==> applying examples/" >&2
-kubectl apply -f examples/workflow.yaml -f examples/channel.yaml -f examples/users.yaml -f examples/objects.yaml
+sed "s#http://127.0.0.1:8099#http://127.0.0.1:$rport#" examples/channel.yaml | kubectl apply -f -
+kubectl apply -f examples/workflow.yaml -f examples/users.yaml -f examples/objects.yaml
 run=$(kubectl create -f examples/trigger.yaml -o name)
 echo "created $run" >&2
 
@@ -68,9 +76,14 @@ kubectl get recipientpages -l "herald.dev/trigger-run=${run#*/}" \
   -o jsonpath='{range .items[*].status.recipients[*]}{.recipient}{"\t"}{.via}{"\t"}{.state}{"\t"}{.reason}{"\n"}{end}' | column -t -s $'\t'
 echo
 kubectl get "$run" -o jsonpath='{range .status.conditions[*]}{.type}={.status} ({.reason}): {.message}{"\n"}{end}'
+echo
+echo "The webhook receiver got:"
+python3 -c 'import json,sys
+for line in open(sys.argv[1]):
+    r = json.loads(line); print("  " + r["body"] + "   (Idempotency-Key " + str(r["idempotency_key"]) + ")")' "$dir/received.jsonl"
 
 if [ "$keep" = true ]; then
   echo
   echo "Still running. Use: export KUBECONFIG=$KUBECONFIG"
-  echo "Stop with: kill \$(cat $dir/herald.pid); scripts/controlplane.sh stop $dir"
+  echo "Stop with: kill \$(cat $dir/herald.pid) \$(cat $dir/receiver.pid); scripts/controlplane.sh stop $dir"
 fi

@@ -4,7 +4,9 @@
 pub mod controller;
 pub mod core;
 pub mod crds;
+pub mod delivery;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod resources;

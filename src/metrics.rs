@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -28,6 +29,51 @@ pub struct DeliveryLabels {
     pub outcome: String,
 }
 
+/// Labels of an HTTP request: the matched route (never the raw path), method and status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRouteLabels {
+    pub method: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// `trigger` (POST /v1/workflows/{key}/trigger) or `notify` (POST /v1/notify).
+    pub api: String,
+}
+
+/// Metrics of the HTTP API (src/http), kept apart from the reconcilers'.
+pub struct HttpMetrics {
+    pub requests: Family<HttpLabels, Counter>,
+    pub request_seconds: Family<HttpRouteLabels, Histogram>,
+    /// Triggers persisted as TriggerRuns (replays not counted).
+    pub triggers_accepted: Family<TriggerLabels, Counter>,
+    /// Trigger requests answered by replaying an earlier response (Idempotency-Key).
+    pub idempotent_replays: Counter,
+}
+
+impl HttpMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let requests = Family::<HttpLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests answered, by method, route and status", requests.clone());
+        let request_seconds =
+            Family::<HttpRouteLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.5, 14)));
+        registry.register("http_request_duration_seconds", "HTTP request latency, by method and route", request_seconds.clone());
+        let triggers_accepted = Family::<TriggerLabels, Counter>::default();
+        registry.register("http_triggers_accepted", "Triggers persisted as TriggerRuns through the HTTP API", triggers_accepted.clone());
+        let idempotent_replays = Counter::default();
+        registry.register("http_idempotent_replays", "Trigger requests answered by replaying the original response", idempotent_replays.clone());
+        HttpMetrics { requests, request_seconds, triggers_accepted, idempotent_replays }
+    }
+}
+
 /// Every metric herald exports.
 pub struct Metrics {
     registry: Registry,
@@ -39,6 +85,10 @@ pub struct Metrics {
     pub deliveries: Family<DeliveryLabels, Counter>,
     /// Recipients per run after expansion.
     pub fanout: Histogram,
+    /// 1 while this replica leads (reconciles), else 0.
+    pub leader: Gauge,
+    /// The HTTP API's metrics.
+    pub http: HttpMetrics,
 }
 
 impl Default for Metrics {
@@ -57,7 +107,10 @@ impl Default for Metrics {
         registry.register("deliveries", "Deliveries, by channel type and outcome", deliveries.clone());
         let fanout = Histogram::new(exponential_buckets(1.0, 4.0, 10));
         registry.register("run_recipients", "Recipients per TriggerRun after expansion", fanout.clone());
-        Metrics { registry, api_writes, reconciles, reconcile_errors, reconcile_seconds, deliveries, fanout }
+        let http = HttpMetrics::register(&mut registry);
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica is the leader and reconciles", leader.clone());
+        Metrics { registry, leader, api_writes, reconciles, reconcile_errors, reconcile_seconds, deliveries, fanout, http }
     }
 }
 

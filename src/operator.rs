@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::controller::{self, Context, Stores};
 use crate::http;
+use crate::leader;
 use crate::settings::Settings;
 
 /// A running operator (used by `herald run` and by tests that embed it).
@@ -91,7 +92,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
     };
     let server = http::serve(listener, http::State { context: context.clone(), ready: ready.clone() }, wait_stop());
     let ctx = context.clone();
-    let controllers_stop = wait_stop();
+    let mut leadership = leader::start(&ctx.client, &ctx.settings, ctx.metrics.clone()).await?;
     let task = tokio::spawn(async move {
         let controllers = async {
             if ctx.stores.wait_until_ready().await.is_err() {
@@ -99,10 +100,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
                 return;
             }
             ready.store(true, Ordering::SeqCst);
-            tracing::info!("caches ready; starting controllers");
-            let sweeper = tokio::spawn(controller::trigger_run::sweep_cancellations(ctx.clone()));
-            controller::run(ctx.clone(), controllers_stop).await;
-            sweeper.abort();
+            lead(ctx, &mut leadership, wait_stop).await;
         };
         let (served, ()) = tokio::join!(server, controllers);
         if let Err(e) = served {
@@ -111,6 +109,38 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
     });
     tracing::info!(%addr, "herald is serving");
     Ok(Operator { addr, context, stop, task })
+}
+
+/// Reconciles while this replica leads. Losing the Lease aborts the
+/// controllers where they stand (progress is checkpointed in status, so the
+/// next leader resumes it); a shutdown lets in-flight reconciles finish.
+async fn lead<F, Fut>(ctx: Arc<Context>, leadership: &mut leader::Leadership, wait_stop: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + Sync + 'static,
+{
+    loop {
+        tokio::select! {
+            acquired = leadership.acquired() => if !acquired { return },
+            () = wait_stop() => return,
+        }
+        tracing::info!("leading: starting controllers");
+        let sweeper = tokio::spawn(controller::trigger_run::sweep_cancellations(ctx.clone()));
+        let mut controllers = tokio::spawn(controller::run(ctx.clone(), wait_stop()));
+        let stopping = tokio::select! {
+            () = leadership.lost() => false,
+            () = wait_stop() => true,
+            _ = &mut controllers => true,
+        };
+        sweeper.abort();
+        if stopping {
+            let _ = controllers.await;
+            return;
+        }
+        tracing::warn!("lost leadership: stopping controllers now");
+        controllers.abort();
+        let _ = controllers.await;
+    }
 }
 
 /// Runs the operator until `shutdown` resolves.

@@ -36,9 +36,58 @@ pub struct Settings {
     #[arg(long, env = "HERALD_MAX_CONCURRENT_RUNS", default_value_t = 16)]
     pub max_concurrent_runs: u16,
 
+    /// Delivery attempts in flight at once across every run (each run is also bound by
+    /// --run-concurrency, so one run cannot take every slot).
+    #[arg(long, env = "HERALD_MAX_DELIVERIES", default_value_t = 256)]
+    pub max_deliveries: usize,
+
+    /// Elect a leader through a coordination.k8s.io Lease so that, of several
+    /// replicas, only one reconciles (every replica serves the HTTP API).
+    #[arg(long, env = "HERALD_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Seconds a leader's Lease lasts without renewal; a replica that cannot
+    /// renew stops reconciling, and another takes over after at most this long.
+    #[arg(long = "leader-election-lease-seconds", env = "HERALD_LEASE_SECONDS", default_value_t = 15)]
+    pub lease_seconds: i64,
+
+    /// Name of the Lease (give each release in a namespace its own).
+    #[arg(long, env = "HERALD_LEASE_NAME", default_value = "herald-controller")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease (default: the watched namespace, else POD_NAMESPACE, else `default`).
+    #[arg(long, env = "HERALD_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// This replica's identity in the Lease (default: HERALD_POD_NAME, else the host name plus a random suffix).
+    #[arg(long, env = "HERALD_POD_NAME")]
+    pub identity: Option<String>,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "HERALD_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+
+    /// HTTP API: the largest request body accepted, in bytes (larger: 413). Trigger
+    /// payloads are stored in etcd, whose requests stop at 1.5 MiB.
+    #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// HTTP API: seconds a client has to send a request's headers before the connection is closed.
+    #[arg(long, env = "HERALD_HEADER_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub header_timeout_seconds: u64,
+
+    /// HTTP API: seconds to read a request's body and answer it (longer: 408).
+    #[arg(long, env = "HERALD_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub request_timeout_seconds: u64,
+
+    /// HTTP API: requests per second allowed per API key or ServiceAccount (over: 429 with
+    /// Retry-After). 0 turns the limit off (the default).
+    #[arg(long, env = "HERALD_RATE_LIMIT_PER_SECOND", default_value_t = 0.0)]
+    pub rate_limit_per_second: f64,
+
+    /// HTTP API: requests a caller may send at once above the rate (default: one second's worth).
+    #[arg(long, env = "HERALD_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
 }
 
 /// How logs are written.
@@ -59,7 +108,18 @@ impl Settings {
             workflow_grace_seconds: 30,
             run_concurrency: 64,
             max_concurrent_runs: 16,
+            max_deliveries: 256,
             log_format: LogFormat::Text,
+            leader_election: true,
+            lease_seconds: 15,
+            lease_name: "herald-controller".into(),
+            lease_namespace: None,
+            identity: None,
+            max_body_bytes: 1024 * 1024,
+            header_timeout_seconds: 10,
+            request_timeout_seconds: 30,
+            rate_limit_per_second: 0.0,
+            rate_limit_burst: None,
         }
     }
 

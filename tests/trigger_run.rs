@@ -2,6 +2,7 @@
 //! rule of the trigger model, observed through the resources' status.
 
 mod common;
+mod receivers;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -41,8 +42,13 @@ fn trigger(spec: Value) -> Value {
     json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"generateName": "run-"}, "spec": spec})
 }
 
-async fn hooks_channel(ns: &TestNamespace) {
-    create::<Channel>(ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": "http://127.0.0.1:9/"}})).await;
+/// The `hooks` Channel, delivering to a real HTTP receiver that answers 200
+/// (it lives as long as the test's runtime). Returns its URL.
+async fn hooks_channel(ns: &TestNamespace) -> String {
+    let receiver: &'static receivers::HttpReceiver = Box::leak(Box::new(receivers::HttpReceiver::start().await));
+    let url = receiver.url("/");
+    create::<Channel>(ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": url}})).await;
+    url
 }
 
 /// Creates users user_1..=n with a name each.
@@ -195,7 +201,7 @@ async fn inline_recipients_are_identified_before_the_run_and_trigger_data_merges
     let client = common::client().await;
     let ns = TestNamespace::new(&client).await;
     let _op = common::operator(&client, &ns.name).await;
-    hooks_channel(&ns).await;
+    let hooks = hooks_channel(&ns).await;
     users(&ns, &["user_1"]).await;
     create::<Workflow>(&ns, workflow("greet", json!({}))).await;
 
@@ -206,7 +212,7 @@ async fn inline_recipients_are_identified_before_the_run_and_trigger_data_merges
             "recipients": [
                 "user_1",
                 {"id": "Jane.Doe@x", "name": "Jane", "email": "jane@example.com", "plan": "pro",
-                 "channel_data": {"hooks": {"url": "http://127.0.0.1:9/jane"}}, "$trigger_data": {"message": "just for Jane"}},
+                 "channel_data": {"hooks": {"url": format!("{hooks}jane")}}, "$trigger_data": {"message": "just for Jane"}},
                 {"id": "room-7", "collection": "rooms", "name": "Room Seven"}
             ],
             "data": {"message": "for everyone"}

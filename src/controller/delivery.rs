@@ -1,30 +1,204 @@
-//! Delivery of rendered messages.
+//! Delivery of rendered messages through their Channel: http and chat
+//! webhooks, SMTP email.
 //!
-//! Until real channels land (HTTP, chat, SMTP), a channel step records the
-//! message it would send, so the flow can be followed end to end.
+//! One call to [`Deliverer::deliver`] takes one message through every
+//! attempt its Channel allows and returns the outcome that is recorded on
+//! the recipient's step. The protocols live in [`crate::delivery`]; this
+//! module finds the Channel and its Secret, prepares the request once, and
+//! runs the attempts with backoff under the operator-wide concurrency bound.
 
-use crate::core::execution::{DeliveryOutcome, Message};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::Client;
+use tokio::sync::Semaphore;
 
 use super::conditions::truncate;
+use crate::core::execution::{DeliveryOutcome, Message};
+use crate::delivery::config::{self, ChannelProblem, SmtpServer};
+use crate::delivery::email::{self, Email, Transports};
+use crate::delivery::http::{self, WebhookRequest};
+use crate::delivery::retry::RetryPolicy;
+use crate::delivery::secrets::{SecretCache, SecretData};
+use crate::delivery::{DeliveryError, Failure, Sent};
+use crate::resources::channel::{Channel, ChannelType};
 
-/// Sends messages through channels.
-#[derive(Default)]
-pub struct Deliverer {}
+/// The longest message kept on a recipient's step.
+const MAX_STEP_MESSAGE: usize = 400;
+
+/// Sends messages through Channels.
+pub struct Deliverer {
+    channels: Store<Channel>,
+    secrets: SecretCache,
+    /// Built once: its connection pool is shared by every delivery. An error
+    /// (no TLS provider) fails http and chat deliveries with its message
+    /// instead of stopping the operator.
+    http: Result<reqwest::Client, String>,
+    smtp: Transports,
+    /// Attempts in flight across every run (`--max-deliveries`). Taken per
+    /// attempt and released during backoff, so that runs retrying against a
+    /// failing receiver do not starve the others.
+    slots: Arc<Semaphore>,
+}
+
+/// What one message is, ready for attempts.
+enum Prepared {
+    Webhook(WebhookRequest),
+    Email(Email, SmtpServer),
+}
 
 impl Deliverer {
-    pub fn new() -> Self {
-        Deliverer {}
+    /// A deliverer reading Channels from `channels` and Secrets through
+    /// `client`, with at most `max_deliveries` attempts in flight at once.
+    pub fn new(client: Client, channels: Store<Channel>, max_deliveries: usize) -> Self {
+        Deliverer {
+            channels,
+            secrets: SecretCache::new(client),
+            http: http::client(),
+            smtp: Transports::default(),
+            slots: Arc::new(Semaphore::new(max_deliveries.max(1))),
+        }
+    }
+
+    /// The Secret reads, shared with the Channel reconciler.
+    pub fn secrets(&self) -> &SecretCache {
+        &self.secrets
     }
 
     /// Delivers one message; the outcome is recorded on the recipient's step.
-    pub async fn deliver(&self, _namespace: &str, message: &Message) -> DeliveryOutcome {
-        let summary = serde_json::to_string(&message.fields).unwrap_or_default();
-        DeliveryOutcome {
-            ok: true,
-            reason: "WouldSend".into(),
-            message: truncate(&format!("would send via {} ({}): {summary}", message.channel, message.channel_type), 400),
-            attempts: 0,
-            status_code: None,
+    /// Never panics on what templates rendered: a bad URL, header or address
+    /// fails this recipient's step with a message saying which.
+    pub async fn deliver(&self, namespace: &str, message: &Message) -> DeliveryOutcome {
+        let started = Instant::now();
+        let channel = self.channels.get(&ObjectRef::new(&message.channel).within(namespace));
+        let Some(channel) = channel else {
+            return failed("ChannelNotFound", format!("Channel `{}` does not exist", message.channel), 0, None);
+        };
+        let spec = &channel.spec;
+        let smtp = match config::check_spec(spec) {
+            Ok(s) => s,
+            Err(problem) => return not_ready(&message.channel, &problem),
+        };
+        let prepared = match (spec.channel_type, smtp) {
+            (ChannelType::Http, _) => http::http_request(message, spec.url.as_deref()).map(Prepared::Webhook),
+            (ChannelType::Chat, _) => http::chat_request(message, spec.url.as_deref()).map(Prepared::Webhook),
+            (ChannelType::Email, Some(server)) => email::build(message, spec.from.as_deref()).map(|e| Prepared::Email(e, server)),
+            (ChannelType::Email, None) => Err(DeliveryError::Channel(ChannelProblem::InvalidConfig("an email channel needs `smtp`".into()))),
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => return outcome_of_error(&message.channel, &e, 0),
+        };
+        // A missing Secret or key fails before any attempt (and says so with
+        // attempts: 0); read errors that may pass are retried with the attempts.
+        if let Err(e) = self.secret(namespace, &channel).await {
+            if !e.is_retryable() {
+                return outcome_of_error(&message.channel, &e, 0);
+            }
+        }
+        let (policy, timeout) = config::limits(spec);
+        let namespace = namespace.to_string();
+        let channel_ref = &channel;
+        let prepared = &prepared;
+        let (result, attempts) = self
+            .attempts(&policy, |attempt| {
+                let namespace = namespace.clone();
+                async move {
+                    let secret = self.secret(&namespace, channel_ref).await?;
+                    tracing::debug!(channel = %message.channel, key = %message.idempotency_key, attempt, "delivery attempt");
+                    match prepared {
+                        Prepared::Webhook(request) => {
+                            let client = self.http.as_ref().map_err(|e| DeliveryError::Transient(Failure::new(None, e.clone())))?;
+                            let signing_key = secret.as_deref().and_then(|s| s.get(config::SIGNING_KEY));
+                            http::send(client, request, signing_key, timeout).await
+                        }
+                        Prepared::Email(email, server) => {
+                            let credentials = secret.as_deref().and_then(|s| Some((s.text(config::USERNAME)?.to_string(), s.text(config::PASSWORD)?.to_string())));
+                            let fingerprint = format!(
+                                "{}/{}",
+                                channel_ref.metadata.resource_version.as_deref().unwrap_or_default(),
+                                secret.as_deref().map(|s| s.resource_version.as_str()).unwrap_or_default()
+                            );
+                            let transport = self.smtp.get((namespace.clone(), message.channel.clone()), &fingerprint, server, credentials, timeout)?;
+                            email::send(&transport, email, server, timeout).await
+                        }
+                    }
+                }
+            })
+            .await;
+        let elapsed = started.elapsed();
+        match result {
+            Ok(sent) => {
+                let retried = if attempts > 1 { format!(" after {attempts} attempts") } else { String::new() };
+                DeliveryOutcome {
+                    ok: true,
+                    reason: "Delivered".into(),
+                    message: truncate(&format!("{}{retried} ({} ms)", sent.summary, elapsed.as_millis()), MAX_STEP_MESSAGE),
+                    attempts: attempts as i32,
+                    status_code: sent.status,
+                }
+            }
+            Err(e) => {
+                tracing::info!(channel = %message.channel, key = %message.idempotency_key, attempts, error = %e, "delivery failed");
+                outcome_of_error(&message.channel, &e, attempts)
+            }
+        }
+    }
+
+    /// The Channel's Secret, when it references one, checked for the keys
+    /// its type needs. Read errors may pass (another attempt reads again);
+    /// a missing Secret or key does not.
+    async fn secret(&self, namespace: &str, channel: &Channel) -> Result<Option<Arc<SecretData>>, DeliveryError> {
+        let Some(reference) = &channel.spec.secret_ref else { return Ok(None) };
+        let lookup = self.secrets.get(namespace, &reference.name).await.map_err(|e| match &e {
+            kube::Error::Api(s) if s.code == 403 => DeliveryError::Channel(ChannelProblem::SecretUnreadable { secret: reference.name.clone(), message: s.message.clone() }),
+            _ => DeliveryError::Transient(Failure::new(None, format!("reading Secret `{}`: {e}", reference.name))),
+        })?;
+        config::check_secret(&channel.spec, &reference.name, lookup.as_deref())?;
+        Ok(lookup)
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the policy's
+    /// attempts are used up; returns the last result and the attempts made.
+    async fn attempts<F, Fut>(&self, policy: &RetryPolicy, mut attempt: F) -> (Result<Sent, DeliveryError>, u32)
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: std::future::Future<Output = Result<Sent, DeliveryError>>,
+    {
+        let mut n = 0;
+        loop {
+            n += 1;
+            let result = {
+                // A closed semaphore cannot happen (it is never closed); go on unbounded if it did.
+                let _slot = self.slots.acquire().await.ok();
+                attempt(n).await
+            };
+            match result {
+                Err(e) if e.is_retryable() && n < policy.max_attempts => {
+                    let wait = policy.wait(n, e.retry_after());
+                    tracing::debug!(attempt = n, error = %e, wait_ms = wait.as_millis() as u64, "delivery attempt failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return (other, n),
+            }
         }
     }
 }
+
+fn failed(reason: &str, message: String, attempts: u32, status_code: Option<i32>) -> DeliveryOutcome {
+    DeliveryOutcome { ok: false, reason: reason.into(), message: truncate(&message, MAX_STEP_MESSAGE), attempts: attempts as i32, status_code }
+}
+
+fn not_ready(channel: &str, problem: &ChannelProblem) -> DeliveryOutcome {
+    failed("ChannelNotReady", format!("Channel `{channel}` is not ready: {problem}"), 0, None)
+}
+
+fn outcome_of_error(channel: &str, e: &DeliveryError, attempts: u32) -> DeliveryOutcome {
+    match e {
+        DeliveryError::Channel(problem) => DeliveryOutcome { attempts: attempts as i32, ..not_ready(channel, problem) },
+        DeliveryError::Transient(f) => failed(e.reason(), format!("gave up after {attempts} attempts: {}", f.message), attempts, f.status),
+        _ => failed(e.reason(), e.to_string(), attempts, e.status_code()),
+    }
+}
+

@@ -1,6 +1,7 @@
 //! The reconcilers: thin layers that read resources, call the core, and write
 //! status. They share one [`Context`].
 
+pub mod channel;
 pub mod conditions;
 pub mod delivery;
 pub mod directory;
@@ -132,7 +133,7 @@ impl Context {
     pub fn new(client: Client, settings: Settings, stores: Stores) -> Arc<Self> {
         let recorder = Recorder::new(client.clone(), Reporter { controller: "herald".into(), instance: std::env::var("HOSTNAME").ok() });
         Arc::new(Context {
-            deliverer: delivery::Deliverer::new(),
+            deliverer: delivery::Deliverer::new(client.clone(), stores.channels.clone(), settings.max_deliveries),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             client,
             settings,
@@ -148,5 +149,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let shutdown = futures::future::FutureExt::shared(shutdown);
     let workflows = workflow::run(ctx.clone(), shutdown.clone());
     let runs = trigger_run::run(ctx.clone(), shutdown.clone());
-    futures::join!(workflows, runs);
+    let channels = channel::run(ctx.clone(), shutdown.clone());
+    futures::join!(workflows, runs, channels);
 }

@@ -35,6 +35,13 @@ use crate::resources::{Cancellation, RecipientPage, RecipientPageSpec, Recipient
 /// Recipients per RecipientPage: small enough that a page stays far below
 /// etcd's request limit, large enough that 10,000 recipients take 20 pages.
 pub const PAGE_SIZE: usize = 500;
+/// A page being executed is saved after this many recipients changed...
+pub const CHECKPOINT_EVERY: usize = 100;
+/// ...or this long after the last save, whichever comes first. Saves do not
+/// stall deliveries (one is in flight at a time), so a crash loses at most
+/// this much recorded progress plus what finished during the save in flight,
+/// and 10,000 recipients take at most about 100 writes, not 10,000.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 /// Directly listed recipients allowed per trigger (Knock's limit).
 pub const MAX_RECIPIENTS: usize = 1000;
 /// The label that ties a RecipientPage to its TriggerRun.
@@ -261,7 +268,7 @@ impl<'a> Reconciler<'a> {
     /// Accepts a pending run: checks it, identifies inline recipients, expands
     /// the recipients and writes the pages. Returns the pages, or the action to
     /// take when the run is not (yet) accepted.
-    async fn accept(&self, mut status: TriggerRunStatus) -> Result<Result<(TriggerRunStatus, Vec<Page>), Action>, Error> {
+    async fn accept(&self, mut status: TriggerRunStatus) -> Result<Result<(TriggerRunStatus, Vec<Page>, Directory), Action>, Error> {
         let generation = self.run.metadata.generation;
         let key = &self.run.spec.workflow;
         let Some(workflow) = find_by_key(self.ctx, &self.namespace, key) else {
@@ -318,7 +325,10 @@ impl<'a> Reconciler<'a> {
 
         let direct: Vec<RecipientKey> = trigger.recipients.iter().map(|r| r.key().clone()).collect();
         let actor = trigger.actor.as_ref().map(|a| a.key().clone());
-        let expanded = expansion::expand(&direct, &self.run.spec.audiences, actor.as_ref(), &directory);
+        let mut expanded = expansion::expand(&direct, &self.run.spec.audiences, actor.as_ref(), &directory);
+        if self.fetch_missing(&expanded, &mut directory).await? {
+            expanded = expansion::expand(&direct, &self.run.spec.audiences, actor.as_ref(), &directory);
+        }
         if !expanded.missing_audiences.is_empty() {
             self.event(EventType::Warning, "AudienceNotFound", format!("no Audience with key {}", expanded.missing_audiences.join(", "))).await;
         }
@@ -379,7 +389,7 @@ impl<'a> Reconciler<'a> {
         conditions::set(&mut status.conditions, "Succeeded", conditions::UNKNOWN, "Running", "the run is in progress", generation);
         self.write_status(&status).await?;
         self.event(EventType::Normal, "Accepted", format!("workflow `{key}`: {} recipients in {} pages", recipients.len(), pages.len())).await;
-        Ok(Ok((status, pages)))
+        Ok(Ok((status, pages, directory)))
     }
 
     async fn load_pages(&self, status: &TriggerRunStatus) -> Result<Vec<Page>, Error> {
@@ -416,7 +426,38 @@ impl<'a> Reconciler<'a> {
 
     /// Takes every unfinished recipient as far as it can go, page by page,
     /// saving each page that changed, then the run's totals.
-    async fn execute(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>) -> Result<Action, Error> {
+    /// Reads recipients the watch cache does not have (yet) from the
+    /// apiserver, by the names herald gives them: a user identified through
+    /// the API just before the trigger must not be RecipientNotFound.
+    /// Returns whether any was found. Bounded, so a trigger naming thousands
+    /// of unknown ids costs a bounded number of reads.
+    async fn fetch_missing(&self, expanded: &expansion::Expansion, directory: &mut Directory) -> Result<bool, Error> {
+        const MAX_READS: usize = 100;
+        let mut found = false;
+        for reached in expanded.recipients.iter().filter(|r| !r.found).take(MAX_READS) {
+            match &reached.key {
+                RecipientKey::User(id) => {
+                    let api: Api<crate::resources::User> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+                    if let Some(user) = api.get_opt(&ids::name_for_id(id)).await?.filter(|u| &u.spec.id == id) {
+                        directory.insert_user(directory::user_record(&user));
+                        found = true;
+                    }
+                }
+                RecipientKey::Object { collection, id } => {
+                    let api: Api<crate::resources::Object> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+                    if let Some(object) = api.get_opt(&ids::name_for_object(collection, id)).await?.filter(|o| &o.spec.collection == collection && &o.spec.id == id) {
+                        directory.insert_object(directory::object_record(&object));
+                        found = true;
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// `directory`: the one acceptance built (it may hold what the watch
+    /// cache does not have yet); later reconciles build it from the cache.
+    async fn execute(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>, directory: Option<Directory>) -> Result<Action, Error> {
         let generation = self.run.metadata.generation;
         let key = &self.run.spec.workflow;
         let Some(workflow) = find_by_key(self.ctx, &self.namespace, key) else {
@@ -432,7 +473,7 @@ impl<'a> Reconciler<'a> {
             Err(refusal) => return self.fail_unfinished(status, pages, refusal.reason, &refusal.message).await,
         };
 
-        let mut directory = directory::build(&self.ctx.stores, &self.namespace);
+        let mut directory = directory.unwrap_or_else(|| directory::build(&self.ctx.stores, &self.namespace));
         overlay_inline(&mut directory, &trigger);
         let trigger_data: HashMap<RecipientKey, &JsonObject> = trigger
             .recipients
@@ -460,13 +501,13 @@ impl<'a> Reconciler<'a> {
 
         let mut next_wake: Option<Timestamp> = None;
         for page in &mut pages {
-            let pending: Vec<usize> = (0..page.recipients.len()).filter(|&i| !page.recipients[i].state.is_finished()).collect();
+            let pending: Vec<(usize, RecipientStatus)> =
+                page.recipients.iter().enumerate().filter(|(_, r)| !r.state.is_finished()).map(|(i, r)| (i, r.clone())).collect();
             if pending.is_empty() {
                 continue;
             }
-            let results: Vec<(usize, RecipientStatus, Option<Timestamp>)> = futures::stream::iter(pending)
-                .map(|i| {
-                    let mut recipient_status = page.recipients[i].clone();
+            let mut results = futures::stream::iter(pending)
+                .map(|(i, mut recipient_status)| {
                     let recipient_key = recipient_status.key();
                     let is_cancelled = cancelled.covers(&recipient_key);
                     let run_context = &run_context;
@@ -493,20 +534,46 @@ impl<'a> Reconciler<'a> {
                         (i, recipient_status, wake)
                     }
                 })
-                .buffer_unordered(self.ctx.settings.run_concurrency.max(1))
-                .collect()
-                .await;
-            let mut changed = false;
-            for (i, new_status, wake) in results {
-                if let Some(w) = wake {
-                    next_wake = Some(next_wake.map_or(w, |n| n.min(w)));
+                .buffer_unordered(self.ctx.settings.run_concurrency.max(1));
+            // Checkpoints: the page is saved after CHECKPOINT_EVERY changed
+            // recipients or CHECKPOINT_INTERVAL, whichever comes first, while
+            // deliveries go on (one write in flight at a time). A crash loses
+            // at most the outcomes recorded since the last save; those
+            // recipients are sent again, with the same Idempotency-Key.
+            let mut unsaved = 0usize;
+            let mut last_save = tokio::time::Instant::now();
+            let mut saving: Option<futures::future::BoxFuture<'_, Result<(), Error>>> = None;
+            loop {
+                tokio::select! {
+                    next = results.next() => match next {
+                        Some((i, new_status, wake)) => {
+                            if let Some(w) = wake {
+                                next_wake = Some(next_wake.map_or(w, |n| n.min(w)));
+                            }
+                            if page.recipients[i] != new_status {
+                                page.recipients[i] = new_status;
+                                unsaved += 1;
+                            }
+                        }
+                        None => break,
+                    },
+                    saved = async { saving.as_mut().expect("polled only while a save is in flight").await }, if saving.is_some() => {
+                        saving = None;
+                        saved?;
+                    }
+                    _ = tokio::time::sleep_until(last_save + CHECKPOINT_INTERVAL), if unsaved > 0 && saving.is_none() => {}
                 }
-                if page.recipients[i] != new_status {
-                    page.recipients[i] = new_status;
-                    changed = true;
+                if saving.is_none() && unsaved > 0 && (unsaved >= CHECKPOINT_EVERY || last_save.elapsed() >= CHECKPOINT_INTERVAL) {
+                    let snapshot = Page { name: page.name.clone(), recipients: page.recipients.clone() };
+                    saving = Some(Box::pin(async move { self.write_page(&snapshot).await }));
+                    unsaved = 0;
+                    last_save = tokio::time::Instant::now();
                 }
             }
-            if changed {
+            if let Some(save) = saving {
+                save.await?;
+            }
+            if unsaved > 0 {
                 self.write_page(page).await?;
             }
         }
@@ -665,7 +732,7 @@ async fn reconcile_run(run: &TriggerRun, ctx: &Context) -> Result<Action, Error>
     }
     if status.state == RunState::Pending {
         return match r.accept(status).await? {
-            Ok((status, pages)) => r.execute(status, pages).await,
+            Ok((status, pages, directory)) => r.execute(status, pages, Some(directory)).await,
             Err(action) => Ok(action),
         };
     }
@@ -676,7 +743,7 @@ async fn reconcile_run(run: &TriggerRun, ctx: &Context) -> Result<Action, Error>
         return r.fail_unfinished(status, pages, "SpecChanged", "the spec changed after the run started; create a new TriggerRun instead").await;
     }
     let pages = r.load_pages(&status).await?;
-    r.execute(status, pages).await
+    r.execute(status, pages, None).await
 }
 
 fn error_policy(run: Arc<TriggerRun>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -379,3 +379,178 @@ fn render_message(
         idempotency_key: format!("{}:{}", recipient.recipient_run_id, step.step_ref),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::workflow::{Delay, StepCondition, StepTemplate};
+    use std::collections::BTreeMap;
+
+    struct Channels;
+    impl ChannelTypes for Channels {
+        fn channel_type(&self, channel: &str) -> Option<&'static str> {
+            (channel == "hooks").then_some("http")
+        }
+    }
+
+    fn channel_step(r: &str, body: &str) -> Step {
+        Step {
+            step_ref: r.into(),
+            step_type: StepType::Channel,
+            channel: Some("hooks".into()),
+            template: Some(StepTemplate { body: Some(body.into()), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn delay_step(r: &str, duration: &str) -> Step {
+        Step { step_ref: r.into(), step_type: StepType::Delay, delay: Some(Delay { duration: Some(duration.into()), until: None }), ..Default::default() }
+    }
+
+    struct Fixture {
+        steps: Vec<Step>,
+        templates: CompiledTemplates,
+        data: JsonObject,
+        user: UserRecord,
+        key: RecipientKey,
+    }
+
+    impl Fixture {
+        fn new(steps: Vec<Step>) -> Self {
+            let templates = CompiledTemplates::compile(&steps).unwrap();
+            let mut user = UserRecord { id: "u1".into(), ..Default::default() };
+            user.properties.insert("name".into(), json!("Ada"));
+            user.properties.insert("email".into(), json!("ada@example.com"));
+            Fixture { steps, templates, data: json!({"n": 1, "who": "all"}).as_object().unwrap().clone(), user, key: RecipientKey::user("u1") }
+        }
+
+        fn run(&self) -> RunContext<'_> {
+            RunContext {
+                workflow_key: "wf",
+                categories: &[],
+                override_preferences: false,
+                steps: &self.steps,
+                templates: &self.templates,
+                workflow_run_id: Uuid::nil(),
+                data: &self.data,
+                actor: Some(json!({"id": "actor"})),
+                tenant: None,
+            }
+        }
+
+        fn recipient<'a>(&'a self, trigger_data: Option<&'a JsonObject>) -> RecipientContext<'a> {
+            RecipientContext { key: &self.key, recipient_run_id: Uuid::nil(), user: Some(&self.user), object: None, trigger_data, subscription: None }
+        }
+    }
+
+    fn ok() -> DeliveryOutcome {
+        DeliveryOutcome { ok: true, reason: "Delivered".into(), message: "200".into(), attempts: 1, status_code: Some(200) }
+    }
+
+    #[test]
+    fn renders_delivers_and_completes() {
+        let f = Fixture::new(vec![channel_step("a", "{{ recipient.name }} {{ data.who }} {{ actor.id }}")]);
+        let extra = json!({"who": "just you"}).as_object().unwrap().clone();
+        let mut status = RecipientStatus::default();
+        let now = Timestamp::now();
+        let Next::Deliver(message) = advance(&f.run(), &f.recipient(Some(&extra)), &Channels, &mut status, false, now) else { panic!() };
+        assert_eq!(message.fields["body"], "Ada just you actor");
+        assert_eq!(message.idempotency_key, format!("{}:a", Uuid::nil()));
+        assert_eq!(message.email.as_deref(), Some("ada@example.com"));
+        record_delivery(&mut status, &message, &ok(), now);
+        assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now), Next::Done);
+        assert_eq!(status.state, RecipientState::Completed);
+        assert_eq!(status.steps[0].attempts, Some(1));
+        // Finished recipients stay finished.
+        assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, true, now), Next::Done);
+        assert_eq!(status.state, RecipientState::Completed);
+    }
+
+    #[test]
+    fn a_failed_delivery_fails_the_recipient() {
+        let f = Fixture::new(vec![channel_step("a", "x"), channel_step("b", "y")]);
+        let mut status = RecipientStatus::default();
+        let now = Timestamp::now();
+        let Next::Deliver(m) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now) else { panic!() };
+        let failed = DeliveryOutcome { ok: false, reason: "DeliveryFailed".into(), message: "HTTP 400".into(), attempts: 1, status_code: Some(400) };
+        record_delivery(&mut status, &m, &failed, now);
+        assert_eq!(status.state, RecipientState::Failed);
+        assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now), Next::Done);
+        assert_eq!(status.steps.len(), 1, "no step after a failure");
+    }
+
+    #[test]
+    fn delays_wait_resume_and_can_be_cancelled() {
+        let f = Fixture::new(vec![delay_step("wait", "30s"), channel_step("a", "x")]);
+        let mut status = RecipientStatus::default();
+        let t0 = Timestamp::now();
+        let Next::WaitUntil(wake) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, t0) else { panic!() };
+        assert_eq!(wake, t0.checked_add(jiff::SignedDuration::from_secs(30)).unwrap());
+        assert_eq!(status.state, RecipientState::Waiting);
+        // Before the wake time: still waiting, the same wake time (it is stored).
+        let mut again = status.clone();
+        assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut again, false, t0), Next::WaitUntil(wake));
+        // After it: the delay completes and the next step delivers.
+        let later = wake.checked_add(jiff::SignedDuration::from_secs(1)).unwrap();
+        let mut resumed = status.clone();
+        assert!(matches!(advance(&f.run(), &f.recipient(None), &Channels, &mut resumed, false, later), Next::Deliver(_)));
+        assert_eq!(resumed.steps[0].state, StepState::Completed);
+        // Cancelled while waiting: the delay step and the recipient end Cancelled.
+        advance(&f.run(), &f.recipient(None), &Channels, &mut status, true, t0);
+        assert_eq!(status.state, RecipientState::Cancelled);
+        assert_eq!(status.steps[0].state, StepState::Cancelled);
+    }
+
+    #[test]
+    fn conditions_and_preferences_skip_steps() {
+        let mut gated = channel_step("gated", "x");
+        gated.conditions = vec![StepCondition { variable: "data.n".into(), operator: "greater_than".into(), argument: Some(json!(5)) }];
+        let mut f = Fixture::new(vec![gated, channel_step("b", "y")]);
+        let mut set = PreferenceSet::default();
+        set.channel_types = BTreeMap::from([("http".to_string(), false)]);
+        f.user.preferences.insert("default".into(), set);
+        let mut status = RecipientStatus::default();
+        assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, Timestamp::now()), Next::Done);
+        assert_eq!(status.steps[0].reason.as_deref(), Some("ConditionNotMet"));
+        assert_eq!(status.steps[1].reason.as_deref(), Some("PreferenceOptOut"));
+        assert_eq!(status.state, RecipientState::Skipped);
+        assert_eq!(status.reason.as_deref(), Some("NothingToSend"));
+    }
+
+    #[test]
+    fn every_channel_step_opted_out_is_a_preference_skip() {
+        let mut f = Fixture::new(vec![channel_step("a", "x")]);
+        let mut set = PreferenceSet::default();
+        set.workflows.insert("wf".into(), crate::core::model::PreferenceSetting::Enabled(false));
+        f.user.preferences.insert("default".into(), set);
+        let mut status = RecipientStatus::default();
+        advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, Timestamp::now());
+        assert_eq!((status.state, status.reason.as_deref()), (RecipientState::Skipped, Some("PreferenceOptOut")));
+    }
+
+    #[test]
+    fn a_missing_channel_fails_the_step() {
+        let mut step = channel_step("a", "x");
+        step.channel = Some("nope".into());
+        let f = Fixture::new(vec![step]);
+        let mut status = RecipientStatus::default();
+        advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, Timestamp::now());
+        assert_eq!(status.state, RecipientState::Failed);
+        assert_eq!(status.steps[0].reason.as_deref(), Some("ChannelNotFound"));
+    }
+
+    #[test]
+    fn preference_sets_are_ordered_by_precedence() {
+        let f = Fixture::new(vec![]);
+        let mut user = f.user.clone();
+        let tenant_specific = PreferenceSet { channel_types: BTreeMap::from([("http".into(), true)]), ..Default::default() };
+        let default = PreferenceSet { channel_types: BTreeMap::from([("http".into(), false)]), ..Default::default() };
+        user.tenant_preferences.insert("acme".into(), tenant_specific.clone());
+        user.preferences.insert("default".into(), default.clone());
+        let tenant_defaults = PreferenceSet { channel_types: BTreeMap::from([("email".into(), false)]), ..Default::default() };
+        let tenant = TenantRecord { id: "acme".into(), properties: JsonObject::new(), preference_set: Some(tenant_defaults.clone()) };
+        let recipient = RecipientContext { key: &f.key, recipient_run_id: Uuid::nil(), user: Some(&user), object: None, trigger_data: None, subscription: None };
+        assert_eq!(preference_sets(&recipient, Some(&tenant)), vec![&tenant_specific, &tenant_defaults, &default]);
+        assert_eq!(preference_sets(&recipient, None), vec![&default]);
+    }
+}

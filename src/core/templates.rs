@@ -39,6 +39,26 @@ impl TemplateError {
     }
 }
 
+/// `{{ value | json }}`: the value as JSON text, as Knock's `json` filter does,
+/// so that http bodies embed data safely (`{"text": {{ data.message | json }}}`
+/// quotes and escapes the string; `{{ data | json }}` writes the whole object).
+/// Missing values are `null`.
+#[derive(Clone, liquid_core::ParseFilter, liquid_core::FilterReflection)]
+#[filter(name = "json", description = "Serializes the input as JSON.", parsed(JsonFilter))]
+struct JsonFilterParser;
+
+#[derive(Debug, Default, liquid_core::Display_filter)]
+#[name = "json"]
+struct JsonFilter;
+
+impl liquid_core::Filter for JsonFilter {
+    fn evaluate(&self, input: &dyn ValueView, _runtime: &dyn liquid_core::Runtime) -> liquid_core::Result<LiquidValue> {
+        // liquid's Value serializes untagged: objects, arrays, strings, numbers, booleans, nil as null.
+        let text = serde_json::to_string(&input.to_value()).map_err(|e| liquid_core::Error::with_msg(format!("json: {e}")))?;
+        Ok(LiquidValue::scalar(text))
+    }
+}
+
 /// Every template of a workflow, parsed once when the Workflow is applied.
 /// `Send + Sync` (liquid's parsed templates are), so it can be shared via `Arc`.
 pub struct CompiledTemplates {
@@ -83,6 +103,7 @@ impl CompiledTemplates {
     /// `delay.duration`, `conditions`, or `ref` for a duplicate step ref).
     pub fn compile(steps: &[Step]) -> Result<Self, TemplateError> {
         let parser = liquid::ParserBuilder::with_stdlib()
+            .filter(JsonFilterParser)
             .build()
             .map_err(|e| TemplateError::new("", "", format!("cannot build the Liquid parser: {}", one_line(&e))))?;
         let mut compiled: BTreeMap<String, BTreeMap<String, liquid::Template>> = BTreeMap::new();
@@ -715,6 +736,23 @@ mod tests {
         assert_eq!(t.render("wait", "delay.until", &context()).unwrap().as_deref(), Some("2030-01-01T00:00:00Z"));
         // A delay step's template fields are not compiled (it has none).
         assert_eq!(t.render("wait", "template.body", &context()), Ok(None));
+    }
+
+    #[test]
+    fn json_filter_writes_json() {
+        assert_eq!(render_one("{{ data.comment_text | json }}"), "\"Nice!\"");
+        assert_eq!(render_one("{{ data.tags | json }}"), "[\"x\",\"y\"]");
+        assert_eq!(render_one("{{ data.count | json }} {{ data.flag | json }} {{ data.missing | json }}"), "3 false null");
+        let body = render_one("{\"items\": {{ data.items | json }}, \"who\": {{ recipient | json }}}");
+        let parsed: Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(parsed["items"], json!([{"name": "a"}, {"name": "b"}]));
+        assert_eq!(parsed["who"]["email"], "jane@example.com");
+        // Quotes, backslashes and newlines in data cannot break out of the JSON string.
+        let t = compile_one("{\"text\": {{ data.text | json }}}");
+        let ctx = json!({"data": {"text": "say \"hi\"\\\n</script>"}});
+        let body = t.render("s", "template.body", &ctx).unwrap().unwrap();
+        let parsed: Value = serde_json::from_str(&body).expect(&body);
+        assert_eq!(parsed["text"], "say \"hi\"\\\n</script>");
     }
 
     #[test]

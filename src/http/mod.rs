@@ -1,16 +1,36 @@
-//! The HTTP server: health, readiness and metrics (the Knock-compatible API
-//! joins it on the same address).
+//! The HTTP server: the Knock-compatible API under `/v1` (see [`api`]), and
+//! `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
+//!
+//! Every response carries an `x-request-id` (the client's, or a new UUID),
+//! which is also in the request's log span. Requests are counted by route and
+//! status, and timed. Connections that do not send their headers within
+//! `--header-timeout-seconds` are closed; API requests not answered within
+//! `--request-timeout-seconds` get 408. On shutdown the listener closes and
+//! in-flight requests are finished.
+
+pub mod api;
+pub mod openapi;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::extract::State as AxumState;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::extract::{MatchedPath, Request, State as AxumState};
+use axum::http::{header, HeaderName, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::controller::Context;
+use crate::metrics::{HttpLabels, HttpRouteLabels, Metrics};
+use api::errors::ApiError;
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -20,13 +40,34 @@ pub struct State {
     pub ready: Arc<AtomicBool>,
 }
 
-/// The router.
-pub fn router(state: State) -> Router {
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The router: health, readiness, metrics, the OpenAPI document, and the API.
+pub fn router(state: State, api: Arc<api::Api>) -> Router {
+    let metrics = state.context.metrics.clone();
+    let timeout = Duration::from_secs(state.context.settings.request_timeout_seconds.max(1));
+    let v1 = api::router(api).layer(middleware::from_fn_with_state(timeout, limit_time));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .with_state(state)
+        .merge(v1)
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(metrics, count))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                })
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
 async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
@@ -39,15 +80,89 @@ async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(AxumState(state): AxumState<State>) -> impl IntoResponse {
+async fn metrics_text(AxumState(state): AxumState<State>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.context.metrics.render())
 }
 
-/// Serves until `shutdown`, finishing in-flight requests.
+async fn route_not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::RouteNotFound { method: method.to_string(), path: uri.path().chars().take(200).collect() }
+}
+
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed { method: method.to_string() }
+}
+
+/// Answers 408 when a request (reading its body included) takes too long.
+async fn limit_time(AxumState(limit): AxumState<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout(limit.as_secs()).into_response(),
+    }
+}
+
+/// Counts and times every request by method, route (the route's pattern,
+/// never the raw path) and status.
+async fn count(AxumState(metrics): AxumState<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    // Clients may send any method token: keep the label's values bounded.
+    let method = match *req.method() {
+        Method::GET | Method::PUT | Method::POST | Method::DELETE | Method::PATCH | Method::HEAD | Method::OPTIONS => req.method().as_str(),
+        _ => "OTHER",
+    }
+    .to_string();
+    let response = next.run(req).await;
+    let http = &metrics.http;
+    http.requests.get_or_create(&HttpLabels { method: method.clone(), route: route.clone(), status: response.status().as_u16() }).inc();
+    http.request_seconds.get_or_create(&HttpRouteLabels { method, route }).observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Serves until `shutdown`, then stops accepting and finishes in-flight
+/// requests (for at most the request timeout and 5 s).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: State,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    let settings = state.context.settings.clone();
+    let api = api::Api::start(state.context.clone());
+    let app = router(state, api);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(settings.header_timeout_seconds.max(1)));
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone())).into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!(error = %e, "HTTP connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, then go on.
+                    tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    let grace = Duration::from_secs(settings.request_timeout_seconds.max(1) + 5);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(grace) => tracing::warn!("HTTP requests still running after {grace:?}; stopping anyway"),
+    }
+    Ok(())
 }

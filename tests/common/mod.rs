@@ -204,3 +204,72 @@ pub fn repo_path(rel: &str) -> PathBuf {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// A `herald run` process (the real binary), killed when dropped.
+pub struct HeraldProcess {
+    pub child: std::process::Child,
+    /// The HTTP address it logged.
+    pub addr: String,
+}
+
+impl HeraldProcess {
+    /// Starts `herald run --namespace <ns> --api-addr 127.0.0.1:0 --log-format json <extra>`
+    /// and waits until it logs that it is serving.
+    pub fn start(namespace: &str, extra: &[&str]) -> HeraldProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["run", "--namespace", namespace, "--api-addr", "127.0.0.1:0", "--log-format", "json"])
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting herald");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if v["message"] == "herald is serving" {
+                            let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
+                            sent = true;
+                        }
+                    }
+                }
+                if std::env::var("HERALD_TEST_SHOW_LOGS").is_ok() {
+                    eprintln!("{line}");
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("herald logged that it is serving");
+        HeraldProcess { child, addr }
+    }
+
+    /// Kills it with SIGKILL, like a crash.
+    pub fn kill9(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+
+    /// The value of a metric (summed over its label sets), from /metrics.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.addr)).await.expect("GET /metrics").text().await.unwrap();
+        metric_value(&text, name)
+    }
+}
+
+/// Sums a metric's samples (`name` or `name{...}`) in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl Drop for HeraldProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,160 @@
+{{/*
+The chart's name, truncated to 63 characters (a label value's limit).
+*/}}
+{{- define "herald.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The release's full name: the release name, with the chart's name unless the
+release name already contains it.
+*/}}
+{{- define "herald.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of cluster-scoped objects (ClusterRole, ClusterRoleBinding): the full
+name plus the release's namespace, so that releases of the same name in
+different namespaces do not collide.
+*/}}
+{{- define "herald.clusterName" -}}
+{{- printf "%s-%s" (include "herald.fullname" .) .Release.Namespace }}
+{{- end }}
+
+{{- define "herald.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "herald.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "herald.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "herald.labels" -}}
+helm.sh/chart: {{ include "herald.chart" . }}
+{{ include "herald.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: herald
+{{- end }}
+
+{{- define "herald.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "herald.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "herald.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The namespaces herald watches: "" (every namespace) with rbac.scope=cluster,
+else the one entry of rbac.watchNamespaces (default: the release's namespace).
+herald's --namespace takes one namespace, so a longer list is refused here
+rather than deployed as an operator that cannot list what it watches.
+*/}}
+{{- define "herald.watchNamespaces" -}}
+{{- if eq .Values.rbac.scope "namespaced" }}
+{{- $list := .Values.rbac.watchNamespaces | default (list .Release.Namespace) }}
+{{- if gt (len $list) 1 }}
+{{- fail (printf "rbac.watchNamespaces lists %d namespaces (%s), but herald watches one namespace per process (--namespace): list one namespace, install one release per namespace, or set rbac.scope=cluster" (len $list) (join ", " $list)) }}
+{{- end }}
+{{- join "," $list }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Lease herald's replicas contend for (src/leader.rs LEASE_NAME).
+*/}}
+{{- define "herald.leaseName" -}}
+herald-controller
+{{- end }}
+
+{{/*
+The herald CRDs (crds/), which the operator reads to wait until they are established.
+*/}}
+{{- define "herald.crdNames" -}}
+- audiences.herald.dev
+- cancellations.herald.dev
+- channels.herald.dev
+- objects.herald.dev
+- recipientpages.herald.dev
+- tenants.herald.dev
+- triggerruns.herald.dev
+- users.herald.dev
+- workflows.herald.dev
+{{- end }}
+
+{{/*
+What herald does in the namespaces it watches, and nothing more:
+- reads every herald kind (watch caches, the API);
+- writes status of Workflows, TriggerRuns, RecipientPages and Channels (server-side apply);
+- creates TriggerRuns and Cancellations (the API) and deletes them (TTL, retention);
+- creates and updates RecipientPages (server-side apply) and deletes them with their run;
+- creates, updates and deletes Users, Objects and Tenants (inline identify, the API);
+- publishes Events (kube-runtime's Recorder: events.k8s.io/v1; core events for older clients);
+- reads Secrets: those Channels name (get) and API keys, Secrets labelled
+  herald.dev/api-key=true (list and watch; RBAC cannot select by label).
+*/}}
+{{- define "herald.namespaceRules" -}}
+- apiGroups: [herald.dev]
+  resources: [workflows, audiences, channels]
+  verbs: [get, list, watch]
+- apiGroups: [herald.dev]
+  resources: [triggerruns, cancellations]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [herald.dev]
+  resources: [recipientpages]
+  verbs: [get, list, watch, create, patch, delete, deletecollection]
+- apiGroups: [herald.dev]
+  resources: [users, objects, tenants]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [herald.dev]
+  resources: [workflows/status, triggerruns/status, recipientpages/status, channels/status]
+  verbs: [get, patch, update]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch]
+{{- end }}
+
+{{/*
+Cluster-scoped needs, whatever rbac.scope is: the HTTP API checks Kubernetes
+tokens (TokenReview) and their permissions (SubjectAccessReview), and the
+operator waits for its CRDs.
+*/}}
+{{- define "herald.clusterRules" -}}
+- apiGroups: [authentication.k8s.io]
+  resources: [tokenreviews]
+  verbs: [create]
+- apiGroups: [authorization.k8s.io]
+  resources: [subjectaccessreviews]
+  verbs: [create]
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  resourceNames:
+{{ include "herald.crdNames" . | indent 4 }}
+  verbs: [get, list, watch]
+{{- end }}

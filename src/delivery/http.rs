@@ -1,0 +1,302 @@
+//! HTTP webhooks (`http` channels) and Slack-compatible incoming webhooks
+//! (`chat` channels): building the request from a rendered message, and one
+//! attempt at sending it.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::{Method, StatusCode, Url};
+use serde_json::{json, Map, Value};
+
+use super::config::parse_webhook_url;
+use super::retry::parse_retry_after;
+use super::signing::{self, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use super::{error_chain, preview, DeliveryError, Failure, Sent};
+use crate::core::execution::Message;
+
+/// Connections kept open per receiver host between deliveries.
+const IDLE_CONNECTIONS_PER_HOST: usize = 64;
+/// How much of an error response's body goes into the step's message.
+const ERROR_BODY_CHARS: usize = 200;
+/// How much of what was sent goes into the step's message.
+const SENT_PREVIEW_CHARS: usize = 160;
+
+/// Headers herald sets itself; a template may not set them.
+const RESERVED_HEADERS: [&str; 7] = ["host", "content-length", "transfer-encoding", "connection", "idempotency-key", "x-herald-timestamp", "x-herald-signature"];
+
+/// The shared HTTP client: pooled keep-alive connections (one pool for every
+/// delivery), rustls with the ring provider (the one kube uses), and no
+/// redirects: a webhook that redirects is misconfigured, and following a 302
+/// would turn the POST into a GET.
+pub fn client() -> Result<reqwest::Client, String> {
+    // reqwest is built without a default crypto provider; install ring (a
+    // no-op when something installed one already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HOST)
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {}", error_chain(&e)))
+}
+
+/// A request ready to send (the same bytes on every attempt).
+#[derive(Debug, Clone)]
+pub struct WebhookRequest {
+    pub method: Method,
+    pub url: Url,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    /// What was sent, for the step's status.
+    pub preview: String,
+}
+
+/// The URL to call: the step's rendered `url`, else the recipient's
+/// channel_data for the channel (`url`, or Knock's Slack shape
+/// `connections[0].incoming_webhook.url`), else the Channel's `url`.
+/// An empty rendered url (a template over missing data) counts as none.
+fn resolve_url(message: &Message, channel_url: Option<&str>) -> Result<Url, DeliveryError> {
+    let non_empty = |s: Option<&str>| s.map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
+    let from_template = non_empty(message.fields.get("url").and_then(Value::as_str)).map(|u| (u, "the step's template.url"));
+    let from_data = message.channel_data.as_ref().and_then(|d| {
+        non_empty(d.get("url").and_then(Value::as_str))
+            .or_else(|| non_empty(d.pointer("/connections/0/incoming_webhook/url").and_then(Value::as_str)))
+            .map(|u| (u, "the recipient's channel_data"))
+    });
+    let from_channel = non_empty(channel_url).map(|u| (u, "the Channel's url"));
+    let Some((url, source)) = from_template.or(from_data).or(from_channel) else {
+        return Err(DeliveryError::InvalidMessage(format!(
+            "no URL to send to: the step has no template.url, the recipient has no channel_data `{}` url, and Channel `{}` has no url",
+            message.channel, message.channel
+        )));
+    };
+    parse_webhook_url(&url).map_err(|e| DeliveryError::InvalidMessage(format!("url from {source}: {e}")))
+}
+
+/// The Idempotency-Key header: `<recipient run id>:<step ref>`, the same on
+/// every attempt and after restarts. A step ref with characters a header
+/// cannot carry fails here, before any attempt.
+fn idempotency_header(message: &Message) -> Result<HeaderValue, DeliveryError> {
+    HeaderValue::from_str(&message.idempotency_key)
+        .map_err(|_| DeliveryError::InvalidMessage(format!("the idempotency key `{}` is not a valid header value (control characters in the step ref?)", message.idempotency_key)))
+}
+
+/// The rendered `headers` of an http step, checked.
+fn template_headers(message: &Message) -> Result<HeaderMap, DeliveryError> {
+    let mut headers = HeaderMap::new();
+    let Some(Value::Object(rendered)) = message.fields.get("headers") else { return Ok(headers) };
+    for (name, value) in rendered {
+        let value = value.as_str().unwrap_or_default();
+        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(DeliveryError::InvalidMessage(format!("header `{name}` is set by herald and cannot be templated")));
+        }
+        let header_name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| DeliveryError::InvalidMessage(format!("header name `{name}` is not a valid HTTP header name")))?;
+        let header_value = HeaderValue::from_str(value.trim())
+            .map_err(|_| DeliveryError::InvalidMessage(format!("header `{name}`: the rendered value `{}` is not a valid header value (line breaks or control characters)", preview(value, 60))))?;
+        headers.insert(header_name, header_value);
+    }
+    Ok(headers)
+}
+
+/// The request of an `http` step: method (default POST), url, headers, body.
+/// A body that is JSON is sent as `application/json` unless the step sets
+/// Content-Type; other bodies as `text/plain`.
+pub fn http_request(message: &Message, channel_url: Option<&str>) -> Result<WebhookRequest, DeliveryError> {
+    let method_text = message.fields.get("method").and_then(Value::as_str).map(str::trim).filter(|m| !m.is_empty()).unwrap_or("POST").to_ascii_uppercase();
+    let method = Method::from_bytes(method_text.as_bytes()).map_err(|_| DeliveryError::InvalidMessage(format!("method `{method_text}` is not an HTTP method")))?;
+    let url = resolve_url(message, channel_url)?;
+    let mut headers = template_headers(message)?;
+    headers.insert(IDEMPOTENCY_HEADER, idempotency_header(message)?);
+    let body = message.fields.get("body").and_then(Value::as_str).unwrap_or_default().to_string();
+    if !body.is_empty() && !headers.contains_key(CONTENT_TYPE) {
+        let content_type = if serde_json::from_str::<Value>(&body).is_ok() { "application/json" } else { "text/plain; charset=utf-8" };
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    Ok(WebhookRequest { preview: format!("{method} {url}; body: {}", preview(&body, SENT_PREVIEW_CHARS)), method, url, headers, body: body.into_bytes() })
+}
+
+/// The request of a `chat` step: a Slack-compatible incoming-webhook POST of
+/// `{"text": ..., "blocks": [...]}`. `blocks` must render a JSON array; a
+/// step that renders neither text nor blocks has nothing to say and fails.
+pub fn chat_request(message: &Message, channel_url: Option<&str>) -> Result<WebhookRequest, DeliveryError> {
+    let url = resolve_url(message, channel_url)?;
+    let text = message.fields.get("text").and_then(Value::as_str).filter(|t| !t.trim().is_empty());
+    let blocks = match message.fields.get("blocks").and_then(Value::as_str).map(str::trim).filter(|b| !b.is_empty()) {
+        None => None,
+        Some(source) => match serde_json::from_str::<Value>(source) {
+            Ok(Value::Array(items)) => Some(items),
+            Ok(_) => return Err(DeliveryError::InvalidMessage(format!("template.blocks must render a JSON array, not `{}`", preview(source, 80)))),
+            Err(e) => return Err(DeliveryError::InvalidMessage(format!("template.blocks did not render JSON ({e}): `{}`", preview(source, 80)))),
+        },
+    };
+    if text.is_none() && blocks.is_none() {
+        return Err(DeliveryError::InvalidMessage("the chat message is empty: template.text and template.blocks rendered nothing".into()));
+    }
+    let mut payload = Map::new();
+    if let Some(t) = text {
+        payload.insert("text".into(), json!(t));
+    }
+    if let Some(b) = blocks {
+        payload.insert("blocks".into(), Value::Array(b));
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(IDEMPOTENCY_HEADER, idempotency_header(message)?);
+    let body = serde_json::to_vec(&payload).map_err(|e| DeliveryError::InvalidMessage(format!("encoding the chat message: {e}")))?;
+    Ok(WebhookRequest { preview: format!("POST {url}; text: {}", preview(text.unwrap_or(""), SENT_PREVIEW_CHARS)), method: Method::POST, url, headers, body })
+}
+
+/// One attempt: sends the request (with its Idempotency-Key, the same on
+/// every attempt, so receivers can drop duplicates) and, with a signing key,
+/// a fresh timestamp and signature; classifies the answer.
+pub async fn send(client: &reqwest::Client, request: &WebhookRequest, signing_key: Option<&[u8]>, timeout: Duration) -> Result<Sent, DeliveryError> {
+    let mut headers = request.headers.clone();
+    if let Some(signing_key) = signing_key {
+        let timestamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let signature = signing::signature(signing_key, timestamp, &request.body);
+        // Both are ASCII digits and hex: always valid header values.
+        headers.insert(TIMESTAMP_HEADER, HeaderValue::from(timestamp));
+        headers.insert(SIGNATURE_HEADER, HeaderValue::from_str(&signature).unwrap_or_else(|_| HeaderValue::from_static("")));
+    }
+    let result = client.request(request.method.clone(), request.url.clone()).headers(headers).body(request.body.clone()).timeout(timeout).send().await;
+    let response = match result {
+        Ok(r) => r,
+        Err(e) => return Err(classify_error(&e, timeout)),
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Ok(Sent { status: Some(i32::from(status.as_u16())), summary: format!("HTTP {} from {}", status.as_u16(), request.preview) });
+    }
+    let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = error_body(response).await;
+    let code = i32::from(status.as_u16());
+    let mut message = format!("HTTP {} from {} {}", status.as_u16(), request.method, request.url);
+    if let Some(location) = location.filter(|_| status.is_redirection()) {
+        message.push_str(&format!(" (redirects to {location}; herald does not follow redirects: use that URL)"));
+    }
+    if !body.is_empty() {
+        message.push_str(&format!(": {body}"));
+    }
+    if is_retryable_status(status) {
+        Err(DeliveryError::Transient(Failure { status: Some(code), message, retry_after }))
+    } else {
+        Err(DeliveryError::Rejected(Failure::new(Some(code), message)))
+    }
+}
+
+/// 408, 429 and 5xx may pass; any other non-2xx answer will not.
+fn is_retryable_status(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+fn classify_error(e: &reqwest::Error, timeout: Duration) -> DeliveryError {
+    let chain = error_chain(e);
+    if e.is_builder() {
+        DeliveryError::InvalidMessage(chain)
+    } else if e.is_timeout() {
+        DeliveryError::Transient(Failure::new(None, format!("no answer within {}s: {chain}", timeout.as_secs())))
+    } else if e.is_connect() {
+        DeliveryError::Transient(Failure::new(None, format!("cannot connect: {chain}")))
+    } else {
+        DeliveryError::Transient(Failure::new(None, chain))
+    }
+}
+
+/// The start of an error response's body, read without loading a huge one.
+async fn error_body(mut response: reqwest::Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < 4 * ERROR_BODY_CHARS {
+        match tokio::time::timeout(Duration::from_secs(2), response.chunk()).await {
+            Ok(Ok(Some(chunk))) => bytes.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    preview(&String::from_utf8_lossy(&bytes), ERROR_BODY_CHARS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(fields: Value, channel_data: Option<Value>) -> Message {
+        Message {
+            step_ref: "hook".into(),
+            channel: "hooks".into(),
+            channel_type: "http",
+            fields: fields.as_object().cloned().unwrap_or_default(),
+            channel_data,
+            email: None,
+            idempotency_key: "rr:hook".into(),
+        }
+    }
+
+    #[test]
+    fn the_url_comes_from_the_template_then_channel_data_then_the_channel() {
+        let channel = Some("http://channel.example/hook");
+        let m = message(json!({"url": "http://template.example/x"}), Some(json!({"url": "http://data.example/"})));
+        assert_eq!(http_request(&m, channel).unwrap().url.as_str(), "http://template.example/x");
+        let m = message(json!({"url": "  "}), Some(json!({"url": "http://data.example/"})));
+        assert_eq!(http_request(&m, channel).unwrap().url.as_str(), "http://data.example/");
+        let m = message(json!({}), Some(json!({"connections": [{"incoming_webhook": {"url": "https://hooks.slack.example/T1"}}]})));
+        assert_eq!(chat_request(&message(json!({"text": "hi"}), m.channel_data.clone()), None).unwrap().url.as_str(), "https://hooks.slack.example/T1");
+        assert_eq!(http_request(&message(json!({}), None), channel).unwrap().url.as_str(), "http://channel.example/hook");
+        let err = http_request(&message(json!({}), None), None).unwrap_err();
+        assert!(err.to_string().contains("no URL"), "{err}");
+        let err = http_request(&message(json!({"url": "nope"}), None), channel).unwrap_err();
+        assert_eq!(err.reason(), "InvalidMessage");
+        assert!(err.to_string().contains("template.url"), "{err}");
+    }
+
+    #[test]
+    fn methods_headers_and_bodies_are_checked() {
+        let r = http_request(&message(json!({"url": "http://x/", "body": "{\"a\":1}", "headers": {"X-Team": "ops"}}), None), None).unwrap();
+        assert_eq!(r.method, Method::POST);
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.headers["x-team"], "ops");
+        assert_eq!(r.headers["idempotency-key"], "rr:hook");
+        let mut odd = message(json!({"url": "http://x/"}), None);
+        odd.idempotency_key = "rr:line\nbreak".into();
+        assert!(http_request(&odd, None).unwrap_err().to_string().contains("idempotency key"));
+        let r = http_request(&message(json!({"url": "http://x/", "method": "put", "body": "plain"}), None), None).unwrap();
+        assert_eq!((r.method, r.headers["content-type"].to_str().unwrap()), (Method::PUT, "text/plain; charset=utf-8"));
+        for (fields, expected) in [
+            (json!({"url": "http://x/", "method": "GE T"}), "not an HTTP method"),
+            (json!({"url": "http://x/", "headers": {"Bad Name": "v"}}), "not a valid HTTP header name"),
+            (json!({"url": "http://x/", "headers": {"X-Ok": "line\nbreak"}}), "not a valid header value"),
+            (json!({"url": "http://x/", "headers": {"Idempotency-Key": "mine"}}), "set by herald"),
+        ] {
+            let err = http_request(&message(fields.clone(), None), None).expect_err(&fields.to_string());
+            assert!(err.to_string().contains(expected), "{err}");
+            assert_eq!(err.reason(), "InvalidMessage");
+        }
+    }
+
+    #[test]
+    fn chat_messages_are_slack_json() {
+        let r = chat_request(&message(json!({"url": "http://x/", "text": "hi", "blocks": "[{\"type\": \"divider\"}]"}), None), None).unwrap();
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body, json!({"text": "hi", "blocks": [{"type": "divider"}]}));
+        let r = chat_request(&message(json!({"url": "http://x/", "text": "only text"}), None), None).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap(), json!({"text": "only text"}));
+        let err = chat_request(&message(json!({"url": "http://x/", "text": "t", "blocks": "{\"not\": \"an array\"}"}), None), None).unwrap_err();
+        assert!(err.to_string().contains("JSON array"), "{err}");
+        let err = chat_request(&message(json!({"url": "http://x/", "blocks": "[oops"}), None), None).unwrap_err();
+        assert!(err.to_string().contains("did not render JSON"), "{err}");
+        let err = chat_request(&message(json!({"url": "http://x/", "text": "  "}), None), None).unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn retryable_statuses() {
+        for code in [408u16, 429, 500, 502, 503, 504] {
+            assert!(is_retryable_status(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        for code in [301u16, 400, 401, 403, 404, 410, 422] {
+            assert!(!is_retryable_status(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+    }
+}
