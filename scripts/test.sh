@@ -41,4 +41,4 @@ if [ "${HERALD_TEST_USE_KUBECONFIG:-}" != "1" ]; then
   export HERALD_TEST_KUBECONFIG="$dir/kubeconfig"
 fi
 
-cargo test --locked "$@"
+cargo test --locked --no-fail-fast "$@"

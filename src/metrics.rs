@@ -87,6 +87,10 @@ pub struct Metrics {
     pub fanout: Histogram,
     /// 1 while this replica leads (reconciles), else 0.
     pub leader: Gauge,
+    /// TriggerRuns not finished yet.
+    pub work_queue_depth: Gauge,
+    /// Reconciles running now.
+    pub reconciles_in_flight: Gauge,
     /// The HTTP API's metrics.
     pub http: HttpMetrics,
 }
@@ -110,7 +114,11 @@ impl Default for Metrics {
         let http = HttpMetrics::register(&mut registry);
         let leader = Gauge::default();
         registry.register("leader", "1 while this replica is the leader and reconciles", leader.clone());
-        Metrics { registry, leader, api_writes, reconciles, reconcile_errors, reconcile_seconds, deliveries, fanout, http }
+        let work_queue_depth = Gauge::default();
+        registry.register("work_queue_depth", "TriggerRuns not finished yet (pending, running or waiting)", work_queue_depth.clone());
+        let reconciles_in_flight = Gauge::default();
+        registry.register("reconciles_in_flight", "Reconciles running now", reconciles_in_flight.clone());
+        Metrics { registry, leader, work_queue_depth, reconciles_in_flight, api_writes, reconciles, reconcile_errors, reconcile_seconds, deliveries, fanout, http }
     }
 }
 

@@ -33,7 +33,7 @@ async fn run_serves_health_logs_json_and_stops_on_sigterm() {
     common::wait_for("readiness", Duration::from_secs(30), || async { (get("/readyz").await.ok()?.status() == 200).then_some(()) }).await;
     common::wait_for("leadership", Duration::from_secs(30), || async { (herald.metric("herald_leader").await == 1.0).then_some(()) }).await;
     let metrics = get("/metrics").await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("# TYPE herald_api_writes counter"), "{metrics}");
+    assert!(metrics.contains("# TYPE herald_leader gauge") && metrics.contains("# TYPE herald_work_queue_depth gauge"), "{metrics}");
 
     // Graceful stop on SIGTERM, with a zero exit code.
     let status = Command::new("kill").args(["-TERM", &herald.child.id().to_string()]).status().unwrap();

@@ -37,8 +37,8 @@ use kube::{Api, Client, Config, ResourceExt};
 use serde_json::{json, Value};
 
 const RELEASE: &str = "herald";
-/// The Lease herald's replicas contend for (src/leader.rs).
-const LEASE: &str = "herald-controller";
+/// The Lease the chart names for release `herald` (its full name).
+const LEASE: &str = "herald";
 
 // ---------------------------------------------------------------------------
 // Helm through tests/helm/helm_tool.py
@@ -321,6 +321,7 @@ fn renders_defaults() {
     assert!(!env.contains_key("HERALD_NAMESPACE"), "cluster scope watches every namespace");
     assert_eq!(env["HERALD_LEADER_ELECTION"], "true");
     assert_eq!(env["HERALD_LEASE_SECONDS"], "15");
+    assert_eq!(env["HERALD_LEASE_NAME"], LEASE);
     assert_eq!(env["HERALD_POD_NAME"], "fieldRef:metadata.name");
     assert_eq!(env["HERALD_LEASE_NAMESPACE"], "fieldRef:metadata.namespace");
 

@@ -88,7 +88,7 @@ fn condition(run: &TriggerRun, type_: &str) -> (String, String, String) {
     (c.status.clone(), c.reason.clone(), c.message.clone())
 }
 
-/// The rendered message a "would send" step recorded.
+/// What a delivered step recorded (it includes a preview of the body sent).
 fn sent(r: &RecipientStatus) -> String {
     r.steps.iter().find(|s| s.step_ref == "notify").and_then(|s| s.message.clone()).unwrap_or_default()
 }
@@ -239,7 +239,7 @@ async fn inline_recipients_are_identified_before_the_run_and_trigger_data_merges
 async fn objects_fan_out_two_levels_deduplicated_without_the_actor_and_audiences() {
     let client = common::client().await;
     let ns = TestNamespace::new(&client).await;
-    let _op = common::operator(&client, &ns.name).await;
+    let op = common::operator(&client, &ns.name).await;
     hooks_channel(&ns).await;
     users(&ns, &["user_1", "user_2", "user_3", "user_4", "user_5"]).await;
     create::<Workflow>(&ns, workflow("fan", json!({}))).await;
@@ -294,6 +294,16 @@ async fn objects_fan_out_two_levels_deduplicated_without_the_actor_and_audiences
     let ids: Vec<&str> = list.iter().map(|r| r.recipient.as_str()).collect();
     assert_eq!(ids, ["user_5", "user_3", "ops", "user_1", "deep"]);
     assert_eq!(list[1].via.as_deref(), Some("audience:project.p1.followers"));
+
+    // The operator's metrics tell the same story.
+    let metric = |name: &str| common::metric_value(&op.context.metrics.render(), name);
+    assert_eq!(metric("herald_run_recipients_count"), 4.0, "four runs expanded");
+    assert_eq!(metric("herald_run_recipients_sum"), 20.0, "five recipients each");
+    assert_eq!(metric("herald_deliveries_total"), 20.0, "one http step each");
+    assert!(metric("herald_reconciles_total") >= 4.0);
+    assert!(metric("herald_reconcile_duration_seconds_count") >= 4.0);
+    assert_eq!(metric("herald_leader"), 1.0);
+    wait_for("an empty work queue", Duration::from_secs(10), || async { (metric("herald_work_queue_depth") == 0.0).then_some(()) }).await;
 }
 
 #[tokio::test]

@@ -4,6 +4,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use crate::core::truncate;
+
 /// Condition statuses.
 pub const TRUE: &str = "True";
 pub const FALSE: &str = "False";
@@ -40,19 +42,6 @@ pub fn get<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition
     conditions.iter().find(|c| c.type_ == type_)
 }
 
-/// Cuts a message to `max` bytes on a character boundary (conditions and
-/// Events must stay small).
-pub fn truncate(message: &str, max: usize) -> String {
-    if message.len() <= max {
-        return message.to_string();
-    }
-    let mut end = max.saturating_sub(3);
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &message[..end])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,11 +59,5 @@ mod tests {
         assert_ne!(conditions[0].last_transition_time, first);
         set(&mut conditions, "Accepted", TRUE, "Valid", "", Some(2));
         assert_eq!(conditions.iter().map(|c| c.type_.as_str()).collect::<Vec<_>>(), ["Accepted", "Ready"]);
-    }
-
-    #[test]
-    fn truncates_on_char_boundaries() {
-        assert_eq!(truncate("héllo wörld", 8), "héll...");
-        assert_eq!(truncate("short", 80), "short");
     }
 }

@@ -14,7 +14,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::Client;
 use tokio::sync::Semaphore;
 
-use super::conditions::truncate;
+use crate::core::truncate;
 use crate::core::execution::{DeliveryOutcome, Message};
 use crate::delivery::config::{self, ChannelProblem, SmtpServer};
 use crate::delivery::email::{self, Email, Transports};

@@ -179,7 +179,7 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String) {
-        let event = Event { type_, reason: reason.into(), note: Some(conditions::truncate(&note, 1000)), action: "Reconcile".into(), secondary: None };
+        let event = Event { type_, reason: reason.into(), note: Some(crate::core::truncate(&note, 1000)), action: "Reconcile".into(), secondary: None };
         if let Err(e) = self.ctx.recorder.publish(&event, &self.run.object_ref(&())).await {
             tracing::warn!(error = %e, run = %self.name, "could not publish event");
         }
@@ -620,7 +620,12 @@ impl<'a> Reconciler<'a> {
                 Next::Done => return None,
                 Next::WaitUntil(wake) => return Some(wake),
                 Next::Deliver(message) => {
-                    let outcome = self.ctx.deliverer.deliver(&self.namespace, &message).await;
+                    use tracing::Instrument;
+                    let span = tracing::info_span!("delivery", recipient = %recipient.key, recipient_run_id = %recipient.recipient_run_id, step = %message.step_ref);
+                    let outcome = self.ctx.deliverer.deliver(&self.namespace, &message).instrument(span.clone()).await;
+                    if !outcome.ok {
+                        span.in_scope(|| tracing::warn!(reason = %outcome.reason, message = %outcome.message, attempts = outcome.attempts, "delivery failed"));
+                    }
                     self.ctx
                         .metrics
                         .deliveries
@@ -711,10 +716,21 @@ fn until(t: Timestamp) -> Duration {
 }
 
 async fn reconcile(run: Arc<TriggerRun>, ctx: Arc<Context>) -> Result<Action, Error> {
+    use tracing::Instrument;
     let started = std::time::Instant::now();
     let labels = crate::metrics::ControllerLabels { controller: "triggerrun".into() };
     ctx.metrics.reconciles.get_or_create(&labels).inc();
-    let result = reconcile_run(&run, &ctx).await;
+    ctx.metrics.reconciles_in_flight.inc();
+    // Every log line of the reconcile (deliveries included) carries the run's ids.
+    let span = tracing::info_span!(
+        "reconcile",
+        namespace = %run.namespace().unwrap_or_default(),
+        run = %run.name_any(),
+        workflow = %run.spec.workflow,
+        workflow_run_id = %run_id(&run),
+    );
+    let result = reconcile_run(&run, &ctx).instrument(span).await;
+    ctx.metrics.reconciles_in_flight.dec();
     ctx.metrics.reconcile_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
     result
 }
@@ -760,6 +776,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let runs: Api<TriggerRun> = scoped_api(&ctx.client, &ctx.settings);
     let controller = Controller::new(runs, watcher::Config::default());
     let store = controller.store();
+    tokio::spawn(report_queue_depth(ctx.clone(), store.clone()));
     let by_cancellation = store.clone();
     let by_workflow = store;
     controller
@@ -793,6 +810,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             }
         })
         .await;
+}
+
+/// Keeps `herald_work_queue_depth` (the runs not finished yet: the work the
+/// controller has ahead of it) current.
+async fn report_queue_depth(ctx: Arc<Context>, store: kube::runtime::reflector::Store<TriggerRun>) {
+    loop {
+        let depth = store.state().iter().filter(|r| r.status.as_ref().is_none_or(|s| !s.state.is_finished())).count();
+        ctx.metrics.work_queue_depth.set(depth as i64);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// Deletes Cancellations whose retention window has passed, once a minute.

@@ -88,7 +88,7 @@ pub enum Next {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeliveryOutcome {
     pub ok: bool,
-    /// CamelCase: Delivered, WouldSend, DeliveryFailed, ...
+    /// CamelCase: Delivered, DeliveryFailed, InvalidMessage, ChannelNotReady, ...
     pub reason: String,
     pub message: String,
     pub attempts: i32,

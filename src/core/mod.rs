@@ -10,3 +10,12 @@ pub mod conditions;
 pub mod preferences;
 pub mod templates;
 pub mod validation;
+
+/// `s` cut to at most `max` characters (on a char boundary), marked with `…`:
+/// messages in conditions, Events and step status must stay small.
+pub fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((end, _)) => format!("{}…", &s[..end]),
+    }
+}

@@ -107,7 +107,8 @@ pub enum IdentifierError {
     BadPreferences { id: String, message: String },
 }
 
-fn json_type_name(v: &Value) -> &'static str {
+/// "a string", "an object", ...: how error messages name a JSON value's type.
+pub fn json_type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

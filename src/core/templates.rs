@@ -21,7 +21,7 @@ use liquid::model::{ArrayView, DisplayCow, KStringCow, ObjectView, ScalarCow, St
 use serde_json::Value;
 
 use super::conditions;
-use super::validation::truncate;
+use super::truncate;
 use crate::resources::workflow::{Step, StepTemplate, StepType};
 
 /// A template that does not parse or render, naming the step and the field.

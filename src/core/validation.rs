@@ -11,6 +11,8 @@ use jsonschema::error::ValidationErrorKind;
 use jsonschema::{Retrieve, Uri, Validator};
 use serde_json::Value;
 
+use super::truncate;
+
 /// At most this many errors are listed by [`summarize`]; the rest are counted.
 const SUMMARY_ENTRIES: usize = 20;
 /// Error messages echo the failing instance, which may be a large part of the
@@ -125,13 +127,6 @@ fn escape_pointer_segment(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 
-/// `s` cut to at most `max` characters (on a char boundary), marked with `…`.
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        None => s.to_string(),
-        Some((end, _)) => format!("{}…", &s[..end]),
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@ use serde_json::Value;
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
+    doc = "A named list of recipients (the notify API's lists), reached by key from a TriggerRun's audiences.",
     version = "v1alpha1",
     kind = "Audience",
     namespaced,

@@ -13,6 +13,7 @@ use serde_json::Value;
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
+    doc = "Cancels the unfinished runs of a workflow carrying a cancellation key (all recipients, or some), for a retention window.",
     version = "v1alpha1",
     kind = "Cancellation",
     namespaced,

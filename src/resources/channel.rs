@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
+    doc = "A delivery channel that workflow steps send through: an HTTP webhook, a Slack-compatible chat webhook, or SMTP email.",
     version = "v1alpha1",
     kind = "Channel",
     namespaced,

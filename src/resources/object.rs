@@ -14,6 +14,7 @@ use crate::core::model::{JsonObject, PreferenceSet};
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
+    doc = "A Knock object (a project, a team, a chat channel...) that can receive notifications itself and fans out to its subscribers.",
     version = "v1alpha1",
     kind = "Object",
     plural = "objects",

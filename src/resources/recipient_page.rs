@@ -12,6 +12,7 @@ use crate::core::status::RecipientStatus;
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
+    doc = "A page of up to 500 recipients of a TriggerRun, each with its recipient run id, state and step outcomes. Owned by the run and written by herald.",
     version = "v1alpha1",
     kind = "RecipientPage",
     namespaced,

@@ -10,6 +10,7 @@ use crate::core::model::{JsonObject, PreferenceSet};
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
+    doc = "A tenant (a customer of your product): its default preferences apply to its users' notifications.",
     version = "v1alpha1",
     kind = "Tenant",
     namespaced,

@@ -14,6 +14,7 @@ use crate::core::status::{RecipientTotals, RunState};
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
+    doc = "One trigger of a Workflow (Knock's trigger call): who did it, who to notify, the data. status records the run; per-recipient status lives in its RecipientPages.",
     version = "v1alpha1",
     kind = "TriggerRun",
     namespaced,

@@ -13,6 +13,7 @@ use crate::core::model::{JsonObject, PreferenceSet};
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
+    doc = "A user who can receive notifications, identified by spec.id (any string).",
     version = "v1alpha1",
     kind = "User",
     namespaced,

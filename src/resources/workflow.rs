@@ -15,6 +15,7 @@ use crate::core::model::JsonObject;
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
+    doc = "A notification workflow: its key, categories, the JSON Schema its trigger data must follow, and the steps (channel messages, delays) each recipient goes through.",
     version = "v1alpha1",
     kind = "Workflow",
     namespaced,

@@ -151,7 +151,9 @@ pub async fn operator(client: &Client, namespace: &str) -> Operator {
 }
 
 pub async fn operator_with(client: &Client, settings: Settings) -> Operator {
-    herald::telemetry::init(herald::settings::LogFormat::Text);
+    // Logs go through libtest's capture: shown for failing tests only.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     herald::operator::start(client.clone(), settings).await.expect("starting the operator")
 }
 

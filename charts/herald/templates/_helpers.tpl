@@ -81,10 +81,10 @@ rather than deployed as an operator that cannot list what it watches.
 {{- end }}
 
 {{/*
-The Lease herald's replicas contend for (src/leader.rs LEASE_NAME).
+The Lease this release's replicas contend for (herald run --lease-name).
 */}}
 {{- define "herald.leaseName" -}}
-herald-controller
+{{ include "herald.fullname" . }}
 {{- end }}
 
 {{/*

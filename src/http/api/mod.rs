@@ -224,16 +224,7 @@ pub struct Fields {
     errors: Vec<FieldError>,
 }
 
-pub fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
+pub use crate::core::model::json_type_name as type_name;
 
 impl Fields {
     /// The body must be a JSON object.

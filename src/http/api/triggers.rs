@@ -268,7 +268,7 @@ pub async fn trigger(
     match persist(&api, &caller, idempotency_key.as_deref().map(|k| (Scope::Trigger, k)), spec, "trigger").await? {
         Outcome::Created(run) => {
             count_accepted(&api, "trigger");
-            tracing::info!(run = %run.name_any(), workflow_run_id = ?run.uid(), caller = %caller.name(), "trigger accepted");
+            tracing::info!(run = %run.name_any(), workflow_run_id = %run.uid().unwrap_or_default(), caller = %caller.name(), "trigger accepted");
             accepted(&run, false)
         }
         Outcome::Existing(run) => {
