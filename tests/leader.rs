@@ -78,6 +78,19 @@ async fn only_the_leader_reconciles_and_a_killed_leader_hands_over() {
     assert_eq!(recipients.len(), 301);
     assert!(recipients.iter().all(|r| r.state == RecipientState::Completed && r.steps.len() == 2), "every recipient went through both steps once");
     assert!(second.metric("herald_reconciles_total").await > 0.0);
+    // Structured logs carry the workflow run id (the run's uid) in their span.
+    let uid = run.uid().unwrap();
+    let accepted: Vec<serde_json::Value> = first
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "run accepted")
+        .collect();
+    assert_eq!(accepted.len(), 1, "one acceptance logged");
+    assert_eq!(accepted[0]["span"]["workflow_run_id"], uid.as_str(), "{}", accepted[0]);
+    assert_eq!(accepted[0]["recipients"], 301);
     println!("handover after SIGKILL took {:.1}s (lease {LEASE_SECONDS}s)", handover.as_secs_f64());
     assert!(handover < Duration::from_secs(LEASE_SECONDS * 2 + 2), "handover took {handover:?}");
 }

@@ -388,6 +388,7 @@ impl<'a> Reconciler<'a> {
         conditions::set(&mut status.conditions, "Accepted", conditions::TRUE, "Accepted", &format!("{} recipients", recipients.len()), generation);
         conditions::set(&mut status.conditions, "Succeeded", conditions::UNKNOWN, "Running", "the run is in progress", generation);
         self.write_status(&status).await?;
+        tracing::info!(recipients = recipients.len(), pages = pages.len(), "run accepted");
         self.event(EventType::Normal, "Accepted", format!("workflow `{key}`: {} recipients in {} pages", recipients.len(), pages.len())).await;
         Ok(Ok((status, pages, directory)))
     }
@@ -591,6 +592,7 @@ impl<'a> Reconciler<'a> {
                 let changed = self.run.status.as_ref() != Some(&status);
                 self.write_status(&status).await?;
                 if changed {
+                    tracing::info!(state = ?state, %reason, %message, "run finished");
                     let type_ = if ok { EventType::Normal } else { EventType::Warning };
                     self.event(type_, reason, message).await;
                 }

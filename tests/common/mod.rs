@@ -212,6 +212,8 @@ pub struct HeraldProcess {
     pub child: std::process::Child,
     /// The HTTP address it logged.
     pub addr: String,
+    /// Every log line so far (JSON).
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl HeraldProcess {
@@ -228,9 +230,12 @@ impl HeraldProcess {
             .expect("starting herald");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = logs.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                kept.lock().unwrap().push(line.clone());
                 if !sent {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                         if v["message"] == "herald is serving" {
@@ -245,7 +250,7 @@ impl HeraldProcess {
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(60)).expect("herald logged that it is serving");
-        HeraldProcess { child, addr }
+        HeraldProcess { child, addr, logs }
     }
 
     /// Kills it with SIGKILL, like a crash.
