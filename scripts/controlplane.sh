@@ -68,7 +68,7 @@ build_apiserver() {
 }
 
 install() {
-  apt_install etcd-server openssl ca-certificates
+  apt_install etcd-server openssl ca-certificates curl
   build_apiserver
   command -v kubectl >/dev/null || log "note: kubectl is not installed; tests use the API directly, the demo needs kubectl"
 }
