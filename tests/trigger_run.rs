@@ -526,3 +526,32 @@ fn api_writes(op: &herald::operator::Operator) -> u64 {
 }
 
 use futures::StreamExt;
+
+#[tokio::test]
+async fn a_reconcile_that_changes_nothing_writes_nothing() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let op = common::operator(&client, &ns.name).await;
+    hooks_channel(&ns).await;
+    users(&ns, &["user_1", "user_2"]).await;
+    create::<Workflow>(&ns, workflow("quiet", json!({}))).await;
+    let run: TriggerRun = create(&ns, trigger(json!({"workflow": "quiet", "recipients": ["user_1", "user_2"], "data": {"message": "m"}}))).await;
+    let done = finished(&ns, &run.name_any()).await;
+    let page = done.status.as_ref().unwrap().pages[0].clone();
+    let page_version = ns.api::<RecipientPage>().get(&page).await.unwrap().metadata.resource_version;
+    let writes = api_writes(&op);
+
+    // Wake the controller: a label on the run changes it without touching its spec.
+    let patch = json!({"metadata": {"labels": {"poke": "1"}}});
+    ns.api::<TriggerRun>().patch(&run.name_any(), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let again = ns.api::<TriggerRun>().get(&run.name_any()).await.unwrap();
+    assert_eq!(again.status, done.status, "the status did not change");
+    assert_eq!(ns.api::<RecipientPage>().get(&page).await.unwrap().metadata.resource_version, page_version, "the page was not rewritten");
+    assert_eq!(api_writes(&op), writes, "no API writes for a finished run");
+    // And no loop: the run's own status writes do not keep the controller busy.
+    let reconciles = common::metric_value(&op.context.metrics.render(), "herald_reconciles_total");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(common::metric_value(&op.context.metrics.render(), "herald_reconciles_total"), reconciles);
+}
