@@ -501,7 +501,8 @@ impl<'a> Reconciler<'a> {
         let cancelled = self.cancellation();
 
         let mut next_wake: Option<Timestamp> = None;
-        for page in &mut pages {
+        for index in 0..pages.len() {
+            let page = &mut pages[index];
             let pending: Vec<(usize, RecipientStatus)> =
                 page.recipients.iter().enumerate().filter(|(_, r)| !r.state.is_finished()).map(|(i, r)| (i, r.clone())).collect();
             if pending.is_empty() {
@@ -576,6 +577,15 @@ impl<'a> Reconciler<'a> {
             }
             if unsaved > 0 {
                 self.write_page(page).await?;
+            }
+            // Keep `kubectl get tr` current during long runs: the totals are
+            // written after each page (a few writes per 10,000 recipients).
+            if index + 1 < pages.len() {
+                let totals = run_status::totals(pages.iter().flat_map(|p| p.recipients.iter()));
+                if status.totals.as_ref() != Some(&totals) {
+                    status.totals = Some(totals);
+                    self.write_status(&status).await?;
+                }
             }
         }
 
