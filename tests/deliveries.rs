@@ -19,14 +19,7 @@ use receivers::{HttpReceiver, Received, Reply, SmtpReceiver};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-async fn create<K>(ns: &TestNamespace, value: Value) -> K
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-    <K as kube::Resource>::DynamicType: Default,
-{
-    let object: K = serde_json::from_value(value).expect("test object");
-    ns.api::<K>().create(&PostParams::default(), &object).await.expect("create")
-}
+use common::create;
 
 async fn channel(ns: &TestNamespace, name: &str, spec: Value) {
     create::<Channel>(ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": name}, "spec": spec})).await;

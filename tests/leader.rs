@@ -9,19 +9,12 @@ use std::time::{Duration, Instant};
 use common::{wait_for, HeraldProcess, TestNamespace};
 use herald::core::status::{RecipientState, RunState};
 use herald::resources::{RecipientPage, TriggerRun};
-use kube::api::PostParams;
 use kube::ResourceExt;
 use serde_json::json;
 
 const LEASE_SECONDS: u64 = 4;
 
-async fn create<K>(ns: &TestNamespace, value: serde_json::Value) -> K
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-    <K as kube::Resource>::DynamicType: Default,
-{
-    ns.api::<K>().create(&PostParams::default(), &serde_json::from_value(value).unwrap()).await.expect("create")
-}
+use common::create;
 
 #[tokio::test]
 async fn only_the_leader_reconciles_and_a_killed_leader_hands_over() {

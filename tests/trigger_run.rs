@@ -15,14 +15,7 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
-async fn create<K>(ns: &TestNamespace, value: Value) -> K
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-    <K as kube::Resource>::DynamicType: Default,
-{
-    let object: K = serde_json::from_value(value).expect("test object");
-    ns.api::<K>().create(&PostParams::default(), &object).await.expect("create")
-}
+use common::create;
 
 fn workflow(name: &str, extra: Value) -> Value {
     let mut spec = json!({

@@ -280,3 +280,13 @@ impl Drop for HeraldProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Creates a resource in the test namespace from its JSON form.
+pub async fn create<K>(ns: &TestNamespace, value: serde_json::Value) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    let object: K = serde_json::from_value(value).expect("test object");
+    ns.api::<K>().create(&PostParams::default(), &object).await.expect("create")
+}
