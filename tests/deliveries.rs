@@ -306,6 +306,9 @@ async fn a_receiver_failing_twice_then_succeeding_completes_with_three_attempts(
     let s = step(r, "notify");
     assert_eq!((s.state, s.attempts, s.status_code), (StepState::Completed, Some(3), Some(200)), "{s:?}");
     assert!(s.message.as_deref().unwrap_or("").contains("after 3 attempts"), "{s:?}");
+    // Each attempt's outcome is recorded on the step.
+    let history: Vec<(i32, Option<i32>, bool)> = s.attempt_history.iter().map(|a| (a.attempt, a.status_code, a.error.is_some())).collect();
+    assert_eq!(history, [(1, Some(503), true), (2, Some(429), true), (3, Some(200), false)], "{s:?}");
 
     let got = receiver.received_at("/flaky");
     assert_eq!(got.iter().map(|r| r.status).collect::<Vec<_>>(), [503, 429, 200]);

@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 
 use crate::core::truncate;
 use crate::core::execution::{DeliveryOutcome, Message};
+use crate::core::status::AttemptRecord;
 use crate::delivery::config::{self, ChannelProblem, SmtpServer};
 use crate::delivery::email::{self, Email, Transports};
 use crate::delivery::http::{self, WebhookRequest};
@@ -101,7 +102,7 @@ impl Deliverer {
         let namespace = namespace.to_string();
         let channel_ref = &channel;
         let prepared = &prepared;
-        let (result, attempts) = self
+        let (result, attempts, history) = self
             .attempts(&policy, |attempt| {
                 let namespace = namespace.clone();
                 async move {
@@ -137,11 +138,12 @@ impl Deliverer {
                     message: truncate(&format!("{}{retried} ({} ms)", sent.summary, elapsed.as_millis()), MAX_STEP_MESSAGE),
                     attempts: attempts as i32,
                     status_code: sent.status,
+                    history,
                 }
             }
             Err(e) => {
                 tracing::info!(channel = %message.channel, key = %message.idempotency_key, attempts, error = %e, "delivery failed");
-                outcome_of_error(&message.channel, &e, attempts)
+                DeliveryOutcome { history, ..outcome_of_error(&message.channel, &e, attempts) }
             }
         }
     }
@@ -160,34 +162,46 @@ impl Deliverer {
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the policy's
-    /// attempts are used up; returns the last result and the attempts made.
-    async fn attempts<F, Fut>(&self, policy: &RetryPolicy, mut attempt: F) -> (Result<Sent, DeliveryError>, u32)
+    /// attempts are used up; returns the last result, the attempts made and
+    /// a record of each.
+    async fn attempts<F, Fut>(&self, policy: &RetryPolicy, mut attempt: F) -> (Result<Sent, DeliveryError>, u32, Vec<AttemptRecord>)
     where
         F: FnMut(u32) -> Fut,
         Fut: std::future::Future<Output = Result<Sent, DeliveryError>>,
     {
         let mut n = 0;
+        let mut history = Vec::new();
         loop {
             n += 1;
+            let started = k8s_openapi::jiff::Timestamp::now();
             let result = {
                 // A closed semaphore cannot happen (it is never closed); go on unbounded if it did.
                 let _slot = self.slots.acquire().await.ok();
                 attempt(n).await
             };
+            history.push(AttemptRecord {
+                attempt: n as i32,
+                time: started.to_string(),
+                status_code: match &result {
+                    Ok(sent) => sent.status,
+                    Err(e) => e.status_code(),
+                },
+                error: result.as_ref().err().map(|e| truncate(&e.to_string(), 200)),
+            });
             match result {
                 Err(e) if e.is_retryable() && n < policy.max_attempts => {
                     let wait = policy.wait(n, e.retry_after());
                     tracing::debug!(attempt = n, error = %e, wait_ms = wait.as_millis() as u64, "delivery attempt failed; retrying");
                     tokio::time::sleep(wait).await;
                 }
-                other => return (other, n),
+                other => return (other, n, history),
             }
         }
     }
 }
 
 fn failed(reason: &str, message: String, attempts: u32, status_code: Option<i32>) -> DeliveryOutcome {
-    DeliveryOutcome { ok: false, reason: reason.into(), message: truncate(&message, MAX_STEP_MESSAGE), attempts: attempts as i32, status_code }
+    DeliveryOutcome { ok: false, reason: reason.into(), message: truncate(&message, MAX_STEP_MESSAGE), attempts: attempts as i32, status_code, history: Vec::new() }
 }
 
 fn not_ready(channel: &str, problem: &ChannelProblem) -> DeliveryOutcome {

@@ -15,7 +15,7 @@ use super::conditions;
 use super::expansion::{ObjectRecord, UserRecord};
 use super::model::{JsonObject, PreferenceSet, RecipientKey};
 use super::preferences::{self, PreferenceDecision, PreferenceQuery};
-use super::status::{RecipientState, RecipientStatus, StepState, StepStatus};
+use super::status::{AttemptRecord, RecipientState, RecipientStatus, StepState, StepStatus};
 use super::templates::{parse_duration, CompiledTemplates};
 use crate::resources::workflow::{Step, StepType};
 
@@ -85,7 +85,7 @@ pub enum Next {
 }
 
 /// The result of a delivery.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct DeliveryOutcome {
     pub ok: bool,
     /// CamelCase: Delivered, DeliveryFailed, InvalidMessage, ChannelNotReady, ...
@@ -93,6 +93,8 @@ pub struct DeliveryOutcome {
     pub message: String,
     pub attempts: i32,
     pub status_code: Option<i32>,
+    /// Each attempt, in order.
+    pub history: Vec<AttemptRecord>,
 }
 
 /// The merged data a recipient's templates and conditions see: the trigger's
@@ -185,6 +187,7 @@ fn push_step(status: &mut RecipientStatus, step_ref: &str, state: StepState, rea
         attempts: None,
         status_code: None,
         time: Some(now_string(now)),
+        attempt_history: Vec::new(),
     });
 }
 
@@ -311,6 +314,8 @@ pub fn record_delivery(status: &mut RecipientStatus, message: &Message, outcome:
         attempts: Some(outcome.attempts),
         status_code: outcome.status_code,
         time: Some(now_string(now)),
+        // One successful attempt says nothing the step does not; keep pages small.
+        attempt_history: if outcome.ok && outcome.attempts <= 1 { Vec::new() } else { outcome.history.clone() },
     });
     if !outcome.ok {
         finish(status, RecipientState::Failed, "DeliveryFailed", Some(format!("step `{}`: {}", message.step_ref, outcome.message)));
@@ -444,7 +449,7 @@ mod tests {
     }
 
     fn ok() -> DeliveryOutcome {
-        DeliveryOutcome { ok: true, reason: "Delivered".into(), message: "200".into(), attempts: 1, status_code: Some(200) }
+        DeliveryOutcome { ok: true, reason: "Delivered".into(), message: "200".into(), attempts: 1, status_code: Some(200), ..Default::default() }
     }
 
     #[test]
@@ -461,6 +466,7 @@ mod tests {
         assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now), Next::Done);
         assert_eq!(status.state, RecipientState::Completed);
         assert_eq!(status.steps[0].attempts, Some(1));
+        assert!(status.steps[0].attempt_history.is_empty(), "a first-time success needs no history");
         // Finished recipients stay finished.
         assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, true, now), Next::Done);
         assert_eq!(status.state, RecipientState::Completed);
@@ -472,9 +478,11 @@ mod tests {
         let mut status = RecipientStatus::default();
         let now = Timestamp::now();
         let Next::Deliver(m) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now) else { panic!() };
-        let failed = DeliveryOutcome { ok: false, reason: "DeliveryFailed".into(), message: "HTTP 400".into(), attempts: 1, status_code: Some(400) };
+        let history = vec![AttemptRecord { attempt: 1, time: now.to_string(), status_code: Some(400), error: Some("HTTP 400".into()) }];
+        let failed = DeliveryOutcome { ok: false, reason: "DeliveryFailed".into(), message: "HTTP 400".into(), attempts: 1, status_code: Some(400), history };
         record_delivery(&mut status, &m, &failed, now);
         assert_eq!(status.state, RecipientState::Failed);
+        assert_eq!(status.steps[0].attempt_history.len(), 1, "a failed delivery keeps its attempts");
         assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now), Next::Done);
         assert_eq!(status.steps.len(), 1, "no step after a failure");
     }

@@ -116,6 +116,26 @@ pub struct StepStatus {
     /// When the outcome was recorded (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,
+    /// Every attempt of a delivery that needed more than one or failed, in
+    /// order (a first-time success is the step itself: statusCode, time).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempt_history: Vec<AttemptRecord>,
+}
+
+/// One delivery attempt.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptRecord {
+    /// The attempt's number, from 1.
+    pub attempt: i32,
+    /// When it started (RFC 3339).
+    pub time: String,
+    /// The receiver's HTTP status code, if it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<i32>,
+    /// What went wrong, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A step's state for one recipient.
