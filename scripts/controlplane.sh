@@ -41,6 +41,8 @@ build_apiserver() {
   if ! grep -rqs '^Types:.*deb-src\|^deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/; then
     log "adding a deb-src line for bookworm main"
     local keyring=/usr/share/keyrings/debian-archive-keyring.gpg opt=""
+    # On Ubuntu, Debian's archive key comes from the debian-archive-keyring package.
+    [ -f "$keyring" ] || apt_install debian-archive-keyring
     [ -f "$keyring" ] && opt="[signed-by=$keyring] "
     echo "deb-src ${opt}http://deb.debian.org/debian bookworm main" | $S tee /etc/apt/sources.list.d/herald-deb-src.list >/dev/null
     $S apt-get update -qq
