@@ -747,9 +747,25 @@ async fn reconcile(run: Arc<TriggerRun>, ctx: Arc<Context>) -> Result<Action, Er
     result
 }
 
-async fn reconcile_run(run: &TriggerRun, ctx: &Context) -> Result<Action, Error> {
-    let namespace = run.namespace().ok_or(Error::MissingMetadata)?;
-    let name = run.name_any();
+async fn reconcile_run(cached: &TriggerRun, ctx: &Context) -> Result<Action, Error> {
+    let namespace = cached.namespace().ok_or(Error::MissingMetadata)?;
+    let name = cached.name_any();
+    // The watch cache can lag behind this controller's own last status write.
+    // Acceptance expands and writes the pages afresh, so it must never run
+    // twice: a run that looks Pending is read from the apiserver first.
+    let fresh;
+    let run = if cached.status.as_ref().is_none_or(|s| s.state == RunState::Pending) {
+        let api: Api<TriggerRun> = Api::namespaced(ctx.client.clone(), &namespace);
+        match api.get_opt(&name).await? {
+            Some(run) => {
+                fresh = run;
+                &fresh
+            }
+            None => return Ok(Action::await_change()),
+        }
+    } else {
+        cached
+    };
     if run.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
