@@ -514,8 +514,7 @@ mod tests {
         let mut gated = channel_step("gated", "x");
         gated.conditions = vec![StepCondition { variable: "data.n".into(), operator: "greater_than".into(), argument: Some(json!(5)) }];
         let mut f = Fixture::new(vec![gated, channel_step("b", "y")]);
-        let mut set = PreferenceSet::default();
-        set.channel_types = BTreeMap::from([("http".to_string(), false)]);
+        let set = PreferenceSet { channel_types: BTreeMap::from([("http".to_string(), false)]), ..Default::default() };
         f.user.preferences.insert("default".into(), set);
         let mut status = RecipientStatus::default();
         assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, Timestamp::now()), Next::Done);

@@ -265,7 +265,7 @@ mod tests {
         assert_eq!(inline.key, RecipientKey::user("user_9"));
         assert_eq!(inline.properties, json!({"name": "Nine"}).as_object().unwrap().clone());
         assert_eq!(inline.trigger_data["extra"], 1);
-        assert_eq!(inline.preferences["default"].channel_types["email"], false);
+        assert!(!inline.preferences["default"].channel_types["email"]);
         assert!(inline.channel_data.contains_key("hooks"));
     }
 
@@ -302,7 +302,7 @@ mod tests {
         };
         assert_eq!(id, "acme");
         assert_eq!(properties["name"], "Acme");
-        assert_eq!(preference_set.unwrap().channel_types["email"], false);
+        assert!(!preference_set.unwrap().channel_types["email"]);
         assert!(parse_tenant(&json!(1)).is_err());
     }
 }

@@ -7,6 +7,7 @@
 //! * `HERALD_TEST_USE_KUBECONFIG=1`: the cluster `KUBECONFIG` points at (a real cluster);
 //! * otherwise this process starts one with scripts/controlplane.sh and stops
 //!   it when the process exits.
+//!
 //! When none can be had, tests fail with a message saying what is missing.
 #![allow(dead_code)]
 
