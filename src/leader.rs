@@ -42,7 +42,7 @@ fn lease_namespace(settings: &Settings) -> String {
     settings
         .lease_namespace
         .clone()
-        .or_else(|| settings.namespace.clone())
+        .or_else(|| settings.namespaces.first().cloned())
         .or_else(|| std::env::var("POD_NAMESPACE").ok())
         .unwrap_or_else(|| "default".into())
 }

@@ -10,9 +10,9 @@ pub struct Settings {
     #[arg(long, env = "HERALD_API_ADDR", default_value = "0.0.0.0:8080")]
     pub api_addr: SocketAddr,
 
-    /// Watch only this namespace (default: every namespace).
-    #[arg(long, env = "HERALD_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated (default: every namespace).
+    #[arg(long = "namespace", env = "HERALD_NAMESPACE", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
 
     /// Seconds a finished TriggerRun is kept when its spec sets no ttlSecondsAfterFinished.
     /// Runs with an idempotency key are always kept at least 7 days.
@@ -55,7 +55,7 @@ pub struct Settings {
     #[arg(long, env = "HERALD_LEASE_NAME", default_value = "herald-controller")]
     pub lease_name: String,
 
-    /// Namespace of the Lease (default: the watched namespace, else POD_NAMESPACE, else `default`).
+    /// Namespace of the Lease (default: the first watched namespace, else POD_NAMESPACE, else `default`).
     #[arg(long, env = "HERALD_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
 
@@ -102,7 +102,7 @@ impl Settings {
     pub fn for_namespace(namespace: &str) -> Self {
         Settings {
             api_addr: "127.0.0.1:0".parse().expect("static address"),
-            namespace: Some(namespace.to_string()),
+            namespaces: vec![namespace.to_string()],
             default_ttl_seconds: 7 * 24 * 3600,
             cancellation_retention_seconds: 3600,
             workflow_grace_seconds: 30,

@@ -448,8 +448,13 @@ fn schema_and_templates_refuse_bad_values() {
     }
     assert!(helm("validate", &[&chart_arg()], &json!({"replicaCount": 2, "operator": {"logFormat": "text"}})).is_ok());
 
-    let refusal = try_render(json!({"rbac": {"scope": "namespaced", "watchNamespaces": ["a", "b"]}}), "x").err().expect("two watched namespaces");
-    assert!(refusal.message.contains("one namespace per process"), "{}", refusal.message);
+    // Several watched namespaces: a Role and RoleBinding in each, and herald told all of them.
+    let r = render(json!({"rbac": {"scope": "namespaced", "watchNamespaces": ["team-a", "team-b"]}}), "x");
+    assert_eq!(r.env()["HERALD_NAMESPACE"], "team-a,team-b");
+    for ns in ["team-a", "team-b"] {
+        assert!(r.of_kind("Role").iter().any(|m| m["metadata"]["namespace"] == ns), "a Role in {ns}");
+        assert!(r.of_kind("RoleBinding").iter().any(|m| m["metadata"]["namespace"] == ns), "a RoleBinding in {ns}");
+    }
     let refusal = try_render(json!({"replicaCount": 2, "leaderElection": {"enabled": false}}), "x").err().expect("replicas without a leader");
     assert!(refusal.message.contains("leaderElection.enabled"), "{}", refusal.message);
 }

@@ -548,3 +548,27 @@ async fn a_reconcile_that_changes_nothing_writes_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(common::metric_value(&op.context.metrics.render(), "herald_reconciles_total"), reconciles);
 }
+
+#[tokio::test]
+async fn one_operator_watches_several_namespaces_and_only_those() {
+    let client = common::client().await;
+    let a = TestNamespace::new(&client).await;
+    let b = TestNamespace::new(&client).await;
+    let unwatched = TestNamespace::new(&client).await;
+    let mut settings = herald::settings::Settings::for_namespace(&a.name);
+    settings.namespaces.push(b.name.clone());
+    let _op = common::operator_with(&client, settings).await;
+    let mut runs = Vec::new();
+    for ns in [&a, &b, &unwatched] {
+        hooks_channel(ns).await;
+        users(ns, &["user_1"]).await;
+        create::<Workflow>(ns, workflow("multi", json!({}))).await;
+        let run: TriggerRun = create(ns, trigger(json!({"workflow": "multi", "recipients": ["user_1"], "data": {"message": "m"}}))).await;
+        runs.push(run.name_any());
+    }
+    assert_eq!(finished(&a, &runs[0]).await.status.unwrap().state, RunState::Completed);
+    assert_eq!(finished(&b, &runs[1]).await.status.unwrap().state, RunState::Completed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let untouched = unwatched.api::<TriggerRun>().get(&runs[2]).await.unwrap();
+    assert!(untouched.status.is_none(), "a namespace herald does not watch is left alone: {:?}", untouched.status);
+}

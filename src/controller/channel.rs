@@ -15,7 +15,7 @@ use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::{conditions, scoped_api, Context, Error, MANAGER};
+use super::{conditions, scope_api, scopes, Context, Error, MANAGER};
 use crate::delivery::config::{self, ChannelProblem};
 use crate::resources::channel::{Channel, ChannelStatus};
 
@@ -83,15 +83,21 @@ fn error_policy(channel: Arc<Channel>, error: &Error, ctx: Arc<Context>) -> Acti
 }
 
 /// Runs the Channel controller until `shutdown`.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let api: Api<Channel> = scoped_api(&ctx.client, &ctx.settings);
-    Controller::new(api, watcher::Config::default())
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "channel controller event");
-            }
-        })
-        .await;
+pub async fn run<F>(ctx: Arc<Context>, shutdown: F)
+where
+    F: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    // One controller per watched namespace (or one for all).
+    let controllers = scopes(&ctx.settings).into_iter().map(|scope| {
+        let api: Api<Channel> = scope_api(&ctx.client, &scope);
+        Controller::new(api, watcher::Config::default())
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "channel controller event");
+                }
+            })
+    });
+    futures::future::join_all(controllers).await;
 }

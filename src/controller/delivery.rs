@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::Client;
 use tokio::sync::Semaphore;
 
@@ -30,7 +30,7 @@ const MAX_STEP_MESSAGE: usize = 400;
 
 /// Sends messages through Channels.
 pub struct Deliverer {
-    channels: Store<Channel>,
+    channels: super::Cache<Channel>,
     secrets: SecretCache,
     /// Built once: its connection pool is shared by every delivery. An error
     /// (no TLS provider) fails http and chat deliveries with its message
@@ -52,7 +52,7 @@ enum Prepared {
 impl Deliverer {
     /// A deliverer reading Channels from `channels` and Secrets through
     /// `client`, with at most `max_deliveries` attempts in flight at once.
-    pub fn new(client: Client, channels: Store<Channel>, max_deliveries: usize) -> Self {
+    pub fn new(client: Client, channels: super::Cache<Channel>, max_deliveries: usize) -> Self {
         Deliverer {
             channels,
             secrets: SecretCache::new(client),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -46,13 +46,13 @@ impl Error {
 /// In-memory caches of the resources the reconcilers read, fed by watches.
 #[derive(Clone)]
 pub struct Stores {
-    pub workflows: Store<Workflow>,
-    pub users: Store<User>,
-    pub objects: Store<Object>,
-    pub tenants: Store<Tenant>,
-    pub audiences: Store<Audience>,
-    pub channels: Store<Channel>,
-    pub cancellations: Store<Cancellation>,
+    pub workflows: Cache<Workflow>,
+    pub users: Cache<User>,
+    pub objects: Cache<Object>,
+    pub tenants: Cache<Tenant>,
+    pub audiences: Cache<Audience>,
+    pub channels: Cache<Channel>,
+    pub cancellations: Cache<Cancellation>,
 }
 
 /// What every reconcile shares.
@@ -69,38 +69,102 @@ pub struct Context {
 /// Field manager for herald's server-side apply writes.
 pub const MANAGER: &str = "herald";
 
-/// An Api for kind `K` in the watched namespace, or in all namespaces.
-pub fn scoped_api<K>(client: &Client, settings: &Settings) -> Api<K>
+/// The watch scopes: each watched namespace, or (None) every namespace.
+pub fn scopes(settings: &Settings) -> Vec<Option<String>> {
+    if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    }
+}
+
+/// An Api for kind `K` in one scope.
+pub fn scope_api<K>(client: &Client, scope: &Option<String>) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
     <K as Resource>::DynamicType: Default,
 {
-    match &settings.namespace {
+    match scope {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
 }
 
-/// Starts a watch-fed store for kind `K`; the task ends with the runtime.
-fn spawn_store<K>(client: &Client, settings: &Settings) -> Store<K>
+/// A watch-fed cache of kind `K` over every watched namespace (one
+/// reflector per namespace: Kubernetes has no multi-namespace watch).
+pub struct Cache<K>
+where
+    K: Resource + Clone + 'static,
+    <K as Resource>::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    parts: Vec<Store<K>>,
+}
+
+impl<K> Clone for Cache<K>
+where
+    K: Resource + Clone + 'static,
+    <K as Resource>::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    fn clone(&self) -> Self {
+        Cache { parts: self.parts.clone() }
+    }
+}
+
+impl<K> Cache<K>
+where
+    K: Resource + Clone + 'static,
+    <K as Resource>::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    /// Every cached object.
+    pub fn state(&self) -> Vec<Arc<K>> {
+        self.parts.iter().flat_map(|p| p.state()).collect()
+    }
+
+    /// The first cached object matching `predicate`.
+    pub fn find(&self, predicate: impl Fn(&K) -> bool) -> Option<Arc<K>> {
+        self.parts.iter().find_map(|p| p.find(&predicate))
+    }
+
+    /// The cached object `key` names.
+    pub fn get(&self, key: &ObjectRef<K>) -> Option<Arc<K>> {
+        self.parts.iter().find_map(|p| p.get(key))
+    }
+
+    /// Waits until every namespace's first full list is in.
+    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        for part in &self.parts {
+            part.wait_until_ready().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts watch-fed stores for kind `K`; the tasks end with the runtime.
+fn spawn_store<K>(client: &Client, settings: &Settings) -> Cache<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     <K as Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let (reader, writer) = reflector::store();
-    let stream = watcher(scoped_api::<K>(client, settings), watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects();
-    tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                tracing::warn!(error = %e, kind = %K::kind(&Default::default()), "watch error; retrying");
-            }
-        }
-    });
-    reader
+    let parts = scopes(settings)
+        .iter()
+        .map(|scope| {
+            let (reader, writer) = reflector::store();
+            let stream = watcher(scope_api::<K>(client, scope), watcher::Config::default())
+                .default_backoff()
+                .reflect(writer)
+                .applied_objects();
+            tokio::spawn(async move {
+                futures::pin_mut!(stream);
+                while let Some(item) = stream.next().await {
+                    if let Err(e) = item {
+                        tracing::warn!(error = %e, kind = %K::kind(&Default::default()), "watch error; retrying");
+                    }
+                }
+            });
+            reader
+        })
+        .collect();
+    Cache { parts }
 }
 
 impl Stores {

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use super::directory;
 use super::identify::{self, Identified};
 use super::workflow::find_by_key;
-use super::{conditions, scoped_api, Context, Error, MANAGER};
+use super::{conditions, scope_api, scopes, Context, Error, MANAGER};
 use crate::core::execution::{self, ChannelTypes, Next, RecipientContext, RunContext, TenantRecord};
 use crate::core::expansion::{self, Directory};
 use crate::core::ids;
@@ -800,51 +800,61 @@ fn error_policy(run: Arc<TriggerRun>, error: &Error, ctx: Arc<Context>) -> Actio
 }
 
 /// Runs the TriggerRun controller until `shutdown`.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let runs: Api<TriggerRun> = scoped_api(&ctx.client, &ctx.settings);
-    let controller = Controller::new(runs, watcher::Config::default());
-    let store = controller.store();
-    tokio::spawn(report_queue_depth(ctx.clone(), store.clone()));
-    let by_cancellation = store.clone();
-    let by_workflow = store;
-    controller
-        .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.max_concurrent_runs))
-        // A Cancellation wakes the runs it covers.
-        .watches(scoped_api::<Cancellation>(&ctx.client, &ctx.settings), watcher::Config::default(), move |c: Cancellation| {
-            let ns = c.namespace();
-            by_cancellation
-                .state()
-                .iter()
-                .filter(|r| r.namespace() == ns && r.spec.workflow == c.spec.workflow && r.spec.cancellation_key.as_deref() == Some(c.spec.cancellation_key.as_str()))
-                .map(|r| ObjectRef::from_obj(r.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        // A Workflow wakes the runs still waiting for it.
-        .watches(scoped_api::<Workflow>(&ctx.client, &ctx.settings), watcher::Config::default(), move |w: Workflow| {
-            let ns = w.namespace();
-            let key = w.key();
-            by_workflow
-                .state()
-                .iter()
-                .filter(|r| r.namespace() == ns && r.spec.workflow == key && r.status.as_ref().is_none_or(|s| s.state == RunState::Pending))
-                .map(|r| ObjectRef::from_obj(r.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "triggerrun controller event");
-            }
-        })
-        .await;
+pub async fn run<F>(ctx: Arc<Context>, shutdown: F)
+where
+    F: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    // One controller per watched namespace (or one for all).
+    let mut stores = Vec::new();
+    let mut controllers = Vec::new();
+    for scope in scopes(&ctx.settings) {
+        let controller = Controller::new(scope_api::<TriggerRun>(&ctx.client, &scope), watcher::Config::default());
+        let store = controller.store();
+        stores.push(store.clone());
+        let by_cancellation = store.clone();
+        let by_workflow = store;
+        let running = controller
+            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.max_concurrent_runs))
+            // A Cancellation wakes the runs it covers.
+            .watches(scope_api::<Cancellation>(&ctx.client, &scope), watcher::Config::default(), move |c: Cancellation| {
+                let ns = c.namespace();
+                by_cancellation
+                    .state()
+                    .iter()
+                    .filter(|r| r.namespace() == ns && r.spec.workflow == c.spec.workflow && r.spec.cancellation_key.as_deref() == Some(c.spec.cancellation_key.as_str()))
+                    .map(|r| ObjectRef::from_obj(r.as_ref()))
+                    .collect::<Vec<_>>()
+            })
+            // A Workflow wakes the runs still waiting for it.
+            .watches(scope_api::<Workflow>(&ctx.client, &scope), watcher::Config::default(), move |w: Workflow| {
+                let ns = w.namespace();
+                let key = w.key();
+                by_workflow
+                    .state()
+                    .iter()
+                    .filter(|r| r.namespace() == ns && r.spec.workflow == key && r.status.as_ref().is_none_or(|s| s.state == RunState::Pending))
+                    .map(|r| ObjectRef::from_obj(r.as_ref()))
+                    .collect::<Vec<_>>()
+            })
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "triggerrun controller event");
+                }
+            });
+        controllers.push(running);
+    }
+    let reporter = std::pin::pin!(report_queue_depth(ctx.clone(), stores));
+    // The reporter never ends; it stops with the controllers.
+    futures::future::select(std::pin::pin!(futures::future::join_all(controllers)), reporter).await;
 }
 
 /// Keeps `herald_work_queue_depth` (the runs not finished yet: the work the
 /// controller has ahead of it) current.
-async fn report_queue_depth(ctx: Arc<Context>, store: kube::runtime::reflector::Store<TriggerRun>) {
+async fn report_queue_depth(ctx: Arc<Context>, stores: Vec<kube::runtime::reflector::Store<TriggerRun>>) {
     loop {
-        let depth = store.state().iter().filter(|r| r.status.as_ref().is_none_or(|s| !s.state.is_finished())).count();
+        let depth = stores.iter().flat_map(|s| s.state()).filter(|r| r.status.as_ref().is_none_or(|s| !s.state.is_finished())).count();
         ctx.metrics.work_queue_depth.set(depth as i64);
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

@@ -13,7 +13,7 @@ use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
-use super::{conditions, scoped_api, Context, Error, MANAGER};
+use super::{conditions, scope_api, scopes, Context, Error, MANAGER};
 use crate::core::templates::CompiledTemplates;
 use crate::core::validation::DataSchema;
 use crate::resources::workflow::StepType;
@@ -120,17 +120,23 @@ fn error_policy(_workflow: Arc<Workflow>, error: &Error, _ctx: Arc<Context>) -> 
 }
 
 /// Runs the Workflow controller until `shutdown`.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let api: Api<Workflow> = scoped_api(&ctx.client, &ctx.settings);
-    Controller::new(api, watcher::Config::default())
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "workflow controller event");
-            }
-        })
-        .await;
+pub async fn run<F>(ctx: Arc<Context>, shutdown: F)
+where
+    F: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    // One controller per watched namespace (or one for all).
+    let controllers = scopes(&ctx.settings).into_iter().map(|scope| {
+        let api: Api<Workflow> = scope_api(&ctx.client, &scope);
+        Controller::new(api, watcher::Config::default())
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile, error_policy, ctx.clone())
+            .for_each(|result| async move {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "workflow controller event");
+                }
+            })
+    });
+    futures::future::join_all(controllers).await;
 }
 
 #[cfg(test)]

@@ -66,16 +66,12 @@ app.kubernetes.io/part-of: herald
 
 {{/*
 The namespaces herald watches: "" (every namespace) with rbac.scope=cluster,
-else the one entry of rbac.watchNamespaces (default: the release's namespace).
-herald's --namespace takes one namespace, so a longer list is refused here
-rather than deployed as an operator that cannot list what it watches.
+else rbac.watchNamespaces joined with commas (default: the release's
+namespace), as `herald run --namespace` takes them.
 */}}
 {{- define "herald.watchNamespaces" -}}
 {{- if eq .Values.rbac.scope "namespaced" }}
 {{- $list := .Values.rbac.watchNamespaces | default (list .Release.Namespace) }}
-{{- if gt (len $list) 1 }}
-{{- fail (printf "rbac.watchNamespaces lists %d namespaces (%s), but herald watches one namespace per process (--namespace): list one namespace, install one release per namespace, or set rbac.scope=cluster" (len $list) (join ", " $list)) }}
-{{- end }}
 {{- join "," $list }}
 {{- end }}
 {{- end }}

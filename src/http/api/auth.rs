@@ -116,7 +116,8 @@ fn key_of(secret: &Secret) -> Option<KeyEntry> {
 }
 
 /// Keeps the key index in step with the labelled Secrets.
-async fn watch_keys(api: Api<Secret>, index: Arc<RwLock<KeyIndex>>, loaded: watch::Sender<bool>) {
+/// Keeps the index of one scope's keys (a namespace, or every namespace).
+async fn watch_keys(api: Api<Secret>, scope: Option<String>, index: Arc<RwLock<KeyIndex>>, loaded: watch::Sender<bool>) {
     let config = watcher::Config::default().labels(&format!("{API_KEY_LABEL}=true"));
     let stream = watcher::watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
@@ -138,7 +139,9 @@ async fn watch_keys(api: Api<Secret>, index: Arc<RwLock<KeyIndex>>, loaded: watc
                 }
             }
             Event::InitDone => {
-                index.by_secret = buffer.take().unwrap_or_default();
+                // A relist replaces this scope's keys, not other namespaces' watches'.
+                index.by_secret.retain(|(namespace, _), _| scope.as_ref().is_some_and(|s| s != namespace));
+                index.by_secret.extend(buffer.take().unwrap_or_default());
                 index.rebuild();
                 let _ = loaded.send(true);
             }
@@ -198,13 +201,14 @@ impl Drop for AbortOnDrop {
 /// Authenticates and authorizes API requests.
 pub struct Authenticator {
     client: Client,
-    /// The namespace herald serves, when it serves only one.
-    served: Option<String>,
+    /// The namespaces herald serves (empty: every namespace).
+    served: Vec<String>,
     index: Arc<RwLock<KeyIndex>>,
-    loaded: watch::Receiver<bool>,
+    /// One per key watch: true once its first list is in.
+    loaded: Vec<watch::Receiver<bool>>,
     reviews: Cache<[u8; 32], Option<UserInfo>>,
     access: Cache<([u8; 32], String, &'static str, &'static str), bool>,
-    _watch: AbortOnDrop,
+    _watches: Vec<AbortOnDrop>,
 }
 
 /// What a route needs: a verb on a herald resource (for Kubernetes tokens;
@@ -216,27 +220,32 @@ pub struct Permission {
 }
 
 impl Authenticator {
-    /// Starts the key watch (in the served namespace, or in all).
+    /// Starts the key watches (one per served namespace, or one for all).
     pub fn start(client: Client, settings: &Settings) -> Self {
-        let api: Api<Secret> = crate::controller::scoped_api(&client, settings);
         let index = Arc::new(RwLock::new(KeyIndex::default()));
-        let (tx, loaded) = watch::channel(false);
-        let task = tokio::spawn(watch_keys(api, index.clone(), tx));
+        let mut loaded = Vec::new();
+        let mut watches = Vec::new();
+        for scope in crate::controller::scopes(settings) {
+            let api: Api<Secret> = crate::controller::scope_api(&client, &scope);
+            let (tx, rx) = watch::channel(false);
+            loaded.push(rx);
+            watches.push(AbortOnDrop(tokio::spawn(watch_keys(api, scope, index.clone(), tx))));
+        }
         Authenticator {
             client,
-            served: settings.namespace.clone(),
+            served: settings.namespaces.clone(),
             index,
             loaded,
             reviews: Cache::new(),
             access: Cache::new(),
-            _watch: AbortOnDrop(task),
+            _watches: watches,
         }
     }
 
     /// Waits (briefly) for the first list of API keys.
     async fn keys_loaded(&self) -> Result<(), ApiError> {
-        let mut loaded = self.loaded.clone();
-        let ready = tokio::time::timeout(Duration::from_secs(10), loaded.wait_for(|l| *l)).await.is_ok_and(|r| r.is_ok());
+        let all = futures::future::join_all(self.loaded.iter().cloned().map(|mut loaded| async move { loaded.wait_for(|l| *l).await.is_ok() }));
+        let ready = tokio::time::timeout(Duration::from_secs(10), all).await.is_ok_and(|r| r.into_iter().all(|ok| ok));
         if ready {
             Ok(())
         } else {
@@ -268,13 +277,15 @@ impl Authenticator {
             return Err(ApiError::Unauthenticated("invalid API key or Kubernetes token".into()));
         };
         let own = user.username.as_deref().and_then(|u| u.strip_prefix("system:serviceaccount:")).and_then(|r| r.split(':').next()).map(str::to_string);
-        let namespace = requested.or_else(|| self.served.clone()).or(own).ok_or_else(|| {
+        let only_served = match self.served.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        };
+        let namespace = requested.or(only_served).or(own).ok_or_else(|| {
             ApiError::invalid(NAMESPACE_HEADER, "name the namespace to act in with the X-Herald-Namespace header")
         })?;
-        if let Some(served) = &self.served {
-            if &namespace != served {
-                return Err(ApiError::Forbidden(format!("this herald serves namespace {served}, not {namespace}")));
-            }
+        if !self.served.is_empty() && !self.served.contains(&namespace) {
+            return Err(ApiError::Forbidden(format!("this herald serves namespace {}, not {namespace}", self.served.join(", "))));
         }
         Ok(Caller { namespace, identity: Identity::Kubernetes { user, token_digest } })
     }
