@@ -8,14 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::{conditions, scope_api, scopes, Context, Error, MANAGER};
+use super::{conditions, Context, Error, MANAGER};
 use crate::delivery::config::{self, ChannelProblem};
 use crate::resources::channel::{Channel, ChannelStatus};
 
@@ -42,7 +40,7 @@ pub async fn check(ctx: &Context, namespace: &str, channel: &Channel) -> Result<
     Ok(config::summary(&channel.spec, smtp.as_ref()))
 }
 
-async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = channel.namespace().ok_or(Error::MissingMetadata)?;
     if channel.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -73,31 +71,3 @@ async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Action, E
     Ok(action)
 }
 
-fn error_policy(channel: Arc<Channel>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&crate::metrics::ErrorLabels { controller: "channel".into(), error: error.label().into() })
-        .inc();
-    tracing::warn!(channel = %channel.name_any(), error = %error, "channel reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
-}
-
-/// Runs the Channel controller until `shutdown`.
-pub async fn run<F>(ctx: Arc<Context>, shutdown: F)
-where
-    F: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
-{
-    // One controller per watched namespace (or one for all).
-    let controllers = scopes(&ctx.settings).into_iter().map(|scope| {
-        let api: Api<Channel> = scope_api(&ctx.client, &scope);
-        Controller::new(api, watcher::Config::default())
-            .graceful_shutdown_on(shutdown.clone())
-            .run(reconcile, error_policy, ctx.clone())
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "channel controller event");
-                }
-            })
-    });
-    futures::future::join_all(controllers).await;
-}

@@ -208,11 +208,48 @@ impl Context {
     }
 }
 
+/// Runs the controller of kind `K` (one per watch scope) until `shutdown`;
+/// failed reconciles go to [`error_policy`].
+pub async fn run_simple<K, R, Fut, F>(ctx: Arc<Context>, shutdown: F, name: &'static str, reconcile: R)
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    <K as Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + std::fmt::Debug + Unpin,
+    R: FnMut(Arc<K>, Arc<Context>) -> Fut + Clone,
+    Fut: std::future::Future<Output = Result<kube::runtime::controller::Action, Error>> + Send + 'static,
+    F: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
+{
+    let controllers = scopes(&ctx.settings).into_iter().map(|scope| {
+        kube::runtime::Controller::new(scope_api::<K>(&ctx.client, &scope), watcher::Config::default())
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile.clone(), error_policy::<K>, ctx.clone())
+            .for_each(move |result| {
+                if let Err(e) = result {
+                    tracing::debug!(controller = name, error = %e, "controller event");
+                }
+                futures::future::ready(())
+            })
+    });
+    futures::future::join_all(controllers).await;
+}
+
+/// Counts a failed reconcile in `herald_reconcile_errors_total`, logs it, and
+/// retries after five seconds.
+fn error_policy<K>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> kube::runtime::controller::Action
+where
+    K: Resource,
+    <K as Resource>::DynamicType: Default,
+{
+    let controller = K::kind(&Default::default()).to_lowercase();
+    ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ErrorLabels { controller: controller.clone(), error: error.label().into() }).inc();
+    tracing::warn!(%controller, object = %object.meta().name.as_deref().unwrap_or_default(), error = %error, "reconcile failed; retrying");
+    kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(5))
+}
+
 /// Runs every controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let shutdown = futures::future::FutureExt::shared(shutdown);
-    let workflows = workflow::run(ctx.clone(), shutdown.clone());
+    let workflows = run_simple(ctx.clone(), shutdown.clone(), "workflow", workflow::reconcile);
     let runs = trigger_run::run(ctx.clone(), shutdown.clone());
-    let channels = channel::run(ctx.clone(), shutdown.clone());
+    let channels = run_simple(ctx.clone(), shutdown.clone(), "channel", channel::reconcile);
     futures::join!(workflows, runs, channels);
 }

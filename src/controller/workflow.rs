@@ -4,16 +4,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use futures::StreamExt;
+
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::{watcher, Controller};
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
-use super::{conditions, scope_api, scopes, Context, Error, MANAGER};
+use super::{conditions, Context, Error, MANAGER};
 use crate::core::templates::CompiledTemplates;
 use crate::core::validation::DataSchema;
 use crate::resources::workflow::StepType;
@@ -88,7 +86,7 @@ pub fn find_by_key(ctx: &Context, namespace: &str, key: &str) -> Option<Arc<Work
     ctx.stores.workflows.find(|w| w.namespace().as_deref() == Some(namespace) && w.key() == key)
 }
 
-async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = workflow.namespace().ok_or(Error::MissingMetadata)?;
     if workflow.metadata.deletion_timestamp.is_some() {
         ctx.workflows.forget(&workflow.uid().unwrap_or_default());
@@ -114,30 +112,6 @@ async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Action,
     Ok(Action::await_change())
 }
 
-fn error_policy(_workflow: Arc<Workflow>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %error, "workflow reconcile failed");
-    Action::requeue(Duration::from_secs(5))
-}
-
-/// Runs the Workflow controller until `shutdown`.
-pub async fn run<F>(ctx: Arc<Context>, shutdown: F)
-where
-    F: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
-{
-    // One controller per watched namespace (or one for all).
-    let controllers = scopes(&ctx.settings).into_iter().map(|scope| {
-        let api: Api<Workflow> = scope_api(&ctx.client, &scope);
-        Controller::new(api, watcher::Config::default())
-            .graceful_shutdown_on(shutdown.clone())
-            .run(reconcile, error_policy, ctx.clone())
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "workflow controller event");
-                }
-            })
-    });
-    futures::future::join_all(controllers).await;
-}
 
 #[cfg(test)]
 mod tests {

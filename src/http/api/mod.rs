@@ -302,6 +302,18 @@ impl Fields {
         }
     }
 
+    /// An optional map of preference-set id → PreferenceSet (`preferences`).
+    pub fn preference_sets(&mut self, key: &str) -> std::collections::BTreeMap<String, crate::core::model::PreferenceSet> {
+        match self.object(key).map(|p| crate::core::model::parse_preference_sets(&p)) {
+            Some(Ok(sets)) => sets,
+            Some(Err(e)) => {
+                self.error(format!("/{key}"), e.to_string());
+                Default::default()
+            }
+            None => Default::default(),
+        }
+    }
+
     /// Whether the body has this field (not null).
     pub fn has(&self, key: &str) -> bool {
         self.map.get(key).is_some_and(|v| !v.is_null())

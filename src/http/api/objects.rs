@@ -15,7 +15,7 @@ use super::errors::ApiError;
 use super::{check_id, check_ids, created_at, delete_located, locate, updated_at, upsert, Api, Fields, JsonBody, Located, Params};
 use crate::controller::identify;
 use crate::core::ids;
-use crate::core::model::{parse_preference_sets, parse_recipient, RecipientInput, RecipientKey};
+use crate::core::model::{parse_recipient, RecipientInput, RecipientKey};
 use crate::resources::{Object, ObjectSpec, Subscription};
 
 fn names(collection: &str, id: &str) -> Vec<String> {
@@ -80,14 +80,7 @@ pub async fn put(
     check_ids(&[("collection", &collection), ("id", &id)])?;
     let mut f = Fields::new(body)?;
     let channel_data = f.object("channel_data").unwrap_or_default();
-    let preferences = match f.object("preferences").map(|p| parse_preference_sets(&p)) {
-        Some(Ok(p)) => p,
-        Some(Err(e)) => {
-            f.error("/preferences", e.to_string());
-            Default::default()
-        }
-        None => Default::default(),
-    };
+    let preferences = f.preference_sets("preferences");
     for key in ["id", "collection"] {
         if let Some(v) = f.take(key) {
             let expected = if key == "id" { &id } else { &collection };

@@ -17,7 +17,7 @@ use super::errors::ApiError;
 use super::{check_ids, created_at, delete_located, locate, updated_at, upsert, Api, Fields, JsonBody, Located, Params, QueryParams};
 use crate::controller::identify;
 use crate::core::ids;
-use crate::core::model::{parse_preference_sets, JsonObject, PreferenceSet};
+use crate::core::model::{JsonObject, PreferenceSet};
 use crate::resources::{User, UserSpec};
 
 const TYPED: [&str; 4] = ["name", "email", "phone_number", "timezone"];
@@ -76,14 +76,7 @@ pub async fn put(State(api): State<Arc<Api>>, caller: Caller, Params(id): Params
     check_ids(&[("user_id", &id)])?;
     let mut f = Fields::new(body)?;
     let channel_data = f.object("channel_data").unwrap_or_default();
-    let preferences = match f.object("preferences").map(|p| parse_preference_sets(&p)) {
-        Some(Ok(p)) => p,
-        Some(Err(e)) => {
-            f.error("/preferences", e.to_string());
-            Default::default()
-        }
-        None => Default::default(),
-    };
+    let preferences = f.preference_sets("preferences");
     if let Some(body_id) = f.take("id") {
         if body_id != json!(id) {
             f.error("/id", "must match the user id in the path (or be left out)");
