@@ -101,6 +101,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
             }
             ready.store(true, Ordering::SeqCst);
             lead(ctx, &mut leadership, wait_stop).await;
+            leadership.release().await;
         };
         let (served, ()) = tokio::join!(server, controllers);
         if let Err(e) = served {

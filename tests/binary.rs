@@ -44,6 +44,33 @@ async fn run_serves_health_logs_json_and_stops_on_sigterm() {
     })
     .await;
     assert!(exited.success(), "exit status {exited:?}");
+    // It gave up the leader Lease on the way out, so another replica need not wait for it to expire.
+    let lease = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), &ns.name).get("herald-controller").await.unwrap();
+    assert_eq!(lease.spec.and_then(|s| s.holder_identity), None, "the Lease is still held after a graceful stop");
+}
+
+#[tokio::test]
+async fn sigterm_as_the_controllers_start_still_stops_herald() {
+    // kube-runtime's controllers used to hang on a shutdown that came before
+    // their watch caches were ready; herald drops them then (nothing runs yet).
+    let client = common::client().await;
+    let ns = common::TestNamespace::new(&client).await;
+    for _ in 0..3 {
+        let mut herald = common::HeraldProcess::start(&ns.name, &[]);
+        // Watch the log closely: the window is the first few milliseconds.
+        let started = std::time::Instant::now();
+        while !herald.logs.lock().unwrap().iter().any(|l| l.contains("leading: starting controllers")) {
+            assert!(started.elapsed() < Duration::from_secs(30), "herald never started its controllers");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(Command::new("kill").args(["-TERM", &herald.child.id().to_string()]).status().unwrap().success());
+        let exited = common::wait_for("herald to exit after SIGTERM", Duration::from_secs(20), || {
+            let status = herald.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await;
+        assert!(exited.success(), "exit status {exited:?}");
+    }
 }
 
 #[test]

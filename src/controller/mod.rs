@@ -219,7 +219,9 @@ where
     F: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 {
     let controllers = scopes(&ctx.settings).into_iter().map(|scope| {
-        kube::runtime::Controller::new(scope_api::<K>(&ctx.client, &scope), watcher::Config::default())
+        let controller = kube::runtime::Controller::new(scope_api::<K>(&ctx.client, &scope), watcher::Config::default());
+        let store = controller.store();
+        let running = controller
             .graceful_shutdown_on(shutdown.clone())
             .run(reconcile.clone(), error_policy::<K>, ctx.clone())
             .for_each(move |result| {
@@ -227,9 +229,40 @@ where
                     tracing::debug!(controller = name, error = %e, "controller event");
                 }
                 futures::future::ready(())
-            })
+            });
+        until_stopped(running, store, shutdown.clone())
     });
     futures::future::join_all(controllers).await;
+}
+
+/// Drives a kube `Controller` until it has shut down gracefully, or drops it
+/// at once if `shutdown` comes before its watch cache was ever ready.
+///
+/// Why: kube-runtime's runner waits for the controller's store to be ready
+/// before it notices that its queue has ended, and a store whose watch the
+/// shutdown has stopped never becomes ready, so a SIGTERM in the first moments
+/// after start would hang forever. Before the store is ready no reconcile has
+/// started, so dropping the controller then loses nothing.
+pub(crate) async fn until_stopped<K>(
+    running: impl std::future::Future<Output = ()>,
+    store: Store<K>,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let stopped_before_ready = async {
+        shutdown.await;
+        if futures::FutureExt::now_or_never(store.wait_until_ready()).is_none() {
+            tracing::debug!(kind = %K::kind(&K::DynamicType::default()), "stopping before the watch cache was ready");
+            return;
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        () = running => {}
+        () = stopped_before_ready => {}
+    }
 }
 
 /// Counts a failed reconcile in `herald_reconcile_errors_total`, logs it, and

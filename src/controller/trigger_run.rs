@@ -812,7 +812,8 @@ where
         let store = controller.store();
         stores.push(store.clone());
         let by_cancellation = store.clone();
-        let by_workflow = store;
+        let by_workflow = store.clone();
+        let ready = store;
         let running = controller
             .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.max_concurrent_runs))
             // A Cancellation wakes the runs it covers.
@@ -843,7 +844,7 @@ where
                     tracing::debug!(error = %e, "triggerrun controller event");
                 }
             });
-        controllers.push(running);
+        controllers.push(super::until_stopped(running, ready, shutdown.clone()));
     }
     let reporter = std::pin::pin!(report_queue_depth(ctx.clone(), stores));
     // The reporter never ends; it stops with the controllers.

@@ -277,6 +277,13 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
 
 impl Drop for HeraldProcess {
     fn drop(&mut self) {
+        // A failing test shows what herald logged (unless it was shown already).
+        if std::thread::panicking() && std::env::var("HERALD_TEST_SHOW_LOGS").is_err() {
+            eprintln!("--- herald's log ---");
+            for line in self.logs.lock().map(|l| l.clone()).unwrap_or_default() {
+                eprintln!("{line}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
