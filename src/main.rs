@@ -14,7 +14,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start the operator against the current kubeconfig (or in-cluster config).
-    Run(herald::settings::Settings),
+    Run(Box<herald::settings::Settings>),
     /// Print every CRD as YAML, or write one file per kind into a folder.
     Crds {
         /// Write `<kind>.yaml` files into this folder instead of printing.
@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async move {
                 let client = kube::Client::try_default().await.context("connecting to Kubernetes (kubeconfig or in-cluster)")?;
-                herald::operator::run(client, settings, herald::operator::shutdown_signal()).await
+                herald::operator::run(client, *settings, herald::operator::shutdown_signal()).await
             })
         }
     }

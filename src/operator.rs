@@ -114,7 +114,8 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
 
 /// Reconciles while this replica leads. Losing the Lease aborts the
 /// controllers where they stand (progress is checkpointed in status, so the
-/// next leader resumes it); a shutdown lets in-flight reconciles finish.
+/// next leader resumes it); a shutdown lets in-flight reconciles finish, for
+/// at most `--shutdown-grace-seconds`.
 async fn lead<F, Fut>(ctx: Arc<Context>, leadership: &mut leader::Leadership, wait_stop: F)
 where
     F: Fn() -> Fut,
@@ -135,7 +136,12 @@ where
         };
         sweeper.abort();
         if stopping {
-            let _ = controllers.await;
+            let grace = Duration::from_secs(ctx.settings.shutdown_grace_seconds);
+            if tokio::time::timeout(grace, &mut controllers).await.is_err() {
+                tracing::warn!(?grace, "reconciles still running at the end of the shutdown grace; cutting them short (they resume from their checkpoints)");
+                controllers.abort();
+                let _ = controllers.await;
+            }
             return;
         }
         tracing::warn!("lost leadership: stopping controllers now");

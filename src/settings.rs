@@ -46,6 +46,13 @@ pub struct Settings {
     #[arg(long, env = "HERALD_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
 
+    /// Seconds a graceful stop (SIGTERM) gives in-flight reconciles to finish
+    /// before they are cut short; keep it below the pod's
+    /// terminationGracePeriodSeconds. Work cut short resumes from its last
+    /// checkpoint on the next leader.
+    #[arg(long, env = "HERALD_SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
+    pub shutdown_grace_seconds: u64,
+
     /// Seconds a leader's Lease lasts without renewal; a replica that cannot
     /// renew stops reconciling, and another takes over after at most this long.
     #[arg(long = "leader-election-lease-seconds", env = "HERALD_LEASE_SECONDS", default_value_t = 15)]
@@ -111,6 +118,7 @@ impl Settings {
             max_deliveries: 256,
             log_format: LogFormat::Text,
             leader_election: true,
+            shutdown_grace_seconds: 20,
             lease_seconds: 15,
             lease_name: "herald-controller".into(),
             lease_namespace: None,

@@ -461,6 +461,40 @@ async fn a_slow_receiver_does_not_hold_up_other_runs() {
 /// fan-out and starts it again: every recipient is delivered at least once,
 /// and every duplicate carries the same Idempotency-Key.
 #[tokio::test]
+async fn sigterm_cuts_a_stuck_delivery_short_after_the_grace_and_the_next_leader_finishes_it() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    // Answers long after herald's shutdown grace (1 s), well within the channel's timeout.
+    receiver.slow("/stuck", Duration::from_secs(30));
+    channel(&ns, "stuck", json!({"type": "http", "url": receiver.url("/stuck"), "timeoutSeconds": 60})).await;
+    workflow(&ns, "stuck", json!([{"ref": "notify", "type": "channel", "channel": "stuck", "template": {"body": "x"}}])).await;
+    user(&ns, "ada", json!({})).await;
+
+    let mut herald = common::HeraldProcess::start(&ns.name, &["--shutdown-grace-seconds", "1"]);
+    let name = trigger(&ns, json!({"workflow": "stuck", "recipients": ["ada"]})).await;
+    wait_for("the delivery to reach the receiver", Duration::from_secs(60), || async { (receiver.arrived() == 1).then_some(()) }).await;
+    assert!(std::process::Command::new("kill").args(["-TERM", &herald.child.id().to_string()]).status().unwrap().success());
+    let exited = wait_for("herald to exit after its shutdown grace", Duration::from_secs(20), || {
+        let status = herald.child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert!(exited.success(), "exit status {exited:?}");
+    assert!(herald.logs.lock().unwrap().iter().any(|l| l.contains("cutting them short")), "herald said it cut the reconcile short");
+    assert!(!run_state(&ns.api::<TriggerRun>().get(&name).await.unwrap()).is_finished());
+
+    // The next leader (at once: the Lease was released) delivers again: at least once.
+    receiver.slow("/stuck", Duration::ZERO);
+    let _next = common::HeraldProcess::start(&ns.name, &[]);
+    let run = finished(&ns, &name, Duration::from_secs(60)).await;
+    assert_eq!(run_state(&run), RunState::Completed);
+    assert_eq!(receiver.arrived(), 2, "the attempt cut short, then the redelivery");
+    let key = format!("{}:notify", recipients(&ns, &run).await["ada"].recipient_run_id);
+    assert_eq!(receiver.received_at("/stuck").last().and_then(|r| r.header("Idempotency-Key")), Some(key.as_str()));
+}
+
+#[tokio::test]
 async fn sigkill_during_a_fan_out_loses_no_recipient_and_duplicates_keep_their_key() {
     const N: usize = 1000;
     let client = common::client().await;

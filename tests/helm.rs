@@ -321,6 +321,8 @@ fn renders_defaults() {
     assert!(!env.contains_key("HERALD_NAMESPACE"), "cluster scope watches every namespace");
     assert_eq!(env["HERALD_LEADER_ELECTION"], "true");
     assert_eq!(env["HERALD_LEASE_SECONDS"], "15");
+    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    assert_eq!(env["HERALD_SHUTDOWN_GRACE_SECONDS"], "20", "reconciles get the pod's grace period less 10 s");
     assert_eq!(env["HERALD_LEASE_NAME"], LEASE);
     assert_eq!(env["HERALD_POD_NAME"], "fieldRef:metadata.name");
     assert_eq!(env["HERALD_LEASE_NAMESPACE"], "fieldRef:metadata.namespace");
@@ -361,6 +363,7 @@ fn renders_other_values() {
         "image": {"digest": format!("sha256:{}", "a".repeat(64))},
         "operator": {"logFormat": "text", "port": 9090, "rateLimit": {"perSecond": 50, "burst": 100}, "extraArgs": ["--workflow-grace-seconds=5"]},
         "leaderElection": {"leaseSeconds": 30},
+        "terminationGracePeriodSeconds": 5,
         "rbac": {"scope": "namespaced", "watchNamespaces": ["team-a"]},
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},
         "ingress": {"enabled": true, "className": "nginx", "hosts": [{"host": "herald.example.org", "paths": [{"path": "/v1", "pathType": "Prefix"}]}]},
@@ -382,6 +385,7 @@ fn renders_other_values() {
     assert_eq!(env["HERALD_LOG_FORMAT"], "text");
     assert_eq!(env["HERALD_NAMESPACE"], "team-a");
     assert_eq!(env["HERALD_LEASE_SECONDS"], "30");
+    assert_eq!(env["HERALD_SHUTDOWN_GRACE_SECONDS"], "1", "never less than a second");
     assert_eq!(env["HERALD_RATE_LIMIT_PER_SECOND"], "50");
     assert_eq!(env["HERALD_RATE_LIMIT_BURST"], "100");
 

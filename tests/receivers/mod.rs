@@ -71,6 +71,8 @@ struct Path {
 
 #[derive(Default)]
 struct Inner {
+    /// Requests that have arrived (answered or not yet).
+    arrived: std::sync::atomic::AtomicUsize,
     received: Mutex<Vec<Received>>,
     paths: Mutex<HashMap<String, Path>>,
 }
@@ -89,6 +91,7 @@ impl Drop for HttpReceiver {
 }
 
 async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    inner.arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let path = uri.path().to_string();
     let (reply, delay) = {
         let mut paths = inner.paths.lock().unwrap();
@@ -154,6 +157,12 @@ impl HttpReceiver {
         self.received().into_iter().filter(|r| r.path == path).collect()
     }
 
+    /// Requests that have arrived, including those still waiting for their answer.
+    pub fn arrived(&self) -> usize {
+        self.inner.arrived.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Requests answered.
     pub fn count(&self) -> usize {
         self.inner.received.lock().unwrap().len()
     }
