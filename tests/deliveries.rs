@@ -292,6 +292,49 @@ async fn a_delay_survives_an_operator_restart_and_resumes_on_time() {
 }
 
 #[tokio::test]
+async fn a_run_follows_its_workflow_as_accepted_when_the_workflow_is_edited_mid_run() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    let _op = common::operator(&client, &ns.name).await;
+    channel(&ns, "hooks", json!({"type": "http", "url": receiver.url("/hook")})).await;
+    user(&ns, "user_1", json!({"name": "Ann"})).await;
+    workflow(&ns, "edited", json!([
+        {"ref": "wait", "type": "delay", "delay": {"duration": "3s"}},
+        {"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "v1 {{ recipient.name }}"}}
+    ])).await;
+    let before = trigger(&ns, json!({"workflow": "edited", "recipients": ["user_1"]})).await;
+    let runs = ns.api::<TriggerRun>();
+    wait_for("the run to be waiting on its delay", Duration::from_secs(30), || async {
+        (runs.get(&before).await.ok()?.status?.totals?.waiting == 1).then_some(())
+    })
+    .await;
+
+    // Edited while the run waits: a step inserted before `notify`, a new body.
+    let edited = json!({"spec": {"steps": [
+        {"ref": "wait", "type": "delay", "delay": {"duration": "3s"}},
+        {"ref": "first", "type": "channel", "channel": "hooks", "template": {"body": "inserted"}},
+        {"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "v2 {{ recipient.name }}"}}
+    ]}});
+    ns.api::<Workflow>().patch("edited", &PatchParams::default(), &Patch::Merge(&edited)).await.unwrap();
+    let after = trigger(&ns, json!({"workflow": "edited", "recipients": ["user_1"]})).await;
+
+    let run = finished(&ns, &before, Duration::from_secs(60)).await;
+    assert_eq!(run_state(&run), RunState::Completed);
+    let snapshot = run.status.as_ref().unwrap().workflow_spec.clone().expect("the run records the workflow it was accepted with");
+    assert_eq!(snapshot.generation, 1);
+    let r = &recipients(&ns, &run).await["user_1"];
+    assert_eq!(r.steps.iter().map(|s| s.step_ref.as_str()).collect::<Vec<_>>(), ["wait", "notify"], "the accepted steps, not the edited ones");
+    let run = finished(&ns, &after, Duration::from_secs(60)).await;
+    assert_eq!(run_state(&run), RunState::Completed);
+    assert_eq!(run.status.as_ref().unwrap().workflow_spec.as_ref().unwrap().generation, 2);
+
+    let mut bodies: Vec<String> = receiver.received().iter().map(|r| String::from_utf8_lossy(&r.body).into_owned()).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["inserted", "v1 Ann", "v2 Ann"], "the first run sent v1 only; the run triggered after the edit sent the new steps");
+}
+
+#[tokio::test]
 async fn a_receiver_failing_twice_then_succeeding_completes_with_three_attempts() {
     let client = common::client().await;
     let ns = TestNamespace::new(&client).await;

@@ -30,7 +30,8 @@ use crate::core::model::{parse_recipient, parse_tenant, JsonObject, RecipientInp
 use crate::core::status::{self as run_status, RecipientState, RecipientStatus, RunState};
 use crate::core::validation;
 use crate::resources::workflow::OnInvalid;
-use crate::resources::{Cancellation, RecipientPage, RecipientPageSpec, RecipientPageStatus, TriggerRun, TriggerRunStatus, Workflow};
+use crate::core::templates::CompiledTemplates;
+use crate::resources::{Cancellation, RecipientPage, RecipientPageSpec, RecipientPageStatus, TriggerRun, TriggerRunStatus, Workflow, WorkflowSnapshot};
 
 /// Recipients per RecipientPage: small enough that a page stays far below
 /// etcd's request limit, large enough that 10,000 recipients take 20 pages.
@@ -382,6 +383,7 @@ impl<'a> Reconciler<'a> {
         status.actor = actor.map(|a| a.to_string());
         status.tenant = trigger.tenant.as_ref().map(|t| t.id().to_string());
         status.pages = pages.iter().map(|p| p.name.clone()).collect();
+        status.workflow_spec = Some(WorkflowSnapshot::of(&workflow));
         status.totals = Some(run_status::totals(&recipients));
         status.start_time = Some(Time(Timestamp::now()));
         status.observed_generation = generation;
@@ -464,10 +466,23 @@ impl<'a> Reconciler<'a> {
         let Some(workflow) = find_by_key(self.ctx, &self.namespace, key) else {
             return self.fail_unfinished(status, pages, "WorkflowNotFound", &format!("Workflow `{key}` was deleted")).await;
         };
-        let compiled = self.ctx.workflows.get(&workflow);
-        let compiled = match compiled.as_ref() {
-            Ok(c) => c,
-            Err(message) => return self.fail_unfinished(status, pages, "WorkflowInvalid", message).await,
+        // The run follows the Workflow as it was accepted; runs accepted
+        // before herald kept that snapshot follow the current one.
+        let snapshot = status.workflow_spec.clone().unwrap_or_else(|| WorkflowSnapshot::of(&workflow));
+        let live = self.ctx.workflows.get(&workflow);
+        let edited;
+        let templates = if Some(snapshot.generation) == workflow.metadata.generation {
+            match live.as_ref() {
+                Ok(compiled) => &compiled.templates,
+                Err(message) => return self.fail_unfinished(status, pages, "WorkflowInvalid", message).await,
+            }
+        } else {
+            // The Workflow was edited since: compile the steps this run follows (they compiled when it was accepted).
+            edited = match CompiledTemplates::compile(&snapshot.steps) {
+                Ok(templates) => templates,
+                Err(e) => return self.fail_unfinished(status, pages, "WorkflowInvalid", &e.to_string()).await,
+            };
+            &edited
         };
         let trigger = match parse_trigger(self.run) {
             Ok(t) => t,
@@ -489,10 +504,10 @@ impl<'a> Reconciler<'a> {
         let channels = NamespaceChannels::new(self.ctx, &self.namespace);
         let run_context = RunContext {
             workflow_key: key,
-            categories: &workflow.spec.categories,
-            override_preferences: workflow.spec.override_preferences,
-            steps: &workflow.spec.steps,
-            templates: &compiled.templates,
+            categories: &snapshot.categories,
+            override_preferences: snapshot.override_preferences,
+            steps: &snapshot.steps,
+            templates,
             workflow_run_id: run_id(self.run),
             data: &trigger.data,
             actor,

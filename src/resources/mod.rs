@@ -18,7 +18,7 @@ pub use channel::{Channel, ChannelSpec, ChannelStatus, ChannelType};
 pub use object::{Object, ObjectSpec, Subscription};
 pub use recipient_page::{RecipientPage, RecipientPageSpec, RecipientPageStatus};
 pub use tenant::{Tenant, TenantSpec};
-pub use trigger_run::{TriggerRun, TriggerRunSpec, TriggerRunStatus};
+pub use trigger_run::{TriggerRun, TriggerRunSpec, TriggerRunStatus, WorkflowSnapshot};
 pub use user::{User, UserSpec};
 pub use workflow::{Workflow, WorkflowSpec, WorkflowStatus};
 

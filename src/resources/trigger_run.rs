@@ -96,6 +96,10 @@ pub struct TriggerRunStatus {
     /// Names of the RecipientPage objects holding every recipient's status, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pages: Vec<String>,
+    /// The Workflow as the run was accepted with it: the run follows these
+    /// steps to the end, even if the Workflow is edited meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_spec: Option<WorkflowSnapshot>,
     /// When the controller started the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
@@ -109,4 +113,35 @@ pub struct TriggerRunStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::resources::schema::conditions")]
     pub conditions: Vec<Condition>,
+}
+
+/// What a run takes from its Workflow when it is accepted (as Tekton keeps a
+/// PipelineRun's pipelineSpec): editing a Workflow mid-run must not shift a
+/// waiting recipient onto different steps.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkflowSnapshot {
+    /// The Workflow's metadata.generation when the run was accepted.
+    pub generation: i64,
+    /// The Workflow's categories then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
+    /// The Workflow's overridePreferences then.
+    #[serde(default)]
+    pub override_preferences: bool,
+    /// The Workflow's steps then.
+    #[serde(default)]
+    pub steps: Vec<crate::resources::workflow::Step>,
+}
+
+impl WorkflowSnapshot {
+    /// The snapshot of a Workflow as it is now.
+    pub fn of(workflow: &crate::resources::Workflow) -> Self {
+        WorkflowSnapshot {
+            generation: workflow.metadata.generation.unwrap_or_default(),
+            categories: workflow.spec.categories.clone(),
+            override_preferences: workflow.spec.override_preferences,
+            steps: workflow.spec.steps.clone(),
+        }
+    }
 }
