@@ -427,6 +427,39 @@ async fn a_workflow_with_a_broken_template_is_not_ready_and_its_runs_fail_clearl
 }
 
 #[tokio::test]
+async fn template_loops_are_bounded_per_workflow_and_per_recipient() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    let _op = common::operator(&client, &ns.name).await;
+    channel(&ns, "hooks", json!({"type": "http", "url": receiver.url("/stars")})).await;
+    // Would allocate ten billion items before looping: refused when applied.
+    workflow(&ns, "huge", json!([{"ref": "n", "type": "channel", "channel": "hooks", "template": {"body": "{% for i in (1..10000000000) %}*{% endfor %}"}}])).await;
+    let api = ns.api::<Workflow>();
+    let message = wait_for("Workflow huge Ready=False", Duration::from_secs(20), || async {
+        let c = api.get("huge").await.ok()?.status?.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == "False")?;
+        Some(c.message)
+    })
+    .await;
+    assert!(message.contains("step `n` template.body: the range `(1..10000000000)` has 10000000000 items"), "{message}");
+
+    // Sized by each recipient's data: checked before rendering, failing only that recipient.
+    workflow(&ns, "stars", json!([{"ref": "n", "type": "channel", "channel": "hooks", "template": {"body": "{% for i in (1..data.stars) %}*{% endfor %}"}}])).await;
+    let name = trigger(&ns, json!({"workflow": "stars", "data": {"stars": 3}, "recipients": [
+        {"id": "modest", "name": "M"},
+        {"id": "greedy", "name": "G", "$trigger_data": {"stars": 10000000000i64}}
+    ]})).await;
+    let run = finished(&ns, &name, Duration::from_secs(60)).await;
+    let by_id = recipients(&ns, &run).await;
+    assert_eq!(by_id["modest"].state, RecipientState::Completed);
+    assert_eq!(by_id["greedy"].state, RecipientState::Failed);
+    let failed = step(&by_id["greedy"], "n");
+    assert!(failed.message.as_deref().unwrap_or_default().contains("has 10000000000 items; at most 1000"), "{failed:?}");
+    let bodies: Vec<String> = receiver.received().iter().map(|r| String::from_utf8_lossy(&r.body).into_owned()).collect();
+    assert_eq!(bodies, ["***"]);
+}
+
+#[tokio::test]
 async fn channels_report_ready_with_a_message_naming_the_problem() {
     let client = common::client().await;
     let ns = TestNamespace::new(&client).await;

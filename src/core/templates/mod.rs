@@ -12,6 +12,9 @@
 //! `{% assign %}` / `{% capture %}` lives in liquid's own (strict) model, so
 //! `{% assign x = data.obj %}{{ x.missing }}` still errors; and filters that
 //! need an array (`join`, `map`, ...) error on `nil` as they do on any non-array.
+//!
+//! Rendering is bounded ([`limits`]): counted ranges of at most 1,000 items
+//! and at most 1 MiB of output per field.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,6 +25,8 @@ use serde_json::Value;
 
 use super::conditions;
 use super::truncate;
+
+pub mod limits;
 use crate::resources::workflow::{Step, StepTemplate, StepType};
 
 /// A template that does not parse or render, naming the step and the field.
@@ -63,7 +68,23 @@ impl liquid_core::Filter for JsonFilter {
 /// `Send + Sync` (liquid's parsed templates are), so it can be shared via `Arc`.
 pub struct CompiledTemplates {
     /// step ref → field name (`template.body`, `template.headers.X-Team`, `delay.until`) → template.
-    steps: BTreeMap<String, BTreeMap<String, liquid::Template>>,
+    steps: BTreeMap<String, BTreeMap<String, Field>>,
+}
+
+/// One parsed field, with the counted ranges to check before each render.
+struct Field {
+    template: liquid::Template,
+    ranges: Vec<limits::CountedRange>,
+}
+
+impl Field {
+    /// Renders within [`limits`]: ranges checked first, output capped.
+    fn render(&self, globals: &ObjectNode, context: &Value) -> Result<String, String> {
+        limits::check_ranges(&self.ranges, context)?;
+        let mut out = limits::CappedOutput::default();
+        self.template.render_to(&mut out, globals).map_err(|e| if out.overflowed { limits::output_too_large() } else { one_line(&e) })?;
+        String::from_utf8(out.bytes).map_err(|_| "the rendered output is not UTF-8".to_string())
+    }
 }
 
 impl fmt::Debug for CompiledTemplates {
@@ -106,7 +127,7 @@ impl CompiledTemplates {
             .filter(JsonFilterParser)
             .build()
             .map_err(|e| TemplateError::new("", "", format!("cannot build the Liquid parser: {}", one_line(&e))))?;
-        let mut compiled: BTreeMap<String, BTreeMap<String, liquid::Template>> = BTreeMap::new();
+        let mut compiled: BTreeMap<String, BTreeMap<String, Field>> = BTreeMap::new();
         for step in steps {
             let step_ref = step.step_ref.as_str();
             // Templates are looked up by ref, so a duplicate would silently shadow a step.
@@ -138,7 +159,8 @@ impl CompiledTemplates {
             let mut fields = BTreeMap::new();
             for (field, source) in sources {
                 let template = parser.parse(source).map_err(|e| TemplateError::new(step_ref, &field, one_line(&e)))?;
-                fields.insert(field, template);
+                let ranges = limits::counted_ranges(source).map_err(|e| TemplateError::new(step_ref, &field, e))?;
+                fields.insert(field, Field { template, ranges });
             }
             compiled.insert(step_ref.to_string(), fields);
         }
@@ -156,7 +178,7 @@ impl CompiledTemplates {
             return Ok(None);
         };
         let globals = globals(step_ref, field, context)?;
-        template.render(&globals).map(Some).map_err(|e| TemplateError::new(step_ref, field, one_line(&e)))
+        template.render(&globals, context).map(Some).map_err(|e| TemplateError::new(step_ref, field, e))
     }
 
     /// Renders every header template of a step: header name → value. Empty
@@ -170,14 +192,14 @@ impl CompiledTemplates {
             .filter_map(|(field, template)| field.strip_prefix("template.headers.").map(|name| (field, name, template)))
             .map(|(field, name, template)| {
                 template
-                    .render(&globals)
+                    .render(&globals, context)
                     .map(|value| (name.to_string(), value))
-                    .map_err(|e| TemplateError::new(step_ref, field, one_line(&e)))
+                    .map_err(|e| TemplateError::new(step_ref, field, e))
             })
             .collect()
     }
 
-    fn fields(&self, step_ref: &str, field: &str) -> Result<&BTreeMap<String, liquid::Template>, TemplateError> {
+    fn fields(&self, step_ref: &str, field: &str) -> Result<&BTreeMap<String, Field>, TemplateError> {
         self.steps
             .get(step_ref)
             .ok_or_else(|| TemplateError::new(step_ref, field, "no such step in the compiled workflow"))
@@ -591,6 +613,29 @@ mod tests {
 
     fn render_one(source: &str) -> String {
         compile_one(source).render("s", "template.body", &context()).expect("renders").expect("field exists")
+    }
+
+    #[test]
+    fn rendering_is_bounded() {
+        // A literal range too large is refused when the Workflow is applied, naming the step and field.
+        let steps = [channel_step("s", StepTemplate { body: Some("{% for i in (1..100000000000) %}x{% endfor %}".into()), ..Default::default() })];
+        let err = CompiledTemplates::compile(&steps).unwrap_err();
+        assert_eq!((err.step.as_str(), err.field.as_str()), ("s", "template.body"));
+        assert!(err.message.contains("100000000000 items"), "{err}");
+        // A range sized by the data is checked before rendering, for that recipient only.
+        let t = compile_one("{% for i in (1..data.count) %}{{ i }}{% endfor %}");
+        assert_eq!(t.render("s", "template.body", &context()).unwrap().as_deref(), Some("123"));
+        let mut huge = context();
+        huge["data"]["count"] = json!(10_000_000_000i64);
+        let err = t.render("s", "template.body", &huge).unwrap_err();
+        assert!(err.message.contains("has 10000000000 items; at most 1000"), "{err}");
+        // Output is capped: 1,000 x 1,000 x 2 bytes is 2 MB.
+        let t = compile_one("{% for i in (1..1000) %}{% for j in (1..1000) %}xx{% endfor %}{% endfor %}");
+        let err = t.render("s", "template.body", &context()).unwrap_err();
+        assert!(err.message.contains("the rendered output passes 1024 KiB"), "{err}");
+        // Headers go through the same limits.
+        let steps = [channel_step("h", StepTemplate { headers: [("X-N".to_string(), "{% for i in (1..data.count) %}{% endfor %}".to_string())].into(), ..Default::default() })];
+        assert!(CompiledTemplates::compile(&steps).unwrap().render_headers("h", &huge).is_err());
     }
 
     #[test]
