@@ -629,6 +629,11 @@ mod tests {
         huge["data"]["count"] = json!(10_000_000_000i64);
         let err = t.render("s", "template.body", &huge).unwrap_err();
         assert!(err.message.contains("has 10000000000 items; at most 1000"), "{err}");
+        // A bound liquid does not take as a whole number is liquid's error, as before.
+        let mut float = context();
+        float["data"]["count"] = json!(1e10);
+        let err = t.render("s", "template.body", &float).unwrap_err();
+        assert!(err.message.contains("whole number"), "{err}");
         // Output is capped: 1,000 x 1,000 x 2 bytes is 2 MB.
         let t = compile_one("{% for i in (1..1000) %}{% for j in (1..1000) %}xx{% endfor %}{% endfor %}");
         let err = t.render("s", "template.body", &context()).unwrap_err();
