@@ -90,7 +90,21 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
             }
         }
     };
-    let server = http::serve(listener, http::State { context: context.clone(), ready: ready.clone() }, wait_stop());
+    // On SIGTERM the server first says it is not ready and goes on serving for
+    // --shutdown-delay-seconds, while load balancers and kube-proxy catch up
+    // with the pod's removal from the Service; then it stops accepting.
+    let drain = {
+        let (ready, stopped, delay) = (ready.clone(), wait_stop(), Duration::from_secs(context.settings.shutdown_delay_seconds));
+        async move {
+            stopped.await;
+            ready.store(false, Ordering::SeqCst);
+            if !delay.is_zero() {
+                tracing::info!(?delay, "not ready; serving on while the endpoint is removed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
+    let server = http::serve(listener, http::State { context: context.clone(), ready: ready.clone() }, drain);
     let ctx = context.clone();
     let mut leadership = leader::start(&ctx.client, &ctx.settings, ctx.metrics.clone()).await?;
     let task = tokio::spawn(async move {
@@ -99,7 +113,9 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
                 tracing::error!("watch caches stopped before they were ready");
                 return;
             }
-            ready.store(true, Ordering::SeqCst);
+            if !*stopped.borrow() {
+                ready.store(true, Ordering::SeqCst);
+            }
             lead(ctx, &mut leadership, wait_stop).await;
             leadership.release().await;
         };
@@ -129,24 +145,35 @@ where
         tracing::info!("leading: starting controllers");
         let sweeper = tokio::spawn(controller::trigger_run::sweep_cancellations(ctx.clone()));
         let mut controllers = tokio::spawn(controller::run(ctx.clone(), wait_stop()));
-        let stopping = tokio::select! {
-            () = leadership.lost() => false,
-            () = wait_stop() => true,
-            _ = &mut controllers => true,
+        enum Ended {
+            Lost,
+            Stopping,
+            /// The controllers' task is done (a JoinHandle must not be polled again).
+            Finished,
+        }
+        let ended = tokio::select! {
+            () = leadership.lost() => Ended::Lost,
+            () = wait_stop() => Ended::Stopping,
+            _ = &mut controllers => Ended::Finished,
         };
         sweeper.abort();
-        if stopping {
-            let grace = Duration::from_secs(ctx.settings.shutdown_grace_seconds);
-            if tokio::time::timeout(grace, &mut controllers).await.is_err() {
-                tracing::warn!(?grace, "reconciles still running at the end of the shutdown grace; cutting them short (they resume from their checkpoints)");
+        match ended {
+            Ended::Finished => return,
+            Ended::Stopping => {
+                let grace = Duration::from_secs(ctx.settings.shutdown_grace_seconds);
+                if tokio::time::timeout(grace, &mut controllers).await.is_err() {
+                    tracing::warn!(?grace, "reconciles still running at the end of the shutdown grace; cutting them short (they resume from their checkpoints)");
+                    controllers.abort();
+                    let _ = controllers.await;
+                }
+                return;
+            }
+            Ended::Lost => {
+                tracing::warn!("lost leadership: stopping controllers now");
                 controllers.abort();
                 let _ = controllers.await;
             }
-            return;
         }
-        tracing::warn!("lost leadership: stopping controllers now");
-        controllers.abort();
-        let _ = controllers.await;
     }
 }
 

@@ -46,6 +46,12 @@ pub struct Settings {
     #[arg(long, env = "HERALD_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
 
+    /// Seconds the HTTP server goes on serving after SIGTERM, answering
+    /// /readyz with 503, before it stops accepting connections: time for
+    /// load balancers to stop sending to a pod that is going away.
+    #[arg(long, env = "HERALD_SHUTDOWN_DELAY_SECONDS", default_value_t = 0)]
+    pub shutdown_delay_seconds: u64,
+
     /// Seconds a graceful stop (SIGTERM) gives in-flight reconciles to finish
     /// before they are cut short; keep it below the pod's
     /// terminationGracePeriodSeconds. Work cut short resumes from its last
@@ -119,6 +125,7 @@ impl Settings {
             log_format: LogFormat::Text,
             leader_election: true,
             shutdown_grace_seconds: 20,
+            shutdown_delay_seconds: 0,
             lease_seconds: 15,
             lease_name: "herald-controller".into(),
             lease_namespace: None,

@@ -73,6 +73,28 @@ async fn sigterm_as_the_controllers_start_still_stops_herald() {
     }
 }
 
+#[tokio::test]
+async fn after_sigterm_it_reports_not_ready_and_serves_on_for_the_shutdown_delay() {
+    let client = common::client().await;
+    let ns = common::TestNamespace::new(&client).await;
+    let mut herald = common::HeraldProcess::start(&ns.name, &["--shutdown-delay-seconds", "3"]);
+    let get = |path: &str| reqwest::get(format!("http://{}{path}", herald.addr));
+    common::wait_for("readiness", Duration::from_secs(30), || async { (get("/readyz").await.ok()?.status() == 200).then_some(()) }).await;
+
+    assert!(Command::new("kill").args(["-TERM", &herald.child.id().to_string()]).status().unwrap().success());
+    // Within the delay: not ready, yet still answering.
+    common::wait_for("/readyz to answer 503", Duration::from_secs(3), || async { (get("/readyz").await.ok()?.status() == 503).then_some(()) }).await;
+    assert_eq!(get("/healthz").await.expect("still serving during the delay").status(), 200);
+    assert!(herald.child.try_wait().unwrap().is_none(), "herald exited before its shutdown delay");
+    let exited = common::wait_for("herald to exit after the delay", Duration::from_secs(20), || {
+        let status = herald.child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert!(exited.success(), "exit status {exited:?}");
+    assert!(get("/healthz").await.is_err(), "the listener is closed after the delay");
+}
+
 #[test]
 fn run_logs_are_json_lines() {
     // `herald run` against an unreachable apiserver fails, and says so in a JSON log line or on stderr.

@@ -323,6 +323,7 @@ fn renders_defaults() {
     assert_eq!(env["HERALD_LEASE_SECONDS"], "15");
     assert_eq!(pod["terminationGracePeriodSeconds"], 30);
     assert_eq!(env["HERALD_SHUTDOWN_GRACE_SECONDS"], "20", "reconciles get the pod's grace period less 10 s");
+    assert_eq!(env["HERALD_SHUTDOWN_DELAY_SECONDS"], "5");
     assert_eq!(env["HERALD_LEASE_NAME"], LEASE);
     assert_eq!(env["HERALD_POD_NAME"], "fieldRef:metadata.name");
     assert_eq!(env["HERALD_LEASE_NAMESPACE"], "fieldRef:metadata.namespace");
@@ -361,7 +362,7 @@ fn renders_other_values() {
     let values = json!({
         "replicaCount": 3,
         "image": {"digest": format!("sha256:{}", "a".repeat(64))},
-        "operator": {"logFormat": "text", "port": 9090, "rateLimit": {"perSecond": 50, "burst": 100}, "extraArgs": ["--workflow-grace-seconds=5"]},
+        "operator": {"logFormat": "text", "port": 9090, "shutdownDelaySeconds": 0, "rateLimit": {"perSecond": 50, "burst": 100}, "extraArgs": ["--workflow-grace-seconds=5"]},
         "leaderElection": {"leaseSeconds": 30},
         "terminationGracePeriodSeconds": 5,
         "rbac": {"scope": "namespaced", "watchNamespaces": ["team-a"]},
@@ -386,6 +387,7 @@ fn renders_other_values() {
     assert_eq!(env["HERALD_NAMESPACE"], "team-a");
     assert_eq!(env["HERALD_LEASE_SECONDS"], "30");
     assert_eq!(env["HERALD_SHUTDOWN_GRACE_SECONDS"], "1", "never less than a second");
+    assert_eq!(env["HERALD_SHUTDOWN_DELAY_SECONDS"], "0");
     assert_eq!(env["HERALD_RATE_LIMIT_PER_SECOND"], "50");
     assert_eq!(env["HERALD_RATE_LIMIT_BURST"], "100");
 
