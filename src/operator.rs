@@ -109,14 +109,20 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
     let mut leadership = leader::start(&ctx.client, &ctx.settings, ctx.metrics.clone()).await?;
     let task = tokio::spawn(async move {
         let controllers = async {
-            if ctx.stores.wait_until_ready().await.is_err() {
-                tracing::error!("watch caches stopped before they were ready");
-                return;
+            // A stop must not wait for caches that may never fill (say, a kind
+            // the RBAC does not let herald watch).
+            tokio::select! {
+                caches = ctx.stores.wait_until_ready() => match caches {
+                    Err(_) => tracing::error!("watch caches stopped before they were ready"),
+                    Ok(()) => {
+                        if !*stopped.borrow() {
+                            ready.store(true, Ordering::SeqCst);
+                        }
+                        lead(ctx, &mut leadership, wait_stop).await;
+                    }
+                },
+                () = wait_stop() => tracing::info!("stopping before the watch caches were ready"),
             }
-            if !*stopped.borrow() {
-                ready.store(true, Ordering::SeqCst);
-            }
-            lead(ctx, &mut leadership, wait_stop).await;
             leadership.release().await;
         };
         let (served, ()) = tokio::join!(server, controllers);

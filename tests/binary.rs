@@ -6,6 +6,8 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use serde_json::json;
+
 #[test]
 fn crds_prints_every_kind() {
     let out = Command::new(env!("CARGO_BIN_EXE_herald")).arg("crds").output().unwrap();
@@ -93,6 +95,51 @@ async fn after_sigterm_it_reports_not_ready_and_serves_on_for_the_shutdown_delay
     .await;
     assert!(exited.success(), "exit status {exited:?}");
     assert!(get("/healthz").await.is_err(), "the listener is closed after the delay");
+}
+
+#[tokio::test]
+async fn sigterm_stops_herald_whose_watch_caches_never_fill() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    let client = common::client().await;
+    let ns = common::TestNamespace::new(&client).await;
+    // A ServiceAccount that may read the CRDs and use every herald kind but Audiences.
+    let who = json!([{"kind": "ServiceAccount", "name": "partial", "namespace": ns.name}]);
+    let cluster_name = format!("herald-test-partial-{}", ns.name);
+    common::create::<ServiceAccount>(&ns, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "partial"}})).await;
+    let cluster_roles: kube::Api<ClusterRole> = kube::Api::all(client.clone());
+    let cluster_bindings: kube::Api<ClusterRoleBinding> = kube::Api::all(client.clone());
+    let post = kube::api::PostParams::default();
+    cluster_roles.create(&post, &serde_json::from_value(json!({"metadata": {"name": cluster_name},
+        "rules": [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list"]}]})).unwrap()).await.unwrap();
+    cluster_bindings.create(&post, &serde_json::from_value(json!({"metadata": {"name": cluster_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name}, "subjects": who})).unwrap()).await.unwrap();
+    let kinds = ["workflows", "triggerruns", "triggerruns/status", "recipientpages", "recipientpages/status", "users", "objects", "tenants", "channels", "channels/status", "workflows/status", "cancellations"];
+    common::create::<Role>(&ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "partial"}, "rules": [
+        {"apiGroups": ["herald.dev"], "resources": kinds, "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]},
+        {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
+    ]})).await;
+    common::create::<RoleBinding>(&ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "partial"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "partial"}, "subjects": who})).await;
+    let kubeconfig = std::env::temp_dir().join(format!("herald-partial-{}.kubeconfig", ns.name));
+    common::kubeconfig_with_token(&common::token_for(&client, &ns.name, "partial").await, &kubeconfig);
+
+    let mut herald = common::HeraldProcess::start_as(&ns.name, &[], &kubeconfig);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ready = reqwest::get(format!("http://{}/readyz", herald.addr)).await.unwrap();
+    assert_eq!(ready.status(), 503, "the Audience cache cannot fill, so herald is not ready");
+    assert!(Command::new("kill").args(["-TERM", &herald.child.id().to_string()]).status().unwrap().success());
+    let exited = common::wait_for("herald to exit after SIGTERM", Duration::from_secs(20), || {
+        let status = herald.child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert!(exited.success(), "exit status {exited:?}");
+    let _ = std::fs::remove_file(&kubeconfig);
+    let delete = kube::api::DeleteParams::default();
+    let _ = cluster_bindings.delete(&cluster_name, &delete).await;
+    let _ = cluster_roles.delete(&cluster_name, &delete).await;
 }
 
 #[test]

@@ -25,15 +25,13 @@ use std::time::Duration;
 use common::{wait_for, TestNamespace};
 use herald::resources::{Channel, RecipientPage, Tenant, TriggerRun, User, Workflow};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
 
 const RELEASE: &str = "herald";
@@ -644,34 +642,6 @@ async fn install_upgrade_uninstall() {
 // ---------------------------------------------------------------------------
 // The operator under the chart's ServiceAccount
 
-/// A token of a ServiceAccount, from the TokenRequest API.
-async fn token_for(client: &Client, namespace: &str, service_account: &str) -> String {
-    let request: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).unwrap();
-    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let answer: TokenRequest = api.create_subresource("token", service_account, &PostParams::default(), &request).await.expect("TokenRequest");
-    answer.status.expect("a token").token
-}
-
-/// A kubeconfig for the test control plane that authenticates with `token` alone.
-fn kubeconfig_with_token(token: &str, path: &Path) {
-    let admin: Value = serde_yaml::from_str(&std::fs::read_to_string(common::kubeconfig()).unwrap()).unwrap();
-    let cluster = admin["clusters"][0]["cluster"].clone();
-    let config = json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "local", "cluster": cluster}],
-        "users": [{"name": "herald", "user": {"token": token}}],
-        "contexts": [{"name": "herald", "context": {"cluster": "local", "user": "herald"}}],
-        "current-context": "herald",
-    });
-    std::fs::write(path, serde_yaml::to_string(&config).unwrap()).unwrap();
-}
-
-async fn client_from(path: &Path) -> Client {
-    let kubeconfig = Kubeconfig::read_from(path).unwrap();
-    Client::try_from(Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap()).unwrap()
-}
-
 fn is_forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> bool {
     matches!(result, Err(kube::Error::Api(ref s)) if s.code == 403)
 }
@@ -855,8 +825,8 @@ async fn operator_runs_under_the_chart_service_account() {
     let dir = std::env::temp_dir().join(format!("herald-helm-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let sa_kubeconfig = dir.join("kubeconfig");
-    kubeconfig_with_token(&token_for(&admin, &home.name, RELEASE).await, &sa_kubeconfig);
-    let sa = client_from(&sa_kubeconfig).await;
+    common::kubeconfig_with_token(&common::token_for(&admin, &home.name, RELEASE).await, &sa_kubeconfig);
+    let sa = common::client_from(&sa_kubeconfig).await;
 
     // What the chart does not grant is refused.
     assert!(is_forbidden(Api::<Namespace>::all(sa.clone()).delete(&watched.name, &DeleteParams::default()).await), "deleting a Namespace");
@@ -891,8 +861,8 @@ async fn operator_runs_under_the_chart_service_account() {
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "trigger"},
         "subjects": [{"kind": "ServiceAccount", "name": "pipeline", "namespace": ns}]})).await;
     apply(&admin, ns, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "bystander"}})).await;
-    let pipeline_token = token_for(&admin, ns, "pipeline").await;
-    let bystander_token = token_for(&admin, ns, "bystander").await;
+    let pipeline_token = common::token_for(&admin, ns, "pipeline").await;
+    let bystander_token = common::token_for(&admin, ns, "bystander").await;
 
     // herald, as the pod would run it, with nothing but the chart's ServiceAccount.
     let pod_name = format!("{RELEASE}-7d9f8b6c5-{}", &uuid::Uuid::new_v4().simple().to_string()[..5]);

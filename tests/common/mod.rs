@@ -101,6 +101,37 @@ async fn install_crds(client: Client) {
     herald::operator::wait_for_crds(&client, Duration::from_secs(60)).await.expect("CRDs established");
 }
 
+/// A token of a ServiceAccount, from the TokenRequest API.
+pub async fn token_for(client: &Client, namespace: &str, service_account: &str) -> String {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let request: TokenRequest = serde_json::from_value(serde_json::json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).unwrap();
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let answer: TokenRequest = api.create_subresource("token", service_account, &PostParams::default(), &request).await.expect("TokenRequest");
+    answer.status.expect("a token").token
+}
+
+/// A kubeconfig for the test control plane that authenticates with `token` alone.
+pub fn kubeconfig_with_token(token: &str, path: &Path) {
+    let admin: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(kubeconfig()).unwrap()).unwrap();
+    let cluster = admin["clusters"][0]["cluster"].clone();
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": cluster}],
+        "users": [{"name": "herald", "user": {"token": token}}],
+        "contexts": [{"name": "herald", "context": {"cluster": "local", "user": "herald"}}],
+        "current-context": "herald",
+    });
+    std::fs::write(path, serde_yaml::to_string(&config).unwrap()).unwrap();
+}
+
+/// A client that uses the kubeconfig at `path`.
+pub async fn client_from(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).unwrap();
+    Client::try_from(Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap()).unwrap()
+}
+
 /// A fresh namespace for one test, deleted when dropped.
 pub struct TestNamespace {
     pub name: String,
@@ -221,11 +252,16 @@ impl HeraldProcess {
     /// Starts `herald run --namespace <ns> --api-addr 127.0.0.1:0 --log-format json <extra>`
     /// and waits until it logs that it is serving.
     pub fn start(namespace: &str, extra: &[&str]) -> HeraldProcess {
+        Self::start_as(namespace, extra, &kubeconfig())
+    }
+
+    /// Like [`HeraldProcess::start`], with the credentials of another kubeconfig.
+    pub fn start_as(namespace: &str, extra: &[&str], kubeconfig: &Path) -> HeraldProcess {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
             .args(["run", "--namespace", namespace, "--api-addr", "127.0.0.1:0", "--log-format", "json"])
             .args(extra)
-            .env("KUBECONFIG", kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("starting herald");
