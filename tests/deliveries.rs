@@ -536,6 +536,45 @@ async fn a_slow_receiver_does_not_hold_up_other_runs() {
     assert_eq!(run_state(&finished(&ns, &slow, Duration::from_secs(60)).await), RunState::Completed);
 }
 
+#[tokio::test]
+async fn a_slow_recipient_holds_up_no_other_page_of_its_run() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    let _op = common::operator(&client, &ns.name).await;
+    // The first recipient's endpoint answers after 12 s; pages hold 500 recipients.
+    receiver.slow("/user-0000", Duration::from_secs(12));
+    channel(&ns, "hooks", json!({"type": "http", "url": receiver.url("/"), "timeoutSeconds": 60})).await;
+    let url = receiver.url("/{{ recipient.id }}");
+    workflow(&ns, "each", json!([{"ref": "n", "type": "channel", "channel": "hooks", "template": {"url": url, "body": "x"}}])).await;
+    let ids: Vec<String> = (0..510).map(|i| format!("user-{i:04}")).collect();
+    let users = ns.api::<User>();
+    futures::stream::iter(ids.iter())
+        .for_each_concurrent(16, |id| {
+            let users = users.clone();
+            async move {
+                let u: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id}, "spec": {"id": id}})).unwrap();
+                users.create(&PostParams::default(), &u).await.expect("create user");
+            }
+        })
+        .await;
+
+    let name = trigger(&ns, json!({"workflow": "each", "recipients": ids})).await;
+    let runs = ns.api::<TriggerRun>();
+    let pages = ns.api::<RecipientPage>();
+    wait_for("the second page to finish", Duration::from_secs(30), || async {
+        let second = runs.get(&name).await.ok()?.status?.pages.get(1).cloned()?;
+        let recipients = pages.get(&second).await.ok()?.status?.recipients;
+        recipients.iter().all(|r| r.state == RecipientState::Completed).then_some(())
+    })
+    .await;
+    assert!(receiver.received_at("/user-0000").is_empty(), "the second page waited for the slow recipient of the first");
+    assert!(!run_state(&runs.get(&name).await.unwrap()).is_finished());
+    let run = finished(&ns, &name, Duration::from_secs(60)).await;
+    assert_eq!(run_state(&run), RunState::Completed);
+    assert_eq!(run.status.as_ref().unwrap().totals.as_ref().unwrap().completed, 510);
+}
+
 /// Kills the real `herald` binary with SIGKILL during a 1,000-recipient
 /// fan-out and starts it again: every recipient is delivered at least once,
 /// and every duplicate carries the same Idempotency-Key.

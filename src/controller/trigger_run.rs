@@ -158,6 +158,7 @@ pub fn page_name(run: &str, index: usize) -> String {
 }
 
 /// A page of recipients in memory.
+#[derive(Clone)]
 struct Page {
     name: String,
     recipients: Vec<RecipientStatus>,
@@ -516,92 +517,108 @@ impl<'a> Reconciler<'a> {
         let cancelled = self.cancellation();
 
         let mut next_wake: Option<Timestamp> = None;
-        for index in 0..pages.len() {
-            let page = &mut pages[index];
-            let pending: Vec<(usize, RecipientStatus)> =
-                page.recipients.iter().enumerate().filter(|(_, r)| !r.state.is_finished()).map(|(i, r)| (i, r.clone())).collect();
-            if pending.is_empty() {
-                continue;
-            }
-            let mut results = futures::stream::iter(pending)
-                .map(|(i, mut recipient_status)| {
-                    let recipient_key = recipient_status.key();
-                    let is_cancelled = cancelled.covers(&recipient_key);
-                    let run_context = &run_context;
-                    let directory = &directory;
-                    let channels = &channels;
-                    let trigger_data = trigger_data.get(&recipient_key).copied();
-                    async move {
-                        let via = recipient_status.via.as_deref().and_then(expansion::Via::parse);
-                        let recipient = RecipientContext {
-                            key: &recipient_key,
-                            recipient_run_id: Uuid::parse_str(&recipient_status.recipient_run_id).unwrap_or_default(),
-                            user: match &recipient_key {
-                                RecipientKey::User(id) => directory.user(id),
-                                RecipientKey::Object { .. } => None,
-                            },
-                            object: match &recipient_key {
-                                RecipientKey::Object { collection, id } => directory.object(collection, id),
-                                RecipientKey::User(_) => None,
-                            },
-                            trigger_data,
-                            subscription: via.as_ref().and_then(|v| expansion::subscription(directory, v, &recipient_key)),
-                        };
-                        let wake = self.drive(run_context, &recipient, channels, &mut recipient_status, is_cancelled).await;
-                        (i, recipient_status, wake)
-                    }
-                })
-                .buffer_unordered(self.ctx.settings.run_concurrency.max(1));
-            // Checkpoints: the page is saved after CHECKPOINT_EVERY changed
-            // recipients or CHECKPOINT_INTERVAL, whichever comes first, while
-            // deliveries go on (one write in flight at a time). A crash loses
-            // at most the outcomes recorded since the last save; those
-            // recipients are sent again, with the same Idempotency-Key.
-            let mut unsaved = 0usize;
-            let mut last_save = tokio::time::Instant::now();
-            let mut saving: Option<futures::future::BoxFuture<'_, Result<(), Error>>> = None;
-            loop {
-                tokio::select! {
-                    next = results.next() => match next {
-                        Some((i, new_status, wake)) => {
-                            if let Some(w) = wake {
-                                next_wake = Some(next_wake.map_or(w, |n| n.min(w)));
-                            }
-                            if page.recipients[i] != new_status {
-                                page.recipients[i] = new_status;
-                                unsaved += 1;
-                            }
+        // Every unfinished recipient of every page, in order, at most
+        // --run-concurrency at once: a slow recipient holds up no other page.
+        let pending: Vec<(usize, usize, RecipientStatus)> = pages
+            .iter()
+            .enumerate()
+            .flat_map(|(p, page)| page.recipients.iter().enumerate().filter(|(_, r)| !r.state.is_finished()).map(move |(i, r)| (p, i, r.clone())))
+            .collect();
+        let mut remaining = vec![0usize; pages.len()];
+        for (p, _, _) in &pending {
+            remaining[*p] += 1;
+        }
+        let mut results = futures::stream::iter(pending)
+            .map(|(p, i, mut recipient_status)| {
+                let recipient_key = recipient_status.key();
+                let is_cancelled = cancelled.covers(&recipient_key);
+                let run_context = &run_context;
+                let directory = &directory;
+                let channels = &channels;
+                let trigger_data = trigger_data.get(&recipient_key).copied();
+                async move {
+                    let via = recipient_status.via.as_deref().and_then(expansion::Via::parse);
+                    let recipient = RecipientContext {
+                        key: &recipient_key,
+                        recipient_run_id: Uuid::parse_str(&recipient_status.recipient_run_id).unwrap_or_default(),
+                        user: match &recipient_key {
+                            RecipientKey::User(id) => directory.user(id),
+                            RecipientKey::Object { .. } => None,
+                        },
+                        object: match &recipient_key {
+                            RecipientKey::Object { collection, id } => directory.object(collection, id),
+                            RecipientKey::User(_) => None,
+                        },
+                        trigger_data,
+                        subscription: via.as_ref().and_then(|v| expansion::subscription(directory, v, &recipient_key)),
+                    };
+                    let wake = self.drive(run_context, &recipient, channels, &mut recipient_status, is_cancelled).await;
+                    (p, i, recipient_status, wake)
+                }
+            })
+            .buffer_unordered(self.ctx.settings.run_concurrency.max(1));
+        // Checkpoints: the changed pages are saved after CHECKPOINT_EVERY
+        // changed recipients or CHECKPOINT_INTERVAL, whichever comes first,
+        // while deliveries go on (one save in flight at a time). A crash loses
+        // at most the outcomes recorded since the last save; those recipients
+        // are sent again, with the same Idempotency-Key. When a page finishes
+        // while others go on, the save also updates the run's totals, so that
+        // `kubectl get tr` stays current during long runs.
+        let mut changed_pages = std::collections::BTreeSet::new();
+        let mut unsaved = 0usize;
+        let mut totals_due = false;
+        let mut last_save = tokio::time::Instant::now();
+        let mut saving: Option<futures::future::BoxFuture<'_, Result<(), Error>>> = None;
+        loop {
+            tokio::select! {
+                next = results.next() => match next {
+                    Some((p, i, new_status, wake)) => {
+                        if let Some(w) = wake {
+                            next_wake = Some(next_wake.map_or(w, |n| n.min(w)));
                         }
-                        None => break,
-                    },
-                    saved = async { saving.as_mut().expect("polled only while a save is in flight").await }, if saving.is_some() => {
-                        saving = None;
-                        saved?;
+                        if pages[p].recipients[i] != new_status {
+                            pages[p].recipients[i] = new_status;
+                            changed_pages.insert(p);
+                            unsaved += 1;
+                        }
+                        remaining[p] -= 1;
+                        totals_due |= remaining[p] == 0 && remaining.iter().any(|r| *r > 0);
                     }
-                    _ = tokio::time::sleep_until(last_save + CHECKPOINT_INTERVAL), if unsaved > 0 && saving.is_none() => {}
+                    None => break,
+                },
+                saved = async { saving.as_mut().expect("polled only while a save is in flight").await }, if saving.is_some() => {
+                    saving = None;
+                    saved?;
                 }
-                if saving.is_none() && unsaved > 0 && (unsaved >= CHECKPOINT_EVERY || last_save.elapsed() >= CHECKPOINT_INTERVAL) {
-                    let snapshot = Page { name: page.name.clone(), recipients: page.recipients.clone() };
-                    saving = Some(Box::pin(async move { self.write_page(&snapshot).await }));
-                    unsaved = 0;
-                    last_save = tokio::time::Instant::now();
-                }
+                _ = tokio::time::sleep_until(last_save + CHECKPOINT_INTERVAL), if unsaved > 0 && saving.is_none() => {}
             }
-            if let Some(save) = saving {
-                save.await?;
-            }
-            if unsaved > 0 {
-                self.write_page(page).await?;
-            }
-            // Keep `kubectl get tr` current during long runs: the totals are
-            // written after each page (a few writes per 10,000 recipients).
-            if index + 1 < pages.len() {
+            let checkpoint = unsaved > 0 && (unsaved >= CHECKPOINT_EVERY || last_save.elapsed() >= CHECKPOINT_INTERVAL);
+            if saving.is_none() && (checkpoint || totals_due) {
+                let snapshots: Vec<Page> = std::mem::take(&mut changed_pages).into_iter().map(|p| pages[p].clone()).collect();
                 let totals = run_status::totals(pages.iter().flat_map(|p| p.recipients.iter()));
-                if status.totals.as_ref() != Some(&totals) {
+                let parent = (totals_due && status.totals.as_ref() != Some(&totals)).then(|| {
                     status.totals = Some(totals);
-                    self.write_status(&status).await?;
-                }
+                    status.clone()
+                });
+                saving = Some(Box::pin(async move {
+                    for page in &snapshots {
+                        self.write_page(page).await?;
+                    }
+                    if let Some(parent) = parent {
+                        self.write_status(&parent).await?;
+                    }
+                    Ok(())
+                }));
+                unsaved = 0;
+                totals_due = false;
+                last_save = tokio::time::Instant::now();
             }
+        }
+        if let Some(save) = saving {
+            save.await?;
+        }
+        for p in changed_pages {
+            self.write_page(&pages[p]).await?;
         }
 
         let totals = run_status::totals(pages.iter().flat_map(|p| p.recipients.iter()));
