@@ -38,14 +38,8 @@ async fn run_serves_health_logs_json_and_stops_on_sigterm() {
     assert!(metrics.contains("# TYPE herald_leader gauge") && metrics.contains("# TYPE herald_work_queue_depth gauge"), "{metrics}");
 
     // Graceful stop on SIGTERM, with a zero exit code.
-    let status = Command::new("kill").args(["-TERM", &herald.child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let exited = common::wait_for("herald to exit after SIGTERM", Duration::from_secs(20), || {
-        let status = herald.child.try_wait().unwrap();
-        async move { status }
-    })
-    .await;
-    assert!(exited.success(), "exit status {exited:?}");
+    herald.sigterm();
+    herald.exits_cleanly("herald to exit after SIGTERM").await;
     // It gave up the leader Lease on the way out, so another replica need not wait for it to expire.
     let lease = kube::Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), &ns.name).get("herald-controller").await.unwrap();
     assert_eq!(lease.spec.and_then(|s| s.holder_identity), None, "the Lease is still held after a graceful stop");
@@ -65,13 +59,8 @@ async fn sigterm_as_the_controllers_start_still_stops_herald() {
             assert!(started.elapsed() < Duration::from_secs(30), "herald never started its controllers");
             std::thread::sleep(Duration::from_millis(2));
         }
-        assert!(Command::new("kill").args(["-TERM", &herald.child.id().to_string()]).status().unwrap().success());
-        let exited = common::wait_for("herald to exit after SIGTERM", Duration::from_secs(20), || {
-            let status = herald.child.try_wait().unwrap();
-            async move { status }
-        })
-        .await;
-        assert!(exited.success(), "exit status {exited:?}");
+        herald.sigterm();
+        herald.exits_cleanly("herald to exit after SIGTERM").await;
     }
 }
 
@@ -80,20 +69,16 @@ async fn after_sigterm_it_reports_not_ready_and_serves_on_for_the_shutdown_delay
     let client = common::client().await;
     let ns = common::TestNamespace::new(&client).await;
     let mut herald = common::HeraldProcess::start(&ns.name, &["--shutdown-delay-seconds", "3"]);
-    let get = |path: &str| reqwest::get(format!("http://{}{path}", herald.addr));
+    let addr = herald.addr.clone();
+    let get = |path: &str| reqwest::get(format!("http://{addr}{path}"));
     common::wait_for("readiness", Duration::from_secs(30), || async { (get("/readyz").await.ok()?.status() == 200).then_some(()) }).await;
 
-    assert!(Command::new("kill").args(["-TERM", &herald.child.id().to_string()]).status().unwrap().success());
+    herald.sigterm();
     // Within the delay: not ready, yet still answering.
     common::wait_for("/readyz to answer 503", Duration::from_secs(3), || async { (get("/readyz").await.ok()?.status() == 503).then_some(()) }).await;
     assert_eq!(get("/healthz").await.expect("still serving during the delay").status(), 200);
     assert!(herald.child.try_wait().unwrap().is_none(), "herald exited before its shutdown delay");
-    let exited = common::wait_for("herald to exit after the delay", Duration::from_secs(20), || {
-        let status = herald.child.try_wait().unwrap();
-        async move { status }
-    })
-    .await;
-    assert!(exited.success(), "exit status {exited:?}");
+    herald.exits_cleanly("herald to exit after the delay").await;
     assert!(get("/healthz").await.is_err(), "the listener is closed after the delay");
 }
 
@@ -129,13 +114,8 @@ async fn sigterm_stops_herald_whose_watch_caches_never_fill() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ready = reqwest::get(format!("http://{}/readyz", herald.addr)).await.unwrap();
     assert_eq!(ready.status(), 503, "the Audience cache cannot fill, so herald is not ready");
-    assert!(Command::new("kill").args(["-TERM", &herald.child.id().to_string()]).status().unwrap().success());
-    let exited = common::wait_for("herald to exit after SIGTERM", Duration::from_secs(20), || {
-        let status = herald.child.try_wait().unwrap();
-        async move { status }
-    })
-    .await;
-    assert!(exited.success(), "exit status {exited:?}");
+    herald.sigterm();
+    herald.exits_cleanly("herald to exit after SIGTERM").await;
     let _ = std::fs::remove_file(&kubeconfig);
     let delete = kube::api::DeleteParams::default();
     let _ = cluster_bindings.delete(&cluster_name, &delete).await;

@@ -592,13 +592,8 @@ async fn sigterm_cuts_a_stuck_delivery_short_after_the_grace_and_the_next_leader
     let mut herald = common::HeraldProcess::start(&ns.name, &["--shutdown-grace-seconds", "1"]);
     let name = trigger(&ns, json!({"workflow": "stuck", "recipients": ["ada"]})).await;
     wait_for("the delivery to reach the receiver", Duration::from_secs(60), || async { (receiver.arrived() == 1).then_some(()) }).await;
-    assert!(std::process::Command::new("kill").args(["-TERM", &herald.child.id().to_string()]).status().unwrap().success());
-    let exited = wait_for("herald to exit after its shutdown grace", Duration::from_secs(20), || {
-        let status = herald.child.try_wait().unwrap();
-        async move { status }
-    })
-    .await;
-    assert!(exited.success(), "exit status {exited:?}");
+    herald.sigterm();
+    herald.exits_cleanly("herald to exit after its shutdown grace").await;
     assert!(herald.logs.lock().unwrap().iter().any(|l| l.contains("cutting them short")), "herald said it cut the reconcile short");
     assert!(!run_state(&ns.api::<TriggerRun>().get(&name).await.unwrap()).is_finished());
 

@@ -290,6 +290,23 @@ impl HeraldProcess {
         HeraldProcess { child, addr, logs }
     }
 
+    /// Asks it to stop, with SIGTERM.
+    pub fn sigterm(&self) {
+        let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("running kill");
+        assert!(sent.success(), "kill -TERM failed");
+    }
+
+    /// Waits at most 20 s for it to exit (`what` names the wait), and asserts it exited with 0.
+    pub async fn exits_cleanly(&mut self, what: &str) {
+        let child = &mut self.child;
+        let status = wait_for(what, Duration::from_secs(20), || {
+            let status = child.try_wait().expect("checking on herald");
+            async move { status }
+        })
+        .await;
+        assert!(status.success(), "exit status {status:?}");
+    }
+
     /// Kills it with SIGKILL, like a crash.
     pub fn kill9(&mut self) {
         let _ = Command::new("kill").args(["-KILL", &self.child.id().to_string()]).status();
