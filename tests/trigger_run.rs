@@ -86,9 +86,16 @@ fn sent(r: &RecipientStatus) -> String {
     r.steps.iter().find(|s| s.step_ref == "notify").and_then(|s| s.message.clone()).unwrap_or_default()
 }
 
-async fn events_for(ns: &TestNamespace, name: &str) -> Vec<Event> {
+/// Waits for an Event of `type_` and `reason` about the object `name` (herald
+/// records Events just after the status write they describe).
+async fn wait_for_event(ns: &TestNamespace, name: &str, type_: &str, reason: &str) -> Event {
     let api: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
-    api.list(&ListParams::default()).await.unwrap().items.into_iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).collect()
+    wait_for(&format!("a {type_} Event {reason} on {name}"), Duration::from_secs(20), || async {
+        api.list(&ListParams::default()).await.ok()?.items.into_iter().find(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some(type_)
+        })
+    })
+    .await
 }
 
 #[tokio::test]
@@ -112,8 +119,7 @@ async fn data_is_validated_against_the_schema_reject_and_warn() {
     // Every error, with its JSON pointer.
     assert!(message.contains("/message") && message.contains("count"), "{message}");
     assert!(status.pages.is_empty(), "nothing may be sent for rejected data");
-    let events = events_for(&ns, &run.name_any()).await;
-    assert!(events.iter().any(|e| e.reason.as_deref() == Some("InvalidData") && e.type_.as_deref() == Some("Warning")), "{events:?}");
+    wait_for_event(&ns, &run.name_any(), "Warning", "InvalidData").await;
 
     let run: TriggerRun = create(&ns, trigger(json!({"workflow": "lenient", "recipients": ["user_1"], "data": bad}))).await;
     let run = finished(&ns, &run.name_any()).await;
@@ -121,8 +127,7 @@ async fn data_is_validated_against_the_schema_reject_and_warn() {
     let (s, reason, _) = condition(&run, "DataValid");
     assert_eq!((s.as_str(), reason.as_str()), ("False", "InvalidData"));
     assert_eq!(recipients(&ns, &run).await[0].state, RecipientState::Completed);
-    let events = events_for(&ns, &run.name_any()).await;
-    assert!(events.iter().any(|e| e.reason.as_deref() == Some("InvalidData") && e.type_.as_deref() == Some("Warning")));
+    wait_for_event(&ns, &run.name_any(), "Warning", "InvalidData").await;
 
     // Valid data runs; data that is not an object is refused by the schema itself.
     let run: TriggerRun = create(&ns, trigger(json!({"workflow": "strict", "recipients": ["user_1"], "data": {"message": "hi", "count": 2}}))).await;
