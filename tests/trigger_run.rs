@@ -535,6 +535,11 @@ async fn a_reconcile_that_changes_nothing_writes_nothing() {
     create::<Workflow>(&ns, workflow("quiet", json!({}))).await;
     let run: TriggerRun = create(&ns, trigger(json!({"workflow": "quiet", "recipients": ["user_1", "user_2"], "data": {"message": "m"}}))).await;
     let done = finished(&ns, &run.name_any()).await;
+    // The reconcile that wrote the final status is still counting that write and recording its Event.
+    wait_for("no reconcile in flight", Duration::from_secs(20), || async {
+        (common::metric_value(&op.context.metrics.render(), "herald_reconciles_in_flight") == 0.0).then_some(())
+    })
+    .await;
     let page = done.status.as_ref().unwrap().pages[0].clone();
     let page_version = ns.api::<RecipientPage>().get(&page).await.unwrap().metadata.resource_version;
     let writes = api_writes(&op);
