@@ -75,7 +75,12 @@ async fn after_sigterm_it_reports_not_ready_and_serves_on_for_the_shutdown_delay
 
     herald.sigterm();
     // Within the delay: not ready, yet still answering.
-    common::wait_for("/readyz to answer 503", Duration::from_secs(3), || async { (get("/readyz").await.ok()?.status() == 503).then_some(()) }).await;
+    let answer = common::wait_for("/readyz to answer 503", Duration::from_secs(3), || async {
+        let response = get("/readyz").await.ok()?;
+        (response.status() == 503).then_some(response.text().await.ok()?)
+    })
+    .await;
+    assert_eq!(answer, "not ready: starting or stopping");
     assert_eq!(get("/healthz").await.expect("still serving during the delay").status(), 200);
     assert!(herald.child.try_wait().unwrap().is_none(), "herald exited before its shutdown delay");
     herald.exits_cleanly("herald to exit after the delay").await;

@@ -72,7 +72,8 @@ pub fn router(state: State, api: Arc<api::Api>) -> Router {
 
 async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
     if !state.ready.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "caches not ready");
+        // Starting (watch caches not filled yet) or stopping (draining).
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or stopping");
     }
     match state.context.client.apiserver_version().await {
         Ok(_) => (StatusCode::OK, "ok"),
