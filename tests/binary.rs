@@ -68,14 +68,14 @@ async fn sigterm_as_the_controllers_start_still_stops_herald() {
 async fn after_sigterm_it_reports_not_ready_and_serves_on_for_the_shutdown_delay() {
     let client = common::client().await;
     let ns = common::TestNamespace::new(&client).await;
-    let mut herald = common::HeraldProcess::start(&ns.name, &["--shutdown-delay-seconds", "3"]);
+    let mut herald = common::HeraldProcess::start(&ns.name, &["--shutdown-delay-seconds", "6"]);
     let addr = herald.addr.clone();
     let get = |path: &str| reqwest::get(format!("http://{addr}{path}"));
     common::wait_for("readiness", Duration::from_secs(30), || async { (get("/readyz").await.ok()?.status() == 200).then_some(()) }).await;
 
     herald.sigterm();
     // Within the delay: not ready, yet still answering.
-    let answer = common::wait_for("/readyz to answer 503", Duration::from_secs(3), || async {
+    let answer = common::wait_for("/readyz to answer 503", Duration::from_secs(5), || async {
         let response = get("/readyz").await.ok()?;
         (response.status() == 503).then_some(response.text().await.ok()?)
     })
