@@ -55,10 +55,15 @@ async fn bench() {
     let client = common::client().await;
     let ns = common::TestNamespace::new(&client).await;
     let receiver = receivers::HttpReceiver::start().await;
-    create::<Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/hook")}})).await;
-    create::<Workflow>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "fan"},
+    create::<Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/hook")}}))
+        .await;
+    create::<Workflow>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "fan"},
         "spec": {"key": "fan", "steps": [{"ref": "notify", "type": "channel", "channel": "hooks",
-            "template": {"body": "{\"to\": {{ recipient.id | json }}, \"message\": {{ data.message | json }}}"}}]}})).await;
+            "template": {"body": "{\"to\": {{ recipient.id | json }}, \"message\": {{ data.message | json }}}"}}]}}),
+    )
+    .await;
 
     let setup = Instant::now();
     let ids: Vec<String> = (0..n).map(|i| format!("user_{i:05}")).collect();
@@ -67,14 +72,21 @@ async fn bench() {
         .for_each_concurrent(32, |id| {
             let users = users.clone();
             async move {
-                let u: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id.replace('_', "-")}, "spec": {"id": id, "name": id}})).unwrap();
+                let u: User = serde_json::from_value(
+                    json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id.replace('_', "-")}, "spec": {"id": id, "name": id}}),
+                )
+                .unwrap();
                 users.create(&PostParams::default(), &u).await.expect("create user");
             }
         })
         .await;
     let subscribers: Vec<Value> = ids.iter().map(|id| json!({"recipient": id})).collect();
-    create::<Object>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "everyone"},
-        "spec": {"collection": "groups", "id": "everyone", "subscribers": subscribers}})).await;
+    create::<Object>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "everyone"},
+        "spec": {"collection": "groups", "id": "everyone", "subscribers": subscribers}}),
+    )
+    .await;
     println!("setup: {n} users and one object subscribed to them in {:.1}s", setup.elapsed().as_secs_f64());
 
     let op = common::operator(&client, &ns.name).await;
@@ -82,8 +94,12 @@ async fn bench() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let writes_before = api_writes(&op);
     let started = Instant::now();
-    let run: TriggerRun = create(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"generateName": "bench-"},
-        "spec": {"workflow": "fan", "recipients": [{"id": "everyone", "collection": "groups"}], "data": {"message": "hello"}}})).await;
+    let run: TriggerRun = create(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"generateName": "bench-"},
+        "spec": {"workflow": "fan", "recipients": [{"id": "everyone", "collection": "groups"}], "data": {"message": "hello"}}}),
+    )
+    .await;
     let runs = ns.api::<TriggerRun>();
     let done = common::wait_for("the fan-out to finish", Duration::from_secs(900), || async {
         let r = runs.get(&run.name_any()).await.ok()?;

@@ -56,12 +56,7 @@ fn identity(settings: &Settings) -> String {
 }
 
 fn lease_namespace(settings: &Settings) -> String {
-    settings
-        .lease_namespace
-        .clone()
-        .or_else(|| settings.namespaces.first().cloned())
-        .or_else(|| std::env::var("POD_NAMESPACE").ok())
-        .unwrap_or_else(|| "default".into())
+    settings.lease_namespace.clone().or_else(|| settings.namespaces.first().cloned()).or_else(|| std::env::var("POD_NAMESPACE").ok()).unwrap_or_else(|| "default".into())
 }
 
 /// Starts contending for the Lease (or, with leader election off, leads at once).

@@ -63,8 +63,7 @@ impl HttpMetrics {
     fn register(registry: &mut Registry) -> Self {
         let requests = Family::<HttpLabels, Counter>::default();
         registry.register("http_requests", "HTTP requests answered, by method, route and status", requests.clone());
-        let request_seconds =
-            Family::<HttpRouteLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.5, 14)));
+        let request_seconds = Family::<HttpRouteLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.5, 14)));
         registry.register("http_request_duration_seconds", "HTTP request latency, by method and route", request_seconds.clone());
         let triggers_accepted = Family::<TriggerLabels, Counter>::default();
         registry.register("http_triggers_accepted", "Triggers persisted as TriggerRuns through the HTTP API", triggers_accepted.clone());
@@ -104,8 +103,7 @@ impl Default for Metrics {
         registry.register("reconciles", "Reconciles run, by controller", reconciles.clone());
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         registry.register("reconcile_errors", "Reconciles that failed, by controller and error", reconcile_errors.clone());
-        let reconcile_seconds =
-            Family::<ControllerLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 4.0, 10)));
+        let reconcile_seconds = Family::<ControllerLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 4.0, 10)));
         registry.register("reconcile_duration_seconds", "Reconcile duration, by controller", reconcile_seconds.clone());
         let deliveries = Family::<DeliveryLabels, Counter>::default();
         registry.register("deliveries", "Deliveries, by channel type and outcome", deliveries.clone());

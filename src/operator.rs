@@ -46,12 +46,7 @@ pub async fn wait_for_crds(client: &Client, timeout: Duration) -> anyhow::Result
         let name = crd.metadata.name.clone().unwrap_or_default();
         loop {
             let established = match api.get_opt(&name).await {
-                Ok(Some(found)) => found
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True"),
+                Ok(Some(found)) => found.status.and_then(|s| s.conditions).unwrap_or_default().iter().any(|c| c.type_ == "Established" && c.status == "True"),
                 Ok(None) => false,
                 Err(e) => {
                     tracing::warn!(error = %e, "checking CRDs");

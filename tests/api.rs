@@ -126,8 +126,10 @@ async fn triggers_are_validated_at_the_door_and_nothing_is_created_on_error() {
         (json!({"recipients": []}), vec!["/recipients"]),
         (json!({"data": {}}), vec!["/recipients"]),
         (json!({"recipients": "u1"}), vec!["/recipients"]),
-        (json!({"recipients": ["u1", 5, "", {"name": "no id"}, {"id": "p", "collection": 3}, {"id": "x", "channel_data": []}]}),
-         vec!["/recipients/1", "/recipients/2", "/recipients/3", "/recipients/4", "/recipients/5"]),
+        (
+            json!({"recipients": ["u1", 5, "", {"name": "no id"}, {"id": "p", "collection": 3}, {"id": "x", "channel_data": []}]}),
+            vec!["/recipients/1", "/recipients/2", "/recipients/3", "/recipients/4", "/recipients/5"],
+        ),
         (json!({"recipients": ["u1"], "data": [1, 2]}), vec!["/data"]),
         (json!({"recipients": ["u1"], "data": "text"}), vec!["/data"]),
         (json!({"recipients": ["u1"], "actor": 12}), vec!["/actor"]),
@@ -220,7 +222,8 @@ async fn notify_is_the_older_trigger_api_with_lists_and_body_idempotency_keys() 
     let h = Herald::start().await;
     h.workflow("new-comment", json!({"steps": []})).await;
     let audience: Audience = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Audience",
-        "metadata": {"name": "followers"}, "spec": {"key": "project.1.followers", "members": ["f1", "f2"]}})).unwrap();
+        "metadata": {"name": "followers"}, "spec": {"key": "project.1.followers", "members": ["f1", "f2"]}}))
+    .unwrap();
     h.api::<Audience>().create(&PostParams::default(), &audience).await.unwrap();
 
     h.call("POST", "/v1/notify", Some(json!({"name": "new-comment", "data": {}}))).await.assert_error(422, "invalid_params");
@@ -229,7 +232,9 @@ async fn notify_is_the_older_trigger_api_with_lists_and_body_idempotency_keys() 
     a.assert_error(422, "invalid_params");
     assert_eq!(a.fields(), vec!["/name", "/lists/0", "/data"]);
     h.call("POST", "/v1/notify", Some(json!({"name": "ghost", "data": {}, "recipients": ["u1"]}))).await.assert_error(404, "workflow_missing");
-    h.call("POST", "/v1/notify", Some(json!({"name": "new-comment", "data": {}, "recipients": ["u1"], "idempotencyKey": "k".repeat(256)}))).await.assert_error(422, "invalid_params");
+    h.call("POST", "/v1/notify", Some(json!({"name": "new-comment", "data": {}, "recipients": ["u1"], "idempotencyKey": "k".repeat(256)})))
+        .await
+        .assert_error(422, "invalid_params");
     assert!(h.names::<TriggerRun>().await.is_empty());
 
     // Lists only: they become the run's audiences.
@@ -347,8 +352,14 @@ async fn idempotency_keys_replay_the_first_response_and_hold_under_concurrency()
 #[tokio::test]
 async fn users_preferences_and_channel_data() {
     let h = Herald::start().await;
-    let a = h.call("PUT", "/v1/users/user_1", Some(json!({"name": "Ada", "email": "ada@example.com", "plan": "pro", "timezone": "Europe/Paris",
-        "channel_data": {"hooks": {"url": "http://x"}}, "preferences": {"default": {"channel_types": {"email": false}}}}))).await;
+    let a = h
+        .call(
+            "PUT",
+            "/v1/users/user_1",
+            Some(json!({"name": "Ada", "email": "ada@example.com", "plan": "pro", "timezone": "Europe/Paris",
+        "channel_data": {"hooks": {"url": "http://x"}}, "preferences": {"default": {"channel_types": {"email": false}}}})),
+        )
+        .await;
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body["__typename"], "User");
     assert_eq!(a.body["id"], "user_1");
@@ -374,7 +385,8 @@ async fn users_preferences_and_channel_data() {
     let a = h.call("PUT", "/v1/users/Jane.Doe%40Example", Some(json!({"name": "Jane"}))).await;
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body["id"], "Jane.Doe@Example");
-    let odd: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "someone-else"}, "spec": {"id": "bob", "name": "Bob"}})).unwrap();
+    let odd: User =
+        serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "someone-else"}, "spec": {"id": "bob", "name": "Bob"}})).unwrap();
     h.api::<User>().create(&PostParams::default(), &odd).await.unwrap();
     let squatter: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "carol"}, "spec": {"id": "not-carol"}})).unwrap();
     h.api::<User>().create(&PostParams::default(), &squatter).await.unwrap();
@@ -407,7 +419,9 @@ async fn users_preferences_and_channel_data() {
     let a = h.call("PUT", "/v1/users/user_1/preferences/default", Some(json!({"__persistence_strategy__": "merge", "channel_types": {"sms": false}}))).await;
     assert_eq!(a.body["channel_types"], json!({"email": false, "sms": false}), "{a:?}");
     assert_eq!(a.body["workflows"], prefs["workflows"]);
-    let a = h.call("PUT", "/v1/users/user_1/preferences/default", Some(json!({"channel_types": {"email": false}, "workflows": {"digest": false}, "categories": {"marketing": false}}))).await;
+    let a = h
+        .call("PUT", "/v1/users/user_1/preferences/default", Some(json!({"channel_types": {"email": false}, "workflows": {"digest": false}, "categories": {"marketing": false}})))
+        .await;
     assert_eq!(a.body["workflows"], json!({"digest": false}), "replace is the default: {a:?}");
     h.call("PUT", "/v1/users/user_1/preferences/default", Some(json!({"__persistence_strategy__": "sometimes"}))).await.assert_error(422, "invalid_params");
     assert_eq!(h.call("PUT", "/v1/users/user_1/preferences/default", Some(prefs.clone())).await.status, 200);
@@ -461,8 +475,14 @@ async fn objects_and_subscriptions() {
     h.call("PUT", "/v1/objects/projects/p1", Some(json!({"collection": "teams"}))).await.assert_error(422, "invalid_params");
 
     // Subscriptions: users, objects, inline recipients (identified first).
-    let a = h.call("POST", "/v1/objects/projects/p1/subscriptions", Some(json!({
-        "recipients": ["u1", {"id": "t1", "collection": "teams"}, {"id": "u2", "name": "Two"}], "properties": {"role": "watcher"}}))).await;
+    let a = h
+        .call(
+            "POST",
+            "/v1/objects/projects/p1/subscriptions",
+            Some(json!({
+        "recipients": ["u1", {"id": "t1", "collection": "teams"}, {"id": "u2", "name": "Two"}], "properties": {"role": "watcher"}})),
+        )
+        .await;
     assert_eq!(a.status, 200, "{a:?}");
     let subs = a.body.as_array().unwrap();
     assert_eq!(subs.len(), 3);
@@ -497,8 +517,14 @@ async fn objects_and_subscriptions() {
 #[tokio::test]
 async fn tenants() {
     let h = Herald::start().await;
-    let a = h.call("PUT", "/v1/tenants/acme", Some(json!({"name": "Acme", "region": "eu",
-        "settings": {"branding": {"primary_color": "#f00"}, "preference_set": {"channel_types": {"email": false}}}}))).await;
+    let a = h
+        .call(
+            "PUT",
+            "/v1/tenants/acme",
+            Some(json!({"name": "Acme", "region": "eu",
+        "settings": {"branding": {"primary_color": "#f00"}, "preference_set": {"channel_types": {"email": false}}}})),
+        )
+        .await;
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body["__typename"], "Tenant");
     assert_eq!(a.body["name"], "Acme");

@@ -69,10 +69,7 @@ async fn api_keys_act_only_in_their_namespace() {
 
     // Deleting the Secret revokes the key.
     h.api::<Secret>().delete("second-key", &DeleteParams::default()).await.unwrap();
-    wait_for("the deleted key to be refused", Duration::from_secs(20), || async {
-        (h.call_as(&second, "GET", "/v1/users/u1", None).await.status == 401).then_some(())
-    })
-    .await;
+    wait_for("the deleted key to be refused", Duration::from_secs(20), || async { (h.call_as(&second, "GET", "/v1/users/u1", None).await.status == 401).then_some(()) }).await;
     assert_eq!(h.call("GET", "/v1/users/u1", None).await.status, 404, "the first key still works");
 }
 

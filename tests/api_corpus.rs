@@ -15,37 +15,44 @@ use serde_json::json;
 fn write_routes() -> Vec<(&'static str, String, Vec<serde_json::Value>)> {
     let long = "x".repeat(10_000);
     vec![
-        ("POST", "/v1/workflows/w/trigger".into(), vec![
-            json!({"recipients": {"a": 1}, "data": 5}),
-            json!({"recipients": ["u\u{0}"]}),
-            json!({"recipients": [{"id": long}]}),
-            json!({"recipients": [{"id": "p", "collection": long}]}),
-            json!({"recipients": ["u1"], "actor": {"id": "a\u{7}"}}),
-            json!({"recipients": ["u1"], "tenant": long}),
-            json!({"recipients": ["u1"], "cancellation_key": long}),
-        ]),
-        ("POST", "/v1/workflows/w/cancel".into(), vec![
-            json!({"cancellation_key": [], "recipients": "u1"}),
-            json!({"cancellation_key": "k", "recipients": ["u\u{7}"]}),
-            json!({"cancellation_key": long}),
-        ]),
-        ("POST", "/v1/notify".into(), vec![
-            json!({"name": 5, "recipients": "x", "data": []}),
-            json!({"name": "a\u{7}b", "recipients": ["u1"], "data": {}}),
-            json!({"name": long, "recipients": ["u1"], "data": {}}),
-            json!({"name": "w", "lists": [long], "data": {}}),
-            json!({"name": "w", "recipients": ["u1"], "data": {}, "idempotencyKey": long}),
-        ]),
+        (
+            "POST",
+            "/v1/workflows/w/trigger".into(),
+            vec![
+                json!({"recipients": {"a": 1}, "data": 5}),
+                json!({"recipients": ["u\u{0}"]}),
+                json!({"recipients": [{"id": long}]}),
+                json!({"recipients": [{"id": "p", "collection": long}]}),
+                json!({"recipients": ["u1"], "actor": {"id": "a\u{7}"}}),
+                json!({"recipients": ["u1"], "tenant": long}),
+                json!({"recipients": ["u1"], "cancellation_key": long}),
+            ],
+        ),
+        (
+            "POST",
+            "/v1/workflows/w/cancel".into(),
+            vec![json!({"cancellation_key": [], "recipients": "u1"}), json!({"cancellation_key": "k", "recipients": ["u\u{7}"]}), json!({"cancellation_key": long})],
+        ),
+        (
+            "POST",
+            "/v1/notify".into(),
+            vec![
+                json!({"name": 5, "recipients": "x", "data": []}),
+                json!({"name": "a\u{7}b", "recipients": ["u1"], "data": {}}),
+                json!({"name": long, "recipients": ["u1"], "data": {}}),
+                json!({"name": "w", "lists": [long], "data": {}}),
+                json!({"name": "w", "recipients": ["u1"], "data": {}, "idempotencyKey": long}),
+            ],
+        ),
         ("PUT", "/v1/users/u1".into(), vec![json!({"email": 5, "preferences": []}), json!({"id": "other"}), json!({"preferences": {"default": {"nope": 1}}})]),
         ("PUT", "/v1/users/u1/preferences/default".into(), vec![json!({"channel_types": 5}), json!({"channel_types": {"email": "yes"}})]),
         ("PUT", "/v1/users/u1/channel_data/chat".into(), vec![json!({"data": 5}), json!({})]),
         ("PUT", "/v1/objects/projects/p1".into(), vec![json!({"channel_data": 5}), json!({"collection": "other"})]),
-        ("POST", "/v1/objects/projects/p1/subscriptions".into(), vec![
-            json!({"recipients": 5}),
-            json!({"recipients": ["u\u{0}"]}),
-            json!({"recipients": [long]}),
-            json!({"recipients": ["u1"], "properties": 5}),
-        ]),
+        (
+            "POST",
+            "/v1/objects/projects/p1/subscriptions".into(),
+            vec![json!({"recipients": 5}), json!({"recipients": ["u\u{0}"]}), json!({"recipients": [long]}), json!({"recipients": ["u1"], "properties": 5})],
+        ),
         ("DELETE", "/v1/objects/projects/p1/subscriptions".into(), vec![json!({"recipients": [{"id": 5}]}), json!({"recipients": [long]})]),
         ("PUT", "/v1/tenants/t1".into(), vec![json!({"name": [], "settings": 5}), json!({"settings": {"branding": 5}})]),
     ]

@@ -41,10 +41,13 @@ fn step<'a>(summary: &'a Value, name: &str) -> &'a Value {
 async fn the_official_knock_node_sdk_works_against_herald() {
     ensure_sdk();
     let h = Herald::start().await;
-    h.workflow("sdk-flow", json!({
-        "dataSchema": {"type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}},
-        "steps": [{"ref": "pause", "type": "delay", "delay": {"duration": "1s"}}]
-    }))
+    h.workflow(
+        "sdk-flow",
+        json!({
+            "dataSchema": {"type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}},
+            "steps": [{"ref": "pause", "type": "delay", "delay": {"duration": "1s"}}]
+        }),
+    )
     .await;
     h.workflow("sdk-slow", api_support::delay_workflow("1h")).await;
 

@@ -100,18 +100,53 @@ async fn sigterm_stops_herald_whose_watch_caches_never_fill() {
     let cluster_roles: kube::Api<ClusterRole> = kube::Api::all(client.clone());
     let cluster_bindings: kube::Api<ClusterRoleBinding> = kube::Api::all(client.clone());
     let post = kube::api::PostParams::default();
-    cluster_roles.create(&post, &serde_json::from_value(json!({"metadata": {"name": cluster_name},
-        "rules": [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list"]}]})).unwrap()).await.unwrap();
-    cluster_bindings.create(&post, &serde_json::from_value(json!({"metadata": {"name": cluster_name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name}, "subjects": who})).unwrap()).await.unwrap();
-    let kinds = ["workflows", "triggerruns", "triggerruns/status", "recipientpages", "recipientpages/status", "users", "objects", "tenants", "channels", "channels/status", "workflows/status", "cancellations"];
-    common::create::<Role>(&ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "partial"}, "rules": [
-        {"apiGroups": ["herald.dev"], "resources": kinds, "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
-        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]},
-        {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
-    ]})).await;
-    common::create::<RoleBinding>(&ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "partial"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "partial"}, "subjects": who})).await;
+    cluster_roles
+        .create(
+            &post,
+            &serde_json::from_value(json!({"metadata": {"name": cluster_name},
+        "rules": [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list"]}]}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    cluster_bindings
+        .create(
+            &post,
+            &serde_json::from_value(json!({"metadata": {"name": cluster_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name}, "subjects": who}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let kinds = [
+        "workflows",
+        "triggerruns",
+        "triggerruns/status",
+        "recipientpages",
+        "recipientpages/status",
+        "users",
+        "objects",
+        "tenants",
+        "channels",
+        "channels/status",
+        "workflows/status",
+        "cancellations",
+    ];
+    common::create::<Role>(
+        &ns,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "partial"}, "rules": [
+            {"apiGroups": ["herald.dev"], "resources": kinds, "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]},
+            {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
+        ]}),
+    )
+    .await;
+    common::create::<RoleBinding>(
+        &ns,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "partial"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "partial"}, "subjects": who}),
+    )
+    .await;
     let kubeconfig = std::env::temp_dir().join(format!("herald-partial-{}.kubeconfig", ns.name));
     common::kubeconfig_with_token(&common::token_for(&client, &ns.name, "partial").await, &kubeconfig);
 

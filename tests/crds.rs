@@ -61,13 +61,8 @@ fn schemas_use_no_unsigned_integers_and_describe_every_field() {
 }
 
 fn trigger_runs(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
-    let ar = ApiResource {
-        group: "herald.dev".into(),
-        version: "v1alpha1".into(),
-        api_version: "herald.dev/v1alpha1".into(),
-        kind: "TriggerRun".into(),
-        plural: "triggerruns".into(),
-    };
+    let ar =
+        ApiResource { group: "herald.dev".into(), version: "v1alpha1".into(), api_version: "herald.dev/v1alpha1".into(), kind: "TriggerRun".into(), plural: "triggerruns".into() };
     Api::namespaced_with(client.clone(), ns, &ar)
 }
 

@@ -118,15 +118,20 @@ async fn http_delivers_the_rendered_body_with_a_verifiable_signature() {
     channel(&ns, "hooks", json!({"type": "http", "url": receiver.url("/default"), "secretRef": {"name": "hooks-signing"}})).await;
     user(&ns, "user_1", json!({"name": "Ann", "channelData": {"hooks": {"url": receiver.url("/ann")}}})).await;
     user(&ns, "user_2", json!({"name": "Bob"})).await;
-    workflow(&ns, "incident", json!([{
-        "ref": "page", "type": "channel", "channel": "hooks",
-        "template": {
-            "method": "POST",
-            "url": "{{ recipient.channel_data.hooks.url }}",
-            "headers": {"X-Team": "ops"},
-            "body": "{\"text\": {{ recipient.name | append: \": \" | append: data.service | append: \" is down\" | json }}, \"data\": {{ data | json }}}"
-        }
-    }])).await;
+    workflow(
+        &ns,
+        "incident",
+        json!([{
+            "ref": "page", "type": "channel", "channel": "hooks",
+            "template": {
+                "method": "POST",
+                "url": "{{ recipient.channel_data.hooks.url }}",
+                "headers": {"X-Team": "ops"},
+                "body": "{\"text\": {{ recipient.name | append: \": \" | append: data.service | append: \" is down\" | json }}, \"data\": {{ data | json }}}"
+            }
+        }]),
+    )
+    .await;
 
     let data = json!({"service": "api \"v2\"", "severity": "high"});
     let name = trigger(&ns, json!({"workflow": "incident", "recipients": ["user_1", "user_2"], "data": data})).await;
@@ -166,20 +171,30 @@ async fn chat_and_email_deliver() {
     let _op = common::operator(&client, &ns.name).await;
     channel(&ns, "slack", json!({"type": "chat", "url": receiver.url("/slack")})).await;
     secret(&ns, "smtp-login", json!({"username": "mailer", "password": "hunter2"})).await;
-    channel(&ns, "mail", json!({"type": "email", "from": "Herald <herald@example.com>",
-        "smtp": {"host": "127.0.0.1", "port": smtp.port, "tls": "none"}, "secretRef": {"name": "smtp-login"}})).await;
+    channel(
+        &ns,
+        "mail",
+        json!({"type": "email", "from": "Herald <herald@example.com>",
+        "smtp": {"host": "127.0.0.1", "port": smtp.port, "tls": "none"}, "secretRef": {"name": "smtp-login"}}),
+    )
+    .await;
     user(&ns, "user_1", json!({"name": "Ann", "email": "ann@example.com"})).await;
-    workflow(&ns, "incident", json!([
-        {"ref": "chat", "type": "channel", "channel": "slack", "template": {
-            "text": "{{ data.service }} is down",
-            "blocks": "[{\"type\": \"section\", \"text\": {\"type\": \"mrkdwn\", \"text\": {{ data.service | prepend: \"*\" | append: \"*\" | json }}}}]"
-        }},
-        {"ref": "mail", "type": "channel", "channel": "mail", "template": {
-            "subject": "{{ data.service }} incident",
-            "text": "Hello {{ recipient.name }}, {{ data.service }} is down.",
-            "html": "<p>Hello <b>{{ recipient.name }}</b></p>"
-        }}
-    ])).await;
+    workflow(
+        &ns,
+        "incident",
+        json!([
+            {"ref": "chat", "type": "channel", "channel": "slack", "template": {
+                "text": "{{ data.service }} is down",
+                "blocks": "[{\"type\": \"section\", \"text\": {\"type\": \"mrkdwn\", \"text\": {{ data.service | prepend: \"*\" | append: \"*\" | json }}}}]"
+            }},
+            {"ref": "mail", "type": "channel", "channel": "mail", "template": {
+                "subject": "{{ data.service }} incident",
+                "text": "Hello {{ recipient.name }}, {{ data.service }} is down.",
+                "html": "<p>Hello <b>{{ recipient.name }}</b></p>"
+            }}
+        ]),
+    )
+    .await;
 
     let name = trigger(&ns, json!({"workflow": "incident", "recipients": ["user_1"], "data": {"service": "billing"}})).await;
     let run = finished(&ns, &name, Duration::from_secs(60)).await;
@@ -219,11 +234,16 @@ async fn a_condition_skips_a_step() {
     let _op = common::operator(&client, &ns.name).await;
     channel(&ns, "hooks", json!({"type": "http", "url": receiver.url("/always")})).await;
     user(&ns, "user_1", json!({"name": "Ann"})).await;
-    workflow(&ns, "alerts", json!([
-        {"ref": "page", "type": "channel", "channel": "hooks", "conditions": [{"variable": "data.severity", "operator": "equal_to", "argument": "high"}],
-         "template": {"url": receiver.url("/page"), "body": "page {{ data.severity }}"}},
-        {"ref": "log", "type": "channel", "channel": "hooks", "template": {"body": "log {{ data.severity }}"}}
-    ])).await;
+    workflow(
+        &ns,
+        "alerts",
+        json!([
+            {"ref": "page", "type": "channel", "channel": "hooks", "conditions": [{"variable": "data.severity", "operator": "equal_to", "argument": "high"}],
+             "template": {"url": receiver.url("/page"), "body": "page {{ data.severity }}"}},
+            {"ref": "log", "type": "channel", "channel": "hooks", "template": {"body": "log {{ data.severity }}"}}
+        ]),
+    )
+    .await;
 
     let low = trigger(&ns, json!({"workflow": "alerts", "recipients": ["user_1"], "data": {"severity": "low"}})).await;
     let run = finished(&ns, &low, Duration::from_secs(60)).await;
@@ -251,10 +271,15 @@ async fn a_delay_survives_an_operator_restart_and_resumes_on_time() {
     let op = common::operator(&client, &ns.name).await;
     channel(&ns, "hooks", json!({"type": "http", "url": receiver.url("/after")})).await;
     user(&ns, "user_1", json!({"name": "Ann"})).await;
-    workflow(&ns, "later", json!([
-        {"ref": "wait", "type": "delay", "delay": {"duration": "8s"}},
-        {"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.id }}"}}
-    ])).await;
+    workflow(
+        &ns,
+        "later",
+        json!([
+            {"ref": "wait", "type": "delay", "delay": {"duration": "8s"}},
+            {"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.id }}"}}
+        ]),
+    )
+    .await;
     let name = trigger(&ns, json!({"workflow": "later", "recipients": ["user_1"]})).await;
 
     // The wake time is in the saved status before anything is sent.
@@ -299,16 +324,18 @@ async fn a_run_follows_its_workflow_as_accepted_when_the_workflow_is_edited_mid_
     let _op = common::operator(&client, &ns.name).await;
     channel(&ns, "hooks", json!({"type": "http", "url": receiver.url("/hook")})).await;
     user(&ns, "user_1", json!({"name": "Ann"})).await;
-    workflow(&ns, "edited", json!([
-        {"ref": "wait", "type": "delay", "delay": {"duration": "3s"}},
-        {"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "v1 {{ recipient.name }}"}}
-    ])).await;
+    workflow(
+        &ns,
+        "edited",
+        json!([
+            {"ref": "wait", "type": "delay", "delay": {"duration": "3s"}},
+            {"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "v1 {{ recipient.name }}"}}
+        ]),
+    )
+    .await;
     let before = trigger(&ns, json!({"workflow": "edited", "recipients": ["user_1"]})).await;
     let runs = ns.api::<TriggerRun>();
-    wait_for("the run to be waiting on its delay", Duration::from_secs(30), || async {
-        (runs.get(&before).await.ok()?.status?.totals?.waiting == 1).then_some(())
-    })
-    .await;
+    wait_for("the run to be waiting on its delay", Duration::from_secs(30), || async { (runs.get(&before).await.ok()?.status?.totals?.waiting == 1).then_some(()) }).await;
 
     // Edited while the run waits: a step inserted before `notify`, a new body.
     let edited = json!({"spec": {"steps": [
@@ -405,10 +432,15 @@ async fn a_workflow_with_a_broken_template_is_not_ready_and_its_runs_fail_clearl
     let _op = common::operator(&client, &ns.name).await;
     channel(&ns, "hooks", json!({"type": "http", "url": receiver.url("/x")})).await;
     user(&ns, "user_1", json!({"name": "Ann"})).await;
-    workflow(&ns, "broken", json!([
-        {"ref": "fine", "type": "channel", "channel": "hooks", "template": {"body": "ok"}},
-        {"ref": "page", "type": "channel", "channel": "hooks", "template": {"body": "{\"text\": {{ data.service | json }"}}
-    ])).await;
+    workflow(
+        &ns,
+        "broken",
+        json!([
+            {"ref": "fine", "type": "channel", "channel": "hooks", "template": {"body": "ok"}},
+            {"ref": "page", "type": "channel", "channel": "hooks", "template": {"body": "{\"text\": {{ data.service | json }"}}
+        ]),
+    )
+    .await;
     let api = ns.api::<Workflow>();
     let message = wait_for("Workflow Ready=False", Duration::from_secs(20), || async {
         let c = api.get("broken").await.ok()?.status?.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == "False")?;
@@ -445,10 +477,14 @@ async fn template_loops_are_bounded_per_workflow_and_per_recipient() {
 
     // Sized by each recipient's data: checked before rendering, failing only that recipient.
     workflow(&ns, "stars", json!([{"ref": "n", "type": "channel", "channel": "hooks", "template": {"body": "{% for i in (1..data.stars) %}*{% endfor %}"}}])).await;
-    let name = trigger(&ns, json!({"workflow": "stars", "data": {"stars": 3}, "recipients": [
-        {"id": "modest", "name": "M"},
-        {"id": "greedy", "name": "G", "$trigger_data": {"stars": 10000000000i64}}
-    ]})).await;
+    let name = trigger(
+        &ns,
+        json!({"workflow": "stars", "data": {"stars": 3}, "recipients": [
+            {"id": "modest", "name": "M"},
+            {"id": "greedy", "name": "G", "$trigger_data": {"stars": 10000000000i64}}
+        ]}),
+    )
+    .await;
     let run = finished(&ns, &name, Duration::from_secs(60)).await;
     let by_id = recipients(&ns, &run).await;
     assert_eq!(by_id["modest"].state, RecipientState::Completed);
@@ -623,7 +659,8 @@ async fn sigkill_during_a_fan_out_loses_no_recipient_and_duplicates_keep_their_k
         .for_each_concurrent(16, |id| {
             let users = users.clone();
             async move {
-                let u: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id.replace('_', "-")}, "spec": {"id": id}})).unwrap();
+                let u: User =
+                    serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id.replace('_', "-")}, "spec": {"id": id}})).unwrap();
                 users.create(&PostParams::default(), &u).await.expect("create user");
             }
         })

@@ -55,14 +55,9 @@ struct Refusal {
 /// Runs `helm_tool.py COMMAND ARGS --values VALUES`: its `ok` answer, or Helm's refusal.
 fn helm(command: &str, args: &[&str], values: &Value) -> Result<Value, Refusal> {
     let script = common::repo_path("tests/helm/helm_tool.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg(command)
-        .args(args)
-        .arg("--values")
-        .arg(values.to_string())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run python3 ({e}); the Helm tests need Python 3 and helm-python-sdk: `python3 -m pip install helm-python-sdk==0.2.2` (scripts/test.sh does)"));
+    let out = Command::new("python3").arg(&script).arg(command).args(args).arg("--values").arg(values.to_string()).output().unwrap_or_else(|e| {
+        panic!("cannot run python3 ({e}); the Helm tests need Python 3 and helm-python-sdk: `python3 -m pip install helm-python-sdk==0.2.2` (scripts/test.sh does)")
+    });
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.code() == Some(3) {
         panic!("{}", stderr.trim());
@@ -72,10 +67,9 @@ fn helm(command: &str, args: &[&str], values: &Value) -> Result<Value, Refusal> 
         .unwrap_or_else(|e| panic!("helm_tool.py {command} {args:?} answered no JSON ({e}, {}):\nstdout: {stdout}\nstderr: {stderr}", out.status));
     match answer.get("ok") {
         Some(ok) => Ok(ok.clone()),
-        None => Err(Refusal {
-            kind: answer["error"]["type"].as_str().unwrap_or_default().to_string(),
-            message: answer["error"]["message"].as_str().unwrap_or_default().to_string(),
-        }),
+        None => {
+            Err(Refusal { kind: answer["error"]["type"].as_str().unwrap_or_default().to_string(), message: answer["error"]["message"].as_str().unwrap_or_default().to_string() })
+        }
     }
 }
 
@@ -273,7 +267,9 @@ fn crd_names(dir: &Path) -> BTreeSet<String> {
 
 #[test]
 fn lint_is_clean() {
-    for values in [json!({}), json!({"replicaCount": 3, "rbac": {"scope": "namespaced", "watchNamespaces": ["team-a"]}, "ingress": {"enabled": true}, "serviceMonitor": {"enabled": true}})] {
+    for values in
+        [json!({}), json!({"replicaCount": 3, "rbac": {"scope": "namespaced", "watchNamespaces": ["team-a"]}, "ingress": {"enabled": true}, "serviceMonitor": {"enabled": true}})]
+    {
         let report = helm("lint", &[&chart_arg(), "--namespace", "herald-system"], &values).unwrap_or_else(|r| panic!("lint refused: {r:?}"));
         assert_eq!(report["total_charts_linted"], 1, "{report}");
         assert_eq!(report["errors"], json!([]), "lint errors with {values}: {report}");
@@ -524,7 +520,13 @@ async fn pdb(client: &Client, namespace: &str) -> Option<Value> {
     use kube::api::DynamicObject;
     use kube::discovery::ApiResource;
     for version in ["v1", "v1beta1"] {
-        let ar = ApiResource { group: "policy".into(), version: version.into(), api_version: format!("policy/{version}"), kind: "PodDisruptionBudget".into(), plural: "poddisruptionbudgets".into() };
+        let ar = ApiResource {
+            group: "policy".into(),
+            version: version.into(),
+            api_version: format!("policy/{version}"),
+            kind: "PodDisruptionBudget".into(),
+            plural: "poddisruptionbudgets".into(),
+        };
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
         match api.get(RELEASE).await {
             Ok(found) => return Some(serde_json::to_value(found).unwrap()),
@@ -830,7 +832,10 @@ async fn operator_runs_under_the_chart_service_account() {
 
     // What the chart does not grant is refused.
     assert!(is_forbidden(Api::<Namespace>::all(sa.clone()).delete(&watched.name, &DeleteParams::default()).await), "deleting a Namespace");
-    assert!(is_forbidden(Api::<Secret>::namespaced(sa.clone(), &home.name).list(&ListParams::default()).await), "listing Secrets (Helm's release records) in the release's namespace");
+    assert!(
+        is_forbidden(Api::<Secret>::namespaced(sa.clone(), &home.name).list(&ListParams::default()).await),
+        "listing Secrets (Helm's release records) in the release's namespace"
+    );
     assert!(is_forbidden(Api::<Secret>::namespaced(sa.clone(), "default").list(&ListParams::default()).await), "listing Secrets in another namespace");
     assert!(is_forbidden(Api::<TriggerRun>::all(sa.clone()).list(&ListParams::default()).await), "listing TriggerRuns in every namespace");
     assert!(is_forbidden(Api::<TriggerRun>::namespaced(sa.clone(), &home.name).list(&ListParams::default()).await), "TriggerRuns outside the watched namespace");
@@ -845,21 +850,51 @@ async fn operator_runs_under_the_chart_service_account() {
     let receiver = Receiver::start().await;
     let ns = &watched.name;
     apply(&admin, ns, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hooks-signing"}, "stringData": {"signingKey": "0123456789abcdef0123456789abcdef"}})).await;
-    apply(&admin, ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"},
-        "spec": {"type": "http", "url": format!("http://{}/hook", receiver.addr), "secretRef": {"name": "hooks-signing"}}})).await;
-    apply(&admin, ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "welcome"},
+    apply(
+        &admin,
+        ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"},
+        "spec": {"type": "http", "url": format!("http://{}/hook", receiver.addr), "secretRef": {"name": "hooks-signing"}}}),
+    )
+    .await;
+    apply(
+        &admin,
+        ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "welcome"},
         "spec": {"key": "welcome", "steps": [{"ref": "notify", "type": "channel", "channel": "hooks",
-            "template": {"body": "{\"text\": \"Welcome, {{ recipient.name }}\", \"run\": \"{{ workflow_run_id }}\"}"}}]}})).await;
-    apply(&admin, ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "user-1"},
-        "spec": {"id": "user_1", "name": "Ada Lovelace", "email": "ada@example.com"}})).await;
+            "template": {"body": "{\"text\": \"Welcome, {{ recipient.name }}\", \"run\": \"{{ workflow_run_id }}\"}"}}]}}),
+    )
+    .await;
+    apply(
+        &admin,
+        ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "user-1"},
+        "spec": {"id": "user_1", "name": "Ada Lovelace", "email": "ada@example.com"}}),
+    )
+    .await;
     let api_key = format!("sk_test_{}", uuid::Uuid::new_v4().simple());
-    apply(&admin, ns, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "herald-api-key", "labels": {"herald.dev/api-key": "true"}}, "stringData": {"key": api_key}})).await;
+    apply(
+        &admin,
+        ns,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "herald-api-key", "labels": {"herald.dev/api-key": "true"}}, "stringData": {"key": api_key}}),
+    )
+    .await;
     apply(&admin, ns, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "pipeline"}})).await;
-    apply(&admin, ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "trigger"},
-        "rules": [{"apiGroups": ["herald.dev"], "resources": ["triggerruns"], "verbs": ["create", "get"]}]})).await;
-    apply(&admin, ns, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "pipeline-trigger"},
+    apply(
+        &admin,
+        ns,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "trigger"},
+        "rules": [{"apiGroups": ["herald.dev"], "resources": ["triggerruns"], "verbs": ["create", "get"]}]}),
+    )
+    .await;
+    apply(
+        &admin,
+        ns,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "pipeline-trigger"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "trigger"},
-        "subjects": [{"kind": "ServiceAccount", "name": "pipeline", "namespace": ns}]})).await;
+        "subjects": [{"kind": "ServiceAccount", "name": "pipeline", "namespace": ns}]}),
+    )
+    .await;
     apply(&admin, ns, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "bystander"}})).await;
     let pipeline_token = common::token_for(&admin, ns, "pipeline").await;
     let bystander_token = common::token_for(&admin, ns, "bystander").await;
@@ -910,7 +945,8 @@ async fn operator_runs_under_the_chart_service_account() {
     // Events went through (a refused Event is only a warning in herald's log).
     let events = wait_for("Accepted and Completed Events on the run", Duration::from_secs(20), || async {
         let list = Api::<k8s_openapi::api::events::v1::Event>::namespaced(admin.clone(), ns).list(&ListParams::default()).await.ok()?;
-        let reasons: BTreeSet<String> = list.items.iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("welcome-1")).filter_map(|e| e.reason.clone()).collect();
+        let reasons: BTreeSet<String> =
+            list.items.iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("welcome-1")).filter_map(|e| e.reason.clone()).collect();
         (reasons.contains("Accepted") && reasons.contains("Completed")).then_some(reasons)
     })
     .await;
@@ -996,7 +1032,12 @@ async fn operator_runs_under_the_chart_service_account() {
 
     // herald was never refused anything it tried.
     let refused = operator.refusals();
-    assert!(refused.is_empty(), "the chart's RBAC refused herald {} time(s) (a permission is missing from charts/herald/templates/_helpers.tpl):\n{}", refused.len(), refused.join("\n"));
+    assert!(
+        refused.is_empty(),
+        "the chart's RBAC refused herald {} time(s) (a permission is missing from charts/herald/templates/_helpers.tpl):\n{}",
+        refused.len(),
+        refused.join("\n")
+    );
 
     drop(operator);
     uninstall(&home.name).await;

@@ -29,18 +29,38 @@ async fn only_the_leader_reconciles_and_a_killed_leader_hands_over() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(second.metric("herald_leader").await, 0.0, "two leaders");
 
-    create::<herald::resources::Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": "http://127.0.0.1:9/"}})).await;
-    create::<herald::resources::Workflow>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "slow"}, "spec": {"steps": [
-        {"ref": "wait", "type": "delay", "delay": {"duration": "3s"}},
-        {"ref": "done", "type": "delay", "delay": {"duration": "1s"}}
-    ]}})).await;
+    create::<herald::resources::Channel>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": "http://127.0.0.1:9/"}}),
+    )
+    .await;
+    create::<herald::resources::Workflow>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "slow"}, "spec": {"steps": [
+            {"ref": "wait", "type": "delay", "delay": {"duration": "3s"}},
+            {"ref": "done", "type": "delay", "delay": {"duration": "1s"}}
+        ]}}),
+    )
+    .await;
     let subscribers: Vec<_> = (0..300).map(|i| json!({"recipient": format!("u{i}")})).collect();
     for i in 0..300 {
-        create::<herald::resources::User>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": format!("u{i}")}, "spec": {"id": format!("u{i}")}})).await;
+        create::<herald::resources::User>(
+            &ns,
+            json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": format!("u{i}")}, "spec": {"id": format!("u{i}")}}),
+        )
+        .await;
     }
-    create::<herald::resources::Object>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "all"}, "spec": {"collection": "g", "id": "all", "subscribers": subscribers}})).await;
-    let run: TriggerRun = create(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"generateName": "run-"},
-        "spec": {"workflow": "slow", "recipients": [{"id": "all", "collection": "g"}]}})).await;
+    create::<herald::resources::Object>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "all"}, "spec": {"collection": "g", "id": "all", "subscribers": subscribers}}),
+    )
+    .await;
+    let run: TriggerRun = create(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"generateName": "run-"},
+        "spec": {"workflow": "slow", "recipients": [{"id": "all", "collection": "g"}]}}),
+    )
+    .await;
 
     let runs = ns.api::<TriggerRun>();
     wait_for("the run to be waiting on its delay", Duration::from_secs(30), || async {
@@ -73,14 +93,8 @@ async fn only_the_leader_reconciles_and_a_killed_leader_hands_over() {
     assert!(second.metric("herald_reconciles_total").await > 0.0);
     // Structured logs carry the workflow run id (the run's uid) in their span.
     let uid = run.uid().unwrap();
-    let accepted: Vec<serde_json::Value> = first
-        .logs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["message"] == "run accepted")
-        .collect();
+    let accepted: Vec<serde_json::Value> =
+        first.logs.lock().unwrap().iter().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v["message"] == "run accepted").collect();
     assert_eq!(accepted.len(), 1, "one acceptance logged");
     assert_eq!(accepted[0]["span"]["workflow_run_id"], uid.as_str(), "{}", accepted[0]);
     assert_eq!(accepted[0]["recipients"], 301);

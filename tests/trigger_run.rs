@@ -91,9 +91,12 @@ fn sent(r: &RecipientStatus) -> String {
 async fn wait_for_event(ns: &TestNamespace, name: &str, type_: &str, reason: &str) -> Event {
     let api: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
     wait_for(&format!("a {type_} Event {reason} on {name}"), Duration::from_secs(20), || async {
-        api.list(&ListParams::default()).await.ok()?.items.into_iter().find(|e| {
-            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some(type_)
-        })
+        api.list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some(type_))
     })
     .await
 }
@@ -249,16 +252,26 @@ async fn objects_fan_out_two_levels_deduplicated_without_the_actor_and_audiences
     create::<Object>(&ns, obj("ops", "teams", "ops", json!([{"recipient": "user_3"}, {"recipient": "user_1"}, {"recipient": {"id": "deep", "collection": "teams"}}]))).await;
     create::<Object>(
         &ns,
-        obj("p1", "projects", "p1", json!([
-            {"recipient": "user_1", "properties": {"role": "owner"}},
-            {"recipient": "user_2"},
-            {"recipient": {"id": "ops", "collection": "teams"}}
-        ])),
+        obj(
+            "p1",
+            "projects",
+            "p1",
+            json!([
+                {"recipient": "user_1", "properties": {"role": "owner"}},
+                {"recipient": "user_2"},
+                {"recipient": {"id": "ops", "collection": "teams"}}
+            ]),
+        ),
     )
     .await;
-    create::<Workflow>(&ns, workflow("roles", json!({"steps": [{"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.subscription.role }}"}}]}))).await;
+    create::<Workflow>(
+        &ns,
+        workflow("roles", json!({"steps": [{"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.subscription.role }}"}}]})),
+    )
+    .await;
 
-    let run: TriggerRun = create(&ns, trigger(json!({"workflow": "fan", "actor": "user_2", "recipients": ["user_4", {"id": "p1", "collection": "projects"}], "data": {"message": "m"}}))).await;
+    let run: TriggerRun =
+        create(&ns, trigger(json!({"workflow": "fan", "actor": "user_2", "recipients": ["user_4", {"id": "p1", "collection": "projects"}], "data": {"message": "m"}}))).await;
     let run = finished(&ns, &run.name_any()).await;
     let list = recipients(&ns, &run).await;
     let ids: Vec<&str> = list.iter().map(|r| r.recipient.as_str()).collect();
@@ -313,8 +326,12 @@ async fn tenant_preferences_take_precedence_and_opt_outs_are_skipped() {
     hooks_channel(&ns).await;
     create::<Workflow>(&ns, workflow("digest", json!({"categories": ["news"]}))).await;
     create::<Workflow>(&ns, workflow("security", json!({"categories": ["news"], "overridePreferences": true}))).await;
-    create::<Tenant>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": "acme"},
-        "spec": {"id": "acme", "name": "Acme", "settings": {"preferenceSet": {"channel_types": {"http": true}, "categories": {"news": {"channel_types": {"http": false}}}}}}})).await;
+    create::<Tenant>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Tenant", "metadata": {"name": "acme"},
+        "spec": {"id": "acme", "name": "Acme", "settings": {"preferenceSet": {"channel_types": {"http": true}, "categories": {"news": {"channel_types": {"http": false}}}}}}}),
+    )
+    .await;
     // a: default says no http, the tenant says yes: the tenant wins.
     create::<User>(&ns, user("a", json!({"id": "a", "name": "A", "preferences": {"default": {"channel_types": {"http": false}}}}))).await;
     // b: the tenant turns the category off; b's tenant-specific set turns it back on.
@@ -352,10 +369,13 @@ async fn tenant_preferences_take_precedence_and_opt_outs_are_skipped() {
 }
 
 fn delayed_workflow(name: &str, delay: &str) -> Value {
-    workflow(name, json!({"steps": [
-        {"ref": "wait", "type": "delay", "delay": {"duration": delay}},
-        {"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.id }}"}}
-    ]}))
+    workflow(
+        name,
+        json!({"steps": [
+            {"ref": "wait", "type": "delay", "delay": {"duration": delay}},
+            {"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.id }}"}}
+        ]}),
+    )
 }
 
 async fn wait_state(ns: &TestNamespace, name: &str, state: RecipientState, count: usize) -> TriggerRun {
@@ -481,8 +501,12 @@ async fn ten_thousand_subscribers_fan_out_with_readable_status_and_few_writes() 
         })
         .await;
     let subscribers: Vec<Value> = ids.iter().map(|id| json!({"recipient": id})).collect();
-    create::<Object>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "everyone"},
-        "spec": {"collection": "groups", "id": "everyone", "subscribers": subscribers}})).await;
+    create::<Object>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "everyone"},
+        "spec": {"collection": "groups", "id": "everyone", "subscribers": subscribers}}),
+    )
+    .await;
 
     let op = common::operator(&client, &ns.name).await;
     let writes_before = api_writes(&op);
@@ -509,19 +533,18 @@ async fn ten_thousand_subscribers_fan_out_with_readable_status_and_few_writes() 
     let distinct: std::collections::HashSet<&str> = list.iter().map(|r| r.recipient_run_id.as_str()).collect();
     assert_eq!(distinct.len(), N + 1);
     assert!((writes as usize) < N / 20, "{writes} API writes for {N} recipients");
-    println!("fan-out of {} recipients: {:.1}s, {writes} API writes ({:.4} per recipient), TriggerRun {size} bytes, {} pages",
-        N + 1, elapsed.as_secs_f64(), writes as f64 / (N + 1) as f64, status.pages.len());
+    println!(
+        "fan-out of {} recipients: {:.1}s, {writes} API writes ({:.4} per recipient), TriggerRun {size} bytes, {} pages",
+        N + 1,
+        elapsed.as_secs_f64(),
+        writes as f64 / (N + 1) as f64,
+        status.pages.len()
+    );
 }
 
 /// The operator's count of its own API writes, from its metrics.
 fn api_writes(op: &herald::operator::Operator) -> u64 {
-    op.context
-        .metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("herald_api_writes_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    op.context.metrics.render().lines().filter(|l| l.starts_with("herald_api_writes_total")).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
 
 use futures::StreamExt;

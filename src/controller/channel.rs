@@ -52,11 +52,19 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
     let action = match &verdict {
         Ok(summary) => {
             conditions::set(&mut status.conditions, "Ready", conditions::TRUE, "Ready", summary, generation);
-            if channel.spec.secret_ref.is_some() { Action::requeue(READY_RECHECK) } else { Action::await_change() }
+            if channel.spec.secret_ref.is_some() {
+                Action::requeue(READY_RECHECK)
+            } else {
+                Action::await_change()
+            }
         }
         Err(problem) => {
             conditions::set(&mut status.conditions, "Ready", conditions::FALSE, problem.reason(), &problem.to_string(), generation);
-            if problem.is_about_the_secret() { Action::requeue(SECRET_RECHECK) } else { Action::await_change() }
+            if problem.is_about_the_secret() {
+                Action::requeue(SECRET_RECHECK)
+            } else {
+                Action::await_change()
+            }
         }
     };
     if status != current {
@@ -70,4 +78,3 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
     }
     Ok(action)
 }
-

@@ -14,9 +14,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::Client;
 use tokio::sync::Semaphore;
 
-use crate::core::truncate;
 use crate::core::execution::{DeliveryOutcome, Message};
 use crate::core::status::AttemptRecord;
+use crate::core::truncate;
 use crate::delivery::config::{self, ChannelProblem, SmtpServer};
 use crate::delivery::email::{self, Email, Transports};
 use crate::delivery::http::{self, WebhookRequest};
@@ -53,13 +53,7 @@ impl Deliverer {
     /// A deliverer reading Channels from `channels` and Secrets through
     /// `client`, with at most `max_deliveries` attempts in flight at once.
     pub fn new(client: Client, channels: super::Cache<Channel>, max_deliveries: usize) -> Self {
-        Deliverer {
-            channels,
-            secrets: SecretCache::new(client),
-            http: http::client(),
-            smtp: Transports::default(),
-            slots: Arc::new(Semaphore::new(max_deliveries.max(1))),
-        }
+        Deliverer { channels, secrets: SecretCache::new(client), http: http::client(), smtp: Transports::default(), slots: Arc::new(Semaphore::new(max_deliveries.max(1))) }
     }
 
     /// The Secret reads, shared with the Channel reconciler.
@@ -215,4 +209,3 @@ fn outcome_of_error(channel: &str, e: &DeliveryError, attempts: u32) -> Delivery
         _ => failed(e.reason(), e.to_string(), attempts, e.status_code()),
     }
 }
-

@@ -86,10 +86,5 @@ pub fn build(stores: &Stores, namespace: &str) -> Directory {
 
 /// The tenant with this id in the namespace.
 pub fn tenant(stores: &Stores, namespace: &str, id: &str) -> Option<TenantRecord> {
-    stores
-        .tenants
-        .state()
-        .iter()
-        .find(|t| t.namespace().as_deref() == Some(namespace) && t.spec.id == id)
-        .map(|t| tenant_record(t))
+    stores.tenants.state().iter().find(|t| t.namespace().as_deref() == Some(namespace) && t.spec.id == id).map(|t| tenant_record(t))
 }

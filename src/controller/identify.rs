@@ -86,9 +86,7 @@ pub async fn identify_recipient(client: &Client, stores: &Stores, namespace: &st
         RecipientKey::Object { collection, id } => {
             let existing = find_object(stores, namespace, collection, id);
             let name = existing.as_ref().map(|o| o.name_any()).unwrap_or_else(|| ids::name_for_object(collection, id));
-            let mut spec = existing
-                .map(|o| o.spec.clone())
-                .unwrap_or_else(|| ObjectSpec { collection: collection.clone(), id: id.clone(), ..Default::default() });
+            let mut spec = existing.map(|o| o.spec.clone()).unwrap_or_else(|| ObjectSpec { collection: collection.clone(), id: id.clone(), ..Default::default() });
             spec.properties.extend(inline.properties.clone());
             spec.channel_data.extend(inline.channel_data.clone());
             spec.preferences.extend(inline.preferences.clone());

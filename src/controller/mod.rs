@@ -149,10 +149,7 @@ where
         .iter()
         .map(|scope| {
             let (reader, writer) = reflector::store();
-            let stream = watcher(scope_api::<K>(client, scope), watcher::Config::default())
-                .default_backoff()
-                .reflect(writer)
-                .applied_objects();
+            let stream = watcher(scope_api::<K>(client, scope), watcher::Config::default()).default_backoff().reflect(writer).applied_objects();
             tokio::spawn(async move {
                 futures::pin_mut!(stream);
                 while let Some(item) = stream.next().await {
@@ -221,15 +218,12 @@ where
     let controllers = scopes(&ctx.settings).into_iter().map(|scope| {
         let controller = kube::runtime::Controller::new(scope_api::<K>(&ctx.client, &scope), watcher::Config::default());
         let store = controller.store();
-        let running = controller
-            .graceful_shutdown_on(shutdown.clone())
-            .run(reconcile.clone(), error_policy::<K>, ctx.clone())
-            .for_each(move |result| {
-                if let Err(e) = result {
-                    tracing::debug!(controller = name, error = %e, "controller event");
-                }
-                futures::future::ready(())
-            });
+        let running = controller.graceful_shutdown_on(shutdown.clone()).run(reconcile.clone(), error_policy::<K>, ctx.clone()).for_each(move |result| {
+            if let Err(e) = result {
+                tracing::debug!(controller = name, error = %e, "controller event");
+            }
+            futures::future::ready(())
+        });
         until_stopped(running, store, shutdown.clone())
     });
     futures::future::join_all(controllers).await;
@@ -243,11 +237,8 @@ where
 /// shutdown has stopped never becomes ready, so a SIGTERM in the first moments
 /// after start would hang forever. Before the store is ready no reconcile has
 /// started, so dropping the controller then loses nothing.
-pub(crate) async fn until_stopped<K>(
-    running: impl std::future::Future<Output = ()>,
-    store: Store<K>,
-    shutdown: impl std::future::Future<Output = ()>,
-) where
+pub(crate) async fn until_stopped<K>(running: impl std::future::Future<Output = ()>, store: Store<K>, shutdown: impl std::future::Future<Output = ()>)
+where
     K: Resource + Clone + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {

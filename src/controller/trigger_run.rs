@@ -28,9 +28,9 @@ use crate::core::expansion::{self, Directory};
 use crate::core::ids;
 use crate::core::model::{parse_recipient, parse_tenant, JsonObject, RecipientInput, RecipientKey, TenantInput};
 use crate::core::status::{self as run_status, RecipientState, RecipientStatus, RunState};
+use crate::core::templates::CompiledTemplates;
 use crate::core::validation;
 use crate::resources::workflow::OnInvalid;
-use crate::core::templates::CompiledTemplates;
 use crate::resources::{Cancellation, RecipientPage, RecipientPageSpec, RecipientPageStatus, TriggerRun, TriggerRunStatus, Workflow, WorkflowSnapshot};
 
 /// Recipients per RecipientPage: small enough that a page stays far below
@@ -136,9 +136,7 @@ fn tenant_record(ctx: &Context, namespace: &str, tenant: &TenantInput) -> Tenant
     }
     match tenant {
         TenantInput::Reference(id) => TenantRecord { id: id.clone(), ..Default::default() },
-        TenantInput::Inline { id, properties, preference_set } => {
-            TenantRecord { id: id.clone(), properties: properties.clone(), preference_set: preference_set.clone() }
-        }
+        TenantInput::Inline { id, properties, preference_set } => TenantRecord { id: id.clone(), properties: properties.clone(), preference_set: preference_set.clone() },
     }
 }
 
@@ -425,7 +423,11 @@ impl<'a> Reconciler<'a> {
             }
             some.extend(c.spec.recipients.iter().filter_map(|r| expansion::parse_reference(r).ok()));
         }
-        if some.is_empty() { Cancelled::None } else { Cancelled::Some(some) }
+        if some.is_empty() {
+            Cancelled::None
+        } else {
+            Cancelled::Some(some)
+        }
     }
 
     /// Takes every unfinished recipient as far as it can go, page by page,
@@ -673,10 +675,7 @@ impl<'a> Reconciler<'a> {
                     self.ctx
                         .metrics
                         .deliveries
-                        .get_or_create(&crate::metrics::DeliveryLabels {
-                            channel_type: message.channel_type.to_string(),
-                            outcome: outcome.reason.clone(),
-                        })
+                        .get_or_create(&crate::metrics::DeliveryLabels { channel_type: message.channel_type.to_string(), outcome: outcome.reason.clone() })
                         .inc();
                     execution::record_delivery(status, &message, &outcome, Timestamp::now());
                 }
@@ -737,13 +736,7 @@ struct NamespaceChannels(HashMap<String, &'static str>);
 impl NamespaceChannels {
     fn new(ctx: &Context, namespace: &str) -> Self {
         NamespaceChannels(
-            ctx.stores
-                .channels
-                .state()
-                .iter()
-                .filter(|c| c.namespace().as_deref() == Some(namespace))
-                .map(|c| (c.name_any(), c.spec.channel_type.preference_name()))
-                .collect(),
+            ctx.stores.channels.state().iter().filter(|c| c.namespace().as_deref() == Some(namespace)).map(|c| (c.name_any(), c.spec.channel_type.preference_name())).collect(),
         )
     }
 }
@@ -823,10 +816,7 @@ async fn reconcile_run(cached: &TriggerRun, ctx: &Context) -> Result<Action, Err
 }
 
 fn error_policy(run: Arc<TriggerRun>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&crate::metrics::ErrorLabels { controller: "triggerrun".into(), error: error.label().into() })
-        .inc();
+    ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ErrorLabels { controller: "triggerrun".into(), error: error.label().into() }).inc();
     tracing::warn!(run = %run.name_any(), error = %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))
 }

@@ -5,7 +5,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
@@ -94,12 +93,8 @@ pub async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Act
     }
     let generation = workflow.metadata.generation;
     let current = workflow.status.clone().unwrap_or_default();
-    let mut status = WorkflowStatus {
-        key: Some(workflow.key()),
-        steps: Some(workflow.spec.steps.len() as i32),
-        observed_generation: generation,
-        conditions: current.conditions.clone(),
-    };
+    let mut status =
+        WorkflowStatus { key: Some(workflow.key()), steps: Some(workflow.spec.steps.len() as i32), observed_generation: generation, conditions: current.conditions.clone() };
     match ctx.workflows.get(&workflow).as_ref() {
         Ok(_) => conditions::set(&mut status.conditions, "Ready", conditions::TRUE, "Compiled", "data schema and templates compile", generation),
         Err(message) => conditions::set(&mut status.conditions, "Ready", conditions::FALSE, "InvalidWorkflow", message, generation),
@@ -111,7 +106,6 @@ pub async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Act
     }
     Ok(Action::await_change())
 }
-
 
 #[cfg(test)]
 mod tests {

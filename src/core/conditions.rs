@@ -61,10 +61,7 @@ impl Operator {
 
 /// The operator of `c`, checked to be known and to have its argument.
 fn checked(c: &StepCondition) -> Result<(Operator, Option<&Value>), ConditionError> {
-    let op = Operator::parse(&c.operator).ok_or_else(|| ConditionError::UnknownOperator {
-        variable: c.variable.clone(),
-        operator: c.operator.clone(),
-    })?;
+    let op = Operator::parse(&c.operator).ok_or_else(|| ConditionError::UnknownOperator { variable: c.variable.clone(), operator: c.operator.clone() })?;
     let argument = c.argument.as_ref();
     if op.needs_argument() && argument.is_none() {
         return Err(ConditionError::MissingArgument { variable: c.variable.clone(), operator: c.operator.clone() });
@@ -367,9 +364,7 @@ mod tests {
 
     #[test]
     fn missing_paths_make_comparisons_false_and_negations_true() {
-        for op in
-            ["equal_to", "greater_than", "less_than", "greater_than_or_equal_to", "less_than_or_equal_to", "contains"]
-        {
+        for op in ["equal_to", "greater_than", "less_than", "greater_than_or_equal_to", "less_than_or_equal_to", "contains"] {
             assert!(!check("data.missing", op, Some(json!(1))), "{op}");
             assert!(!check("actor.id", op, Some(json!("x"))), "{op}");
         }
@@ -392,15 +387,9 @@ mod tests {
 
     #[test]
     fn all_conditions_must_hold() {
-        let both = [
-            cond("data.severity", "equal_to", Some(json!("high"))),
-            cond("data.count", "greater_than", Some(json!(3))),
-        ];
+        let both = [cond("data.severity", "equal_to", Some(json!("high"))), cond("data.count", "greater_than", Some(json!(3)))];
         assert_eq!(all_hold(&both, &context()), Ok(true));
-        let one_fails = [
-            cond("data.severity", "equal_to", Some(json!("high"))),
-            cond("data.count", "greater_than", Some(json!(30))),
-        ];
+        let one_fails = [cond("data.severity", "equal_to", Some(json!("high"))), cond("data.count", "greater_than", Some(json!(30)))];
         assert_eq!(all_hold(&one_fails, &context()), Ok(false));
     }
 
@@ -413,8 +402,7 @@ mod tests {
         assert_eq!(expected.to_string(), "condition on `data.x`: unknown operator `equals`");
 
         let no_arg = cond("data.count", "greater_than", None);
-        let expected =
-            ConditionError::MissingArgument { variable: "data.count".into(), operator: "greater_than".into() };
+        let expected = ConditionError::MissingArgument { variable: "data.count".into(), operator: "greater_than".into() };
         assert_eq!(check_operators(std::slice::from_ref(&no_arg)), Err(expected.clone()));
         assert_eq!(expected.to_string(), "condition on `data.count`: operator `greater_than` needs an argument");
 

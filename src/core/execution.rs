@@ -193,14 +193,7 @@ fn push_step(status: &mut RecipientStatus, step_ref: &str, state: StepState, rea
 
 /// Advances a recipient as far as it can go without delivering (see the module docs).
 /// `cancelled` stops an unfinished recipient before its next step.
-pub fn advance(
-    run: &RunContext,
-    recipient: &RecipientContext,
-    channels: &dyn ChannelTypes,
-    status: &mut RecipientStatus,
-    cancelled: bool,
-    now: Timestamp,
-) -> Next {
+pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn ChannelTypes, status: &mut RecipientStatus, cancelled: bool, now: Timestamp) -> Next {
     if status.state.is_finished() {
         return Next::Done;
     }
@@ -287,13 +280,7 @@ pub fn advance(
 /// The end of the steps: Completed if anything was sent (or there was nothing
 /// to send), Skipped when every channel step was skipped.
 fn conclude(run: &RunContext, status: &mut RecipientStatus) -> Next {
-    let channel_steps: Vec<&StepStatus> = run
-        .steps
-        .iter()
-        .zip(&status.steps)
-        .filter(|(step, _)| step.step_type == StepType::Channel)
-        .map(|(_, s)| s)
-        .collect();
+    let channel_steps: Vec<&StepStatus> = run.steps.iter().zip(&status.steps).filter(|(step, _)| step.step_type == StepType::Channel).map(|(_, s)| s).collect();
     let all_skipped = !channel_steps.is_empty() && channel_steps.iter().all(|s| s.state == StepState::Skipped);
     if all_skipped {
         let opted_out = channel_steps.iter().all(|s| s.reason.as_deref() == Some("PreferenceOptOut"));
@@ -330,11 +317,7 @@ fn delay_until(run: &RunContext, step: &Step, context: &Value, now: Timestamp) -
         return now.checked_add(span).map_err(|e| e.to_string());
     }
     if delay.until.is_some() {
-        let rendered = run
-            .templates
-            .render(&step.step_ref, "delay.until", context)
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default();
+        let rendered = run.templates.render(&step.step_ref, "delay.until", context).map_err(|e| e.to_string())?.unwrap_or_default();
         return rendered.trim().parse::<Timestamp>().map_err(|e| format!("delay.until rendered `{rendered}`, not an RFC 3339 time: {e}"));
     }
     Err("delay needs `duration` or `until`".into())
@@ -342,14 +325,7 @@ fn delay_until(run: &RunContext, step: &Step, context: &Value, now: Timestamp) -
 
 const TEMPLATE_FIELDS: [&str; 9] = ["method", "url", "body", "text", "blocks", "from", "to", "subject", "html"];
 
-fn render_message(
-    run: &RunContext,
-    recipient: &RecipientContext,
-    step: &Step,
-    channel: &str,
-    channel_type: &'static str,
-    context: &Value,
-) -> Result<Message, String> {
+fn render_message(run: &RunContext, recipient: &RecipientContext, step: &Step, channel: &str, channel_type: &'static str, context: &Value) -> Result<Message, String> {
     let mut fields = Map::new();
     let render = |field: &str| run.templates.render(&step.step_ref, field, context).map_err(|e| e.to_string());
     for field in TEMPLATE_FIELDS {

@@ -206,10 +206,7 @@ mod tests {
         ObjectRecord {
             collection: collection.into(),
             id: id.into(),
-            subscribers: subs
-                .iter()
-                .map(|k| SubscriberRecord { recipient: k.clone(), properties: JsonObject::new() })
-                .collect(),
+            subscribers: subs.iter().map(|k| SubscriberRecord { recipient: k.clone(), properties: JsonObject::new() }).collect(),
             ..Default::default()
         }
     }

@@ -51,7 +51,11 @@ pub fn resource_name(parts: &[&str]) -> String {
         .chars()
         .map(|c| {
             let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' }
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
         })
         .collect();
     // Collapse runs of '-' and trim them, keeping names short and readable.
@@ -64,7 +68,11 @@ pub fn resource_name(parts: &[&str]) -> String {
     // The hash covers the parts with a separator that cannot occur in one
     // part's position, so ("a-b", "c") and ("a", "b-c") differ.
     let hash = short_hash(&parts.join("\u{0}"), 8);
-    if readable.is_empty() { format!("x-{hash}") } else { format!("{readable}-{hash}") }
+    if readable.is_empty() {
+        format!("x-{hash}")
+    } else {
+        format!("{readable}-{hash}")
+    }
 }
 
 /// The metadata.name for a user, tenant, audience with this id.

@@ -160,9 +160,7 @@ pub fn parse_recipient(value: &Value) -> Result<RecipientInput, IdentifierError>
 pub fn parse_preference_sets(map: &JsonObject) -> Result<BTreeMap<String, PreferenceSet>, IdentifierError> {
     map.iter()
         .map(|(id, v)| {
-            serde_json::from_value::<PreferenceSet>(v.clone())
-                .map(|set| (id.clone(), set))
-                .map_err(|e| IdentifierError::BadPreferences { id: id.clone(), message: e.to_string() })
+            serde_json::from_value::<PreferenceSet>(v.clone()).map(|set| (id.clone(), set)).map_err(|e| IdentifierError::BadPreferences { id: id.clone(), message: e.to_string() })
         })
         .collect()
 }
@@ -198,10 +196,7 @@ pub fn parse_tenant(value: &Value) -> Result<TenantInput, IdentifierError> {
             let mut settings = take_object(&mut map, "settings")?;
             let preference_set = match settings.remove("preference_set").or_else(|| settings.remove("preferenceSet")) {
                 None | Some(Value::Null) => None,
-                Some(v) => Some(serde_json::from_value(v).map_err(|e| IdentifierError::BadPreferences {
-                    id: "tenant".into(),
-                    message: e.to_string(),
-                })?),
+                Some(v) => Some(serde_json::from_value(v).map_err(|e| IdentifierError::BadPreferences { id: "tenant".into(), message: e.to_string() })?),
             };
             if !settings.is_empty() {
                 map.insert("settings".into(), Value::Object(settings));
@@ -250,10 +245,7 @@ mod tests {
     #[test]
     fn parses_every_recipient_shape() {
         assert_eq!(parse_recipient(&json!("user_1")).unwrap(), RecipientInput::Reference(RecipientKey::user("user_1")));
-        assert_eq!(
-            parse_recipient(&json!({"id": "p1", "collection": "projects"})).unwrap(),
-            RecipientInput::Reference(RecipientKey::object("projects", "p1"))
-        );
+        assert_eq!(parse_recipient(&json!({"id": "p1", "collection": "projects"})).unwrap(), RecipientInput::Reference(RecipientKey::object("projects", "p1")));
         assert_eq!(parse_recipient(&json!({"id": "u"})).unwrap(), RecipientInput::Reference(RecipientKey::user("u")));
         let RecipientInput::Inline(inline) = parse_recipient(&json!({
             "id": "user_9", "name": "Nine", "channel_data": {"hooks": {"url": "http://x"}},
@@ -275,14 +267,8 @@ mod tests {
         assert_eq!(parse_recipient(&json!("")).unwrap_err(), IdentifierError::MissingId);
         assert_eq!(parse_recipient(&json!({"name": "x"})).unwrap_err(), IdentifierError::MissingId);
         assert_eq!(parse_recipient(&json!({"id": "x", "collection": 3})).unwrap_err(), IdentifierError::BadCollection);
-        assert_eq!(
-            parse_recipient(&json!({"id": "x", "channel_data": []})).unwrap_err(),
-            IdentifierError::NotAnObject { field: "channel_data" }
-        );
-        assert!(matches!(
-            parse_recipient(&json!({"id": "x", "preferences": {"default": {"bogus": 1}}})).unwrap_err(),
-            IdentifierError::BadPreferences { .. }
-        ));
+        assert_eq!(parse_recipient(&json!({"id": "x", "channel_data": []})).unwrap_err(), IdentifierError::NotAnObject { field: "channel_data" });
+        assert!(matches!(parse_recipient(&json!({"id": "x", "preferences": {"default": {"bogus": 1}}})).unwrap_err(), IdentifierError::BadPreferences { .. }));
     }
 
     #[test]
@@ -295,8 +281,7 @@ mod tests {
     fn parses_tenants() {
         assert_eq!(parse_tenant(&json!("acme")).unwrap(), TenantInput::Reference("acme".into()));
         let TenantInput::Inline { id, properties, preference_set } =
-            parse_tenant(&json!({"id": "acme", "name": "Acme", "settings": {"preference_set": {"channel_types": {"email": false}}}}))
-                .unwrap()
+            parse_tenant(&json!({"id": "acme", "name": "Acme", "settings": {"preference_set": {"channel_types": {"email": false}}}})).unwrap()
         else {
             panic!()
         };

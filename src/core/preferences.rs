@@ -160,14 +160,8 @@ mod tests {
         assert_eq!(evaluate(&[&s], &query("new-comment", &collab, "email")), PreferenceDecision::Allowed);
         // A channel type the entry does not mention is allowed.
         assert_eq!(evaluate(&[&s], &query("new-comment", &collab, "push")), PreferenceDecision::Allowed);
-        assert_eq!(
-            evaluate(&[&s], &query("new-comment", &collab, "sms")),
-            opted_out("workflows.new-comment.channel_types.sms")
-        );
-        assert_eq!(
-            evaluate(&[&s], &query("new-comment", &collab, "chat")),
-            opted_out("categories.collaboration.channel_types.chat")
-        );
+        assert_eq!(evaluate(&[&s], &query("new-comment", &collab, "sms")), opted_out("workflows.new-comment.channel_types.sms"));
+        assert_eq!(evaluate(&[&s], &query("new-comment", &collab, "chat")), opted_out("categories.collaboration.channel_types.chat"));
         // An empty per-channel-type entry allows everything.
         let s = set(json!({"workflows": {"new-comment": {"channel_types": {}}}}));
         assert_eq!(evaluate(&[&s], &query("new-comment", &collab, "sms")), PreferenceDecision::Allowed);

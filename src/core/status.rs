@@ -185,10 +185,7 @@ pub fn run_outcome(t: &RecipientTotals) -> Option<(RunState, bool, &'static str,
     if finished < t.recipients {
         return None;
     }
-    let summary = format!(
-        "{} recipients: {} completed, {} skipped, {} cancelled, {} failed",
-        t.recipients, t.completed, t.skipped, t.cancelled, t.failed
-    );
+    let summary = format!("{} recipients: {} completed, {} skipped, {} cancelled, {} failed", t.recipients, t.completed, t.skipped, t.cancelled, t.failed);
     Some(if t.failed > 0 {
         (RunState::Failed, false, "RecipientsFailed", summary)
     } else if t.recipients > 0 && t.cancelled == t.recipients {

@@ -127,7 +127,6 @@ fn escape_pointer_segment(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,13 +157,7 @@ mod tests {
     #[test]
     fn missing_required_property_points_at_the_property() {
         let errors = comment_schema().validate(&json!({"count": 1}));
-        assert_eq!(
-            errors,
-            vec![DataError {
-                pointer: "/comment_text".into(),
-                message: "\"comment_text\" is a required property".into()
-            }]
-        );
+        assert_eq!(errors, vec![DataError { pointer: "/comment_text".into(), message: "\"comment_text\" is a required property".into() }]);
     }
 
     #[test]
@@ -222,10 +215,7 @@ mod tests {
     #[test]
     fn require_object_rejects_non_objects() {
         assert_eq!(require_object(&json!({})), Ok(()));
-        assert_eq!(
-            require_object(&json!("x")),
-            Err(DataError { pointer: "/".into(), message: "data must be a JSON object, got a string".into() })
-        );
+        assert_eq!(require_object(&json!("x")), Err(DataError { pointer: "/".into(), message: "data must be a JSON object, got a string".into() }));
         assert_eq!(require_object(&json!([1])).unwrap_err().message, "data must be a JSON object, got an array");
         assert_eq!(require_object(&Value::Null).unwrap_err().message, "data must be a JSON object, got null");
     }
@@ -239,8 +229,7 @@ mod tests {
         ];
         assert_eq!(summarize(&two), "/comment_text: \"comment_text\" is a required property; /count: a b");
 
-        let many: Vec<DataError> =
-            (0..25).map(|i| DataError { pointer: format!("/{i}"), message: "bad".into() }).collect();
+        let many: Vec<DataError> = (0..25).map(|i| DataError { pointer: format!("/{i}"), message: "bad".into() }).collect();
         let s = summarize(&many);
         assert!(s.starts_with("/0: bad; /1: bad"), "{s}");
         assert!(s.contains("/19: bad") && !s.contains("/20: bad"), "{s}");

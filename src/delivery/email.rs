@@ -43,9 +43,9 @@ fn field<'a>(message: &'a Message, name: &str) -> Option<&'a str> {
 /// attempt, so that receivers can drop duplicates.
 pub fn build(message: &Message, channel_from: Option<&str>) -> Result<Email, DeliveryError> {
     let invalid = DeliveryError::InvalidMessage;
-    let from_text = field(message, "from").or(channel_from.map(str::trim).filter(|s| !s.is_empty())).ok_or_else(|| {
-        invalid(format!("no sender: the step has no template.from and Channel `{}` has no `from`", message.channel))
-    })?;
+    let from_text = field(message, "from")
+        .or(channel_from.map(str::trim).filter(|s| !s.is_empty()))
+        .ok_or_else(|| invalid(format!("no sender: the step has no template.from and Channel `{}` has no `from`", message.channel)))?;
     let from: Mailbox = from_text.parse().map_err(|e| invalid(format!("from `{from_text}` is not an email address: {e}")))?;
     let to_text = field(message, "to")
         .map(str::to_string)
@@ -77,7 +77,18 @@ pub fn build(message: &Message, channel_from: Option<&str>) -> Result<Email, Del
 /// `<recipient-run-id.step-ref@sender-domain>`: stable across attempts and
 /// restarts. Characters a Message-ID cannot hold become `-`.
 fn message_id(idempotency_key: &str, from: &Mailbox) -> String {
-    let local: String = idempotency_key.chars().map(|c| if c.is_ascii_alphanumeric() || "-_".contains(c) { c } else if c == ':' { '.' } else { '-' }).collect();
+    let local: String = idempotency_key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_".contains(c) {
+                c
+            } else if c == ':' {
+                '.'
+            } else {
+                '-'
+            }
+        })
+        .collect();
     format!("<{local}@{}>", from.email.domain())
 }
 
@@ -94,7 +105,14 @@ pub struct Transports {
 impl Transports {
     /// The transport of Channel `namespace/name`; `fingerprint` changes
     /// whenever its settings or credentials do.
-    pub fn get(&self, key: (String, String), fingerprint: &str, server: &SmtpServer, credentials: Option<(String, String)>, timeout: Duration) -> Result<Arc<Transport>, DeliveryError> {
+    pub fn get(
+        &self,
+        key: (String, String),
+        fingerprint: &str,
+        server: &SmtpServer,
+        credentials: Option<(String, String)>,
+        timeout: Duration,
+    ) -> Result<Arc<Transport>, DeliveryError> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((f, transport)) = cache.get(&key) {
             if f == fingerprint {

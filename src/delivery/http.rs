@@ -94,8 +94,9 @@ fn template_headers(message: &Message) -> Result<HeaderMap, DeliveryError> {
             return Err(DeliveryError::InvalidMessage(format!("header `{name}` is set by herald and cannot be templated")));
         }
         let header_name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| DeliveryError::InvalidMessage(format!("header name `{name}` is not a valid HTTP header name")))?;
-        let header_value = HeaderValue::from_str(value.trim())
-            .map_err(|_| DeliveryError::InvalidMessage(format!("header `{name}`: the rendered value `{}` is not a valid header value (line breaks or control characters)", preview(value, 60))))?;
+        let header_value = HeaderValue::from_str(value.trim()).map_err(|_| {
+            DeliveryError::InvalidMessage(format!("header `{name}`: the rendered value `{}` is not a valid header value (line breaks or control characters)", preview(value, 60)))
+        })?;
         headers.insert(header_name, header_value);
     }
     Ok(headers)

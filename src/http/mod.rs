@@ -121,19 +121,12 @@ async fn count(AxumState(metrics): AxumState<Arc<Metrics>>, req: Request, next: 
 
 /// Serves until `shutdown`, then stops accepting and finishes in-flight
 /// requests (for at most the request timeout and 5 s).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: State,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, state: State, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
     let settings = state.context.settings.clone();
     let api = api::Api::start(state.context.clone());
     let app = router(state, api);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(settings.header_timeout_seconds.max(1)));
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(settings.header_timeout_seconds.max(1)));
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);

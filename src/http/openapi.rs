@@ -100,25 +100,39 @@ fn schemas() -> Value {
         "workflows": {"type": "object"}, "categories": {"type": "object"},
         "channel_types": {"type": "object", "additionalProperties": {"type": "boolean"}}}});
     let mut schemas = Map::new();
-    schemas.insert("Error".into(), json!({"type": "object", "required": ["code", "message", "status", "type"], "properties": {
+    schemas.insert(
+        "Error".into(),
+        json!({"type": "object", "required": ["code", "message", "status", "type"], "properties": {
             "code": {"type": "string"}, "message": {"type": "string"}, "status": {"type": "integer"}, "type": {"type": "string"},
             "errors": {"type": "array", "items": {"type": "object", "properties": {
                 "field": {"type": "string", "description": "JSON pointer into the request body"}, "message": {"type": "string"}}}},
-            "workflow_run_id": {"type": "string", "description": "The run that holds an idempotency key"}}}));
+            "workflow_run_id": {"type": "string", "description": "The run that holds an idempotency key"}}}),
+    );
     schemas.insert("Recipient".into(), json!(recipient));
     schemas.insert("RecipientReference".into(), json!(reference));
-    schemas.insert("TriggerRequest".into(), json!({"type": "object", "required": ["recipients"], "additionalProperties": false, "properties": {
+    schemas.insert(
+        "TriggerRequest".into(),
+        json!({"type": "object", "required": ["recipients"], "additionalProperties": false, "properties": {
             "recipients": {"type": "array", "minItems": 1, "maxItems": 1000, "items": schema_ref("Recipient")},
             "actor": schema_ref("Recipient"),
             "data": {"type": "object", "nullable": true, "description": "Validated against the Workflow's dataSchema"},
             "cancellation_key": {"type": "string", "nullable": true, "maxLength": 1024},
-            "tenant": tenant}}));
-    schemas.insert("TriggerResponse".into(), json!({"type": "object", "required": ["workflow_run_id"], "properties": {
-            "workflow_run_id": {"type": "string", "format": "uuid", "description": "The TriggerRun's metadata.uid"}}}));
-    schemas.insert("CancelRequest".into(), json!({"type": "object", "required": ["cancellation_key"], "additionalProperties": false, "properties": {
+            "tenant": tenant}}),
+    );
+    schemas.insert(
+        "TriggerResponse".into(),
+        json!({"type": "object", "required": ["workflow_run_id"], "properties": {
+            "workflow_run_id": {"type": "string", "format": "uuid", "description": "The TriggerRun's metadata.uid"}}}),
+    );
+    schemas.insert(
+        "CancelRequest".into(),
+        json!({"type": "object", "required": ["cancellation_key"], "additionalProperties": false, "properties": {
             "cancellation_key": {"type": "string"},
-            "recipients": {"type": "array", "items": schema_ref("RecipientReference")}}}));
-    schemas.insert("NotifyRequest".into(), json!({"type": "object", "required": ["name", "data"], "additionalProperties": false,
+            "recipients": {"type": "array", "items": schema_ref("RecipientReference")}}}),
+    );
+    schemas.insert(
+        "NotifyRequest".into(),
+        json!({"type": "object", "required": ["name", "data"], "additionalProperties": false,
             "description": "The older notify API; recipients, lists, or both are required",
             "properties": {
                 "name": {"type": "string", "description": "The workflow key"},
@@ -128,39 +142,72 @@ fn schemas() -> Value {
                 "data": {"type": "object"},
                 "cancellation_key": {"type": "string"},
                 "tenant": tenant,
-                "idempotencyKey": {"type": "string", "maxLength": 255}}}));
-    schemas.insert("UserRequest".into(), json!({"type": "object", "additionalProperties": true, "properties": {
+                "idempotencyKey": {"type": "string", "maxLength": 255}}}),
+    );
+    schemas.insert(
+        "UserRequest".into(),
+        json!({"type": "object", "additionalProperties": true, "properties": {
             "name": {"type": "string"}, "email": {"type": "string"}, "phone_number": {"type": "string"}, "timezone": {"type": "string"},
-            "channel_data": {"type": "object"}, "preferences": {"type": "object", "additionalProperties": schema_ref("PreferenceSetRequest")}}}));
-    schemas.insert("User".into(), json!({"type": "object", "additionalProperties": true, "properties": {
+            "channel_data": {"type": "object"}, "preferences": {"type": "object", "additionalProperties": schema_ref("PreferenceSetRequest")}}}),
+    );
+    schemas.insert(
+        "User".into(),
+        json!({"type": "object", "additionalProperties": true, "properties": {
             "__typename": {"type": "string"}, "id": {"type": "string"}, "name": {"type": "string", "nullable": true},
             "email": {"type": "string", "nullable": true}, "phone_number": {"type": "string", "nullable": true},
-            "timezone": {"type": "string", "nullable": true}, "created_at": {"type": "string"}, "updated_at": {"type": "string"}}}));
+            "timezone": {"type": "string", "nullable": true}, "created_at": {"type": "string"}, "updated_at": {"type": "string"}}}),
+    );
     schemas.insert("PreferenceSetRequest".into(), json!(preference_set));
-    schemas.insert("PreferenceSet".into(), json!({"type": "object", "properties": {
+    schemas.insert(
+        "PreferenceSet".into(),
+        json!({"type": "object", "properties": {
             "__typename": {"type": "string"}, "id": {"type": "string"}, "workflows": {"type": "object"},
-            "categories": {"type": "object"}, "channel_types": {"type": "object"}}}));
+            "categories": {"type": "object"}, "channel_types": {"type": "object"}}}),
+    );
     schemas.insert("ChannelDataRequest".into(), json!({"type": "object", "required": ["data"], "properties": {"data": {"type": "object"}}}));
     schemas.insert("ChannelData".into(), json!({"type": "object", "properties": {"__typename": {"type": "string"}, "channel_id": {"type": "string"}, "data": {"type": "object"}}}));
-    schemas.insert("ObjectRequest".into(), json!({"type": "object", "additionalProperties": true, "properties": {
-            "channel_data": {"type": "object"}, "preferences": {"type": "object"}}}));
-    schemas.insert("Object".into(), json!({"type": "object", "properties": {
+    schemas.insert(
+        "ObjectRequest".into(),
+        json!({"type": "object", "additionalProperties": true, "properties": {
+            "channel_data": {"type": "object"}, "preferences": {"type": "object"}}}),
+    );
+    schemas.insert(
+        "Object".into(),
+        json!({"type": "object", "properties": {
             "__typename": {"type": "string"}, "id": {"type": "string"}, "collection": {"type": "string"},
-            "properties": {"type": "object"}, "created_at": {"type": "string"}, "updated_at": {"type": "string"}}}));
-    schemas.insert("SubscriptionsRequest".into(), json!({"type": "object", "required": ["recipients"], "properties": {
-            "recipients": {"type": "array", "minItems": 1, "items": schema_ref("Recipient")}, "properties": {"type": "object"}}}));
-    schemas.insert("UnsubscribeRequest".into(), json!({"type": "object", "required": ["recipients"], "properties": {
-            "recipients": {"type": "array", "minItems": 1, "items": schema_ref("RecipientReference")}}}));
-    schemas.insert("Subscription".into(), json!({"type": "object", "properties": {
+            "properties": {"type": "object"}, "created_at": {"type": "string"}, "updated_at": {"type": "string"}}}),
+    );
+    schemas.insert(
+        "SubscriptionsRequest".into(),
+        json!({"type": "object", "required": ["recipients"], "properties": {
+            "recipients": {"type": "array", "minItems": 1, "items": schema_ref("Recipient")}, "properties": {"type": "object"}}}),
+    );
+    schemas.insert(
+        "UnsubscribeRequest".into(),
+        json!({"type": "object", "required": ["recipients"], "properties": {
+            "recipients": {"type": "array", "minItems": 1, "items": schema_ref("RecipientReference")}}}),
+    );
+    schemas.insert(
+        "Subscription".into(),
+        json!({"type": "object", "properties": {
             "__typename": {"type": "string"}, "object": schema_ref("Object"), "recipient": {"type": "object"},
-            "properties": {"type": "object"}, "inserted_at": {"type": "string"}, "updated_at": {"type": "string"}}}));
-    schemas.insert("TenantRequest".into(), json!({"type": "object", "additionalProperties": true, "properties": {
+            "properties": {"type": "object"}, "inserted_at": {"type": "string"}, "updated_at": {"type": "string"}}}),
+    );
+    schemas.insert(
+        "TenantRequest".into(),
+        json!({"type": "object", "additionalProperties": true, "properties": {
             "name": {"type": "string"}, "settings": {"type": "object", "properties": {
-                "branding": {"type": "object"}, "preference_set": schema_ref("PreferenceSetRequest")}}}}));
-    schemas.insert("Tenant".into(), json!({"type": "object", "additionalProperties": true, "properties": {
+                "branding": {"type": "object"}, "preference_set": schema_ref("PreferenceSetRequest")}}}}),
+    );
+    schemas.insert(
+        "Tenant".into(),
+        json!({"type": "object", "additionalProperties": true, "properties": {
             "__typename": {"type": "string"}, "id": {"type": "string"}, "name": {"type": "string", "nullable": true},
-            "settings": {"type": "object"}}}));
-    schemas.insert("WorkflowRecipientRun".into(), json!({"type": "object", "properties": {
+            "settings": {"type": "object"}}}),
+    );
+    schemas.insert(
+        "WorkflowRecipientRun".into(),
+        json!({"type": "object", "properties": {
             "__typename": {"type": "string"}, "id": {"type": "string", "format": "uuid"},
             "workflow": {"type": "string"}, "workflow_run_id": {"type": "string", "format": "uuid"},
             "recipient": schema_ref("RecipientReference"),
@@ -170,68 +217,138 @@ fn schemas() -> Value {
             "actor": {"nullable": true}, "tenant": {"type": "string", "nullable": true},
             "trigger_source": {"type": "object"}, "error_count": {"type": "integer"},
             "inserted_at": {"type": "string"}, "updated_at": {"type": "string"},
-            "events": {"type": "array", "items": {"type": "object"}}, "steps": {"type": "array", "items": {"type": "object"}}}}));
-    schemas.insert("WorkflowRun".into(), json!({"type": "object", "properties": {
+            "events": {"type": "array", "items": {"type": "object"}}, "steps": {"type": "array", "items": {"type": "object"}}}}),
+    );
+    schemas.insert(
+        "WorkflowRun".into(),
+        json!({"type": "object", "properties": {
             "__typename": {"type": "string"}, "id": {"type": "string", "format": "uuid"}, "name": {"type": "string"},
             "workflow": {"type": "string"},
             "status": {"type": "string", "enum": ["pending", "running", "completed", "failed", "cancelled"]},
             "totals": {"type": "object", "nullable": true}, "conditions": {"type": "array", "items": {"type": "object"}},
-            "recipient_runs": {"type": "array", "items": schema_ref("WorkflowRecipientRun")}}}));
+            "recipient_runs": {"type": "array", "items": schema_ref("WorkflowRecipientRun")}}}),
+    );
     Value::Object(schemas)
 }
 
 /// The document.
 pub fn document() -> Value {
-    let tenant_query = || json!({"name": "tenant", "in": "query", "required": false, "schema": {"type": "string"},
-        "description": "A tenant id: the user's preferences within that tenant (set `default`)"});
+    let tenant_query = || {
+        json!({"name": "tenant", "in": "query", "required": false, "schema": {"type": "string"},
+        "description": "A tenant id: the user's preferences within that tenant (set `default`)"})
+    };
     let idempotency_header = json!({"name": "Idempotency-Key", "in": "header", "required": false,
         "schema": {"type": "string", "maxLength": 255},
         "description": "A repeat within 7 days replays the first response (header idempotent-replayed: true); different parameters: 422"});
     let paths: Map<String, Value> = [
-        path_item("/v1/workflows/{key}/trigger", vec![("post", Op {
-            extra_params: vec![idempotency_header],
-            ..op("Trigger a workflow: stores a TriggerRun and returns its uid", "Workflows", Some("TriggerRequest"),
-                 (200, Some(schema_ref("TriggerResponse"))), &[400, 404, 413, 422])
-        })]),
-        path_item("/v1/workflows/{key}/cancel", vec![("post",
-            op("Cancel the runs of a workflow with a cancellation key: stores a Cancellation", "Workflows", Some("CancelRequest"), (204, None), WRITE))]),
-        path_item("/v1/notify", vec![("post",
-            op("Trigger a workflow (older API): lists are Audience keys", "Workflows", Some("NotifyRequest"),
-               (200, Some(schema_ref("TriggerResponse"))), &[400, 404, 409, 413, 422]))]),
-        path_item("/v1/users/{user_id}", vec![
-            ("put", op("Identify (create or update) a user", "Users", Some("UserRequest"), (200, Some(schema_ref("User"))), WRITE)),
-            ("get", op("Get a user", "Users", None, (200, Some(schema_ref("User"))), READ)),
-            ("delete", op("Delete a user", "Users", None, (204, None), READ)),
-        ]),
-        path_item("/v1/users/{user_id}/preferences/{set}", vec![
-            ("put", Op { extra_params: vec![tenant_query()], ..op("Set a user's preference set", "Users", Some("PreferenceSetRequest"), (200, Some(schema_ref("PreferenceSet"))), WRITE) }),
-            ("get", Op { extra_params: vec![tenant_query()], ..op("Get a user's preference set", "Users", None, (200, Some(schema_ref("PreferenceSet"))), READ) }),
-        ]),
-        path_item("/v1/users/{user_id}/channel_data/{channel}", vec![
-            ("put", op("Set a user's channel data", "Users", Some("ChannelDataRequest"), (200, Some(schema_ref("ChannelData"))), WRITE)),
-            ("get", op("Get a user's channel data", "Users", None, (200, Some(schema_ref("ChannelData"))), READ)),
-            ("delete", op("Remove a user's channel data", "Users", None, (204, None), READ)),
-        ]),
-        path_item("/v1/objects/{collection}/{id}", vec![
-            ("put", op("Set (create or update) an object", "Objects", Some("ObjectRequest"), (200, Some(schema_ref("Object"))), WRITE)),
-            ("get", op("Get an object", "Objects", None, (200, Some(schema_ref("Object"))), READ)),
-            ("delete", op("Delete an object", "Objects", None, (204, None), READ)),
-        ]),
-        path_item("/v1/objects/{collection}/{id}/subscriptions", vec![
-            ("post", op("Subscribe recipients to an object", "Objects", Some("SubscriptionsRequest"),
-                        (200, Some(json!({"type": "array", "items": schema_ref("Subscription")}))), WRITE)),
-            ("delete", op("Unsubscribe recipients from an object", "Objects", Some("UnsubscribeRequest"),
-                          (200, Some(json!({"type": "array", "items": schema_ref("Subscription")}))), WRITE)),
-        ]),
-        path_item("/v1/tenants/{id}", vec![
-            ("put", op("Set (create or update) a tenant", "Tenants", Some("TenantRequest"), (200, Some(schema_ref("Tenant"))), WRITE)),
-            ("get", op("Get a tenant", "Tenants", None, (200, Some(schema_ref("Tenant"))), READ)),
-            ("delete", op("Delete a tenant", "Tenants", None, (204, None), READ)),
-        ]),
-        path_item("/v1/workflow_runs/{id}", vec![("get",
-            op("Get a workflow run (a TriggerRun, by workflow_run_id) with its recipients' runs", "Runs", None, (200, Some(schema_ref("WorkflowRun"))), READ))]),
-        path_item("/v1/workflow_recipient_runs/{id}", vec![("get",
-            op("Get one recipient's run", "Runs", None, (200, Some(schema_ref("WorkflowRecipientRun"))), READ))]),
+        path_item(
+            "/v1/workflows/{key}/trigger",
+            vec![(
+                "post",
+                Op {
+                    extra_params: vec![idempotency_header],
+                    ..op(
+                        "Trigger a workflow: stores a TriggerRun and returns its uid",
+                        "Workflows",
+                        Some("TriggerRequest"),
+                        (200, Some(schema_ref("TriggerResponse"))),
+                        &[400, 404, 413, 422],
+                    )
+                },
+            )],
+        ),
+        path_item(
+            "/v1/workflows/{key}/cancel",
+            vec![("post", op("Cancel the runs of a workflow with a cancellation key: stores a Cancellation", "Workflows", Some("CancelRequest"), (204, None), WRITE))],
+        ),
+        path_item(
+            "/v1/notify",
+            vec![(
+                "post",
+                op(
+                    "Trigger a workflow (older API): lists are Audience keys",
+                    "Workflows",
+                    Some("NotifyRequest"),
+                    (200, Some(schema_ref("TriggerResponse"))),
+                    &[400, 404, 409, 413, 422],
+                ),
+            )],
+        ),
+        path_item(
+            "/v1/users/{user_id}",
+            vec![
+                ("put", op("Identify (create or update) a user", "Users", Some("UserRequest"), (200, Some(schema_ref("User"))), WRITE)),
+                ("get", op("Get a user", "Users", None, (200, Some(schema_ref("User"))), READ)),
+                ("delete", op("Delete a user", "Users", None, (204, None), READ)),
+            ],
+        ),
+        path_item(
+            "/v1/users/{user_id}/preferences/{set}",
+            vec![
+                (
+                    "put",
+                    Op {
+                        extra_params: vec![tenant_query()],
+                        ..op("Set a user's preference set", "Users", Some("PreferenceSetRequest"), (200, Some(schema_ref("PreferenceSet"))), WRITE)
+                    },
+                ),
+                ("get", Op { extra_params: vec![tenant_query()], ..op("Get a user's preference set", "Users", None, (200, Some(schema_ref("PreferenceSet"))), READ) }),
+            ],
+        ),
+        path_item(
+            "/v1/users/{user_id}/channel_data/{channel}",
+            vec![
+                ("put", op("Set a user's channel data", "Users", Some("ChannelDataRequest"), (200, Some(schema_ref("ChannelData"))), WRITE)),
+                ("get", op("Get a user's channel data", "Users", None, (200, Some(schema_ref("ChannelData"))), READ)),
+                ("delete", op("Remove a user's channel data", "Users", None, (204, None), READ)),
+            ],
+        ),
+        path_item(
+            "/v1/objects/{collection}/{id}",
+            vec![
+                ("put", op("Set (create or update) an object", "Objects", Some("ObjectRequest"), (200, Some(schema_ref("Object"))), WRITE)),
+                ("get", op("Get an object", "Objects", None, (200, Some(schema_ref("Object"))), READ)),
+                ("delete", op("Delete an object", "Objects", None, (204, None), READ)),
+            ],
+        ),
+        path_item(
+            "/v1/objects/{collection}/{id}/subscriptions",
+            vec![
+                (
+                    "post",
+                    op(
+                        "Subscribe recipients to an object",
+                        "Objects",
+                        Some("SubscriptionsRequest"),
+                        (200, Some(json!({"type": "array", "items": schema_ref("Subscription")}))),
+                        WRITE,
+                    ),
+                ),
+                (
+                    "delete",
+                    op(
+                        "Unsubscribe recipients from an object",
+                        "Objects",
+                        Some("UnsubscribeRequest"),
+                        (200, Some(json!({"type": "array", "items": schema_ref("Subscription")}))),
+                        WRITE,
+                    ),
+                ),
+            ],
+        ),
+        path_item(
+            "/v1/tenants/{id}",
+            vec![
+                ("put", op("Set (create or update) a tenant", "Tenants", Some("TenantRequest"), (200, Some(schema_ref("Tenant"))), WRITE)),
+                ("get", op("Get a tenant", "Tenants", None, (200, Some(schema_ref("Tenant"))), READ)),
+                ("delete", op("Delete a tenant", "Tenants", None, (204, None), READ)),
+            ],
+        ),
+        path_item(
+            "/v1/workflow_runs/{id}",
+            vec![("get", op("Get a workflow run (a TriggerRun, by workflow_run_id) with its recipients' runs", "Runs", None, (200, Some(schema_ref("WorkflowRun"))), READ))],
+        ),
+        path_item("/v1/workflow_recipient_runs/{id}", vec![("get", op("Get one recipient's run", "Runs", None, (200, Some(schema_ref("WorkflowRecipientRun"))), READ))]),
     ]
     .into_iter()
     .collect();
@@ -261,12 +378,8 @@ mod tests {
     #[test]
     fn documents_exactly_the_routes_served() {
         let doc = document();
-        let documented: BTreeSet<(String, String)> = doc["paths"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .flat_map(|(path, item)| item.as_object().unwrap().keys().map(move |m| (m.clone(), path.clone())))
-            .collect();
+        let documented: BTreeSet<(String, String)> =
+            doc["paths"].as_object().unwrap().iter().flat_map(|(path, item)| item.as_object().unwrap().keys().map(move |m| (m.clone(), path.clone()))).collect();
         let served: BTreeSet<(String, String)> = crate::http::api::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
         assert_eq!(documented, served);
     }

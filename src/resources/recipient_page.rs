@@ -42,4 +42,3 @@ pub struct RecipientPageStatus {
     #[serde(default)]
     pub recipients: Vec<RecipientStatus>,
 }
-

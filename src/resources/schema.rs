@@ -30,8 +30,7 @@ pub fn any_value(_: &mut SchemaGenerator) -> Schema {
 
 /// Standard Kubernetes conditions, as a map-list keyed by `type`.
 pub fn conditions(generator: &mut SchemaGenerator) -> Schema {
-    let mut schema = generator
-        .subschema_for::<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>();
+    let mut schema = generator.subschema_for::<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>();
     schema.insert("x-kubernetes-list-type".into(), "map".into());
     schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
     schema

@@ -169,10 +169,7 @@ impl Herald {
         // The API checks workflows against its cache: wait until it has this one.
         let op = self.op.as_ref().expect("operator running");
         let ns = self.ns.name.clone();
-        wait_for("the workflow in herald's cache", Duration::from_secs(20), || async {
-            herald::controller::workflow::find_by_key(&op.context, &ns, key).map(|_| ())
-        })
-        .await;
+        wait_for("the workflow in herald's cache", Duration::from_secs(20), || async { herald::controller::workflow::find_by_key(&op.context, &ns, key).map(|_| ()) }).await;
     }
 
     /// Waits until herald's caches hold these users and objects (`collection/id`):

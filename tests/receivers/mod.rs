@@ -213,7 +213,8 @@ impl SmtpReceiver {
         if let Some((user, password)) = login {
             command.args(["--user", user, "--password", password]);
         }
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start python3 for the SMTP test server ({e}); install Python 3 and `pip install aiosmtpd` (scripts/test.sh does)"));
+        let mut child =
+            command.spawn().unwrap_or_else(|e| panic!("cannot start python3 for the SMTP test server ({e}); install Python 3 and `pip install aiosmtpd` (scripts/test.sh does)"));
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("reading the SMTP server's first line");

@@ -95,9 +95,8 @@ fn collect_ranges(tag: &str, ranges: &mut Vec<CountedRange>) -> Result<(), Strin
                 if let Some((start, stop)) = inner.split_once("..") {
                     let source = format!("({})", inner.trim());
                     let bound = |text: &str| {
-                        Bound::parse(text.trim()).ok_or_else(|| {
-                            format!("the range `{source}`: bounds must be whole numbers or variables of {} (e.g. `(1..data.count)`)", ROOTS.join(", "))
-                        })
+                        Bound::parse(text.trim())
+                            .ok_or_else(|| format!("the range `{source}`: bounds must be whole numbers or variables of {} (e.g. `(1..data.count)`)", ROOTS.join(", ")))
                     };
                     ranges.push(CountedRange { start: bound(start)?, stop: bound(stop)?, source });
                 }
@@ -116,8 +115,7 @@ impl Bound {
         let mut segments = Vec::new();
         for part in text.split('.') {
             let (key, mut indexes) = part.split_once('[').map_or((part, ""), |(k, i)| (k, i));
-            let identifier = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            let identifier = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
             if !identifier {
                 return None;
             }

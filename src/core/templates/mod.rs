@@ -90,9 +90,7 @@ impl Field {
 impl fmt::Debug for CompiledTemplates {
     // liquid::Template is not Debug; list what was compiled.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map()
-            .entries(self.steps.iter().map(|(step, fields)| (step, fields.keys().collect::<Vec<_>>())))
-            .finish()
+        f.debug_map().entries(self.steps.iter().map(|(step, fields)| (step, fields.keys().collect::<Vec<_>>()))).finish()
     }
 }
 
@@ -134,8 +132,7 @@ impl CompiledTemplates {
             if compiled.contains_key(step_ref) {
                 return Err(TemplateError::new(step_ref, "ref", "duplicate step ref"));
             }
-            conditions::check_operators(&step.conditions)
-                .map_err(|e| TemplateError::new(step_ref, "conditions", e.to_string()))?;
+            conditions::check_operators(&step.conditions).map_err(|e| TemplateError::new(step_ref, "conditions", e.to_string()))?;
 
             let mut sources: Vec<(String, &str)> = Vec::new();
             match step.step_type {
@@ -190,19 +187,12 @@ impl CompiledTemplates {
         fields
             .iter()
             .filter_map(|(field, template)| field.strip_prefix("template.headers.").map(|name| (field, name, template)))
-            .map(|(field, name, template)| {
-                template
-                    .render(&globals, context)
-                    .map(|value| (name.to_string(), value))
-                    .map_err(|e| TemplateError::new(step_ref, field, e))
-            })
+            .map(|(field, name, template)| template.render(&globals, context).map(|value| (name.to_string(), value)).map_err(|e| TemplateError::new(step_ref, field, e)))
             .collect()
     }
 
     fn fields(&self, step_ref: &str, field: &str) -> Result<&BTreeMap<String, Field>, TemplateError> {
-        self.steps
-            .get(step_ref)
-            .ok_or_else(|| TemplateError::new(step_ref, field, "no such step in the compiled workflow"))
+        self.steps.get(step_ref).ok_or_else(|| TemplateError::new(step_ref, field, "no such step in the compiled workflow"))
     }
 }
 
@@ -258,9 +248,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "h" => Some(3_600),
             "d" => Some(86_400),
             "" => return Err(format!("duration `{input}` needs a unit after `{digits}`: {DURATION_FORMAT}")),
-            u if u.starts_with('.') => {
-                return Err(format!("duration `{input}`: fractions are not supported (write 1h30m, not 1.5h)"))
-            }
+            u if u.starts_with('.') => return Err(format!("duration `{input}`: fractions are not supported (write 1h30m, not 1.5h)")),
             u => return Err(format!("duration `{input}` has an unknown unit `{u}`: {DURATION_FORMAT}")),
         };
         let part = match seconds_per_unit {
@@ -501,11 +489,7 @@ impl ArrayNode {
     /// Liquid indexes: negative counts from the end.
     fn position(&self, index: i64) -> Option<usize> {
         let len = self.0.len();
-        let i = if index < 0 {
-            len.checked_sub(usize::try_from(index.unsigned_abs()).ok()?)?
-        } else {
-            usize::try_from(index).ok()?
-        };
+        let i = if index < 0 { len.checked_sub(usize::try_from(index.unsigned_abs()).ok()?)? } else { usize::try_from(index).ok()? };
         (i < len).then_some(i)
     }
 }
@@ -574,13 +558,7 @@ mod tests {
     use serde_json::json;
 
     fn channel_step(step_ref: &str, template: StepTemplate) -> Step {
-        Step {
-            step_ref: step_ref.into(),
-            step_type: StepType::Channel,
-            channel: Some("hooks".into()),
-            template: Some(template),
-            ..Default::default()
-        }
+        Step { step_ref: step_ref.into(), step_type: StepType::Channel, channel: Some("hooks".into()), template: Some(template), ..Default::default() }
     }
 
     fn delay_step(step_ref: &str, duration: Option<&str>, until: Option<&str>) -> Step {
@@ -604,11 +582,7 @@ mod tests {
     }
 
     fn compile_one(source: &str) -> CompiledTemplates {
-        CompiledTemplates::compile(&[channel_step(
-            "s",
-            StepTemplate { body: Some(source.into()), ..Default::default() },
-        )])
-        .expect("template compiles")
+        CompiledTemplates::compile(&[channel_step("s", StepTemplate { body: Some(source.into()), ..Default::default() })]).expect("template compiles")
     }
 
     fn render_one(source: &str) -> String {
@@ -650,9 +624,7 @@ mod tests {
             StepTemplate {
                 subject: Some("{{ actor.id }} commented".into()),
                 to: Some("{{ recipient.email }}".into()),
-                html: Some(
-                    "<p>Hi {{ recipient.name }}: {{ data.comment_text }} ({{ data.count | plus: 1 }})</p>".into(),
-                ),
+                html: Some("<p>Hi {{ recipient.name }}: {{ data.comment_text }} ({{ data.count | plus: 1 }})</p>".into()),
                 ..Default::default()
             },
         )];
@@ -673,10 +645,7 @@ mod tests {
     fn renders_structures_and_liquid_tags() {
         assert_eq!(render_one("{{ data.items[1].name }} {{ data.items.first.name }} {{ data.items.size }}"), "b a 2");
         assert_eq!(render_one("{% for t in data.tags %}[{{ t }}]{% endfor %}"), "[x][y]");
-        assert_eq!(
-            render_one("{{ data.tags | join: \",\" }} {{ data.ratio }} {{ tenant.id | upcase }}"),
-            "x,y 0.5 ACME"
-        );
+        assert_eq!(render_one("{{ data.tags | join: \",\" }} {{ data.ratio }} {{ tenant.id | upcase }}"), "x,y 0.5 ACME");
         assert_eq!(render_one("{% if data.count > 2 %}many{% else %}few{% endif %}"), "many");
         assert_eq!(render_one("{% if data.flag %}yes{% else %}no{% endif %}"), "no");
         assert_eq!(render_one("{% assign n = data.count | times: 2 %}{{ n }}"), "6");
@@ -734,15 +703,10 @@ mod tests {
 
     #[test]
     fn broken_templates_fail_compile_naming_step_and_field() {
-        for source in
-            ["{{ data.x ", "{% if %}yes{% endif %}", "{% for %}", "{{ data.x | no_such_filter }}", "{% endif %}"]
-        {
+        for source in ["{{ data.x ", "{% if %}yes{% endif %}", "{% for %}", "{{ data.x | no_such_filter }}", "{% endif %}"] {
             let steps = [
                 channel_step("fine", StepTemplate { text: Some("ok".into()), ..Default::default() }),
-                channel_step(
-                    "broken",
-                    StepTemplate { subject: Some("ok".into()), body: Some(source.into()), ..Default::default() },
-                ),
+                channel_step("broken", StepTemplate { subject: Some("ok".into()), body: Some(source.into()), ..Default::default() }),
             ];
             let err = CompiledTemplates::compile(&steps).expect_err(source);
             assert_eq!((err.step.as_str(), err.field.as_str()), ("broken", "template.body"), "{source}");
@@ -753,12 +717,10 @@ mod tests {
 
         let mut headers = BTreeMap::new();
         headers.insert("X-Team".to_string(), "{{ oops".to_string());
-        let err = CompiledTemplates::compile(&[channel_step("h", StepTemplate { headers, ..Default::default() })])
-            .expect_err("bad header");
+        let err = CompiledTemplates::compile(&[channel_step("h", StepTemplate { headers, ..Default::default() })]).expect_err("bad header");
         assert_eq!(err.field, "template.headers.X-Team");
 
-        let err =
-            CompiledTemplates::compile(&[delay_step("wait", None, Some("{{ data.remind_at"))]).expect_err("bad until");
+        let err = CompiledTemplates::compile(&[delay_step("wait", None, Some("{{ data.remind_at"))]).expect_err("bad until");
         assert_eq!((err.step.as_str(), err.field.as_str()), ("wait", "delay.until"));
     }
 
@@ -768,21 +730,18 @@ mod tests {
         assert_eq!((err.step.as_str(), err.field.as_str()), ("wait", "delay.duration"));
 
         let mut step = channel_step("s", StepTemplate::default());
-        step.conditions =
-            vec![StepCondition { variable: "data.x".into(), operator: "equals".into(), argument: Some(json!(1)) }];
+        step.conditions = vec![StepCondition { variable: "data.x".into(), operator: "equals".into(), argument: Some(json!(1)) }];
         let err = CompiledTemplates::compile(&[step]).expect_err("bad operator");
         assert_eq!((err.step.as_str(), err.field.as_str()), ("s", "conditions"));
         assert!(err.message.contains("unknown operator `equals`"), "{err}");
 
-        let err = CompiledTemplates::compile(&[delay_step("a", Some("1s"), None), delay_step("a", Some("2s"), None)])
-            .expect_err("duplicate ref");
+        let err = CompiledTemplates::compile(&[delay_step("a", Some("1s"), None), delay_step("a", Some("2s"), None)]).expect_err("duplicate ref");
         assert_eq!((err.step.as_str(), err.field.as_str()), ("a", "ref"));
     }
 
     #[test]
     fn delay_until_renders() {
-        let t = CompiledTemplates::compile(&[delay_step("wait", Some("1h"), Some("{{ data.remind_at }}"))])
-            .expect("compiles");
+        let t = CompiledTemplates::compile(&[delay_step("wait", Some("1h"), Some("{{ data.remind_at }}"))]).expect("compiles");
         assert_eq!(t.render("wait", "delay.until", &context()).unwrap().as_deref(), Some("2030-01-01T00:00:00Z"));
         // A delay step's template fields are not compiled (it has none).
         assert_eq!(t.render("wait", "template.body", &context()), Ok(None));

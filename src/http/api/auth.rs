@@ -231,15 +231,7 @@ impl Authenticator {
             loaded.push(rx);
             watches.push(AbortOnDrop(tokio::spawn(watch_keys(api, scope, index.clone(), tx))));
         }
-        Authenticator {
-            client,
-            served: settings.namespaces.clone(),
-            index,
-            loaded,
-            reviews: Cache::new(),
-            access: Cache::new(),
-            _watches: watches,
-        }
+        Authenticator { client, served: settings.namespaces.clone(), index, loaded, reviews: Cache::new(), access: Cache::new(), _watches: watches }
     }
 
     /// Waits (briefly) for the first list of API keys.
@@ -281,9 +273,7 @@ impl Authenticator {
             [one] => Some(one.clone()),
             _ => None,
         };
-        let namespace = requested.or(only_served).or(own).ok_or_else(|| {
-            ApiError::invalid(NAMESPACE_HEADER, "name the namespace to act in with the X-Herald-Namespace header")
-        })?;
+        let namespace = requested.or(only_served).or(own).ok_or_else(|| ApiError::invalid(NAMESPACE_HEADER, "name the namespace to act in with the X-Herald-Namespace header"))?;
         if !self.served.is_empty() && !self.served.contains(&namespace) {
             return Err(ApiError::Forbidden(format!("this herald serves namespace {}, not {namespace}", self.served.join(", "))));
         }
@@ -330,13 +320,7 @@ impl Authenticator {
         if allowed {
             Ok(())
         } else {
-            Err(ApiError::Forbidden(format!(
-                "{} may not {} {}.herald.dev in namespace {}",
-                caller.name(),
-                permission.verb,
-                permission.resource,
-                caller.namespace
-            )))
+            Err(ApiError::Forbidden(format!("{} may not {} {}.herald.dev in namespace {}", caller.name(), permission.verb, permission.resource, caller.namespace)))
         }
     }
 
@@ -383,11 +367,7 @@ fn bearer(headers: &HeaderMap) -> Result<String, ApiError> {
 fn requested_namespace(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(NAMESPACE_HEADER) else { return Ok(None) };
     let ns = value.to_str().unwrap_or_default().trim();
-    let valid = !ns.is_empty()
-        && ns.len() <= 63
-        && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !ns.starts_with('-')
-        && !ns.ends_with('-');
+    let valid = !ns.is_empty() && ns.len() <= 63 && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !ns.starts_with('-') && !ns.ends_with('-');
     if !valid {
         return Err(ApiError::invalid(NAMESPACE_HEADER, "must be a Kubernetes namespace name"));
     }

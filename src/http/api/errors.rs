@@ -96,10 +96,9 @@ impl ApiError {
             ApiError::ApiKeyMissing | ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
-            ApiError::InvalidParams { .. }
-            | ApiError::WorkflowInactive(_)
-            | ApiError::WorkflowInvalid { .. }
-            | ApiError::IdempotencyMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InvalidParams { .. } | ApiError::WorkflowInactive(_) | ApiError::WorkflowInvalid { .. } | ApiError::IdempotencyMismatch { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::WorkflowMissing(_) | ApiError::NotFound { .. } | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::IdempotencyKeyUsed { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -242,9 +241,7 @@ mod tests {
 
     #[test]
     fn kube_errors_map_to_statuses() {
-        let api = |code: u16| {
-            kube::Error::Api(Box::new(kube::core::Status { code, message: "m".into(), ..Default::default() }))
-        };
+        let api = |code: u16| kube::Error::Api(Box::new(kube::core::Status { code, message: "m".into(), ..Default::default() }));
         assert_eq!(ApiError::from(api(503)).status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(ApiError::from(api(422)).status(), StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(ApiError::from(api(403)).status(), StatusCode::INTERNAL_SERVER_ERROR);

@@ -83,10 +83,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/notify", post(triggers::notify))
         .route("/v1/users/{user_id}", put(users::put).get(users::get).delete(users::delete))
         .route("/v1/users/{user_id}/preferences/{set}", put(users::put_preferences).get(users::get_preferences))
-        .route(
-            "/v1/users/{user_id}/channel_data/{channel}",
-            put(users::put_channel_data).get(users::get_channel_data).delete(users::delete_channel_data),
-        )
+        .route("/v1/users/{user_id}/channel_data/{channel}", put(users::put_channel_data).get(users::get_channel_data).delete(users::delete_channel_data))
         .route("/v1/objects/{collection}/{id}", put(objects::put).get(objects::get).delete(objects::delete))
         .route("/v1/objects/{collection}/{id}/subscriptions", post(objects::subscribe).delete(objects::unsubscribe))
         .route("/v1/tenants/{id}", put(tenants::put).get(tenants::get).delete(tenants::delete))
@@ -173,10 +170,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|p| Params(p.0))
-            .map_err(|e| ApiError::invalid("path", e.body_text()))
+        axum::extract::Path::<T>::from_request_parts(parts, state).await.map(|p| Params(p.0)).map_err(|e| ApiError::invalid("path", e.body_text()))
     }
 }
 
@@ -191,10 +185,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Query::<T>::from_request_parts(parts, state)
-            .await
-            .map(|q| QueryParams(q.0))
-            .map_err(|e| ApiError::invalid("query", e.body_text()))
+        axum::extract::Query::<T>::from_request_parts(parts, state).await.map(|q| QueryParams(q.0)).map_err(|e| ApiError::invalid("query", e.body_text()))
     }
 }
 
@@ -214,7 +205,11 @@ pub fn check_id(field: &str, id: &str) -> Result<(), FieldError> {
 /// Checks several path ids at once.
 pub fn check_ids(ids: &[(&str, &str)]) -> Result<(), ApiError> {
     let errors: Vec<FieldError> = ids.iter().filter_map(|(field, id)| check_id(field, id).err()).collect();
-    if errors.is_empty() { Ok(()) } else { Err(ApiError::invalid_all(errors)) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_all(errors))
+    }
 }
 
 /// A request body's fields, read one by one; every problem is collected and
@@ -339,7 +334,11 @@ impl Fields {
 
     /// Ok when no problem was found, else a 422 listing every one.
     pub fn finish(&mut self) -> Result<(), ApiError> {
-        if self.errors.is_empty() { Ok(()) } else { Err(ApiError::invalid_all(std::mem::take(&mut self.errors))) }
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::invalid_all(std::mem::take(&mut self.errors)))
+        }
     }
 }
 
@@ -350,13 +349,7 @@ pub fn created_at(meta: &ObjectMeta) -> Option<String> {
 
 /// RFC 3339 time of the last write (the newest managedFields entry), else the creation time.
 pub fn updated_at(meta: &ObjectMeta) -> Option<String> {
-    meta.managed_fields
-        .iter()
-        .flatten()
-        .filter_map(|m| m.time.as_ref().map(|t| t.0))
-        .max()
-        .map(|t| t.to_string())
-        .or_else(|| created_at(meta))
+    meta.managed_fields.iter().flatten().filter_map(|m| m.time.as_ref().map(|t| t.0)).max().map(|t| t.to_string()).or_else(|| created_at(meta))
 }
 
 /// A resource found by id, or the name to create it under.

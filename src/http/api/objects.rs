@@ -70,12 +70,7 @@ fn not_found(collection: &str, id: &str) -> ApiError {
 }
 
 /// `PUT /v1/objects/{collection}/{id}`: create or update; properties merge, null removes one.
-pub async fn put(
-    State(api): State<Arc<Api>>,
-    caller: Caller,
-    Params((collection, id)): Params<(String, String)>,
-    JsonBody(body): JsonBody,
-) -> Result<Json<Value>, ApiError> {
+pub async fn put(State(api): State<Arc<Api>>, caller: Caller, Params((collection, id)): Params<(String, String)>, JsonBody(body): JsonBody) -> Result<Json<Value>, ApiError> {
     api.allow(&caller, "update", "objects").await?;
     check_ids(&[("collection", &collection), ("id", &id)])?;
     let mut f = Fields::new(body)?;
@@ -207,12 +202,7 @@ fn read_subscribers(f: &mut Fields, this: &RecipientKey, inline: bool) -> Vec<Re
 /// `POST /v1/objects/{collection}/{id}/subscriptions`: subscribes recipients
 /// (inline ones are identified first); an existing subscription gets the new
 /// properties. Returns the subscriptions.
-pub async fn subscribe(
-    State(api): State<Arc<Api>>,
-    caller: Caller,
-    Params((collection, id)): Params<(String, String)>,
-    JsonBody(body): JsonBody,
-) -> Result<Json<Value>, ApiError> {
+pub async fn subscribe(State(api): State<Arc<Api>>, caller: Caller, Params((collection, id)): Params<(String, String)>, JsonBody(body): JsonBody) -> Result<Json<Value>, ApiError> {
     api.allow(&caller, "update", "objects").await?;
     check_ids(&[("collection", &collection), ("id", &id)])?;
     let this = RecipientKey::object(collection.clone(), id.clone());
@@ -239,13 +229,7 @@ pub async fn subscribe(
         Ok(())
     })
     .await?;
-    let out: Vec<Value> = object
-        .spec
-        .subscribers
-        .iter()
-        .filter(|s| subscription_key(s).is_some_and(|k| keys.contains(&k)))
-        .map(|s| subscription_json(&object, s))
-        .collect();
+    let out: Vec<Value> = object.spec.subscribers.iter().filter(|s| subscription_key(s).is_some_and(|k| keys.contains(&k))).map(|s| subscription_json(&object, s)).collect();
     Ok(Json(Value::Array(out)))
 }
 

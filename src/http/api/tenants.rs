@@ -37,10 +37,7 @@ pub fn tenant_json(tenant: &Tenant) -> Value {
     out.insert("__typename".into(), json!("Tenant"));
     out.insert("id".into(), json!(tenant.spec.id));
     out.insert("name".into(), json!(tenant.spec.name));
-    out.insert(
-        "settings".into(),
-        json!({"branding": tenant.spec.settings.branding, "preference_set": tenant.spec.settings.preference_set}),
-    );
+    out.insert("settings".into(), json!({"branding": tenant.spec.settings.branding, "preference_set": tenant.spec.settings.preference_set}));
     out.insert("created_at".into(), json!(created_at(&tenant.metadata)));
     out.insert("updated_at".into(), json!(updated_at(&tenant.metadata)));
     Value::Object(out)

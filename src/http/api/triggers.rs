@@ -47,7 +47,11 @@ fn generated_name(key: &str) -> String {
     }
     let prefix = prefix.trim_end_matches('-');
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..12];
-    if prefix.is_empty() { format!("run-{suffix}") } else { format!("{prefix}-{suffix}") }
+    if prefix.is_empty() {
+        format!("run-{suffix}")
+    } else {
+        format!("{prefix}-{suffix}")
+    }
 }
 
 fn check_key_ids(field: &str, key: &RecipientKey) -> Vec<FieldError> {
@@ -61,10 +65,7 @@ fn check_key_ids(field: &str, key: &RecipientKey) -> Vec<FieldError> {
 /// Reads a recipients list: at most 1,000 entries, each a valid recipient.
 fn read_recipients(f: &mut Fields, field: &str, values: &[Value]) {
     if values.len() > MAX_RECIPIENTS {
-        f.error(
-            format!("/{field}"),
-            format!("{} recipients listed; at most {MAX_RECIPIENTS} are allowed (use an Object or an Audience to reach more)", values.len()),
-        );
+        f.error(format!("/{field}"), format!("{} recipients listed; at most {MAX_RECIPIENTS} are allowed (use an Object or an Audience to reach more)", values.len()));
         return;
     }
     for (i, value) in values.iter().enumerate() {
@@ -121,10 +122,8 @@ async fn check_workflow(api: &Api, namespace: &str, spec: &TriggerRunSpec) -> Re
         let data = Value::Object(spec.data.clone().unwrap_or_default());
         let errors = schema.validate(&data);
         if !errors.is_empty() {
-            let errors = errors
-                .into_iter()
-                .map(|e| FieldError::new(if e.pointer == "/" { "/data".to_string() } else { format!("/data{}", e.pointer) }, e.message))
-                .collect::<Vec<_>>();
+            let errors =
+                errors.into_iter().map(|e| FieldError::new(if e.pointer == "/" { "/data".to_string() } else { format!("/data{}", e.pointer) }, e.message)).collect::<Vec<_>>();
             let count = errors.len();
             return Err(ApiError::InvalidParams {
                 message: format!("data does not match the schema of workflow `{key}` ({count} error{})", if count == 1 { "" } else { "s" }),
@@ -229,13 +228,7 @@ fn count_accepted(api: &Api, name: &str) {
 }
 
 /// `POST /v1/workflows/{key}/trigger`: `{recipients, actor, data, cancellation_key, tenant}` → 200 `{"workflow_run_id"}`.
-pub async fn trigger(
-    State(api): State<Arc<Api>>,
-    caller: Caller,
-    Params(key): Params<String>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Result<Response, ApiError> {
+pub async fn trigger(State(api): State<Arc<Api>>, caller: Caller, Params(key): Params<String>, headers: HeaderMap, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     api.allow(&caller, "create", "triggerruns").await?;
     check_ids(&[("key", &key)])?;
     let idempotency_key = idempotency::header_key(&headers)?;
@@ -331,16 +324,7 @@ pub async fn notify(State(api): State<Arc<Api>>, caller: Caller, JsonBody(body):
     f.deny_unknown(" (notify takes name, actor, recipients, lists, data, cancellation_key, tenant and idempotencyKey)");
     f.finish()?;
 
-    let spec = TriggerRunSpec {
-        workflow: name.unwrap_or_default(),
-        actor,
-        recipients,
-        audiences: lists,
-        data,
-        cancellation_key,
-        tenant,
-        ..Default::default()
-    };
+    let spec = TriggerRunSpec { workflow: name.unwrap_or_default(), actor, recipients, audiences: lists, data, cancellation_key, tenant, ..Default::default() };
     let key = idempotency_key.as_deref().map(|k| (Scope::Notify, k));
     match persist(&api, &caller, key, spec, "notify").await? {
         Outcome::Created(run) => {
@@ -348,9 +332,7 @@ pub async fn notify(State(api): State<Arc<Api>>, caller: Caller, JsonBody(body):
             tracing::info!(run = %run.name_any(), workflow_run_id = ?run.uid(), caller = %caller.name(), "notify accepted");
             accepted(&run, false)
         }
-        Outcome::Existing(run) => {
-            Err(ApiError::IdempotencyKeyUsed { key: idempotency_key.unwrap_or_default(), run_id: run_id(&run)? })
-        }
+        Outcome::Existing(run) => Err(ApiError::IdempotencyKeyUsed { key: idempotency_key.unwrap_or_default(), run_id: run_id(&run)? }),
     }
 }
 

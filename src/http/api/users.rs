@@ -278,11 +278,7 @@ pub async fn get_channel_data(State(api): State<Arc<Api>>, caller: Caller, Param
     api.allow(&caller, "get", "users").await?;
     check_ids(&[("user_id", &id), ("channel", &channel)])?;
     let user = find(&api, &caller.namespace, &id).await?.object.ok_or_else(|| not_found(&id))?;
-    let data = user
-        .spec
-        .channel_data
-        .get(&channel)
-        .ok_or_else(|| ApiError::not_found("resource_missing", format!("user `{id}` has no channel data for `{channel}`")))?;
+    let data = user.spec.channel_data.get(&channel).ok_or_else(|| ApiError::not_found("resource_missing", format!("user `{id}` has no channel data for `{channel}`")))?;
     Ok(Json(channel_data_json(&channel, data)))
 }
 
@@ -294,10 +290,7 @@ pub async fn delete_channel_data(State(api): State<Arc<Api>>, caller: Caller, Pa
         return Err(not_found(&id));
     }
     upsert_user(&api, &caller.namespace, &id, &|spec| {
-        spec.channel_data
-            .remove(&channel)
-            .map(|_| ())
-            .ok_or_else(|| ApiError::not_found("resource_missing", format!("user `{id}` has no channel data for `{channel}`")))
+        spec.channel_data.remove(&channel).map(|_| ()).ok_or_else(|| ApiError::not_found("resource_missing", format!("user `{id}` has no channel data for `{channel}`")))
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
