@@ -101,6 +101,15 @@ pub struct Settings {
     /// HTTP API: requests a caller may send at once above the rate (default: one second's worth).
     #[arg(long, env = "HERALD_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
+
+    /// Namespaces (comma-separated, `*` for all) in which the inline recipients,
+    /// actor and tenant of a TriggerRun created with kubectl may overwrite
+    /// existing Users, Objects and Tenants. Elsewhere they only create missing
+    /// ones: permission to create TriggerRuns is not permission to rewrite a
+    /// user's email or webhook URL. (API triggers identify with the caller's
+    /// own `update` permission, checked by the API.)
+    #[arg(long, env = "HERALD_IDENTIFY_OVERWRITE_NAMESPACES", value_delimiter = ',')]
+    pub identify_overwrite_namespaces: Vec<String>,
 }
 
 /// How logs are written.
@@ -135,6 +144,17 @@ impl Settings {
             request_timeout_seconds: 30,
             rate_limit_per_second: 0.0,
             rate_limit_burst: None,
+            identify_overwrite_namespaces: Vec::new(),
+        }
+    }
+
+    /// Whether a TriggerRun's inline identify may overwrite existing resources in `namespace`.
+    pub fn identify_overwrite(&self, namespace: &str) -> crate::controller::identify::Overwrite {
+        use crate::controller::identify::Overwrite;
+        if self.identify_overwrite_namespaces.iter().any(|n| n == "*" || n == namespace) {
+            Overwrite::Allowed
+        } else {
+            Overwrite::CreateOnly
         }
     }
 

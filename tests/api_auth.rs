@@ -132,3 +132,58 @@ async fn service_account_tokens_need_rbac_permission() {
     h.call_as(&bystander, "GET", "/v1/users/u1", None).await.assert_error(403, "forbidden");
     assert_eq!(h.names::<TriggerRun>().await.len(), 2);
 }
+
+/// Binds a Role with `rules` to the ServiceAccount `sa`.
+async fn grant(h: &Herald, sa: &str, rules: serde_json::Value) {
+    let role: Role = serde_json::from_value(json!({"metadata": {"name": sa}, "rules": rules})).unwrap();
+    h.api::<Role>().create(&PostParams::default(), &role).await.unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": sa},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": h.ns.name}]
+    }))
+    .unwrap();
+    h.api::<RoleBinding>().create(&PostParams::default(), &binding).await.unwrap();
+}
+
+#[tokio::test]
+async fn inline_recipients_need_the_permission_to_update_users() {
+    let h = Herald::start().await;
+    h.workflow("deploys", json!({"steps": []})).await;
+    let pipeline = service_account_token(&h, "pipeline").await;
+    let identifier = service_account_token(&h, "identifier").await;
+    grant(&h, "pipeline", json!([{"apiGroups": ["herald.dev"], "resources": ["triggerruns"], "verbs": ["create"]}])).await;
+    grant(
+        &h,
+        "identifier",
+        json!([{"apiGroups": ["herald.dev"], "resources": ["triggerruns"], "verbs": ["create"]}, {"apiGroups": ["herald.dev"], "resources": ["users", "tenants"], "verbs": ["update"]}]),
+    )
+    .await;
+    assert_eq!(h.call("PUT", "/v1/users/user_1", Some(json!({"email": "ada@example.com"}))).await.status, 200);
+    let plain = json!({"recipients": ["user_1"]});
+    wait_for("the pipeline to be allowed", Duration::from_secs(40), || async {
+        (h.call_as(&pipeline, "POST", "/v1/workflows/deploys/trigger", Some(plain.clone())).await.status == 200).then_some(())
+    })
+    .await;
+
+    // Allowed to trigger, not to rewrite users: inline recipients, actor and tenants are refused.
+    let takeover = json!({"recipients": [{"id": "user_1", "email": "m@evil.example"}]});
+    let a = h.call_as(&pipeline, "POST", "/v1/workflows/deploys/trigger", Some(takeover.clone())).await;
+    a.assert_error(403, "forbidden");
+    let actor = json!({"recipients": ["user_1"], "actor": {"id": "user_1", "email": "m@evil.example"}});
+    h.call_as(&pipeline, "POST", "/v1/workflows/deploys/trigger", Some(actor)).await.assert_error(403, "forbidden");
+    let tenant = json!({"recipients": ["user_1"], "tenant": {"id": "acme", "name": "Evil"}});
+    h.call_as(&pipeline, "POST", "/v1/workflows/deploys/trigger", Some(tenant.clone())).await.assert_error(403, "forbidden");
+    assert_eq!(h.call("GET", "/v1/users/user_1", None).await.body["email"], "ada@example.com");
+
+    // With `update` on users and tenants, the trigger identifies them before it is accepted.
+    let a = wait_for("the identifier to be allowed", Duration::from_secs(40), || async {
+        let a = h.call_as(&identifier, "POST", "/v1/workflows/deploys/trigger", Some(takeover.clone())).await;
+        (a.status == 200).then_some(a)
+    })
+    .await;
+    assert!(a.body["workflow_run_id"].is_string());
+    assert_eq!(h.call("GET", "/v1/users/user_1", None).await.body["email"], "m@evil.example");
+    assert_eq!(h.call_as(&identifier, "POST", "/v1/workflows/deploys/trigger", Some(tenant)).await.status, 200);
+    assert_eq!(h.call("GET", "/v1/tenants/acme", None).await.body["name"], "Evil");
+}

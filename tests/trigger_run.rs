@@ -4,36 +4,17 @@
 mod common;
 mod receivers;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{wait_for, TestNamespace};
-use herald::core::status::{RecipientState, RecipientStatus, RunState};
+use herald::core::status::{RecipientState, RunState};
 use herald::resources::{Cancellation, Channel, Object, RecipientPage, Tenant, TriggerRun, User, Workflow};
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, PostParams};
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use common::create;
-
-fn workflow(name: &str, extra: Value) -> Value {
-    let mut spec = json!({
-        "key": name,
-        "steps": [{"ref": "notify", "type": "channel", "channel": "hooks",
-                   "template": {"body": "{{ recipient.name }}|{{ data.message }}|{{ actor.id }}|{{ tenant.id }}"}}]
-    });
-    spec.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
-    json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": name}, "spec": spec})
-}
-
-fn user(name: &str, spec: Value) -> Value {
-    json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": name}, "spec": spec})
-}
-
-fn trigger(spec: Value) -> Value {
-    json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"generateName": "run-"}, "spec": spec})
-}
+use common::runs::{by_id, condition, finished, recipients, sent, trigger, user, users, wait_for_event, workflow};
 
 /// The `hooks` Channel, delivering to a real HTTP receiver that answers 200
 /// (it lives as long as the test's runtime). Returns its URL.
@@ -42,63 +23,6 @@ async fn hooks_channel(ns: &TestNamespace) -> String {
     let url = receiver.url("/");
     create::<Channel>(ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": url}})).await;
     url
-}
-
-/// Creates users user_1..=n with a name each.
-async fn users(ns: &TestNamespace, ids: &[&str]) {
-    for id in ids {
-        create::<User>(ns, user(&id.replace('_', "-"), json!({"id": id, "name": format!("Name of {id}"), "email": format!("{id}@example.com")}))).await;
-    }
-}
-
-/// Waits until the run is finished and returns it.
-async fn finished(ns: &TestNamespace, name: &str) -> TriggerRun {
-    let api = ns.api::<TriggerRun>();
-    wait_for(&format!("TriggerRun {name} to finish"), Duration::from_secs(60), || async {
-        let run = api.get(name).await.ok()?;
-        run.status.as_ref().filter(|s| s.state.is_finished())?;
-        Some(run)
-    })
-    .await
-}
-
-/// Every recipient's status, in order, from the run's pages.
-async fn recipients(ns: &TestNamespace, run: &TriggerRun) -> Vec<RecipientStatus> {
-    let api = ns.api::<RecipientPage>();
-    let mut out = Vec::new();
-    for page in &run.status.as_ref().unwrap().pages {
-        out.extend(api.get(page).await.unwrap().status.unwrap().recipients);
-    }
-    out
-}
-
-fn by_id(recipients: &[RecipientStatus]) -> HashMap<String, RecipientStatus> {
-    recipients.iter().map(|r| (r.recipient.clone(), r.clone())).collect()
-}
-
-fn condition(run: &TriggerRun, type_: &str) -> (String, String, String) {
-    let c = run.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == type_).unwrap_or_else(|| panic!("no {type_} condition"));
-    (c.status.clone(), c.reason.clone(), c.message.clone())
-}
-
-/// What a delivered step recorded (it includes a preview of the body sent).
-fn sent(r: &RecipientStatus) -> String {
-    r.steps.iter().find(|s| s.step_ref == "notify").and_then(|s| s.message.clone()).unwrap_or_default()
-}
-
-/// Waits for an Event of `type_` and `reason` about the object `name` (herald
-/// records Events just after the status write they describe).
-async fn wait_for_event(ns: &TestNamespace, name: &str, type_: &str, reason: &str) -> Event {
-    let api: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
-    wait_for(&format!("a {type_} Event {reason} on {name}"), Duration::from_secs(20), || async {
-        api.list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some(type_))
-    })
-    .await
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::directory;
-use super::identify::{self, Identified};
+use super::identify::{self, IdentifyError, Recipient, Written};
 use super::workflow::find_by_key;
 use super::{conditions, scope_api, scopes, Context, Error, MANAGER};
 use crate::core::execution::{self, ChannelTypes, Next, RecipientContext, RunContext, TenantRecord};
@@ -45,7 +45,8 @@ pub const CHECKPOINT_EVERY: usize = 100;
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 /// Directly listed recipients allowed per trigger (Knock's limit).
 pub const MAX_RECIPIENTS: usize = 1000;
-/// The label that ties a RecipientPage to its TriggerRun.
+/// The label that ties a RecipientPage to its TriggerRun: the run's name, or
+/// for names over 63 characters a shortened, hashed form ([`ids::label_value`]).
 pub const RUN_LABEL: &str = "herald.dev/trigger-run";
 /// Keys of runs with an idempotency key live at least this long (Knock keeps keys 7 days).
 const IDEMPOTENCY_RETENTION: SignedDuration = SignedDuration::from_hours(7 * 24);
@@ -151,7 +152,9 @@ pub fn page_name(run: &str, index: usize) -> String {
     if run.len() + suffix.len() <= 253 {
         format!("{run}{suffix}")
     } else {
-        format!("{}-{}{suffix}", &run[..200], ids::short_hash(run, 10))
+        // Names are ASCII, so byte 200 is a char boundary; a cut may end in `.` or `-`.
+        let head = run.get(..200).unwrap_or(run).trim_end_matches(['.', '-']);
+        format!("{head}-{}{suffix}", ids::short_hash(run, 10))
     }
 }
 
@@ -252,7 +255,7 @@ impl<'a> Reconciler<'a> {
         }
         // Pages first: a run is never gone while its pages remain (clusters
         // without a garbage collector, like the local control plane, would keep them).
-        let selector = format!("{RUN_LABEL}={}", self.name);
+        let selector = format!("{RUN_LABEL}={}", ids::label_value(&self.name));
         self.pages_api().delete_collection(&DeleteParams::default(), &ListParams::default().labels(&selector)).await?;
         self.ctx.metrics.write("RecipientPage");
         match self.runs().delete(&self.name, &DeleteParams::default()).await {
@@ -308,19 +311,50 @@ impl<'a> Reconciler<'a> {
 
         // Identify inline recipients, actor and tenant before the workflow runs for them.
         let mut directory = directory::build(&self.ctx.stores, &self.namespace);
+        let overwrite = self.ctx.settings.identify_overwrite(&self.namespace);
+        let mut refused = Vec::new();
         for input in trigger.recipients.iter().chain(trigger.actor.iter()) {
             if let RecipientInput::Inline(inline) = input {
-                match identify::identify_recipient(&self.ctx.client, &self.ctx.stores, &self.namespace, inline).await? {
-                    Identified::User(user) => directory.insert_user(directory::user_record(&user)),
-                    Identified::Object(object) => directory.insert_object(directory::object_record(&object)),
+                let identified = match identify::identify_recipient(&self.ctx.client, &self.ctx.stores, &self.namespace, inline, overwrite).await {
+                    Ok(identified) => identified,
+                    Err(IdentifyError::Kube(e)) => return Err(e.into()),
+                    Err(e) => return self.fail(status, refuse("IdentifyFailed", e.to_string())).await.map(Err),
+                };
+                if identified.written().wrote() {
+                    self.ctx.metrics.write(if inline.key.is_object() { "Object" } else { "User" });
                 }
-                self.ctx.metrics.write(if inline.key.is_object() { "Object" } else { "User" });
+                match identified {
+                    Recipient::User(u) => {
+                        if u.written == Written::Refused {
+                            refused.push(format!("User `{}`", u.object.name_any()));
+                        }
+                        directory.insert_user(directory::user_record(&u.object));
+                    }
+                    Recipient::Object(o) => {
+                        if o.written == Written::Refused {
+                            refused.push(format!("Object `{}`", o.object.name_any()));
+                        }
+                        directory.insert_object(directory::object_record(&o.object));
+                    }
+                }
             }
         }
         if let Some(tenant) = &trigger.tenant {
-            if identify::identify_tenant(&self.ctx.client, &self.ctx.stores, &self.namespace, tenant).await?.is_some() {
-                self.ctx.metrics.write("Tenant");
+            match identify::identify_tenant(&self.ctx.client, &self.ctx.stores, &self.namespace, tenant, overwrite).await {
+                Ok(Some(t)) if t.written == Written::Refused => refused.push(format!("Tenant `{}`", t.object.name_any())),
+                Ok(Some(t)) if t.written.wrote() => self.ctx.metrics.write("Tenant"),
+                Ok(_) => {}
+                Err(IdentifyError::Kube(e)) => return Err(e.into()),
+                Err(e) => return self.fail(status, refuse("IdentifyFailed", e.to_string())).await.map(Err),
             }
+        }
+        if !refused.is_empty() {
+            let message = format!(
+                "inline recipients, actor or tenant would change {} that exist already; herald left them as they are and runs with what they hold (a TriggerRun may create Users, Objects and Tenants but overwrites them only in namespaces listed in --identify-overwrite-namespaces; update them with kubectl or the API)",
+                refused.join(", ")
+            );
+            conditions::set(&mut status.conditions, "Identified", conditions::FALSE, "OverwriteRefused", &message, generation);
+            self.event(EventType::Warning, "OverwriteRefused", message).await;
         }
 
         let direct: Vec<RecipientKey> = trigger.recipients.iter().map(|r| r.key().clone()).collect();
@@ -368,7 +402,7 @@ impl<'a> Reconciler<'a> {
         for (index, chunk) in recipients.chunks(PAGE_SIZE).enumerate() {
             let name = page_name(&self.name, index);
             let mut page = RecipientPage::new(&name, RecipientPageSpec { trigger_run: self.name.clone(), index: index as i32, size: chunk.len() as i32 });
-            page.metadata.labels = Some(BTreeMap::from([(RUN_LABEL.to_string(), self.name.clone())]));
+            page.metadata.labels = Some(BTreeMap::from([(RUN_LABEL.to_string(), ids::label_value(&self.name))]));
             page.metadata.owner_references = Some(vec![owner.clone()]);
             self.pages_api().patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&page)).await?;
             self.ctx.metrics.write("RecipientPage");
@@ -898,5 +932,30 @@ pub async fn sweep_cancellations(ctx: Arc<Context>) {
             }
         }
         tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kubernetes' own rule for object names (IsDNS1123Subdomain): at most 253
+    /// characters of dot-separated lowercase alphanumeric segments with inner dashes.
+    fn is_object_name(s: &str) -> bool {
+        s.len() <= 253
+            && s.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !l.starts_with('-') && !l.ends_with('-'))
+    }
+
+    #[test]
+    fn every_legal_run_name_has_legal_page_names() {
+        let dotted = format!("{}.{}", "a".repeat(199), "b".repeat(53));
+        for run in ["r".to_string(), "x".repeat(64), "x".repeat(250), "y".repeat(253), dotted, format!("{}-{}", "c".repeat(199), "d".repeat(53))] {
+            assert!(is_object_name(&run), "test input {run}");
+            for index in [0, 7, 12345] {
+                let name = page_name(&run, index);
+                assert!(is_object_name(&name), "{run} -> {name}");
+            }
+            assert_ne!(page_name(&run, 0), page_name(&run, 1));
+        }
     }
 }

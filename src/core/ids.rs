@@ -90,6 +90,32 @@ pub fn name_for_object(collection: &str, id: &str) -> String {
     }
 }
 
+/// A label value standing for a resource name: the name itself when it fits
+/// a label value (at most 63 characters), else its first 50 characters and a
+/// hash of the whole name. Any valid name (up to 253 characters) gets one, so
+/// labelling a resource after a long name never fails.
+pub fn label_value(name: &str) -> String {
+    const MAX_LABEL: usize = 63;
+    if name.len() <= MAX_LABEL && is_label_value(name) {
+        return name.to_string();
+    }
+    let readable: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')).take(50).collect();
+    let readable = readable.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    let hash = short_hash(name, 12);
+    if readable.is_empty() {
+        hash
+    } else {
+        format!("{readable}-{hash}")
+    }
+}
+
+fn is_label_value(s: &str) -> bool {
+    s.is_empty()
+        || (s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
 /// A recipient's workflow recipient run id (see the module docs).
 pub fn recipient_run_id(workflow_run_id: &Uuid, recipient: &RecipientKey) -> Uuid {
     Uuid::new_v5(workflow_run_id, recipient.canonical().as_bytes())
@@ -118,6 +144,19 @@ mod tests {
         assert!(is_dns_subdomain(&name_for_id("___")));
         assert!(is_dns_subdomain(&name_for_object("My Projects", "P 1")));
         assert_ne!(resource_name(&["a-b", "c"]), resource_name(&["a", "b-c"]));
+    }
+
+    #[test]
+    fn every_name_has_a_label_value() {
+        assert_eq!(label_value("new-comment-zhp6c"), "new-comment-zhp6c");
+        let long = format!("{}.{}", "a".repeat(63), "b".repeat(63));
+        let v = label_value(&long);
+        assert!(v.len() <= 63 && is_label_value(&v), "{v}");
+        assert_ne!(v, label_value(&format!("{}.{}", "a".repeat(63), "c".repeat(63))));
+        let longest = ["x".repeat(63), "y".repeat(63), "z".repeat(63), "w".repeat(61)].join(".");
+        assert_eq!(longest.len(), 253);
+        assert!(is_label_value(&label_value(&longest)) && label_value(&longest).len() <= 63);
+        assert!(is_label_value(&label_value(&format!("{}-", "a".repeat(60)))));
     }
 
     #[test]

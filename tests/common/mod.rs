@@ -11,6 +11,8 @@
 //! When none can be had, tests fail with a message saying what is missing.
 #![allow(dead_code)]
 
+pub mod runs;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

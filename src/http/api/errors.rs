@@ -192,6 +192,16 @@ impl IntoResponse for ApiError {
 
 /// Errors of the Kubernetes API, as the API's caller should see them. Callers
 /// handle the codes they expect (404 on a read, 409 on a create) before this.
+impl From<crate::controller::identify::IdentifyError> for ApiError {
+    fn from(e: crate::controller::identify::IdentifyError) -> Self {
+        use crate::controller::identify::IdentifyError;
+        match e {
+            IdentifyError::Kube(e) => e.into(),
+            e @ (IdentifyError::NamesTaken { .. } | IdentifyError::Contended { .. }) => ApiError::Conflict(e.to_string()),
+        }
+    }
+}
+
 impl From<kube::Error> for ApiError {
     fn from(e: kube::Error) -> Self {
         match &e {

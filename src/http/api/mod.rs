@@ -20,7 +20,6 @@ use axum::http::request::Parts;
 use axum::routing::{get, post, put};
 use axum::Router;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::PostParams;
 use kube::{Api as KubeApi, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -352,76 +351,8 @@ pub fn updated_at(meta: &ObjectMeta) -> Option<String> {
     meta.managed_fields.iter().flatten().filter_map(|m| m.time.as_ref().map(|t| t.0)).max().map(|t| t.to_string()).or_else(|| created_at(meta))
 }
 
-/// A resource found by id, or the name to create it under.
-pub struct Located<K> {
-    pub object: Option<K>,
-    free: Option<String>,
-}
-
-/// Finds a resource by its id (never assuming name == id): the watch cache may
-/// name it (`cached`); names derived from the id are tried next. Each is read
-/// from the Kubernetes API, so a write just made is seen, and must carry the id.
-pub async fn locate<K>(api: &KubeApi<K>, cached: Option<String>, derived: &[String], is_it: &(dyn Fn(&K) -> bool + Send + Sync)) -> Result<Located<K>, ApiError>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    let mut free = None;
-    let mut tried: Vec<String> = Vec::new();
-    for name in cached.into_iter().chain(derived.iter().cloned()) {
-        if tried.contains(&name) {
-            continue;
-        }
-        tried.push(name.clone());
-        match api.get_opt(&name).await? {
-            Some(object) if is_it(&object) => return Ok(Located { object: Some(object), free: None }),
-            Some(_) => {}
-            None if free.is_none() && derived.contains(&name) => free = Some(name),
-            None => {}
-        }
-    }
-    Ok(Located { object: None, free })
-}
-
-/// Creates or updates a resource found by id: `change` is applied to the
-/// current object (or to `fresh(name)`), which is then written with optimistic
-/// concurrency, retrying when another writer got there first.
-pub async fn upsert<K>(
-    api: &KubeApi<K>,
-    cached: Option<String>,
-    derived: &[String],
-    is_it: &(dyn Fn(&K) -> bool + Send + Sync),
-    fresh: &(dyn Fn(&str) -> K + Send + Sync),
-    change: &(dyn Fn(&mut K) -> Result<(), ApiError> + Send + Sync),
-) -> Result<K, ApiError>
-where
-    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    for _ in 0..5 {
-        let found = locate(api, cached.clone(), derived, is_it).await?;
-        let written = match found.object {
-            Some(mut existing) => {
-                change(&mut existing)?;
-                api.replace(&existing.name_any(), &pp, &existing).await
-            }
-            None => {
-                let name = found.free.ok_or_else(|| ApiError::Conflict("every name derived from this id is taken by another resource".into()))?;
-                let mut object = fresh(&name);
-                change(&mut object)?;
-                api.create(&pp, &object).await
-            }
-        };
-        match written {
-            Ok(object) => return Ok(object),
-            Err(kube::Error::Api(s)) if s.code == 409 => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::Conflict("the resource kept changing concurrently; retry".into()))
-}
-
 /// Deletes a resource found by id; 404 with `code` when there is none.
-pub async fn delete_located<K>(api: &KubeApi<K>, located: Located<K>, code: &'static str, what: &str) -> Result<(), ApiError>
+pub async fn delete_located<K>(api: &KubeApi<K>, located: crate::controller::identify::Located<K>, code: &'static str, what: &str) -> Result<(), ApiError>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {

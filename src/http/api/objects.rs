@@ -7,31 +7,21 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use super::auth::Caller;
 use super::errors::ApiError;
-use super::{check_id, check_ids, created_at, delete_located, locate, updated_at, upsert, Api, Fields, JsonBody, Located, Params};
-use crate::controller::identify;
-use crate::core::ids;
+use super::{check_id, check_ids, created_at, delete_located, updated_at, Api, Fields, JsonBody, Params};
+use crate::controller::identify::{self, Located, Overwrite, Target};
 use crate::core::model::{parse_recipient, RecipientInput, RecipientKey};
 use crate::resources::{Object, ObjectSpec, Subscription};
 
-fn names(collection: &str, id: &str) -> Vec<String> {
-    vec![ids::name_for_object(collection, id), ids::resource_name(&["object", collection, id])]
-}
-
-fn cached(api: &Api, namespace: &str, collection: &str, id: &str) -> Option<String> {
-    identify::find_object(&api.ctx.stores, namespace, collection, id).map(|o| o.name_any())
-}
-
 async fn find(api: &Api, namespace: &str, collection: &str, id: &str) -> Result<Located<Object>, ApiError> {
     api.caches_ready().await?;
-    let is_it = |o: &Object| o.spec.collection == collection && o.spec.id == id;
-    locate(&api.kube(namespace), cached(api, namespace, collection, id), &names(collection, id), &is_it).await
+    Ok(identify::locate(&api.kube(namespace), &Target::object(&api.ctx.stores, namespace, collection, id)).await?)
 }
 
+/// Creates the object if needed, then applies `change` to its spec (identify).
 async fn upsert_object(
     api: &Api,
     namespace: &str,
@@ -40,17 +30,12 @@ async fn upsert_object(
     change: &(dyn Fn(&mut ObjectSpec) -> Result<(), ApiError> + Send + Sync),
 ) -> Result<Object, ApiError> {
     api.caches_ready().await?;
-    let object = upsert(
-        &api.kube(namespace),
-        cached(api, namespace, collection, id),
-        &names(collection, id),
-        &|o: &Object| o.spec.collection == collection && o.spec.id == id,
-        &|name| Object::new(name, ObjectSpec { collection: collection.to_string(), id: id.to_string(), ..Default::default() }),
-        &|o: &mut Object| change(&mut o.spec),
-    )
-    .await?;
-    api.ctx.metrics.write("Object");
-    Ok(object)
+    let target = Target::object(&api.ctx.stores, namespace, collection, id);
+    let object = identify::upsert(&api.kube(namespace), &target, Overwrite::Allowed, &|o: &mut Object| change(&mut o.spec)).await?;
+    if object.written.wrote() {
+        api.ctx.metrics.write("Object");
+    }
+    Ok(object.object)
 }
 
 /// An object as Knock returns it.
@@ -214,8 +199,9 @@ pub async fn subscribe(State(api): State<Arc<Api>>, caller: Caller, Params((coll
     api.caches_ready().await?;
     for subscriber in &subscribers {
         if let RecipientInput::Inline(inline) = subscriber {
-            identify::identify_recipient(&api.ctx.client, &api.ctx.stores, &caller.namespace, inline).await?;
-            api.ctx.metrics.write(if inline.key.is_object() { "Object" } else { "User" });
+            if identify::identify_recipient(&api.ctx.client, &api.ctx.stores, &caller.namespace, inline, Overwrite::Allowed).await?.written().wrote() {
+                api.ctx.metrics.write(if inline.key.is_object() { "Object" } else { "User" });
+            }
         }
     }
     let keys: Vec<RecipientKey> = subscribers.iter().map(|s| s.key().clone()).collect();

@@ -7,28 +7,18 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use super::auth::Caller;
 use super::errors::ApiError;
-use super::{check_ids, created_at, delete_located, locate, updated_at, upsert, Api, Fields, JsonBody, Located, Params};
-use crate::controller::identify;
-use crate::core::ids;
+use super::{check_ids, created_at, delete_located, updated_at, Api, Fields, JsonBody, Params};
+use crate::controller::identify::{self, Located, Overwrite, Target};
 use crate::core::model::PreferenceSet;
-use crate::resources::{Tenant, TenantSpec};
-
-fn names(id: &str) -> Vec<String> {
-    vec![ids::name_for_id(id), ids::resource_name(&["tenant", id])]
-}
-
-fn cached(api: &Api, namespace: &str, id: &str) -> Option<String> {
-    identify::find_tenant(&api.ctx.stores, namespace, id).map(|t| t.name_any())
-}
+use crate::resources::Tenant;
 
 async fn find(api: &Api, namespace: &str, id: &str) -> Result<Located<Tenant>, ApiError> {
     api.caches_ready().await?;
-    locate(&api.kube(namespace), cached(api, namespace, id), &names(id), &|t: &Tenant| t.spec.id == id).await
+    Ok(identify::locate(&api.kube(namespace), &Target::tenant(&api.ctx.stores, namespace, id)).await?)
 }
 
 /// A tenant as Knock returns it: `{__typename, id, name, settings, ...properties}`.
@@ -98,40 +88,36 @@ pub async fn put(State(api): State<Arc<Api>>, caller: Caller, Params(id): Params
     }
     f.finish()?;
     api.caches_ready().await?;
-    let tenant = upsert(
-        &api.kube(&caller.namespace),
-        cached(&api, &caller.namespace, &id),
-        &names(&id),
-        &|t: &Tenant| t.spec.id == id,
-        &|n| Tenant::new(n, TenantSpec { id: id.clone(), ..Default::default() }),
-        &|t: &mut Tenant| {
-            let spec = &mut t.spec;
-            if name_set {
-                spec.name = name.clone();
+    let target = Target::tenant(&api.ctx.stores, &caller.namespace, &id);
+    let tenant = identify::upsert(&api.kube(&caller.namespace), &target, Overwrite::Allowed, &|t: &mut Tenant| -> Result<(), ApiError> {
+        let spec = &mut t.spec;
+        if name_set {
+            spec.name = name.clone();
+        }
+        for (key, value) in &properties {
+            if value.is_null() {
+                spec.properties.remove(key);
+            } else {
+                spec.properties.insert(key.clone(), value.clone());
             }
-            for (key, value) in &properties {
-                if value.is_null() {
-                    spec.properties.remove(key);
-                } else {
-                    spec.properties.insert(key.clone(), value.clone());
-                }
+        }
+        for (key, value) in branding.iter().flatten() {
+            if value.is_null() {
+                spec.settings.branding.remove(key);
+            } else {
+                spec.settings.branding.insert(key.clone(), value.clone());
             }
-            for (key, value) in branding.iter().flatten() {
-                if value.is_null() {
-                    spec.settings.branding.remove(key);
-                } else {
-                    spec.settings.branding.insert(key.clone(), value.clone());
-                }
-            }
-            if let Some(set) = &preference_set {
-                spec.settings.preference_set = set.clone();
-            }
-            Ok(())
-        },
-    )
+        }
+        if let Some(set) = &preference_set {
+            spec.settings.preference_set = set.clone();
+        }
+        Ok(())
+    })
     .await?;
-    api.ctx.metrics.write("Tenant");
-    Ok(Json(tenant_json(&tenant)))
+    if tenant.written.wrote() {
+        api.ctx.metrics.write("Tenant");
+    }
+    Ok(Json(tenant_json(&tenant.object)))
 }
 
 /// `GET /v1/tenants/{id}`.

@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt;
 use kube::api::PostParams;
 use kube::ResourceExt;
 use serde_json::{json, Value};
@@ -19,9 +20,10 @@ use super::auth::Caller;
 use super::errors::{ApiError, FieldError};
 use super::idempotency::{self, Scope};
 use super::{check_id, check_ids, Api, Fields, JsonBody, Params, FIELD_MANAGER, MAX_ID_CHARS};
+use crate::controller::identify::{self, IdentifyError, Overwrite, Written};
 use crate::controller::trigger_run::MAX_RECIPIENTS;
 use crate::controller::workflow::find_by_key;
-use crate::core::model::{parse_recipient, parse_tenant, JsonObject, RecipientInput, RecipientKey};
+use crate::core::model::{parse_recipient, parse_tenant, InlineRecipient, JsonObject, RecipientInput, RecipientKey, TenantInput};
 use crate::metrics::TriggerLabels;
 use crate::resources::workflow::OnInvalid;
 use crate::resources::{Cancellation, CancellationSpec, TriggerRun, TriggerRunSpec};
@@ -134,6 +136,71 @@ async fn check_workflow(api: &Api, namespace: &str, spec: &TriggerRunSpec) -> Re
     Ok(())
 }
 
+/// The inline recipients (and actor) and the inline tenant a trigger carries.
+fn inline_parts(spec: &TriggerRunSpec) -> (Vec<InlineRecipient>, Option<TenantInput>) {
+    let recipients = spec
+        .recipients
+        .iter()
+        .chain(spec.actor.iter())
+        .filter_map(|v| match parse_recipient(v) {
+            Ok(RecipientInput::Inline(inline)) => Some(inline),
+            _ => None,
+        })
+        .collect();
+    let tenant = spec.tenant.as_ref().and_then(|t| parse_tenant(t).ok()).filter(|t| matches!(t, TenantInput::Inline { .. }));
+    (recipients, tenant)
+}
+
+/// Inline recipients, actor and tenant write Users, Objects and Tenants: the
+/// caller needs the same permission as the write routes (`update`), not
+/// only `create` on triggerruns.
+async fn authorize_inline(api: &Api, caller: &Caller, spec: &TriggerRunSpec) -> Result<(), ApiError> {
+    let (recipients, tenant) = inline_parts(spec);
+    if recipients.iter().any(|r| !r.key.is_object()) {
+        api.allow(caller, "update", "users").await?;
+    }
+    if recipients.iter().any(|r| r.key.is_object()) {
+        api.allow(caller, "update", "objects").await?;
+    }
+    if tenant.is_some() {
+        api.allow(caller, "update", "tenants").await?;
+    }
+    Ok(())
+}
+
+/// Identifies the trigger's inline recipients, actor and tenant before the run
+/// is stored (Knock's order), with the caller's permission checked by
+/// [`authorize_inline`]. The controller then finds them as they are and writes nothing.
+async fn identify_inline(api: &Api, namespace: &str, spec: &TriggerRunSpec) -> Result<(), ApiError> {
+    /// Identify writes in flight at once for one trigger.
+    const CONCURRENCY: usize = 16;
+    let (recipients, tenant) = inline_parts(spec);
+    let ctx = &api.ctx;
+    // Owned items: a stream of borrowing closures trips the Send check of axum handlers.
+    let results: Vec<(bool, Result<Written, IdentifyError>)> = futures::stream::iter(recipients)
+        .map(|inline| async move {
+            let written = identify::identify_recipient(&ctx.client, &ctx.stores, namespace, &inline, Overwrite::Allowed).await.map(|r| r.written());
+            (inline.key.is_object(), written)
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    for (is_object, result) in &results {
+        if result.as_ref().is_ok_and(|w| w.wrote()) {
+            ctx.metrics.write(if *is_object { "Object" } else { "User" });
+        }
+    }
+    for (_, result) in results {
+        result?;
+    }
+    if let Some(tenant) = tenant {
+        if identify::identify_tenant(&ctx.client, &ctx.stores, namespace, &tenant, Overwrite::Allowed).await?.is_some_and(|t| t.written.wrote()) {
+            ctx.metrics.write("Tenant");
+        }
+    }
+    Ok(())
+}
+
 /// The parameters an idempotency key is bound to.
 fn parameters(spec: &TriggerRunSpec) -> Value {
     json!({
@@ -186,6 +253,7 @@ async fn persist(api: &Api, caller: &Caller, key: Option<(Scope, &str)>, spec: T
     let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     let Some((scope, key)) = key else {
         check_workflow(api, namespace, &spec).await?;
+        identify_inline(api, namespace, &spec).await?;
         for _ in 0..3 {
             match runs.create(&pp, &new_run(&generated_name(&spec.workflow), spec.clone(), caller, api_name)).await {
                 Ok(run) => return Ok(Outcome::Created(run)),
@@ -208,6 +276,7 @@ async fn persist(api: &Api, caller: &Caller, key: Option<(Scope, &str)>, spec: T
             None => Err(refused),
         };
     }
+    identify_inline(api, namespace, &spec).await?;
     for _ in 0..3 {
         match runs.create(&pp, &new_run(&name, spec.clone(), caller, api_name)).await {
             Ok(run) => return Ok(Outcome::Created(run)),
@@ -257,6 +326,7 @@ pub async fn trigger(State(api): State<Arc<Api>>, caller: Caller, Params(key): P
     f.finish()?;
 
     let spec = TriggerRunSpec { workflow: key, actor, recipients, data, cancellation_key, tenant, ..Default::default() };
+    authorize_inline(&api, &caller, &spec).await?;
     let fingerprint = idempotency::fingerprint(&parameters(&spec));
     match persist(&api, &caller, idempotency_key.as_deref().map(|k| (Scope::Trigger, k)), spec, "trigger").await? {
         Outcome::Created(run) => {

@@ -8,47 +8,32 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use kube::ResourceExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::Caller;
 use super::errors::ApiError;
-use super::{check_ids, created_at, delete_located, locate, updated_at, upsert, Api, Fields, JsonBody, Located, Params, QueryParams};
-use crate::controller::identify;
-use crate::core::ids;
+use super::{check_ids, created_at, delete_located, updated_at, Api, Fields, JsonBody, Params, QueryParams};
+use crate::controller::identify::{self, Located, Overwrite, Target};
 use crate::core::model::{JsonObject, PreferenceSet};
 use crate::resources::{User, UserSpec};
 
 const TYPED: [&str; 4] = ["name", "email", "phone_number", "timezone"];
 
-/// Names a new user with this id may get: the id itself when it is a valid
-/// name, else a readable hashed name; then a second, distinct candidate.
-fn names(id: &str) -> Vec<String> {
-    vec![ids::name_for_id(id), ids::resource_name(&["user", id])]
-}
-
 async fn find(api: &Api, namespace: &str, id: &str) -> Result<Located<User>, ApiError> {
     api.caches_ready().await?;
-    let cached = identify::find_user(&api.ctx.stores, namespace, id).map(|u| u.name_any());
-    locate(&api.kube(namespace), cached, &names(id), &|u: &User| u.spec.id == id).await
+    Ok(identify::locate(&api.kube(namespace), &Target::user(&api.ctx.stores, namespace, id)).await?)
 }
 
-/// Creates the user if needed, then applies `change` to its spec.
+/// Creates the user if needed, then applies `change` to its spec (identify).
 async fn upsert_user(api: &Api, namespace: &str, id: &str, change: &(dyn Fn(&mut UserSpec) -> Result<(), ApiError> + Send + Sync)) -> Result<User, ApiError> {
     api.caches_ready().await?;
-    let cached = identify::find_user(&api.ctx.stores, namespace, id).map(|u| u.name_any());
-    let user = upsert(
-        &api.kube(namespace),
-        cached,
-        &names(id),
-        &|u: &User| u.spec.id == id,
-        &|name| User::new(name, UserSpec { id: id.to_string(), ..Default::default() }),
-        &|u: &mut User| change(&mut u.spec),
-    )
-    .await?;
-    api.ctx.metrics.write("User");
-    Ok(user)
+    let target = Target::user(&api.ctx.stores, namespace, id);
+    let user = identify::upsert(&api.kube(namespace), &target, Overwrite::Allowed, &|u: &mut User| change(&mut u.spec)).await?;
+    if user.written.wrote() {
+        api.ctx.metrics.write("User");
+    }
+    Ok(user.object)
 }
 
 /// A user as Knock returns it: `{__typename, id, name, email, ..., properties flattened}`.
