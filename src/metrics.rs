@@ -90,6 +90,8 @@ pub struct Metrics {
     pub work_queue_depth: Gauge,
     /// Reconciles running now.
     pub reconciles_in_flight: Gauge,
+    /// Objects herald cannot read (and skips), by kind.
+    pub invalid_resources: Family<KindLabels, Gauge>,
     /// The HTTP API's metrics.
     pub http: HttpMetrics,
 }
@@ -116,7 +118,22 @@ impl Default for Metrics {
         registry.register("work_queue_depth", "TriggerRuns not finished yet (pending, running or waiting)", work_queue_depth.clone());
         let reconciles_in_flight = Gauge::default();
         registry.register("reconciles_in_flight", "Reconciles running now", reconciles_in_flight.clone());
-        Metrics { registry, leader, work_queue_depth, reconciles_in_flight, api_writes, reconciles, reconcile_errors, reconcile_seconds, deliveries, fanout, http }
+        let invalid_resources = Family::<KindLabels, Gauge>::default();
+        registry.register("invalid_resources", "Objects herald cannot read and skips, by kind (each has an Unreadable Event)", invalid_resources.clone());
+        Metrics {
+            registry,
+            invalid_resources,
+            leader,
+            work_queue_depth,
+            reconciles_in_flight,
+            api_writes,
+            reconciles,
+            reconcile_errors,
+            reconcile_seconds,
+            deliveries,
+            fanout,
+            http,
+        }
     }
 }
 

@@ -165,3 +165,33 @@ async fn every_legal_run_name_runs_and_is_cleaned_up() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_object_herald_cannot_read_costs_only_itself() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    // Admitted by the CRD schema (a preference entry is "any value" to it), but not a preference.
+    common::apply_yaml(&ns, &user("broken", json!({"id": "broken", "preferences": {"default": {"workflows": {"deploy": "false"}}}})).to_string()).await;
+    create::<User>(&ns, user("user-1", json!({"id": "user_1"}))).await;
+    // Present before herald starts: the first list of the watch holds it.
+    let op = common::operator(&client, &ns.name).await;
+    let receiver = receivers::HttpReceiver::start().await;
+    hooks_channel(&ns, &receiver).await;
+    create::<Workflow>(&ns, workflow("hello", json!({}))).await;
+    let run: TriggerRun = create(&ns, trigger(json!({"workflow": "hello", "recipients": ["user_1", "broken"]}))).await;
+    let run = finished(&ns, &run.name_any()).await;
+    let got = by_id(&recipients(&ns, &run).await);
+    assert_eq!(got["user_1"].state, RecipientState::Completed);
+    assert_eq!(got["broken"].state, RecipientState::Failed);
+    assert_eq!(got["broken"].reason.as_deref(), Some("RecipientNotFound"));
+
+    let base = format!("http://{}", op.addr);
+    assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
+    let event = wait_for_event(&ns, "broken", "Warning", "Unreadable").await;
+    assert!(event.note.as_deref().unwrap_or_default().contains("deploy"), "{event:?}");
+    wait_for("herald_invalid_resources{kind=\"User\"} to be 1", Duration::from_secs(20), || async {
+        let text = reqwest::get(format!("{base}/metrics")).await.ok()?.text().await.ok()?;
+        text.lines().any(|l| l == "herald_invalid_resources{kind=\"User\"} 1").then_some(())
+    })
+    .await;
+}

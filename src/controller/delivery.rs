@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kube::runtime::reflector::ObjectRef;
 use kube::Client;
 use tokio::sync::Semaphore;
 
@@ -66,7 +65,7 @@ impl Deliverer {
     /// fails this recipient's step with a message saying which.
     pub async fn deliver(&self, namespace: &str, message: &Message) -> DeliveryOutcome {
         let started = Instant::now();
-        let channel = self.channels.get(&ObjectRef::new(&message.channel).within(namespace));
+        let channel = self.channels.get(namespace, &message.channel);
         let Some(channel) = channel else {
             return failed("ChannelNotFound", format!("Channel `{}` does not exist", message.channel), 0, None);
         };

@@ -29,6 +29,7 @@ use crate::core::ids;
 use crate::core::model::{InlineRecipient, JsonObject, PreferenceSet, RecipientKey, TenantInput};
 use crate::resources::{Object, ObjectSpec, Tenant, TenantSpec, User, UserSpec};
 
+use super::lenient::Lenient;
 use super::Stores;
 
 /// The field manager of identify writes.
@@ -45,6 +46,8 @@ pub enum IdentifyError {
     NamesTaken { what: String },
     #[error("{what} kept changing concurrently; retry")]
     Contended { what: String },
+    #[error("the stored {kind} `{name}` cannot be read by herald ({error}); fix or delete it")]
+    Unreadable { kind: String, name: String, error: String },
 }
 
 /// Whether identify may change a resource that exists already.
@@ -158,8 +161,10 @@ pub struct Located<K> {
 /// the apiserver (so a write made just before is seen) and must carry the id.
 pub async fn locate<K>(api: &Api<K>, target: &Target<'_, K>) -> Result<Located<K>, IdentifyError>
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
 {
+    // Read leniently: a stored object herald cannot read is an error naming it, not a failed request.
+    let lenient: Api<Lenient<K>> = Api::namespaced(api.clone().into_client(), api.namespace().unwrap_or_default());
     let mut free = None;
     let mut tried: Vec<&String> = Vec::new();
     for name in target.cached.iter().chain(target.derived.iter()) {
@@ -167,9 +172,10 @@ where
             continue;
         }
         tried.push(name);
-        match api.get_opt(name).await? {
-            Some(object) if (target.is_it)(&object) => return Ok(Located { object: Some(object), free: None }),
-            Some(_) => {}
+        match lenient.get_opt(name).await? {
+            Some(Lenient::Valid(object)) if (target.is_it)(&object) => return Ok(Located { object: Some((*object).clone()), free: None }),
+            Some(Lenient::Valid(_)) => {}
+            Some(Lenient::Invalid { error, .. }) => return Err(IdentifyError::Unreadable { kind: K::kind(&()).to_string(), name: name.clone(), error }),
             None if free.is_none() && target.derived.contains(name) => free = Some(name.clone()),
             None => {}
         }
@@ -187,7 +193,7 @@ fn same<K: Serialize>(a: &K, b: &K) -> bool {
 /// changes nothing writes nothing.
 pub async fn upsert<K, E>(api: &Api<K>, target: &Target<'_, K>, overwrite: Overwrite, change: &(dyn Fn(&mut K) -> Result<(), E> + Send + Sync)) -> Result<Identified<K>, E>
 where
-    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
     E: From<IdentifyError>,
 {
     let pp = PostParams { field_manager: Some(IDENTIFY_MANAGER.into()), ..Default::default() };

@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod delivery;
 pub mod directory;
 pub mod identify;
+pub mod lenient;
 pub mod trigger_run;
 pub mod workflow;
 
@@ -18,6 +19,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
+use self::lenient::Lenient;
 use crate::resources::{Audience, Cancellation, Channel, Object, Tenant, User, Workflow};
 use crate::settings::Settings;
 
@@ -91,19 +93,18 @@ where
 }
 
 /// A watch-fed cache of kind `K` over every watched namespace (one
-/// reflector per namespace: Kubernetes has no multi-namespace watch).
+/// reflector per namespace: Kubernetes has no multi-namespace watch). Objects
+/// herald cannot read are kept apart ([`lenient`]) and never returned.
 pub struct Cache<K>
 where
-    K: Resource + Clone + 'static,
-    <K as Resource>::DynamicType: Eq + std::hash::Hash + Clone,
+    K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    parts: Vec<Store<K>>,
+    parts: Vec<Store<Lenient<K>>>,
 }
 
 impl<K> Clone for Cache<K>
 where
-    K: Resource + Clone + 'static,
-    <K as Resource>::DynamicType: Eq + std::hash::Hash + Clone,
+    K: Resource<DynamicType = ()> + Clone + 'static,
 {
     fn clone(&self) -> Self {
         Cache { parts: self.parts.clone() }
@@ -112,22 +113,27 @@ where
 
 impl<K> Cache<K>
 where
-    K: Resource + Clone + 'static,
-    <K as Resource>::DynamicType: Eq + std::hash::Hash + Clone,
+    K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    /// Every cached object.
+    /// Every cached object herald can read.
     pub fn state(&self) -> Vec<Arc<K>> {
-        self.parts.iter().flat_map(|p| p.state()).collect()
+        self.parts.iter().flat_map(|p| p.state()).filter_map(|l| l.valid().cloned()).collect()
     }
 
     /// The first cached object matching `predicate`.
     pub fn find(&self, predicate: impl Fn(&K) -> bool) -> Option<Arc<K>> {
-        self.parts.iter().find_map(|p| p.find(&predicate))
+        self.parts.iter().find_map(|p| p.find(|l| l.valid().is_some_and(|k| predicate(k)))).and_then(|l| l.valid().cloned())
     }
 
-    /// The cached object `key` names.
-    pub fn get(&self, key: &ObjectRef<K>) -> Option<Arc<K>> {
-        self.parts.iter().find_map(|p| p.get(key))
+    /// The cached object `name` in `namespace`.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<K>> {
+        let key = ObjectRef::<Lenient<K>>::new(name).within(namespace);
+        self.parts.iter().find_map(|p| p.get(&key)).and_then(|l| l.valid().cloned())
+    }
+
+    /// How many cached objects herald cannot read.
+    pub fn invalid_count(&self) -> usize {
+        self.parts.iter().flat_map(|p| p.state()).filter(|l| l.valid().is_none()).count()
     }
 
     /// Waits until every namespace's first full list is in.
@@ -139,22 +145,38 @@ where
     }
 }
 
+/// An object herald cannot read, for the reporter to say so on it.
+#[derive(Debug)]
+pub struct Unreadable {
+    pub kind: &'static str,
+    pub reference: k8s_openapi::api::core::v1::ObjectReference,
+    pub error: String,
+}
+
 /// Starts watch-fed stores for kind `K`; the tasks end with the runtime.
-fn spawn_store<K>(client: &Client, settings: &Settings) -> Cache<K>
+/// Objects herald cannot read go to `unreadable` (dropped if the reporter lags).
+fn spawn_store<K>(client: &Client, settings: &Settings, unreadable: &tokio::sync::mpsc::Sender<Unreadable>) -> Cache<K>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    <K as Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let parts = scopes(settings)
         .iter()
         .map(|scope| {
             let (reader, writer) = reflector::store();
-            let stream = watcher(scope_api::<K>(client, scope), watcher::Config::default()).default_backoff().reflect(writer).applied_objects();
+            let stream = watcher(scope_api::<Lenient<K>>(client, scope), watcher::Config::default()).default_backoff().reflect(writer).applied_objects();
+            let unreadable = unreadable.clone();
             tokio::spawn(async move {
                 futures::pin_mut!(stream);
                 while let Some(item) = stream.next().await {
-                    if let Err(e) = item {
-                        tracing::warn!(error = %e, kind = %K::kind(&Default::default()), "watch error; retrying");
+                    match item {
+                        Err(e) => tracing::warn!(error = %e, kind = %K::kind(&()), "watch error; retrying"),
+                        Ok(object) => {
+                            if let Some(error) = object.error() {
+                                let reference = object.object_ref(&());
+                                tracing::warn!(kind = %K::kind(&()), namespace = ?reference.namespace, name = ?reference.name, %error, "skipping an object herald cannot read");
+                                let _ = unreadable.try_send(Unreadable { kind: kind_name::<K>(), reference, error: error.to_string() });
+                            }
+                        }
                     }
                 }
             });
@@ -164,18 +186,35 @@ where
     Cache { parts }
 }
 
+/// The kind's name as a static string (metric labels).
+fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "Workflow" => "Workflow",
+        "User" => "User",
+        "Object" => "Object",
+        "Tenant" => "Tenant",
+        "Audience" => "Audience",
+        "Channel" => "Channel",
+        "Cancellation" => "Cancellation",
+        "TriggerRun" => "TriggerRun",
+        _ => "other",
+    }
+}
+
 impl Stores {
-    /// Starts every store.
-    pub fn start(client: &Client, settings: &Settings) -> Self {
-        Stores {
-            workflows: spawn_store(client, settings),
-            users: spawn_store(client, settings),
-            objects: spawn_store(client, settings),
-            tenants: spawn_store(client, settings),
-            audiences: spawn_store(client, settings),
-            channels: spawn_store(client, settings),
-            cancellations: spawn_store(client, settings),
-        }
+    /// Starts every store; objects herald cannot read are reported through the returned receiver.
+    pub fn start(client: &Client, settings: &Settings) -> (Self, tokio::sync::mpsc::Receiver<Unreadable>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let stores = Stores {
+            workflows: spawn_store(client, settings, &tx),
+            users: spawn_store(client, settings, &tx),
+            objects: spawn_store(client, settings, &tx),
+            tenants: spawn_store(client, settings, &tx),
+            audiences: spawn_store(client, settings, &tx),
+            channels: spawn_store(client, settings, &tx),
+            cancellations: spawn_store(client, settings, &tx),
+        };
+        (stores, rx)
     }
 
     /// Waits until every store has its first full list.
@@ -188,12 +227,61 @@ impl Stores {
         self.channels.wait_until_ready().await?;
         self.cancellations.wait_until_ready().await
     }
+
+    /// Objects herald cannot read, per kind.
+    pub fn invalid_counts(&self) -> [(&'static str, usize); 7] {
+        [
+            ("Workflow", self.workflows.invalid_count()),
+            ("User", self.users.invalid_count()),
+            ("Object", self.objects.invalid_count()),
+            ("Tenant", self.tenants.invalid_count()),
+            ("Audience", self.audiences.invalid_count()),
+            ("Channel", self.channels.invalid_count()),
+            ("Cancellation", self.cancellations.invalid_count()),
+        ]
+    }
+}
+
+/// Says so on every object herald cannot read (a Warning Event `Unreadable`,
+/// once per resourceVersion) and keeps `herald_invalid_resources` current.
+async fn report_unreadable(ctx: Arc<Context>, mut unreadable: tokio::sync::mpsc::Receiver<Unreadable>) {
+    use kube::runtime::events::{Event, EventType};
+    let mut told: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            next = unreadable.recv() => {
+                let Some(u) = next else { return };
+                let seen = (u.reference.uid.clone().unwrap_or_default(), u.reference.resource_version.clone().unwrap_or_default());
+                if !told.insert(seen) {
+                    continue;
+                }
+                if told.len() > 10_000 {
+                    told.clear();
+                }
+                let note = format!("herald cannot read this {} and skips it until it is fixed: {}", u.kind, u.error);
+                let event = Event { type_: EventType::Warning, reason: "Unreadable".into(), note: Some(crate::core::truncate(&note, 1000)), action: "Read".into(), secondary: None };
+                if let Err(e) = ctx.recorder.publish(&event, &u.reference).await {
+                    tracing::debug!(error = %e, "could not publish an Unreadable event");
+                }
+                refresh_invalid_gauge(&ctx);
+            }
+            _ = tick.tick() => refresh_invalid_gauge(&ctx),
+        }
+    }
+}
+
+fn refresh_invalid_gauge(ctx: &Context) {
+    for (kind, count) in ctx.stores.invalid_counts() {
+        ctx.metrics.invalid_resources.get_or_create(&crate::metrics::KindLabels { kind: kind.to_string() }).set(count as i64);
+    }
 }
 
 impl Context {
-    pub fn new(client: Client, settings: Settings, stores: Stores) -> Arc<Self> {
+    /// The shared context; starts the reporter of objects herald cannot read.
+    pub fn new(client: Client, settings: Settings, (stores, unreadable): (Stores, tokio::sync::mpsc::Receiver<Unreadable>)) -> Arc<Self> {
         let recorder = Recorder::new(client.clone(), Reporter { controller: "herald".into(), instance: std::env::var("HOSTNAME").ok() });
-        Arc::new(Context {
+        let ctx = Arc::new(Context {
             deliverer: delivery::Deliverer::new(client.clone(), stores.channels.clone(), settings.max_deliveries),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             client,
@@ -201,7 +289,9 @@ impl Context {
             stores,
             recorder,
             workflows: workflow::Compiled::default(),
-        })
+        });
+        tokio::spawn(report_unreadable(ctx.clone(), unreadable));
+        ctx
     }
 }
 
@@ -209,16 +299,27 @@ impl Context {
 /// failed reconciles go to [`error_policy`].
 pub async fn run_simple<K, R, Fut, F>(ctx: Arc<Context>, shutdown: F, name: &'static str, reconcile: R)
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-    <K as Resource>::DynamicType: Default + Eq + std::hash::Hash + Clone + std::fmt::Debug + Unpin,
-    R: FnMut(Arc<K>, Arc<Context>) -> Fut + Clone,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    R: FnMut(Arc<K>, Arc<Context>) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<kube::runtime::controller::Action, Error>> + Send + 'static,
     F: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 {
     let controllers = scopes(&ctx.settings).into_iter().map(|scope| {
-        let controller = kube::runtime::Controller::new(scope_api::<K>(&ctx.client, &scope), watcher::Config::default());
+        // Lenient: an object herald cannot read is skipped (the caches report it), not a stopped controller.
+        let controller = kube::runtime::Controller::new(scope_api::<Lenient<K>>(&ctx.client, &scope), watcher::Config::default());
         let store = controller.store();
-        let running = controller.graceful_shutdown_on(shutdown.clone()).run(reconcile.clone(), error_policy::<K>, ctx.clone()).for_each(move |result| {
+        let mut reconcile = reconcile.clone();
+        let lenient = move |object: Arc<Lenient<K>>, ctx: Arc<Context>| {
+            let valid = object.valid().cloned();
+            let future = valid.map(|k| reconcile(k, ctx));
+            async move {
+                match future {
+                    Some(f) => f.await,
+                    None => Ok(kube::runtime::controller::Action::await_change()),
+                }
+            }
+        };
+        let running = controller.graceful_shutdown_on(shutdown.clone()).run(lenient, error_policy::<Lenient<K>>, ctx.clone()).for_each(move |result| {
             if let Err(e) = result {
                 tracing::debug!(controller = name, error = %e, "controller event");
             }

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use super::directory;
 use super::identify::{self, IdentifyError, Recipient, Written};
+use super::lenient::Lenient;
 use super::workflow::find_by_key;
 use super::{conditions, scope_api, scopes, Context, Error, MANAGER};
 use crate::core::execution::{self, ChannelTypes, Next, RecipientContext, RunContext, TenantRecord};
@@ -477,15 +478,18 @@ impl<'a> Reconciler<'a> {
         for reached in expanded.recipients.iter().filter(|r| !r.found).take(MAX_READS) {
             match &reached.key {
                 RecipientKey::User(id) => {
-                    let api: Api<crate::resources::User> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
-                    if let Some(user) = api.get_opt(&ids::name_for_id(id)).await?.filter(|u| &u.spec.id == id) {
+                    // Lenient: a User herald cannot read is not found (the caches report it).
+                    let api: Api<Lenient<crate::resources::User>> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+                    if let Some(user) = api.get_opt(&ids::name_for_id(id)).await?.as_ref().and_then(Lenient::valid).filter(|u| &u.spec.id == id) {
                         directory.insert_user(directory::user_record(&user));
                         found = true;
                     }
                 }
                 RecipientKey::Object { collection, id } => {
-                    let api: Api<crate::resources::Object> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
-                    if let Some(object) = api.get_opt(&ids::name_for_object(collection, id)).await?.filter(|o| &o.spec.collection == collection && &o.spec.id == id) {
+                    let api: Api<Lenient<crate::resources::Object>> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+                    if let Some(object) =
+                        api.get_opt(&ids::name_for_object(collection, id)).await?.as_ref().and_then(Lenient::valid).filter(|o| &o.spec.collection == collection && &o.spec.id == id)
+                    {
                         directory.insert_object(directory::object_record(&object));
                         found = true;
                     }
@@ -849,7 +853,24 @@ async fn reconcile_run(cached: &TriggerRun, ctx: &Context) -> Result<Action, Err
     r.execute(status, pages, None).await
 }
 
-fn error_policy(run: Arc<TriggerRun>, error: &Error, ctx: Arc<Context>) -> Action {
+/// A TriggerRun herald cannot read is skipped with a Warning Event (the
+/// other runs go on); see [`super::lenient`].
+async fn reconcile_lenient(run: Arc<Lenient<TriggerRun>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    match &*run {
+        Lenient::Valid(valid) => reconcile(valid.clone(), ctx).await,
+        Lenient::Invalid { error, .. } => {
+            tracing::warn!(run = %run.name_any(), %error, "skipping a TriggerRun herald cannot read");
+            let note = crate::core::truncate(&format!("herald cannot read this TriggerRun and skips it: {error}"), 1000);
+            let event = Event { type_: EventType::Warning, reason: "Unreadable".into(), note: Some(note), action: "Read".into(), secondary: None };
+            if let Err(e) = ctx.recorder.publish(&event, &run.object_ref(&())).await {
+                tracing::debug!(error = %e, "could not publish an Unreadable event");
+            }
+            Ok(Action::await_change())
+        }
+    }
+}
+
+fn error_policy(run: Arc<Lenient<TriggerRun>>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_errors.get_or_create(&crate::metrics::ErrorLabels { controller: "triggerrun".into(), error: error.label().into() }).inc();
     tracing::warn!(run = %run.name_any(), error = %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))
@@ -864,7 +885,8 @@ where
     let mut stores = Vec::new();
     let mut controllers = Vec::new();
     for scope in scopes(&ctx.settings) {
-        let controller = Controller::new(scope_api::<TriggerRun>(&ctx.client, &scope), watcher::Config::default());
+        // Lenient: one TriggerRun herald cannot read must not stop the others.
+        let controller = Controller::new(scope_api::<Lenient<TriggerRun>>(&ctx.client, &scope), watcher::Config::default());
         let store = controller.store();
         stores.push(store.clone());
         let by_cancellation = store.clone();
@@ -878,8 +900,12 @@ where
                 by_cancellation
                     .state()
                     .iter()
-                    .filter(|r| r.namespace() == ns && r.spec.workflow == c.spec.workflow && r.spec.cancellation_key.as_deref() == Some(c.spec.cancellation_key.as_str()))
-                    .map(|r| ObjectRef::from_obj(r.as_ref()))
+                    .filter(|l| {
+                        l.valid().is_some_and(|r| {
+                            r.namespace() == ns && r.spec.workflow == c.spec.workflow && r.spec.cancellation_key.as_deref() == Some(c.spec.cancellation_key.as_str())
+                        })
+                    })
+                    .map(|l| ObjectRef::from_obj(l.as_ref()))
                     .collect::<Vec<_>>()
             })
             // A Workflow wakes the runs still waiting for it.
@@ -889,12 +915,12 @@ where
                 by_workflow
                     .state()
                     .iter()
-                    .filter(|r| r.namespace() == ns && r.spec.workflow == key && r.status.as_ref().is_none_or(|s| s.state == RunState::Pending))
-                    .map(|r| ObjectRef::from_obj(r.as_ref()))
+                    .filter(|l| l.valid().is_some_and(|r| r.namespace() == ns && r.spec.workflow == key && r.status.as_ref().is_none_or(|s| s.state == RunState::Pending)))
+                    .map(|l| ObjectRef::from_obj(l.as_ref()))
                     .collect::<Vec<_>>()
             })
             .graceful_shutdown_on(shutdown.clone())
-            .run(reconcile, error_policy, ctx.clone())
+            .run(reconcile_lenient, error_policy, ctx.clone())
             .for_each(|result| async move {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "triggerrun controller event");
@@ -909,9 +935,9 @@ where
 
 /// Keeps `herald_work_queue_depth` (the runs not finished yet: the work the
 /// controller has ahead of it) current.
-async fn report_queue_depth(ctx: Arc<Context>, stores: Vec<kube::runtime::reflector::Store<TriggerRun>>) {
+async fn report_queue_depth(ctx: Arc<Context>, stores: Vec<kube::runtime::reflector::Store<Lenient<TriggerRun>>>) {
     loop {
-        let depth = stores.iter().flat_map(|s| s.state()).filter(|r| r.status.as_ref().is_none_or(|s| !s.state.is_finished())).count();
+        let depth = stores.iter().flat_map(|s| s.state()).filter(|l| l.valid().is_some_and(|r| r.status.as_ref().is_none_or(|s| !s.state.is_finished()))).count();
         ctx.metrics.work_queue_depth.set(depth as i64);
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

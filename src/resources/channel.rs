@@ -41,9 +41,9 @@ pub struct ChannelSpec {
     /// Delivery retries.
     #[serde(default)]
     pub retry: RetrySettings,
-    /// Seconds before an attempt times out (default 10).
+    /// Seconds before an attempt times out (default 10, at most an hour).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 3600))]
     pub timeout_seconds: Option<i32>,
 }
 
@@ -107,9 +107,9 @@ pub struct RetrySettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 20))]
     pub max_attempts: Option<i32>,
-    /// The first backoff in milliseconds, doubled each attempt, with jitter (default 500).
+    /// The first backoff in milliseconds, doubled each attempt, with jitter (default 500; waits are capped at 30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 30000))]
     pub initial_backoff_ms: Option<i64>,
 }
 

@@ -197,7 +197,7 @@ impl From<crate::controller::identify::IdentifyError> for ApiError {
         use crate::controller::identify::IdentifyError;
         match e {
             IdentifyError::Kube(e) => e.into(),
-            e @ (IdentifyError::NamesTaken { .. } | IdentifyError::Contended { .. }) => ApiError::Conflict(e.to_string()),
+            e @ (IdentifyError::NamesTaken { .. } | IdentifyError::Contended { .. } | IdentifyError::Unreadable { .. }) => ApiError::Conflict(e.to_string()),
         }
     }
 }
