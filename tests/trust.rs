@@ -195,3 +195,58 @@ async fn an_object_herald_cannot_read_costs_only_itself() {
     })
     .await;
 }
+
+fn cancellation(workflow: &str, key: &str) -> Value {
+    json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Cancellation", "metadata": {"generateName": "cancel-"}, "spec": {"workflow": workflow, "cancellationKey": key}})
+}
+
+#[tokio::test]
+async fn a_cancel_stops_a_run_in_progress() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let mut settings = Settings::for_namespace(&ns.name);
+    settings.run_concurrency = 2;
+    let _op = common::operator_with(&client, settings).await;
+    let receiver = receivers::HttpReceiver::start().await;
+    receiver.slow("/", Duration::from_millis(500));
+    hooks_channel(&ns, &receiver).await;
+    create::<Workflow>(&ns, workflow("hello", json!({}))).await;
+    let ids: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
+    for id in &ids {
+        create::<User>(&ns, user(id, json!({"id": id}))).await;
+    }
+    // 100 recipients, two at a time, half a second each: 25 s if nothing stops it.
+    let run: TriggerRun = create(&ns, trigger(json!({"workflow": "hello", "recipients": ids, "cancellationKey": "c-1"}))).await;
+    wait_for("a few deliveries", Duration::from_secs(30), || async { (receiver.arrived() >= 4).then_some(()) }).await;
+    create::<herald::resources::Cancellation>(&ns, cancellation("hello", "c-1")).await;
+    let at_cancel = receiver.arrived();
+
+    let run = finished(&ns, &run.name_any()).await;
+    let got = recipients(&ns, &run).await;
+    let delivered = got.iter().filter(|r| r.state == RecipientState::Completed).count();
+    let cancelled = got.iter().filter(|r| r.state == RecipientState::Cancelled).count();
+    assert_eq!(delivered + cancelled, 100, "every recipient is delivered or cancelled");
+    // What was in flight finishes; nothing new starts once the Cancellation is stored
+    // (the margin is for a slow watch on a loaded machine: 10 more would take 2.5 s).
+    assert!(receiver.arrived() <= at_cancel + 10, "{} deliveries after the cancel at {at_cancel}", receiver.arrived());
+    assert_eq!(delivered, receiver.count());
+}
+
+#[tokio::test]
+async fn a_cancel_stored_before_its_trigger_applies() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let _op = common::operator(&client, &ns.name).await;
+    let receiver = receivers::HttpReceiver::start().await;
+    hooks_channel(&ns, &receiver).await;
+    create::<Workflow>(&ns, workflow("hello", json!({}))).await;
+    create::<User>(&ns, user("user-1", json!({"id": "user_1"}))).await;
+    for i in 0..5 {
+        let key = format!("early-{i}");
+        create::<herald::resources::Cancellation>(&ns, cancellation("hello", &key)).await;
+        let run: TriggerRun = create(&ns, trigger(json!({"workflow": "hello", "recipients": ["user_1"], "cancellationKey": key}))).await;
+        let run = finished(&ns, &run.name_any()).await;
+        assert_eq!(run.status.as_ref().unwrap().state, RunState::Cancelled, "{:?}", run.status);
+    }
+    assert_eq!(receiver.count(), 0);
+}

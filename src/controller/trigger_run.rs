@@ -439,13 +439,13 @@ impl<'a> Reconciler<'a> {
         Ok(pages)
     }
 
-    /// Which recipients a Cancellation for this run covers: None, all, or some.
-    fn cancellation(&self) -> Cancelled {
+    /// Which recipients these Cancellations cover for this run: None, all, or some.
+    fn covered_by<'c>(&self, cancellations: impl Iterator<Item = &'c Cancellation>) -> Cancelled {
         let Some(key) = self.run.spec.cancellation_key.as_deref() else { return Cancelled::None };
         let retention = SignedDuration::from_secs(self.ctx.settings.cancellation_retention_seconds.max(0));
         let now = Timestamp::now();
         let mut some = HashSet::new();
-        for c in self.ctx.stores.cancellations.state() {
+        for c in cancellations {
             if c.namespace().as_deref() != Some(self.namespace.as_str()) || c.spec.workflow != self.run.spec.workflow || c.spec.cancellation_key != key {
                 continue;
             }
@@ -463,6 +463,29 @@ impl<'a> Reconciler<'a> {
         } else {
             Cancelled::Some(some)
         }
+    }
+
+    /// The Cancellations for this run in the watch cache: checked before every
+    /// recipient's every step, so a cancel stops a run in progress at once.
+    fn cancellation(&self) -> Cancelled {
+        if self.run.spec.cancellation_key.is_none() {
+            return Cancelled::None;
+        }
+        let cached = self.ctx.stores.cancellations.state();
+        self.covered_by(cached.iter().map(|c| c.as_ref()))
+    }
+
+    /// The Cancellations for this run as the apiserver has them now, read
+    /// once when the run is accepted: a cancel stored just before its trigger
+    /// applies even if the watch cache has not seen it yet.
+    async fn stored_cancellation(&self) -> Result<Cancelled, Error> {
+        if self.run.spec.cancellation_key.is_none() {
+            return Ok(Cancelled::None);
+        }
+        let api: Api<Lenient<Cancellation>> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let listed = api.list(&ListParams::default()).await?;
+        let valid: Vec<Arc<Cancellation>> = listed.items.iter().filter_map(|l| l.valid().cloned()).collect();
+        Ok(self.covered_by(valid.iter().map(|c| c.as_ref())))
     }
 
     /// Takes every unfinished recipient as far as it can go, page by page,
@@ -530,6 +553,7 @@ impl<'a> Reconciler<'a> {
             Err(refusal) => return self.fail_unfinished(status, pages, refusal.reason, &refusal.message).await,
         };
 
+        let directory_given = directory.is_some();
         let mut directory = directory.unwrap_or_else(|| directory::build(&self.ctx.stores, &self.namespace));
         overlay_inline(&mut directory, &trigger);
         let trigger_data: HashMap<RecipientKey, &JsonObject> = trigger
@@ -554,7 +578,8 @@ impl<'a> Reconciler<'a> {
             actor,
             tenant: tenant.as_ref(),
         };
-        let cancelled = self.cancellation();
+        // Just accepted (`directory` given): also read what the apiserver stores now.
+        let cancelled = if directory_given { self.stored_cancellation().await?.or(self.cancellation()) } else { self.cancellation() };
 
         let mut next_wake: Option<Timestamp> = None;
         // Every unfinished recipient of every page, in order, at most
@@ -700,6 +725,8 @@ impl<'a> Reconciler<'a> {
         cancelled: bool,
     ) -> Option<Timestamp> {
         loop {
+            // A Cancellation stored while the run is in progress stops the recipient before its next step.
+            let cancelled = cancelled || self.cancellation().covers(recipient.key);
             match execution::advance(run, recipient, channels, status, cancelled, Timestamp::now()) {
                 Next::Done => return None,
                 Next::WaitUntil(wake) => return Some(wake),
@@ -759,6 +786,18 @@ enum Cancelled {
 }
 
 impl Cancelled {
+    /// What either covers.
+    fn or(self, other: Cancelled) -> Cancelled {
+        match (self, other) {
+            (Cancelled::All, _) | (_, Cancelled::All) => Cancelled::All,
+            (Cancelled::None, c) | (c, Cancelled::None) => c,
+            (Cancelled::Some(mut a), Cancelled::Some(b)) => {
+                a.extend(b);
+                Cancelled::Some(a)
+            }
+        }
+    }
+
     fn covers(&self, key: &RecipientKey) -> bool {
         match self {
             Cancelled::None => false,

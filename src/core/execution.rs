@@ -197,7 +197,10 @@ pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn Ch
     if status.state.is_finished() {
         return Next::Done;
     }
-    if cancelled {
+    // A cancel stops what is left to do; a recipient whose every step is done
+    // (its last delivery just came back) is concluded, not cancelled.
+    let waiting = status.steps.last().is_some_and(|s| s.state == StepState::Waiting);
+    if cancelled && (waiting || status.steps.len() < run.steps.len()) {
         if let Some(last) = status.steps.last_mut() {
             if last.state == StepState::Waiting {
                 last.state = StepState::Cancelled;
@@ -446,6 +449,28 @@ mod tests {
         // Finished recipients stay finished.
         assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, true, now), Next::Done);
         assert_eq!(status.state, RecipientState::Completed);
+    }
+
+    #[test]
+    fn a_cancel_after_the_last_delivery_does_not_undo_it() {
+        let f = Fixture::new(vec![channel_step("a", "x"), channel_step("b", "y")]);
+        let mut status = RecipientStatus::default();
+        let now = Timestamp::now();
+        let Next::Deliver(first) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now) else { panic!() };
+        record_delivery(&mut status, &first, &ok(), now);
+        let Next::Deliver(last) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now) else { panic!() };
+        record_delivery(&mut status, &last, &ok(), now);
+        // The cancel arrived while the last delivery was in flight: that delivery happened.
+        assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, true, now), Next::Done);
+        assert_eq!(status.state, RecipientState::Completed);
+
+        // One step left: cancelled before it.
+        let mut status = RecipientStatus::default();
+        let Next::Deliver(first) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now) else { panic!() };
+        record_delivery(&mut status, &first, &ok(), now);
+        assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, true, now), Next::Done);
+        assert_eq!(status.state, RecipientState::Cancelled);
+        assert_eq!(status.steps.len(), 1);
     }
 
     #[test]
