@@ -23,6 +23,9 @@ pub struct Operator {
     pub context: Arc<Context>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// Set when the controllers ended without being asked to (a panic, the
+    /// elector gone): the process must exit so that Kubernetes restarts it.
+    failure: watch::Receiver<Option<String>>,
 }
 
 impl Operator {
@@ -35,6 +38,17 @@ impl Operator {
     /// Stops at once, like a killed process: tasks are aborted where they stand.
     pub fn abort(self) {
         self.task.abort();
+    }
+
+    /// Resolves, with the reason, if the controllers end without a stop
+    /// having been asked for; never resolves otherwise.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.failure.clone();
+        let reason = failure.wait_for(Option::is_some).await.map(|r| r.clone().unwrap_or_default());
+        match reason {
+            Ok(reason) => reason,
+            Err(_) => std::future::pending().await,
+        }
     }
 }
 
@@ -101,7 +115,8 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
     };
     let server = http::serve(listener, http::State { context: context.clone(), ready: ready.clone() }, drain);
     let ctx = context.clone();
-    let mut leadership = leader::start(&ctx.client, &ctx.settings, ctx.metrics.clone()).await?;
+    let mut leadership = leader::start(&ctx.client, &ctx.settings, ctx.metrics.clone(), ctx.fence.clone()).await?;
+    let (fail, failure) = watch::channel(None);
     let task = tokio::spawn(async move {
         let controllers = async {
             // A stop must not wait for caches that may never fill (say, a kind
@@ -113,7 +128,11 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
                         if !*stopped.borrow() {
                             ready.store(true, Ordering::SeqCst);
                         }
-                        lead(ctx, &mut leadership, wait_stop).await;
+                        if let Err(reason) = lead(ctx, &mut leadership, wait_stop, controller::run).await {
+                            tracing::error!(%reason, "the controllers stopped unexpectedly; exiting so that the pod restarts");
+                            ready.store(false, Ordering::SeqCst);
+                            fail.send_replace(Some(reason));
+                        }
                     }
                 },
                 () = wait_stop() => tracing::info!("stopping before the watch caches were ready"),
@@ -126,62 +145,87 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
         }
     });
     tracing::info!(%addr, "herald is serving");
-    Ok(Operator { addr, context, stop, task })
+    Ok(Operator { addr, context, stop, task, failure })
 }
 
 /// Reconciles while this replica leads. Losing the Lease aborts the
 /// controllers where they stand (progress is checkpointed in status, so the
 /// next leader resumes it); a shutdown lets in-flight reconciles finish, for
-/// at most `--shutdown-grace-seconds`.
-async fn lead<F, Fut>(ctx: Arc<Context>, leadership: &mut leader::Leadership, wait_stop: F)
+/// at most `--shutdown-grace-seconds`. Controllers that end on their own (a
+/// panic) or an elector that stops are an error: a replica that serves
+/// healthy probes while nothing reconciles would be a zombie.
+async fn lead<F, Fut, C, CFut>(ctx: Arc<Context>, leadership: &mut leader::Leadership, wait_stop: F, controllers: C) -> Result<(), String>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()> + Send + Sync + 'static,
+    C: Fn(Arc<Context>, Fut) -> CFut,
+    CFut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
         tokio::select! {
-            acquired = leadership.acquired() => if !acquired { return },
-            () = wait_stop() => return,
+            acquired = leadership.acquired() => if !acquired { return Err("the leader elector stopped".into()) },
+            () = wait_stop() => return Ok(()),
         }
         tracing::info!("leading: starting controllers");
         let sweeper = tokio::spawn(controller::trigger_run::sweep_cancellations(ctx.clone()));
-        let mut controllers = tokio::spawn(controller::run(ctx.clone(), wait_stop()));
+        let mut running = tokio::spawn(controllers(ctx.clone(), wait_stop()));
         enum Ended {
             Lost,
             Stopping,
             /// The controllers' task is done (a JoinHandle must not be polled again).
-            Finished,
+            Finished(Result<(), tokio::task::JoinError>),
         }
         let ended = tokio::select! {
             () = leadership.lost() => Ended::Lost,
             () = wait_stop() => Ended::Stopping,
-            _ = &mut controllers => Ended::Finished,
+            done = &mut running => Ended::Finished(done),
         };
         sweeper.abort();
         match ended {
-            Ended::Finished => return,
+            Ended::Finished(done) => {
+                // The controllers end by themselves only when a stop was asked for just now.
+                if futures::FutureExt::now_or_never(wait_stop()).is_some() {
+                    return Ok(());
+                }
+                return Err(match done {
+                    Err(e) if e.is_panic() => format!("a controller panicked: {e}"),
+                    Err(e) => format!("the controllers were cancelled: {e}"),
+                    Ok(()) => "the controllers ended".into(),
+                });
+            }
             Ended::Stopping => {
                 let grace = Duration::from_secs(ctx.settings.shutdown_grace_seconds);
-                if tokio::time::timeout(grace, &mut controllers).await.is_err() {
+                if tokio::time::timeout(grace, &mut running).await.is_err() {
                     tracing::warn!(?grace, "reconciles still running at the end of the shutdown grace; cutting them short (they resume from their checkpoints)");
-                    controllers.abort();
-                    let _ = controllers.await;
+                    running.abort();
+                    let _ = running.await;
                 }
-                return;
+                return Ok(());
             }
             Ended::Lost => {
                 tracing::warn!("lost leadership: stopping controllers now");
-                controllers.abort();
-                let _ = controllers.await;
+                running.abort();
+                let _ = running.await;
+                if !leadership.elector_alive() {
+                    return Err("the leader elector stopped".into());
+                }
             }
         }
     }
 }
 
 /// Runs the operator until `shutdown` resolves.
+/// Fails (the process exits non-zero, and Kubernetes restarts it) if the
+/// controllers stop on their own.
 pub async fn run(client: Client, settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let operator = start(client, settings).await?;
-    shutdown.await;
+    tokio::select! {
+        () = shutdown => {}
+        reason = operator.failed() => {
+            operator.abort();
+            anyhow::bail!("herald stopped reconciling: {reason}");
+        }
+    }
     tracing::info!("shutting down");
     operator.shutdown().await;
     Ok(())
@@ -204,4 +248,32 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A context whose client points at nothing (these tests never reach an apiserver).
+    fn context() -> Arc<Context> {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().expect("static URL"));
+        let client = Client::try_from(config).expect("client");
+        let mut settings = Settings::for_namespace("n");
+        settings.leader_election = false;
+        Context::new(client.clone(), settings.clone(), Stores::start(&client, &settings))
+    }
+
+    #[tokio::test]
+    async fn controllers_that_end_on_their_own_are_an_error() {
+        let ctx = context();
+        let mut leadership = leader::start(&ctx.client, &ctx.settings, ctx.metrics.clone(), ctx.fence.clone()).await.unwrap();
+        let never = || std::future::pending::<()>();
+        let panicked = lead(ctx.clone(), &mut leadership, never, |_, _| async { panic!("a bug") }).await;
+        assert!(panicked.as_ref().is_err_and(|e| e.contains("panicked")), "{panicked:?}");
+        let ended = lead(ctx.clone(), &mut leadership, never, |_, _| async {}).await;
+        assert!(ended.as_ref().is_err_and(|e| e.contains("ended")), "{ended:?}");
+        // Asked to stop: the controllers end, and that is no error.
+        let stop = || std::future::ready(());
+        assert_eq!(lead(ctx, &mut leadership, stop, |_, stop| stop).await, Ok(()));
+    }
 }

@@ -40,6 +40,8 @@ pub struct Deliverer {
     /// attempt and released during backoff, so that runs retrying against a
     /// failing receiver do not starve the others.
     slots: Arc<Semaphore>,
+    /// Checked before every attempt: a replica that cannot confirm it leads sends nothing.
+    fence: crate::leader::Fence,
 }
 
 /// What one message is, ready for attempts.
@@ -51,8 +53,8 @@ enum Prepared {
 impl Deliverer {
     /// A deliverer reading Channels from `channels` and Secrets through
     /// `client`, with at most `max_deliveries` attempts in flight at once.
-    pub fn new(client: Client, channels: super::Cache<Channel>, max_deliveries: usize) -> Self {
-        Deliverer { channels, secrets: SecretCache::new(client), http: http::client(), smtp: Transports::default(), slots: Arc::new(Semaphore::new(max_deliveries.max(1))) }
+    pub fn new(client: Client, channels: super::Cache<Channel>, max_deliveries: usize, fence: crate::leader::Fence) -> Self {
+        Deliverer { fence, channels, secrets: SecretCache::new(client), http: http::client(), smtp: Transports::default(), slots: Arc::new(Semaphore::new(max_deliveries.max(1))) }
     }
 
     /// The Secret reads, shared with the Channel reconciler.
@@ -62,17 +64,20 @@ impl Deliverer {
 
     /// Delivers one message; the outcome is recorded on the recipient's step.
     /// Never panics on what templates rendered: a bad URL, header or address
-    /// fails this recipient's step with a message saying which.
-    pub async fn deliver(&self, namespace: &str, message: &Message) -> DeliveryOutcome {
+    /// fails this recipient's step with a message saying which. `Err(Fenced)`:
+    /// this replica's leadership could not be confirmed before an attempt, so
+    /// nothing is to be recorded (the next leader delivers, with the same
+    /// Idempotency-Key).
+    pub async fn deliver(&self, namespace: &str, message: &Message) -> Result<DeliveryOutcome, Fenced> {
         let started = Instant::now();
         let channel = self.channels.get(namespace, &message.channel);
         let Some(channel) = channel else {
-            return failed("ChannelNotFound", format!("Channel `{}` does not exist", message.channel), 0, None);
+            return Ok(failed("ChannelNotFound", format!("Channel `{}` does not exist", message.channel), 0, None));
         };
         let spec = &channel.spec;
         let smtp = match config::check_spec(spec) {
             Ok(s) => s,
-            Err(problem) => return not_ready(&message.channel, &problem),
+            Err(problem) => return Ok(not_ready(&message.channel, &problem)),
         };
         let prepared = match (spec.channel_type, smtp) {
             (ChannelType::Http, _) => http::http_request(message, spec.url.as_deref()).map(Prepared::Webhook),
@@ -82,13 +87,13 @@ impl Deliverer {
         };
         let prepared = match prepared {
             Ok(p) => p,
-            Err(e) => return outcome_of_error(&message.channel, &e, 0),
+            Err(e) => return Ok(outcome_of_error(&message.channel, &e, 0)),
         };
         // A missing Secret or key fails before any attempt (and says so with
         // attempts: 0); read errors that may pass are retried with the attempts.
         if let Err(e) = self.secret(namespace, &channel).await {
             if !e.is_retryable() {
-                return outcome_of_error(&message.channel, &e, 0);
+                return Ok(outcome_of_error(&message.channel, &e, 0));
             }
         }
         let (policy, timeout) = config::limits(spec);
@@ -120,9 +125,9 @@ impl Deliverer {
                     }
                 }
             })
-            .await;
+            .await?;
         let elapsed = started.elapsed();
-        match result {
+        Ok(match result {
             Ok(sent) => {
                 let retried = if attempts > 1 { format!(" after {attempts} attempts") } else { String::new() };
                 DeliveryOutcome {
@@ -138,7 +143,7 @@ impl Deliverer {
                 tracing::info!(channel = %message.channel, key = %message.idempotency_key, attempts, error = %e, "delivery failed");
                 DeliveryOutcome { history, ..outcome_of_error(&message.channel, &e, attempts) }
             }
-        }
+        })
     }
 
     /// The Channel's Secret, when it references one, checked for the keys
@@ -157,7 +162,7 @@ impl Deliverer {
     /// Runs `attempt` until it succeeds, fails for good, or the policy's
     /// attempts are used up; returns the last result, the attempts made and
     /// a record of each.
-    async fn attempts<F, Fut>(&self, policy: &RetryPolicy, mut attempt: F) -> (Result<Sent, DeliveryError>, u32, Vec<AttemptRecord>)
+    async fn attempts<F, Fut>(&self, policy: &RetryPolicy, mut attempt: F) -> Result<(Result<Sent, DeliveryError>, u32, Vec<AttemptRecord>), Fenced>
     where
         F: FnMut(u32) -> Fut,
         Fut: std::future::Future<Output = Result<Sent, DeliveryError>>,
@@ -170,6 +175,10 @@ impl Deliverer {
             let result = {
                 // A closed semaphore cannot happen (it is never closed); go on unbounded if it did.
                 let _slot = self.slots.acquire().await.ok();
+                // Checked after waiting for a slot, just before sending.
+                if !self.fence.holds() {
+                    return Err(Fenced);
+                }
                 attempt(n).await
             };
             history.push(AttemptRecord {
@@ -187,11 +196,15 @@ impl Deliverer {
                     tracing::debug!(attempt = n, error = %e, wait_ms = wait.as_millis() as u64, "delivery attempt failed; retrying");
                     tokio::time::sleep(wait).await;
                 }
-                other => return (other, n, history),
+                other => return Ok((other, n, history)),
             }
         }
     }
 }
+
+/// This replica could not confirm that it still leads: nothing was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fenced;
 
 fn failed(reason: &str, message: String, attempts: u32, status_code: Option<i32>) -> DeliveryOutcome {
     DeliveryOutcome { ok: false, reason: reason.into(), message: truncate(&message, MAX_STEP_MESSAGE), attempts: attempts as i32, status_code, history: Vec::new() }

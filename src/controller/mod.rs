@@ -32,6 +32,12 @@ pub enum Error {
     MissingMetadata,
     #[error("serializing status: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// A conditional write lost: the object changed since it was read.
+    #[error("the object changed since it was read (another writer, e.g. a newer leader): {0}")]
+    Stale(String),
+    /// This replica's leadership may have ended: nothing more is sent or written.
+    #[error("this replica can no longer confirm it leads; stopping the reconcile")]
+    Fenced,
 }
 
 impl Error {
@@ -41,6 +47,8 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::MissingMetadata => "metadata",
             Error::Serialize(_) => "serialize",
+            Error::Stale(_) => "stale",
+            Error::Fenced => "fenced",
         }
     }
 }
@@ -66,6 +74,8 @@ pub struct Context {
     pub workflows: workflow::Compiled,
     pub deliverer: delivery::Deliverer,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Open while this replica may act as the leader: checked before every delivery attempt.
+    pub fence: crate::leader::Fence,
 }
 
 /// Field manager for herald's server-side apply writes.
@@ -281,14 +291,16 @@ impl Context {
     /// The shared context; starts the reporter of objects herald cannot read.
     pub fn new(client: Client, settings: Settings, (stores, unreadable): (Stores, tokio::sync::mpsc::Receiver<Unreadable>)) -> Arc<Self> {
         let recorder = Recorder::new(client.clone(), Reporter { controller: "herald".into(), instance: std::env::var("HOSTNAME").ok() });
+        let fence = crate::leader::Fence::for_settings(&settings);
         let ctx = Arc::new(Context {
-            deliverer: delivery::Deliverer::new(client.clone(), stores.channels.clone(), settings.max_deliveries),
+            deliverer: delivery::Deliverer::new(client.clone(), stores.channels.clone(), settings.max_deliveries, fence.clone()),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             client,
             settings,
             stores,
             recorder,
             workflows: workflow::Compiled::default(),
+            fence,
         });
         tokio::spawn(report_unreadable(ctx.clone(), unreadable));
         ctx

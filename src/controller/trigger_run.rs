@@ -19,6 +19,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::delivery::Fenced;
 use super::directory;
 use super::identify::{self, IdentifyError, Recipient, Written};
 use super::lenient::Lenient;
@@ -171,7 +172,15 @@ struct Reconciler<'a> {
     run: &'a TriggerRun,
     namespace: String,
     name: String,
+    /// The resourceVersion of the run and of each page as this reconcile last
+    /// read or wrote them. Every status write is conditional on it, so a
+    /// stale writer (a paused former leader) loses instead of rolling back
+    /// the new leader's checkpoints.
+    versions: std::sync::Mutex<HashMap<String, String>>,
 }
+
+/// The key of the run itself in [`Reconciler::versions`] (page names never contain `/`).
+const RUN_VERSION: &str = "/run";
 
 impl<'a> Reconciler<'a> {
     fn runs(&self) -> Api<TriggerRun> {
@@ -189,20 +198,47 @@ impl<'a> Reconciler<'a> {
         }
     }
 
-    /// Writes the run's status if it differs from what is stored.
+    fn version(&self, key: &str) -> Option<String> {
+        self.versions.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
+    }
+
+    /// `metadata` for a conditional server-side apply: a resourceVersion in an
+    /// apply request is a precondition.
+    fn precondition(&self, key: &str) -> Value {
+        match self.version(key) {
+            Some(v) => json!({"resourceVersion": v}),
+            None => json!({}),
+        }
+    }
+
+    fn remember(&self, key: &str, version: Option<String>) {
+        if let Some(v) = version {
+            self.versions.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), v);
+        }
+    }
+
+    /// Writes the run's status if it differs from what is stored, on the
+    /// condition that nobody wrote the run since this reconcile read it.
     async fn write_status(&self, status: &TriggerRunStatus) -> Result<(), Error> {
         if self.run.status.as_ref() == Some(status) {
             return Ok(());
         }
-        let patch = json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "status": status});
-        self.runs().patch_status(&self.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+        let patch = json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": self.precondition(RUN_VERSION), "status": status});
+        let written = self.runs().patch_status(&self.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await.map_err(conflict_is_stale)?;
+        self.remember(RUN_VERSION, written.metadata.resource_version);
         self.ctx.metrics.write("TriggerRun");
         Ok(())
     }
 
+    /// Writes a page's status, conditionally like [`Self::write_status`].
     async fn write_page(&self, page: &Page) -> Result<(), Error> {
-        let patch = json!({"apiVersion": "herald.dev/v1alpha1", "kind": "RecipientPage", "status": RecipientPageStatus { recipients: page.recipients.clone() }});
-        self.pages_api().patch_status(&page.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+        let patch = json!({
+            "apiVersion": "herald.dev/v1alpha1", "kind": "RecipientPage",
+            "metadata": self.precondition(&page.name),
+            "status": RecipientPageStatus { recipients: page.recipients.clone() },
+        });
+        let written = self.pages_api().patch_status(&page.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await.map_err(conflict_is_stale)?;
+        self.remember(&page.name, written.metadata.resource_version);
         self.ctx.metrics.write("RecipientPage");
         Ok(())
     }
@@ -405,7 +441,8 @@ impl<'a> Reconciler<'a> {
             let mut page = RecipientPage::new(&name, RecipientPageSpec { trigger_run: self.name.clone(), index: index as i32, size: chunk.len() as i32 });
             page.metadata.labels = Some(BTreeMap::from([(RUN_LABEL.to_string(), ids::label_value(&self.name))]));
             page.metadata.owner_references = Some(vec![owner.clone()]);
-            self.pages_api().patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&page)).await?;
+            let created = self.pages_api().patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&page)).await?;
+            self.remember(&name, created.metadata.resource_version);
             self.ctx.metrics.write("RecipientPage");
             let page = Page { name, recipients: chunk.to_vec() };
             self.write_page(&page).await?;
@@ -434,6 +471,7 @@ impl<'a> Reconciler<'a> {
         let mut pages = Vec::with_capacity(status.pages.len());
         for name in &status.pages {
             let page = api.get(name).await?;
+            self.remember(name, page.metadata.resource_version.clone());
             pages.push(Page { name: name.clone(), recipients: page.status.map(|s| s.recipients).unwrap_or_default() });
         }
         Ok(pages)
@@ -638,6 +676,12 @@ impl<'a> Reconciler<'a> {
             tokio::select! {
                 next = results.next() => match next {
                     Some((p, i, new_status, wake)) => {
+                        // Leadership could not be confirmed: stop here, record nothing more
+                        // (the next leader resumes from the last checkpoint).
+                        let Ok(wake) = wake else {
+                            tracing::warn!("stopping the run: this replica can no longer confirm it leads");
+                            return Err(Error::Fenced);
+                        };
                         if let Some(w) = wake {
                             next_wake = Some(next_wake.map_or(w, |n| n.min(w)));
                         }
@@ -723,17 +767,17 @@ impl<'a> Reconciler<'a> {
         channels: &NamespaceChannels,
         status: &mut RecipientStatus,
         cancelled: bool,
-    ) -> Option<Timestamp> {
+    ) -> Result<Option<Timestamp>, Fenced> {
         loop {
             // A Cancellation stored while the run is in progress stops the recipient before its next step.
             let cancelled = cancelled || self.cancellation().covers(recipient.key);
             match execution::advance(run, recipient, channels, status, cancelled, Timestamp::now()) {
-                Next::Done => return None,
-                Next::WaitUntil(wake) => return Some(wake),
+                Next::Done => return Ok(None),
+                Next::WaitUntil(wake) => return Ok(Some(wake)),
                 Next::Deliver(message) => {
                     use tracing::Instrument;
                     let span = tracing::info_span!("delivery", recipient = %recipient.key, recipient_run_id = %recipient.recipient_run_id, step = %message.step_ref);
-                    let outcome = self.ctx.deliverer.deliver(&self.namespace, &message).instrument(span.clone()).await;
+                    let outcome = self.ctx.deliverer.deliver(&self.namespace, &message).instrument(span.clone()).await?;
                     if !outcome.ok {
                         span.in_scope(|| tracing::warn!(reason = %outcome.reason, message = %outcome.message, attempts = outcome.attempts, "delivery failed"));
                     }
@@ -824,6 +868,32 @@ impl ChannelTypes for NamespaceChannels {
     }
 }
 
+/// Counts one reconcile in a gauge while it lives.
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl InFlight {
+    fn count(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A write refused because the object changed since it was read: another
+/// writer (a newer leader) got there first. The reconcile stops; the next one
+/// reads afresh.
+fn conflict_is_stale(e: kube::Error) -> Error {
+    match e {
+        kube::Error::Api(s) if s.code == 409 => Error::Stale(s.message),
+        e => Error::Kube(e),
+    }
+}
+
 /// The time from now until `t` (zero if past).
 fn until(t: Timestamp) -> Duration {
     Duration::try_from(t.duration_since(Timestamp::now())).unwrap_or(Duration::ZERO)
@@ -834,7 +904,9 @@ async fn reconcile(run: Arc<TriggerRun>, ctx: Arc<Context>) -> Result<Action, Er
     let started = std::time::Instant::now();
     let labels = crate::metrics::ControllerLabels { controller: "triggerrun".into() };
     ctx.metrics.reconciles.get_or_create(&labels).inc();
-    ctx.metrics.reconciles_in_flight.inc();
+    // A guard, not a dec() after the await: a reconcile aborted where it
+    // stands (leadership lost) must not stay counted as in flight.
+    let _in_flight = InFlight::count(&ctx.metrics.reconciles_in_flight);
     // Every log line of the reconcile (deliveries included) carries the run's ids.
     let span = tracing::info_span!(
         "reconcile",
@@ -844,7 +916,6 @@ async fn reconcile(run: Arc<TriggerRun>, ctx: Arc<Context>) -> Result<Action, Er
         workflow_run_id = %run_id(&run),
     );
     let result = reconcile_run(&run, &ctx).instrument(span).await;
-    ctx.metrics.reconciles_in_flight.dec();
     ctx.metrics.reconcile_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
     result
 }
@@ -856,7 +927,9 @@ async fn reconcile_run(cached: &TriggerRun, ctx: &Context) -> Result<Action, Err
     // Acceptance expands and writes the pages afresh, so it must never run
     // twice: a run that looks Pending is read from the apiserver first.
     let fresh;
-    let run = if cached.status.as_ref().is_none_or(|s| s.state == RunState::Pending) {
+    // Unfinished runs are read fresh for another reason too: status writes are
+    // conditional on the version read, and the cache may not have our last one.
+    let run = if cached.status.as_ref().is_none_or(|s| !s.state.is_finished()) {
         let api: Api<TriggerRun> = Api::namespaced(ctx.client.clone(), &namespace);
         match api.get_opt(&name).await? {
             Some(run) => {
@@ -871,7 +944,8 @@ async fn reconcile_run(cached: &TriggerRun, ctx: &Context) -> Result<Action, Err
     if run.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
-    let r = Reconciler { ctx, run, namespace, name };
+    let r = Reconciler { ctx, run, namespace, name, versions: Default::default() };
+    r.remember(RUN_VERSION, run.metadata.resource_version.clone());
     let status = run.status.clone().unwrap_or_default();
     if status.state.is_finished() {
         return r.retain(&status).await;
