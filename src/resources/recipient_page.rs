@@ -1,6 +1,8 @@
 //! The `RecipientPage` kind: a page of a TriggerRun's per-recipient status.
 //! Keeping recipients in pages owned by the run keeps the run itself small
-//! (Tekton's answer to status outgrowing etcd's request limit).
+//! (Tekton's answer to status outgrowing etcd's request limit); how many
+//! recipients a page holds and how its records are compacted so that the
+//! page itself always fits is `core::status` (`plan_pages`, `fit_page`).
 
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -12,7 +14,7 @@ use crate::core::status::RecipientStatus;
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
-    doc = "A page of up to 500 recipients of a TriggerRun, each with its recipient run id, state and step outcomes. Owned by the run and written by herald.",
+    doc = "A page of a TriggerRun's recipients (up to 500; fewer for workflows with many steps), each with its recipient run id, state and step outcomes. Owned by the run and written by herald, compacted as needed so that it always fits etcd's request limit.",
     version = "v1alpha1",
     kind = "RecipientPage",
     namespaced,
