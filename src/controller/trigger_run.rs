@@ -30,6 +30,7 @@ use crate::core::model::{parse_recipient, parse_tenant, JsonObject, RecipientInp
 use crate::core::status::{self as run_status, RecipientState, RecipientStatus, RunState};
 use crate::core::templates::CompiledTemplates;
 use crate::core::validation;
+use crate::resources::recipient_page::{encode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION, WORKFLOW_RUN_ID_LABEL};
 use crate::resources::workflow::OnInvalid;
 use crate::resources::{Cancellation, RecipientPage, RecipientPageSpec, RecipientPageStatus, TriggerRun, TriggerRunStatus, Workflow, WorkflowSnapshot};
 
@@ -376,7 +377,9 @@ impl<'a> Reconciler<'a> {
             let chunk = &recipients[range];
             let name = page_name(&self.name, index);
             let mut page = RecipientPage::new(&name, RecipientPageSpec { trigger_run: self.name.clone(), index: index as i32, size: chunk.len() as i32 });
-            page.metadata.labels = Some(BTreeMap::from([(RUN_LABEL.to_string(), self.name.clone())]));
+            page.metadata.labels = Some(BTreeMap::from([(RUN_LABEL.to_string(), self.name.clone()), (WORKFLOW_RUN_ID_LABEL.to_string(), workflow_run_id.to_string())]));
+            // What the API finds recipient runs by (a metadata-only watch).
+            page.metadata.annotations = Some(BTreeMap::from([(RECIPIENT_RUN_IDS_ANNOTATION.to_string(), encode_recipient_run_ids(chunk))]));
             page.metadata.owner_references = Some(vec![owner.clone()]);
             self.pages_api().patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&page)).await?;
             self.ctx.metrics.write("RecipientPage");
