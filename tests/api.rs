@@ -69,7 +69,7 @@ async fn trigger_stores_a_run_whose_uid_is_the_workflow_run_id() {
     assert_eq!(outcome["status"], "completed", "{outcome}");
     assert_eq!(outcome["tenant"], "acme");
     assert_eq!(outcome["actor"], "user_1");
-    let recipient_runs = outcome["recipient_runs"].as_array().unwrap();
+    let recipient_runs = outcome["recipient_runs"]["entries"].as_array().unwrap();
     assert_eq!(recipient_runs.len(), 3, "{outcome}");
     let one = recipient_runs.iter().find(|r| r["recipient"] == "user_2").unwrap();
     let rr = h.call("GET", &format!("/v1/workflow_recipient_runs/{}", one["id"].as_str().unwrap()), None).await;
@@ -175,7 +175,7 @@ async fn cancel_stores_a_cancellation_that_stops_the_runs() {
     // Wait until the recipients wait on the delay.
     wait_for("recipients to wait", Duration::from_secs(30), || async {
         let r = h.call("GET", &format!("/v1/workflow_runs/{run_id}"), None).await;
-        let runs = r.body["recipient_runs"].as_array().cloned().unwrap_or_default();
+        let runs = r.body["recipient_runs"]["entries"].as_array().cloned().unwrap_or_default();
         (runs.len() == 3 && runs.iter().all(|r| r["state"] == "Waiting")).then_some(())
     })
     .await;
@@ -200,13 +200,13 @@ async fn cancel_stores_a_cancellation_that_stops_the_runs() {
     assert_eq!(cancellations[0].spec.recipients, vec![json!("u1")]);
     wait_for("u1 to be cancelled", Duration::from_secs(30), || async {
         let r = h.call("GET", &format!("/v1/workflow_runs/{run_id}"), None).await;
-        let runs = r.body["recipient_runs"].as_array().cloned().unwrap_or_default();
+        let runs = r.body["recipient_runs"]["entries"].as_array().cloned().unwrap_or_default();
         let u1 = runs.iter().find(|r| r["recipient"] == "u1")?;
         (u1["status"] == "cancelled").then_some(())
     })
     .await;
     let r = h.call("GET", &format!("/v1/workflow_runs/{run_id}"), None).await;
-    assert!(r.body["recipient_runs"].as_array().unwrap().iter().filter(|r| r["recipient"] != "u1").all(|r| r["state"] == "Waiting"), "{r:?}");
+    assert!(r.body["recipient_runs"]["entries"].as_array().unwrap().iter().filter(|r| r["recipient"] != "u1").all(|r| r["state"] == "Waiting"), "{r:?}");
 
     let a = h.call("POST", "/v1/workflows/reminder/cancel", Some(json!({"cancellation_key": "order-7"}))).await;
     assert_eq!(a.status, 204, "{a:?}");
@@ -245,7 +245,7 @@ async fn notify_is_the_older_trigger_api_with_lists_and_body_idempotency_keys() 
     assert_eq!(run.spec.audiences, vec!["project.1.followers"]);
     assert_eq!(run.spec.cancellation_key.as_deref(), Some("c1"));
     let outcome = finished_run(&h, &id).await;
-    let reached: Vec<&str> = outcome["recipient_runs"].as_array().unwrap().iter().map(|r| r["recipient"].as_str().unwrap()).collect();
+    let reached: Vec<&str> = outcome["recipient_runs"]["entries"].as_array().unwrap().iter().map(|r| r["recipient"].as_str().unwrap()).collect();
     assert_eq!(reached, vec!["f1", "f2"], "{outcome}");
 
     // idempotencyKey: a later call with a key whose call succeeded fails with 409 naming the run.

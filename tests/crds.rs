@@ -112,6 +112,18 @@ async fn the_apiserver_refuses_objects_that_break_the_schema() {
     let created = api.create(&PostParams::default(), &ok).await.expect("valid TriggerRun");
     assert_eq!(created.data["spec"]["recipients"][2]["$trigger_data"]["extra"], 1);
     assert_eq!(created.data["spec"]["data"]["nested"]["deep"][1], 2);
+
+    // A workflow's steps are bounded (a recipient's record holds one entry per step).
+    let workflows: Api<herald::resources::Workflow> = ns.api();
+    let step = |r: String| json!({"ref": r, "type": "delay", "delay": {"duration": "1s"}});
+    // (The wording varies with the Kubernetes version; the limit is named.)
+    for (steps, limit) in [((0..51).map(|i| step(format!("s{i}"))).collect::<Vec<_>>(), "50"), (vec![step("r".repeat(65))], "64")] {
+        let wf: herald::resources::Workflow = serde_json::from_value(json!({"metadata": {"generateName": "wf-"}, "spec": {"steps": steps}})).unwrap();
+        match workflows.create(&PostParams::default(), &wf).await {
+            Err(kube::Error::Api(s)) => assert!(s.code == 422 && s.message.contains("spec.steps") && s.message.contains(limit), "{s:?}"),
+            other => panic!("a Workflow breaking its limits was not refused: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]

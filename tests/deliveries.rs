@@ -611,6 +611,59 @@ async fn a_slow_recipient_holds_up_no_other_page_of_its_run() {
     assert_eq!(run.status.as_ref().unwrap().totals.as_ref().unwrap().completed, 510);
 }
 
+/// A page always fits etcd's request limit (1.5 MiB), whatever its
+/// recipients' deliveries recorded: here 500 recipients whose every delivery
+/// fails 20 times with a long HTML error, about 3 MB recorded in full.
+/// herald keeps the first and last attempts (with a count of the ones left
+/// out) and shorter messages, and the run finishes.
+#[tokio::test]
+async fn a_page_of_500_recipients_retried_20_times_each_still_fits() {
+    const N: usize = 500;
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    // `<`, `>` and `&` take 6 bytes each in what the apiserver stores (\u003c).
+    receiver.always("/down", Reply::status(503).retry_after("0").body(&"<p>down for maintenance &amp; upgrades</p>".repeat(8)));
+    let op = common::operator(&client, &ns.name).await;
+    channel(&ns, "hooks", json!({"type": "http", "url": receiver.url("/down"), "retry": {"maxAttempts": 20, "initialBackoffMs": 1}})).await;
+    workflow(&ns, "flood", json!([{"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "{}"}}])).await;
+    let ids: Vec<String> = (0..N).map(|i| format!("user-{i:03}")).collect();
+    let users = ns.api::<User>();
+    futures::stream::iter(ids.iter())
+        .for_each_concurrent(16, |id| {
+            let users = users.clone();
+            async move {
+                let u: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id}, "spec": {"id": id}})).unwrap();
+                users.create(&PostParams::default(), &u).await.expect("create user");
+            }
+        })
+        .await;
+    wait_for("the users in herald's cache", Duration::from_secs(30), || async { (op.context.stores.users.state().len() == N).then_some(()) }).await;
+
+    let name = trigger(&ns, json!({"workflow": "flood", "recipients": ids})).await;
+    let run = finished(&ns, &name, Duration::from_secs(120)).await;
+    assert_eq!(run_state(&run), RunState::Failed);
+    assert_eq!(receiver.received_at("/down").len(), N * 20);
+    let statuses = recipients(&ns, &run).await;
+    assert_eq!(statuses.len(), N);
+    for status in statuses.values() {
+        let notify = step(status, "notify");
+        assert_eq!((notify.reason.as_deref(), notify.attempts, notify.status_code), (Some("RetriesExhausted"), Some(20), Some(503)), "{status:?}");
+        // The attempts listed and those left out add up; the first and the last are kept.
+        let listed = notify.attempt_history.len() as i32;
+        assert_eq!(listed + notify.omitted_attempts.unwrap_or(0), 20, "{notify:?}");
+        if listed > 0 {
+            assert_eq!(notify.attempt_history.first().map(|a| a.attempt), Some(1));
+            assert_eq!(notify.attempt_history.last().map(|a| a.attempt), Some(20));
+        }
+    }
+    for page in &run.status.as_ref().unwrap().pages {
+        let stored = ns.api::<RecipientPage>().get(page).await.unwrap();
+        let size = serde_json::to_string(&stored).unwrap().len();
+        assert!(size < 1024 * 1024 + 64 * 1024, "page {page} is {size} bytes");
+    }
+}
+
 /// Kills the real `herald` binary with SIGKILL during a 1,000-recipient
 /// fan-out and starts it again: every recipient is delivered at least once,
 /// and every duplicate carries the same Idempotency-Key.

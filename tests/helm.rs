@@ -984,7 +984,7 @@ async fn operator_runs_under_the_chart_service_account() {
         (body["status"] == "completed").then_some(body)
     })
     .await;
-    assert_eq!(answer["recipient_runs"].as_array().map(Vec::len), Some(1), "{answer:#}");
+    assert_eq!(answer["recipient_runs"]["entries"].as_array().map(Vec::len), Some(1), "{answer:#}");
 
     // ... and with a ServiceAccount token (herald's TokenReview and SubjectAccessReview).
     let (status, body) = trigger(pipeline_token, Some(ns.clone()), json!({"recipients": ["user_1"], "data": {}})).await;

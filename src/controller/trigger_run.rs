@@ -32,11 +32,13 @@ use crate::core::model::{parse_recipient, parse_tenant, JsonObject, RecipientInp
 use crate::core::status::{self as run_status, RecipientState, RecipientStatus, RunState};
 use crate::core::templates::CompiledTemplates;
 use crate::core::validation;
+use crate::resources::recipient_page::{encode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION, WORKFLOW_RUN_ID_LABEL};
 use crate::resources::workflow::OnInvalid;
 use crate::resources::{Cancellation, RecipientPage, RecipientPageSpec, RecipientPageStatus, TriggerRun, TriggerRunStatus, Workflow, WorkflowSnapshot};
 
-/// Recipients per RecipientPage: small enough that a page stays far below
-/// etcd's request limit, large enough that 10,000 recipients take 20 pages.
+/// Recipients per RecipientPage at most: 10,000 recipients take 20 pages.
+/// Workflows with many steps get fewer a page (see `core::status::plan_pages`),
+/// so that a page always fits etcd's request limit.
 pub const PAGE_SIZE: usize = 500;
 /// A page being executed is saved after this many recipients changed...
 pub const CHECKPOINT_EVERY: usize = 100;
@@ -232,10 +234,15 @@ impl<'a> Reconciler<'a> {
 
     /// Writes a page's status, conditionally like [`Self::write_status`].
     async fn write_page(&self, page: &Page) -> Result<(), Error> {
+        // A page must fit etcd's request limit: saved with as much detail as fits.
+        let (recipients, detail) = run_status::fit_page(&page.recipients, run_status::PAGE_BUDGET);
+        if detail != run_status::Detail::Full {
+            tracing::debug!(page = %page.name, ?detail, "page compacted to fit");
+        }
         let patch = json!({
             "apiVersion": "herald.dev/v1alpha1", "kind": "RecipientPage",
             "metadata": self.precondition(&page.name),
-            "status": RecipientPageStatus { recipients: page.recipients.clone() },
+            "status": RecipientPageStatus { recipients },
         });
         let written = self.pages_api().patch_status(&page.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await.map_err(conflict_is_stale)?;
         self.remember(&page.name, written.metadata.resource_version);
@@ -436,10 +443,14 @@ impl<'a> Reconciler<'a> {
         // between re-expands and rewrites the same pages (nothing was sent yet).
         let owner = self.run.controller_owner_ref(&()).ok_or(Error::MissingMetadata)?;
         let mut pages = Vec::new();
-        for (index, chunk) in recipients.chunks(PAGE_SIZE).enumerate() {
+        let step_refs: Vec<&str> = workflow.spec.steps.iter().map(|s| s.step_ref.as_str()).collect();
+        for (index, range) in run_status::plan_pages(&recipients, &step_refs, PAGE_SIZE, run_status::PAGE_BUDGET).into_iter().enumerate() {
+            let chunk = &recipients[range];
             let name = page_name(&self.name, index);
             let mut page = RecipientPage::new(&name, RecipientPageSpec { trigger_run: self.name.clone(), index: index as i32, size: chunk.len() as i32 });
-            page.metadata.labels = Some(BTreeMap::from([(RUN_LABEL.to_string(), ids::label_value(&self.name))]));
+            page.metadata.labels = Some(BTreeMap::from([(RUN_LABEL.to_string(), ids::label_value(&self.name)), (WORKFLOW_RUN_ID_LABEL.to_string(), workflow_run_id.to_string())]));
+            // What the API finds recipient runs by (a metadata-only watch).
+            page.metadata.annotations = Some(BTreeMap::from([(RECIPIENT_RUN_IDS_ANNOTATION.to_string(), encode_recipient_run_ids(chunk))]));
             page.metadata.owner_references = Some(vec![owner.clone()]);
             let created = self.pages_api().patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&page)).await?;
             self.remember(&name, created.metadata.resource_version);

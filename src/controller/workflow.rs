@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::{conditions, Context, Error, MANAGER};
 use crate::core::templates::CompiledTemplates;
 use crate::core::validation::DataSchema;
-use crate::resources::workflow::StepType;
+use crate::resources::workflow::{StepType, MAX_STEPS, MAX_STEP_REF_CHARS};
 use crate::resources::{Workflow, WorkflowSpec, WorkflowStatus};
 
 /// A workflow ready to run.
@@ -25,10 +25,17 @@ pub struct CompiledWorkflow {
 /// Compiles a workflow spec: the data schema, every template, and the shape of
 /// the steps. The error names what is wrong.
 pub fn compile(spec: &WorkflowSpec) -> Result<CompiledWorkflow, String> {
+    // The CRD says so too; checked here for apiservers that skip it.
+    if spec.steps.len() > MAX_STEPS {
+        return Err(format!("{} steps; a workflow has at most {MAX_STEPS}", spec.steps.len()));
+    }
     let mut refs = HashSet::new();
     for (i, step) in spec.steps.iter().enumerate() {
         if step.step_ref.is_empty() {
             return Err(format!("steps[{i}]: `ref` must not be empty"));
+        }
+        if step.step_ref.chars().count() > MAX_STEP_REF_CHARS {
+            return Err(format!("steps[{i}]: `ref` is longer than {MAX_STEP_REF_CHARS} characters"));
         }
         if !refs.insert(step.step_ref.as_str()) {
             return Err(format!("steps[{i}]: ref `{}` is used twice", step.step_ref));
@@ -127,5 +134,17 @@ mod tests {
         assert!(compile(&spec).is_err());
         spec.data_schema = Some(json!({"type": "object"}).as_object().unwrap().clone());
         assert!(compile(&spec).is_ok());
+    }
+
+    #[test]
+    fn bounds_steps_and_refs() {
+        let mut spec = WorkflowSpec { steps: (0..MAX_STEPS).map(|i| step(&format!("s{i}"), StepType::Channel)).collect(), ..Default::default() };
+        assert!(compile(&spec).is_ok());
+        spec.steps.push(step("one-too-many", StepType::Channel));
+        assert!(compile(&spec).err().unwrap().contains("at most 50"));
+        spec.steps = vec![step(&"r".repeat(MAX_STEP_REF_CHARS), StepType::Channel)];
+        assert!(compile(&spec).is_ok());
+        spec.steps = vec![step(&"é".repeat(MAX_STEP_REF_CHARS + 1), StepType::Channel)];
+        assert!(compile(&spec).err().unwrap().contains("longer than 64"));
     }
 }

@@ -188,6 +188,7 @@ fn push_step(status: &mut RecipientStatus, step_ref: &str, state: StepState, rea
         status_code: None,
         time: Some(now_string(now)),
         attempt_history: Vec::new(),
+        omitted_attempts: None,
     });
 }
 
@@ -306,6 +307,7 @@ pub fn record_delivery(status: &mut RecipientStatus, message: &Message, outcome:
         time: Some(now_string(now)),
         // One successful attempt says nothing the step does not; keep pages small.
         attempt_history: if outcome.ok && outcome.attempts <= 1 { Vec::new() } else { outcome.history.clone() },
+        omitted_attempts: None,
     });
     if !outcome.ok {
         finish(status, RecipientState::Failed, "DeliveryFailed", Some(format!("step `{}`: {}", message.step_ref, outcome.message)));

@@ -26,7 +26,7 @@ impl RetryPolicy {
     /// The Channel's settings with defaults; out-of-range values are clamped
     /// (the CRD schema already bounds them).
     pub fn for_channel(settings: &RetrySettings) -> Self {
-        let max_attempts = settings.max_attempts.map_or(DEFAULT_MAX_ATTEMPTS, |m| m.clamp(1, 20) as u32);
+        let max_attempts = settings.max_attempts.map_or(DEFAULT_MAX_ATTEMPTS, |m| m.clamp(1, crate::resources::channel::MAX_ATTEMPTS) as u32);
         let initial_backoff =
             settings.initial_backoff_ms.and_then(|ms| u64::try_from(ms).ok()).filter(|ms| *ms > 0).map_or(DEFAULT_INITIAL_BACKOFF, Duration::from_millis).min(MAX_BACKOFF);
         RetryPolicy { max_attempts, initial_backoff }

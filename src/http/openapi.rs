@@ -226,7 +226,17 @@ fn schemas() -> Value {
             "workflow": {"type": "string"},
             "status": {"type": "string", "enum": ["pending", "running", "completed", "failed", "cancelled"]},
             "totals": {"type": "object", "nullable": true}, "conditions": {"type": "array", "items": {"type": "object"}},
-            "recipient_runs": {"type": "array", "items": schema_ref("WorkflowRecipientRun")}}}),
+            "recipient_runs": {"type": "object", "description": "A page of the run's recipients' runs (Knock's list shape)", "properties": {
+                "entries": {"type": "array", "items": schema_ref("WorkflowRecipientRun")},
+                "page_info": schema_ref("PageInfo")}}}}),
+    );
+    schemas.insert(
+        "PageInfo".into(),
+        json!({"type": "object", "properties": {
+            "__typename": {"type": "string"},
+            "after": {"type": "string", "nullable": true, "description": "The cursor of the next entries (pass as `after`); null at the end"},
+            "before": {"type": "string", "nullable": true, "description": "The cursor of the previous entries (pass as `before`); null at the start"},
+            "page_size": {"type": "integer"}}}),
     );
     Value::Object(schemas)
 }
@@ -346,7 +356,20 @@ pub fn document() -> Value {
         ),
         path_item(
             "/v1/workflow_runs/{id}",
-            vec![("get", op("Get a workflow run (a TriggerRun, by workflow_run_id) with its recipients' runs", "Runs", None, (200, Some(schema_ref("WorkflowRun"))), READ))],
+            vec![(
+                "get",
+                Op {
+                    extra_params: vec![
+                        json!({"name": "page_size", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 50, "default": 50},
+                            "description": "Recipients' runs per answer"}),
+                        json!({"name": "after", "in": "query", "required": false, "schema": {"type": "string"},
+                            "description": "A page_info.after cursor: the recipients' runs from there on"}),
+                        json!({"name": "before", "in": "query", "required": false, "schema": {"type": "string"},
+                            "description": "A page_info.before cursor: the recipients' runs just before it"}),
+                    ],
+                    ..op("Get a workflow run (a TriggerRun, by workflow_run_id) with a page of its recipients' runs", "Runs", None, (200, Some(schema_ref("WorkflowRun"))), READ)
+                },
+            )],
         ),
         path_item("/v1/workflow_recipient_runs/{id}", vec![("get", op("Get one recipient's run", "Runs", None, (200, Some(schema_ref("WorkflowRecipientRun"))), READ))]),
     ]

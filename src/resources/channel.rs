@@ -99,13 +99,16 @@ pub struct SecretReference {
     pub name: String,
 }
 
+/// The most attempts a Channel may allow a delivery (`retry.maxAttempts`).
+pub const MAX_ATTEMPTS: i32 = 20;
+
 /// Delivery retry settings.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetrySettings {
     /// Attempts in all, first included (default 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 20))]
+    #[schemars(range(min = 1, max = MAX_ATTEMPTS))]
     pub max_attempts: Option<i32>,
     /// The first backoff in milliseconds, doubled each attempt, with jitter (default 500; waits are capped at 30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -10,6 +10,12 @@ use serde_json::Value;
 
 use crate::core::model::JsonObject;
 
+/// The most steps a workflow may have: every recipient's record holds one
+/// entry per step, and a page must fit etcd's request limit.
+pub const MAX_STEPS: usize = 50;
+/// The longest step `ref`, in characters.
+pub const MAX_STEP_REF_CHARS: usize = 64;
+
 /// A notification workflow: its key, the schema its trigger data must follow,
 /// and the steps each recipient goes through.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -49,13 +55,26 @@ pub struct WorkflowSpec {
     /// When true, recipients' preferences are ignored and every step is sent (for transactional messages).
     #[serde(default)]
     pub override_preferences: bool,
-    /// The ordered steps every recipient goes through.
+    /// The ordered steps every recipient goes through (at most 50).
     #[serde(default)]
+    #[schemars(schema_with = "steps_schema")]
     pub steps: Vec<Step>,
 }
 
 fn default_true() -> bool {
     true
+}
+
+/// A Workflow's steps, with their limits. Only here: a TriggerRun keeps the
+/// steps it was accepted with (`status.workflowSpec`), whatever they were.
+fn steps_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Vec<Step>>();
+    schema.insert("maxItems".into(), MAX_STEPS.into());
+    if let Some(step_ref) = schema.get_mut("items").and_then(|items| items.pointer_mut("/properties/ref")).and_then(Value::as_object_mut) {
+        step_ref.insert("minLength".into(), 1.into());
+        step_ref.insert("maxLength".into(), MAX_STEP_REF_CHARS.into());
+    }
+    schema
 }
 
 /// Trigger data validation settings.
@@ -80,7 +99,7 @@ pub enum OnInvalid {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Step {
-    /// The step's reference, unique within the workflow; shown in per-recipient status.
+    /// The step's reference (at most 64 characters), unique within the workflow; shown in per-recipient status.
     #[serde(rename = "ref")]
     pub step_ref: String,
     /// `channel` sends a message through a Channel; `delay` waits.

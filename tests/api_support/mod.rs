@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald::operator::Operator;
@@ -86,8 +86,13 @@ impl Herald {
     /// Starts herald with settings adjusted by `adjust`, creates an API key and
     /// waits until herald knows it.
     pub async fn start_with(adjust: impl FnOnce(&mut Settings)) -> Herald {
-        let client = common::client().await;
-        let ns = TestNamespace::new(&client).await;
+        Herald::start_on(common::client().await, adjust).await
+    }
+
+    /// Like [`Herald::start_with`], with the operator talking to the
+    /// Kubernetes API through `client` (say, a [`recording_client`]).
+    pub async fn start_on(client: Client, adjust: impl FnOnce(&mut Settings)) -> Herald {
+        let ns = TestNamespace::new(&common::client().await).await;
         let mut settings = Settings::for_namespace(&ns.name);
         adjust(&mut settings);
         let op = common::operator_with(&client, settings).await;
@@ -208,6 +213,32 @@ impl Herald {
 /// A workflow whose recipients wait `duration`, then are done (no delivery involved).
 pub fn delay_workflow(duration: &str) -> Value {
     json!({"steps": [{"ref": "wait", "type": "delay", "delay": {"duration": duration}}]})
+}
+
+/// The requests a [`recording_client`] sent: method, and path with query.
+#[derive(Clone, Default)]
+pub struct RequestLog(Arc<Mutex<Vec<(String, String)>>>);
+
+impl RequestLog {
+    /// The requests recorded since the last call.
+    pub fn take(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+/// A client of the test control plane that records every request it sends
+/// (the real client, with one more tower layer).
+pub async fn recording_client() -> (Client, RequestLog) {
+    common::client().await; // installs the CRDs
+    let kubeconfig = Kubeconfig::read_from(common::kubeconfig()).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
+    let log = RequestLog::default();
+    let sink = log.clone();
+    let record = tower::util::MapRequestLayer::new(move |request: axum::http::Request<kube::client::Body>| {
+        sink.0.lock().unwrap().push((request.method().to_string(), request.uri().to_string()));
+        request
+    });
+    (kube::client::ClientBuilder::try_from(config).unwrap().with_layer(&record).build(), log)
 }
 
 /// A client of the test control plane through `url` (e.g. a proxy).

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod errors;
 pub mod idempotency;
+pub mod index;
 pub mod objects;
 pub mod ratelimit;
 pub mod runs;
@@ -40,14 +41,17 @@ pub struct Api {
     pub ctx: Arc<Context>,
     pub auth: Authenticator,
     pub limiter: Option<RateLimiter>,
+    /// Runs and recipient runs by id (the run routes).
+    pub index: index::RunIndex,
 }
 
 impl Api {
-    /// Builds the API state and starts its API key watch.
+    /// Builds the API state and starts its watches (API keys, the run index).
     pub fn start(ctx: Arc<Context>) -> Arc<Self> {
         let auth = Authenticator::start(ctx.client.clone(), &ctx.settings);
         let limiter = RateLimiter::new(ctx.settings.rate_limit_per_second, ctx.settings.rate_limit_burst);
-        Arc::new(Api { ctx, auth, limiter })
+        let index = index::RunIndex::start(&ctx.client, &ctx.settings);
+        Arc::new(Api { ctx, auth, limiter, index })
     }
 
     /// The caller may do `verb` on `resource` in its namespace.

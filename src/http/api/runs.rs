@@ -1,30 +1,44 @@
-//! Reading runs: `GET /v1/workflow_runs/{workflow_run_id}` (a TriggerRun, found
-//! by its uid, with every recipient's run) and
-//! `GET /v1/workflow_recipient_runs/{id}` (one recipient's run, found in the
-//! RecipientPages). Knock's fields come first; herald's own (state, reason,
-//! steps) are added beside them.
+//! Reading runs: `GET /v1/workflow_runs/{workflow_run_id}` (a TriggerRun,
+//! found by its uid, with a page of its recipients' runs) and
+//! `GET /v1/workflow_recipient_runs/{id}` (one recipient's run). Knock's
+//! fields come first; herald's own (state, reason, steps) beside them.
 //!
-//! Both search by listing: the uid is not an indexable field for custom
-//! resources, and recipient run ids are hashes (UUID v5) that cannot be
-//! reversed. Runs are listed as metadata only; pages are listed in chunks.
+//! Neither route lists runs or pages. A run's uid cannot be selected on and
+//! a recipient run id (UUID v5) cannot be reversed, so both are looked up in
+//! the API's [`RunIndex`](super::index::RunIndex) (in memory, fed by
+//! metadata-only watches; its cost is in its docs), then read by name and
+//! checked. Per call: a run is one `get` of the TriggerRun and one of each
+//! RecipientPage the requested entries are on (one or two: a page holds up
+//! to 500 recipients, fewer for workflows with many steps); a recipient run
+//! is a `get` of its page and one of its run.
+//!
+//! A run's recipients come in Knock's list shape, `recipient_runs: {entries,
+//! page_info}`: `?page_size=` entries (1 to 50, default 50, as Knock), from
+//! the `?after=` cursor on, or those just before the `?before=` cursor.
+//! `page_info.after` and `page_info.before` are the cursors of the next and
+//! the previous entries, null at the ends. A cursor is a position in the
+//! run's recipients (`<page>.<offset>`; treat it as opaque): recipients
+//! never move between pages, so cursors stay valid while the run goes on.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
-use kube::api::ListParams;
 use kube::ResourceExt;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::auth::Caller;
-use super::errors::ApiError;
-use super::{created_at, updated_at, Api, Params};
+use super::errors::{ApiError, FieldError};
+use super::{created_at, updated_at, Api, Params, QueryParams};
 use crate::core::model::{parse_recipient, parse_tenant, RecipientKey};
 use crate::core::status::{RecipientState, RecipientStatus, StepState};
 use crate::resources::{RecipientPage, TriggerRun};
 
-const LIST_CHUNK: u32 = 250;
+/// Entries of a run's recipients per answer (Knock's default and maximum).
+pub const PAGE_SIZE: usize = 50;
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id).map_err(|_| ApiError::invalid("id", "must be a UUID"))
@@ -104,33 +118,180 @@ fn recipient_run_json(run: Option<&TriggerRun>, run_id: &str, page: &RecipientPa
     out
 }
 
-/// `GET /v1/workflow_runs/{workflow_run_id}`: the run and each recipient's run.
-pub async fn workflow_run(State(api): State<Arc<Api>>, caller: Caller, Params(id): Params<String>) -> Result<Json<Value>, ApiError> {
-    api.allow(&caller, "get", "triggerruns").await?;
-    let uid = parse_id(&id)?.to_string();
-    let runs = api.kube::<TriggerRun>(&caller.namespace);
-    let mut params = ListParams::default().limit(LIST_CHUNK);
-    let name = loop {
-        let list = runs.list_metadata(&params).await?;
-        if let Some(found) = list.items.iter().find(|m| m.metadata.uid.as_deref() == Some(uid.as_str())) {
-            break found.name_any();
-        }
-        match list.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => return Err(ApiError::not_found("resource_missing", format!("workflow run {id} not found"))),
+/// A position in a run's recipients: the page (its index in the run's
+/// `status.pages`) and the offset in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Position {
+    page: usize,
+    offset: usize,
+}
+
+impl Position {
+    const START: Position = Position { page: 0, offset: 0 };
+
+    fn cursor(self) -> String {
+        format!("{}.{}", self.page, self.offset)
+    }
+
+    fn parse(cursor: &str) -> Option<Position> {
+        let (page, offset) = cursor.split_once('.')?;
+        Some(Position { page: page.parse().ok()?, offset: offset.parse().ok()? })
+    }
+}
+
+/// The run route's query: `page_size`, `after`, `before` (read as text, so
+/// that a bad value gets Knock's error body naming it).
+#[derive(Debug, Default, Deserialize)]
+pub struct RunQuery {
+    page_size: Option<String>,
+    after: Option<String>,
+    before: Option<String>,
+}
+
+/// Where to read from: on from a position, or back from one.
+#[derive(Debug, PartialEq, Eq)]
+enum Direction {
+    After(Position),
+    Before(Position),
+}
+
+/// The query's page size and direction, every problem named.
+fn read_query(query: &RunQuery) -> Result<(usize, Direction), ApiError> {
+    let mut errors = Vec::new();
+    let size = match query.page_size.as_deref().map(str::parse::<usize>) {
+        None => PAGE_SIZE,
+        Some(Ok(n)) if (1..=PAGE_SIZE).contains(&n) => n,
+        Some(_) => {
+            errors.push(FieldError::new("page_size", format!("must be a whole number from 1 to {PAGE_SIZE}")));
+            PAGE_SIZE
         }
     };
-    let run = runs.get_opt(&name).await?.ok_or_else(|| ApiError::not_found("resource_missing", format!("workflow run {id} not found")))?;
-    let status = run.status.clone().unwrap_or_default();
-    let pages = api.kube::<RecipientPage>(&caller.namespace);
-    let mut recipient_runs = Vec::new();
-    for page_name in &status.pages {
-        if let Some(page) = pages.get_opt(page_name).await? {
-            for recipient in page.status.as_ref().map(|s| s.recipients.as_slice()).unwrap_or_default() {
-                recipient_runs.push(recipient_run_json(None, &uid, &page, recipient, false));
-            }
+    let mut cursor = |field: &str, value: &Option<String>| match value.as_deref().map(Position::parse) {
+        None => None,
+        Some(Some(p)) => Some(p),
+        Some(None) => {
+            errors.push(FieldError::new(field, "is not a cursor from page_info"));
+            None
+        }
+    };
+    let (after, before) = (cursor("after", &query.after), cursor("before", &query.before));
+    if query.after.is_some() && query.before.is_some() {
+        errors.push(FieldError::new("before", "give `after` or `before`, not both"));
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::invalid_all(errors));
+    }
+    Ok((size, before.map_or(Direction::After(after.unwrap_or(Position::START)), Direction::Before)))
+}
+
+/// The pages of one run, read (once each) as the entries asked for need them.
+struct RunPages<'a> {
+    api: kube::Api<RecipientPage>,
+    names: &'a [String],
+    read: Vec<Option<Option<RecipientPage>>>,
+}
+
+impl RunPages<'_> {
+    /// Page `index`; None past the last page or when it is gone.
+    async fn get(&mut self, index: usize) -> Result<Option<&RecipientPage>, ApiError> {
+        let Some(name) = self.names.get(index) else { return Ok(None) };
+        if self.read[index].is_none() {
+            self.read[index] = Some(self.api.get_opt(name).await?);
+        }
+        Ok(self.read[index].as_ref().and_then(Option::as_ref))
+    }
+
+    /// How many recipients page `index` holds (0 when it is gone).
+    async fn len(&mut self, index: usize) -> Result<usize, ApiError> {
+        Ok(self.get(index).await?.map_or(0, |p| recipients(p).len()))
+    }
+
+    /// `at`, checked against the run's pages (a cursor from the client), and
+    /// moved to the next page's start when it is at the end of one.
+    async fn check(&mut self, field: &str, at: Position) -> Result<Position, ApiError> {
+        let bad = || ApiError::invalid(field, "is not a cursor of this run's recipients");
+        if at.page >= self.names.len() {
+            return if at == (Position { page: self.names.len(), offset: 0 }) || at == Position::START { Ok(at) } else { Err(bad()) };
+        }
+        let len = self.len(at.page).await?;
+        match at.offset {
+            o if o < len => Ok(at),
+            o if o == len => Ok(Position { page: at.page + 1, offset: 0 }),
+            _ => Err(bad()),
         }
     }
+}
+
+fn recipients(page: &RecipientPage) -> &[RecipientStatus] {
+    page.status.as_ref().map(|s| s.recipients.as_slice()).unwrap_or_default()
+}
+
+/// Up to `size` entries from `from` on, and where the next ones start
+/// (None at the end).
+async fn read_after(pages: &mut RunPages<'_>, uid: &str, from: Position, size: usize) -> Result<(Vec<Value>, Option<Position>), ApiError> {
+    let mut entries = Vec::new();
+    let mut at = from;
+    while entries.len() < size && at.page < pages.names.len() {
+        if let Some(page) = pages.get(at.page).await? {
+            let slice = recipients(page).get(at.offset..).unwrap_or_default();
+            let taken = slice.len().min(size - entries.len());
+            entries.extend(slice[..taken].iter().map(|r| recipient_run_json(None, uid, page, r, false)));
+            at.offset += taken;
+            if at.offset < recipients(page).len() {
+                break;
+            }
+        }
+        at = Position { page: at.page + 1, offset: 0 };
+    }
+    Ok((entries, (at.page < pages.names.len()).then_some(at)))
+}
+
+/// Up to `size` entries just before `end`, in order, and where they start.
+async fn read_before(pages: &mut RunPages<'_>, uid: &str, end: Position, size: usize) -> Result<(Vec<Value>, Position), ApiError> {
+    let mut chunks: Vec<Vec<Value>> = Vec::new();
+    let mut count = 0;
+    let mut at = end;
+    while count < size && at != Position::START {
+        if at.offset == 0 {
+            at = Position { page: at.page - 1, offset: pages.len(at.page - 1).await? };
+            continue;
+        }
+        let Some(page) = pages.get(at.page).await? else { break };
+        let start = at.offset - at.offset.min(size - count);
+        let slice = recipients(page).get(start..at.offset).unwrap_or_default();
+        count += slice.len();
+        chunks.push(slice.iter().map(|r| recipient_run_json(None, uid, page, r, false)).collect());
+        at.offset = start;
+    }
+    Ok((chunks.into_iter().rev().flatten().collect(), at))
+}
+
+/// `GET /v1/workflow_runs/{workflow_run_id}`: the run and a page of its
+/// recipients' runs.
+pub async fn workflow_run(State(api): State<Arc<Api>>, caller: Caller, Params(id): Params<String>, QueryParams(query): QueryParams<RunQuery>) -> Result<Json<Value>, ApiError> {
+    api.allow(&caller, "get", "triggerruns").await?;
+    let uid = parse_id(&id)?;
+    let (size, direction) = read_query(&query)?;
+    let missing = || ApiError::not_found("resource_missing", format!("workflow run {id} not found"));
+    index_ready(&api).await?;
+    let name = api.index.run(&caller.namespace, &uid).ok_or_else(missing)?;
+    let uid = uid.to_string();
+    // The name may since belong to another run: the uid decides.
+    let run = api.kube::<TriggerRun>(&caller.namespace).get_opt(&name).await?.filter(|r| r.uid().as_deref() == Some(uid.as_str())).ok_or_else(missing)?;
+    let status = run.status.clone().unwrap_or_default();
+    let mut pages = RunPages { api: api.kube::<RecipientPage>(&caller.namespace), names: &status.pages, read: vec![None; status.pages.len()] };
+    let (entries, after, before) = match direction {
+        Direction::After(from) => {
+            let from = pages.check("after", from).await?;
+            let (entries, next) = read_after(&mut pages, &uid, from, size).await?;
+            (entries, next, (from != Position::START).then_some(from))
+        }
+        Direction::Before(end) => {
+            let end = pages.check("before", end).await?;
+            let (entries, start) = read_before(&mut pages, &uid, end, size).await?;
+            (entries, (end.page < status.pages.len()).then_some(end), (start != Position::START).then_some(start))
+        }
+    };
     Ok(Json(json!({
         "__typename": "WorkflowRun",
         "id": uid,
@@ -146,29 +307,69 @@ pub async fn workflow_run(State(api): State<Arc<Api>>, caller: Caller, Params(id
         "inserted_at": created_at(&run.metadata),
         "started_at": status.start_time.map(|t| t.0.to_string()),
         "completed_at": status.completion_time.map(|t| t.0.to_string()),
-        "recipient_runs": recipient_runs,
+        "recipient_runs": {
+            "entries": entries,
+            "page_info": {"__typename": "PageInfo", "after": after.map(Position::cursor), "before": before.map(Position::cursor), "page_size": size},
+        },
     })))
+}
+
+/// Waits briefly for the run index's first lists: before them, a miss would
+/// not mean "not found".
+async fn index_ready(api: &Api) -> Result<(), ApiError> {
+    if api.index.wait_until_ready(Duration::from_secs(10)).await {
+        Ok(())
+    } else {
+        Err(ApiError::unavailable("herald's run index is not loaded yet (is the Kubernetes API reachable?)"))
+    }
 }
 
 /// `GET /v1/workflow_recipient_runs/{id}`: one recipient's run.
 pub async fn recipient_run(State(api): State<Arc<Api>>, caller: Caller, Params(id): Params<String>) -> Result<Json<Value>, ApiError> {
     api.allow(&caller, "get", "recipientpages").await?;
-    let wanted = parse_id(&id)?.to_string();
-    let pages = api.kube::<RecipientPage>(&caller.namespace);
-    let mut params = ListParams::default().limit(LIST_CHUNK);
-    loop {
-        let list = pages.list(&params).await?;
-        for page in &list.items {
-            let recipients = page.status.as_ref().map(|s| s.recipients.as_slice()).unwrap_or_default();
-            if let Some(recipient) = recipients.iter().find(|r| r.recipient_run_id == wanted) {
-                let run = api.kube::<TriggerRun>(&caller.namespace).get_opt(&page.spec.trigger_run).await?;
-                let run_id = run.as_ref().and_then(|r| r.uid()).unwrap_or_default();
-                return Ok(Json(recipient_run_json(run.as_ref(), &run_id, page, recipient, true)));
-            }
+    let wanted = parse_id(&id)?;
+    let missing = || ApiError::not_found("resource_missing", format!("workflow recipient run {id} not found"));
+    index_ready(&api).await?;
+    let (page_name, position) = api.index.recipient(&caller.namespace, &wanted).ok_or_else(missing)?;
+    let page = api.kube::<RecipientPage>(&caller.namespace).get_opt(&page_name).await?.ok_or_else(missing)?;
+    let wanted = wanted.to_string();
+    let all = recipients(&page);
+    let recipient = all.get(position).filter(|r| r.recipient_run_id == wanted).or_else(|| all.iter().find(|r| r.recipient_run_id == wanted)).ok_or_else(missing)?;
+    let run = api.kube::<TriggerRun>(&caller.namespace).get_opt(&page.spec.trigger_run).await?;
+    let run_id = run.as_ref().and_then(|r| r.uid()).unwrap_or_default();
+    Ok(Json(recipient_run_json(run.as_ref(), &run_id, &page, recipient, true)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(page_size: Option<&str>, after: Option<&str>, before: Option<&str>) -> RunQuery {
+        RunQuery { page_size: page_size.map(Into::into), after: after.map(Into::into), before: before.map(Into::into) }
+    }
+
+    #[test]
+    fn queries_are_read_with_knocks_limits() {
+        assert_eq!(read_query(&RunQuery::default()).unwrap(), (50, Direction::After(Position::START)));
+        assert_eq!(read_query(&query(Some("7"), Some("1.24"), None)).unwrap(), (7, Direction::After(Position { page: 1, offset: 24 })));
+        assert_eq!(read_query(&query(None, None, Some("0.50"))).unwrap(), (50, Direction::Before(Position { page: 0, offset: 50 })));
+        for (q, fields) in [
+            (query(Some("0"), None, None), vec!["page_size"]),
+            (query(Some("51"), None, None), vec!["page_size"]),
+            (query(Some("-1"), Some("x"), None), vec!["page_size", "after"]),
+            (query(None, Some("1.2"), Some("0.1")), vec!["before"]),
+            (query(None, None, Some("1.2.3")), vec!["before"]),
+        ] {
+            let Err(ApiError::InvalidParams { errors, .. }) = read_query(&q) else { panic!("{q:?} was accepted") };
+            assert_eq!(errors.iter().map(|e| e.field.as_str()).collect::<Vec<_>>(), fields, "{q:?}");
         }
-        match list.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => return Err(ApiError::not_found("resource_missing", format!("workflow recipient run {id} not found"))),
-        }
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let p = Position { page: 3, offset: 499 };
+        assert_eq!(Position::parse(&p.cursor()), Some(p));
+        assert_eq!(Position::parse("3"), None);
+        assert_eq!(Position::parse("a.b"), None);
     }
 }

@@ -330,6 +330,7 @@ pub async fn trigger(State(api): State<Arc<Api>>, caller: Caller, Params(key): P
     let fingerprint = idempotency::fingerprint(&parameters(&spec));
     match persist(&api, &caller, idempotency_key.as_deref().map(|k| (Scope::Trigger, k)), spec, "trigger").await? {
         Outcome::Created(run) => {
+            api.index.remember(&run);
             count_accepted(&api, "trigger");
             tracing::info!(run = %run.name_any(), workflow_run_id = %run.uid().unwrap_or_default(), caller = %caller.name(), "trigger accepted");
             accepted(&run, false)
@@ -398,6 +399,7 @@ pub async fn notify(State(api): State<Arc<Api>>, caller: Caller, JsonBody(body):
     let key = idempotency_key.as_deref().map(|k| (Scope::Notify, k));
     match persist(&api, &caller, key, spec, "notify").await? {
         Outcome::Created(run) => {
+            api.index.remember(&run);
             count_accepted(&api, "notify");
             tracing::info!(run = %run.name_any(), workflow_run_id = ?run.uid(), caller = %caller.name(), "notify accepted");
             accepted(&run, false)
