@@ -125,6 +125,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
                 caches = ctx.stores.wait_until_ready() => match caches {
                     Err(_) => tracing::error!("watch caches stopped before they were ready"),
                     Ok(()) => {
+                        tracing::debug!("watch caches ready");
                         if !*stopped.borrow() {
                             ready.store(true, Ordering::SeqCst);
                         }

@@ -110,14 +110,24 @@ where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
     parts: Vec<Store<Lenient<K>>>,
+    /// Whether each part has had its first full list. Not `Store::wait_until_ready`:
+    /// that wakes only the last of several concurrent waiters (a futures
+    /// oneshot holds one waker), so the API waiting for the caches could leave
+    /// the controllers waiting forever.
+    listed: Vec<tokio::sync::watch::Receiver<bool>>,
 }
+
+/// A watch cache stopped before its first full list.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("a watch cache stopped before it was ready")]
+pub struct CacheStopped;
 
 impl<K> Clone for Cache<K>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
     fn clone(&self) -> Self {
-        Cache { parts: self.parts.clone() }
+        Cache { parts: self.parts.clone(), listed: self.listed.clone() }
     }
 }
 
@@ -146,10 +156,10 @@ where
         self.parts.iter().flat_map(|p| p.state()).filter(|l| l.valid().is_none()).count()
     }
 
-    /// Waits until every namespace's first full list is in.
-    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        for part in &self.parts {
-            part.wait_until_ready().await?;
+    /// Waits until every namespace's first full list is in (any number of waiters).
+    pub async fn wait_until_ready(&self) -> Result<(), CacheStopped> {
+        for listed in &self.listed {
+            listed.clone().wait_for(|l| *l).await.map_err(|_| CacheStopped)?;
         }
         Ok(())
     }
@@ -169,31 +179,39 @@ fn spawn_store<K>(client: &Client, settings: &Settings, unreadable: &tokio::sync
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    let parts = scopes(settings)
-        .iter()
-        .map(|scope| {
-            let (reader, writer) = reflector::store();
-            let stream = watcher(scope_api::<Lenient<K>>(client, scope), watcher::Config::default()).default_backoff().reflect(writer).applied_objects();
-            let unreadable = unreadable.clone();
-            tokio::spawn(async move {
-                futures::pin_mut!(stream);
-                while let Some(item) = stream.next().await {
-                    match item {
-                        Err(e) => tracing::warn!(error = %e, kind = %K::kind(&()), "watch error; retrying"),
-                        Ok(object) => {
-                            if let Some(error) = object.error() {
-                                let reference = object.object_ref(&());
-                                tracing::warn!(kind = %K::kind(&()), namespace = ?reference.namespace, name = ?reference.name, %error, "skipping an object herald cannot read");
-                                let _ = unreadable.try_send(Unreadable { kind: kind_name::<K>(), reference, error: error.to_string() });
-                            }
-                        }
+    let mut parts = Vec::new();
+    let mut listed = Vec::new();
+    for scope in scopes(settings) {
+        let (reader, writer) = reflector::store();
+        let (ready, ready_rx) = tokio::sync::watch::channel(false);
+        let stream = watcher(scope_api::<Lenient<K>>(client, &scope), watcher::Config::default()).default_backoff().reflect(writer);
+        let unreadable = unreadable.clone();
+        tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(item) = stream.next().await {
+                let object = match item {
+                    Err(e) => {
+                        tracing::warn!(error = %e, kind = %K::kind(&()), "watch error; retrying");
+                        continue;
                     }
+                    Ok(watcher::Event::InitDone) => {
+                        ready.send_replace(true);
+                        continue;
+                    }
+                    Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => object,
+                    Ok(_) => continue,
+                };
+                if let Some(error) = object.error() {
+                    let reference = object.object_ref(&());
+                    tracing::warn!(kind = %K::kind(&()), namespace = ?reference.namespace, name = ?reference.name, %error, "skipping an object herald cannot read");
+                    let _ = unreadable.try_send(Unreadable { kind: kind_name::<K>(), reference, error: error.to_string() });
                 }
-            });
-            reader
-        })
-        .collect();
-    Cache { parts }
+            }
+        });
+        parts.push(reader);
+        listed.push(ready_rx);
+    }
+    Cache { parts, listed }
 }
 
 /// The kind's name as a static string (metric labels).
@@ -228,7 +246,7 @@ impl Stores {
     }
 
     /// Waits until every store has its first full list.
-    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+    pub async fn wait_until_ready(&self) -> Result<(), CacheStopped> {
         self.workflows.wait_until_ready().await?;
         self.users.wait_until_ready().await?;
         self.objects.wait_until_ready().await?;
