@@ -21,8 +21,8 @@
 //! (`-%}`), so the output is unchanged; templates are parsed as written
 //! first, so errors point at the author's text. Elsewhere the time is
 //! checked where rendering does work without looping: every write of output
-//! ([`super::limits::CappedOutput`]), the `json` filter, and every variable
-//! looked up in the render context.
+//! or of a `capture` ([`super::limits::CappedOutput`]), every filter that can
+//! build large values, and every variable looked up in the render context.
 //!
 //! Insertion reads the source with a small lexer ([`super::markup`]); liquid
 //! then confirms it: every loop liquid parses must have its own tick, and

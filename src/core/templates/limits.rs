@@ -218,7 +218,12 @@ impl Bound {
 
 /// The message for output past [`MAX_OUTPUT_BYTES`].
 pub fn output_too_large() -> String {
-    format!("the rendered output passes {} KiB", MAX_OUTPUT_BYTES / 1024)
+    too_large("the rendered output")
+}
+
+/// The message for `what` (output, a `capture`) past [`MAX_OUTPUT_BYTES`].
+pub fn too_large(what: &str) -> String {
+    format!("{what} passes {} KiB", MAX_OUTPUT_BYTES / 1024)
 }
 
 /// Collects rendered output, failing once it passes [`MAX_OUTPUT_BYTES`].

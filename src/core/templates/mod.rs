@@ -29,6 +29,7 @@ use super::conditions;
 use super::truncate;
 
 pub mod budget;
+mod capped;
 pub mod limits;
 mod markup;
 use crate::resources::workflow::{Step, StepTemplate, StepType};
@@ -125,10 +126,10 @@ impl fmt::Debug for CompiledTemplates {
     }
 }
 
-/// liquid with herald's `json` filter; with `count_loops`, also the loop
-/// counting of [`budget`].
+/// liquid with herald's `json` filter and [`capped`] values; with
+/// `count_loops`, also the loop counting of [`budget`].
 fn parser(count_loops: bool) -> Result<liquid::Parser, liquid::Error> {
-    let builder = liquid::ParserBuilder::with_stdlib().filter(JsonFilterParser);
+    let builder = capped::register(liquid::ParserBuilder::with_stdlib().filter(JsonFilterParser));
     let builder = if count_loops {
         builder.tag(budget::TickTag).block(budget::Ticked(liquid_lib::stdlib::ForBlock)).block(budget::Ticked(liquid_lib::stdlib::TableRowBlock))
     } else {
@@ -735,7 +736,7 @@ mod tests {
         // A zero deadline has passed at the first check, wherever it is: a
         // loop iteration, a variable lookup, a write of output.
         let late = |source: &str| compile_one(source).with_budget(budget::Budget { time: Duration::ZERO, ..Default::default() });
-        for source in ["{% for a in (1..3) %}{% endfor %}", "{% assign x = data.count %}", "plain text"] {
+        for source in ["{% for a in (1..3) %}{% endfor %}", "{% assign x = data.count %}", "plain text", "{% capture c %}x{% endcapture %}"] {
             let err = late(source).render("s", "template.body", &context()).unwrap_err();
             assert_eq!(err.message, "rendering exceeded its budget of 0 ms", "{source}");
             assert!(err.over_budget, "{source}");
@@ -767,10 +768,45 @@ mod tests {
             "{% comment %}{% for i in (1..3) %}{% endfor %}{% endcomment %}after",
             "{{ \"{% for i in (1..3) %}\" }}{% capture c %}{% for t in data.tags %}{{ t }}{% endfor %}{% endcapture %}{{ c }}",
             "{% for t in data.tags %}{% if t != \"%}\" %}{{ t }}{% endif %}{% endfor %}",
+            // The capped blocks and filters, within their caps.
+            "{% for i in (1..4) %}{% ifchanged %}{% if i < 3 %}a{% else %}b{% endif %}{% endifchanged %}{% endfor %}",
+            "{% capture c %}{{ recipient.name | append: '!' | prepend: '<' }}{% endcapture %}[{{ c }}]",
+            "{{ data.comment_text | replace: 'i', 'ii' | replace_first: 'N', '' }} {{ data.tags | join }} {{ data.tags | join: ', ' }}",
+            "{{ data.tags | concat: data.tags | uniq | join: '' }} {{ data.items | map: 'name' | concat: data.tags | join: '/' }}",
         ] {
             let expected = plain.parse(source).unwrap().render(&globals).unwrap();
             assert_eq!(compile_one(source).render("s", "template.body", &context).unwrap().as_deref(), Some(expected.as_str()), "{source}");
         }
+    }
+
+    #[test]
+    fn values_built_while_rendering_are_capped() {
+        let fails = |source: &str, expected: &str| {
+            let err = compile_one(source).with_budget(no_deadline()).render("s", "template.body", &context()).unwrap_err();
+            assert!(err.message.contains(expected), "{source}: {err}");
+            assert!(!err.over_budget, "{source}: {err}");
+        };
+        // Doubling a value 40 times would take a terabyte; it stops at 1 MiB.
+        let doubling = "{% assign x = 'xxxxxxxx' %}{% for i in (1..40) %}";
+        fails(&format!("{doubling}{{% capture x %}}{{{{ x }}}}{{{{ x }}}}{{% endcapture %}}{{% endfor %}}"), "`capture x` passes 1024 KiB");
+        fails(&format!("{doubling}{{% assign x = x | append: x %}}{{% endfor %}}"), "`append` would make a value of 2097152 bytes; at most 1048576");
+        fails(&format!("{doubling}{{% assign x = x | prepend: x %}}{{% endfor %}}"), "`prepend` would make a value of");
+        fails("{% assign a = 'x' | split: ',' %}{% for i in (1..40) %}{% assign a = a | concat: a %}{% endfor %}", "`concat` would make a value of");
+        fails(&format!("{doubling}{{% ifchanged %}}{{% capture x %}}{{{{ x }}}}{{{{ x }}}}{{% endcapture %}}{{% endifchanged %}}{{% endfor %}}"), "passes 1024 KiB");
+        fails(&format!("{doubling}{{% assign x = x | replace_first: 'x', x %}}{{% endfor %}}"), "`replace_first` would make a value of");
+        // Squaring in one call: checked before the value is built.
+        let two_kib = "{% assign k = '' %}{% for i in (1..32) %}{% for j in (1..64) %}{% assign k = k | append: 'a' %}{% endfor %}{% endfor %}";
+        fails(&format!("{two_kib}{{{{ k | replace: 'a', k | size }}}}"), "`replace` would make a value of 4196352 bytes");
+        fails(&format!("{two_kib}{{% assign chars = k | split: '' %}}{{{{ chars | join: k | size }}}}"), "`join` would make a value of 4200448 bytes");
+        // Sorting out duplicates compares every pair: refused on very long lists.
+        let many = "{% assign many = '' %}{% for i in (1..1000) %}{% assign many = many | append: i | append: ',' %}{% endfor %}{% assign many = many | split: ',' %}";
+        fails(
+            &format!("{many}{{% for i in (1..4) %}}{{% assign many = many | concat: many %}}{{% endfor %}}{{{{ many | uniq | size }}}}"),
+            "`uniq` takes at most 10000 items (it was given 16016)",
+        );
+        // Within the caps, the same filters work.
+        let within = compile_one(&format!("{two_kib}{{{{ k | replace: 'a', 'bc' | size }}}} {{{{ k | split: '' | join: '-' | size }}}} {many}{{{{ many | uniq | size }}}}"));
+        assert_eq!(within.with_budget(no_deadline()).render("s", "template.body", &context()).unwrap().as_deref(), Some("4096 4097 1001"));
     }
 
     #[test]
