@@ -3,6 +3,7 @@
 
 pub mod channel;
 pub mod conditions;
+pub mod cpu;
 pub mod delivery;
 pub mod directory;
 pub mod identify;

@@ -782,7 +782,8 @@ impl<'a> Reconciler<'a> {
         loop {
             // A Cancellation stored while the run is in progress stops the recipient before its next step.
             let cancelled = cancelled || self.cancellation().covers(recipient.key);
-            match execution::advance(run, recipient, channels, status, cancelled, Timestamp::now()) {
+            // Rendering is CPU-bound (up to its budget per field): not on an async worker.
+            match super::cpu::off_the_async_workers(|| execution::advance(run, recipient, channels, status, cancelled, Timestamp::now())) {
                 Next::Done => return Ok(None),
                 Next::WaitUntil(wake) => return Ok(Some(wake)),
                 Next::Deliver(message) => {

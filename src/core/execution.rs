@@ -16,7 +16,7 @@ use super::expansion::{ObjectRecord, UserRecord};
 use super::model::{JsonObject, PreferenceSet, RecipientKey};
 use super::preferences::{self, PreferenceDecision, PreferenceQuery};
 use super::status::{AttemptRecord, RecipientState, RecipientStatus, StepState, StepStatus};
-use super::templates::{parse_duration, CompiledTemplates};
+use super::templates::{parse_duration, CompiledTemplates, TemplateError};
 use crate::resources::workflow::{Step, StepType};
 
 /// A tenant as the core sees it.
@@ -248,7 +248,12 @@ pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn Ch
                     return Next::WaitUntil(wake);
                 }
                 Ok(_) => push_step(status, &step.step_ref, StepState::Completed, "DelayElapsed", None, now),
-                Err(message) => {
+                Err(DelayError::OverBudget(e)) => {
+                    let message = e.to_string();
+                    push_step(status, &step.step_ref, StepState::Failed, RENDER_BUDGET_EXCEEDED, Some(message.clone()), now);
+                    return finish(status, RecipientState::Failed, "StepFailed", Some(message));
+                }
+                Err(DelayError::Invalid(message)) => {
                     push_step(status, &step.step_ref, StepState::Failed, "InvalidDelay", Some(message.clone()), now);
                     return finish(status, RecipientState::Failed, "StepFailed", Some(format!("step `{}`: {message}", step.step_ref)));
                 }
@@ -270,8 +275,10 @@ pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn Ch
                 }
                 match render_message(run, recipient, step, &channel, channel_type, &context) {
                     Ok(message) => return Next::Deliver(message),
-                    Err(message) => {
-                        push_step(status, &step.step_ref, StepState::Failed, "RenderFailed", Some(message.clone()), now);
+                    Err(e) => {
+                        let reason = if e.over_budget { RENDER_BUDGET_EXCEEDED } else { "RenderFailed" };
+                        let message = e.to_string();
+                        push_step(status, &step.step_ref, StepState::Failed, reason, Some(message.clone()), now);
                         return finish(status, RecipientState::Failed, "StepFailed", Some(message));
                     }
                 }
@@ -314,25 +321,45 @@ pub fn record_delivery(status: &mut RecipientStatus, message: &Message, outcome:
     }
 }
 
-fn delay_until(run: &RunContext, step: &Step, context: &Value, now: Timestamp) -> Result<Timestamp, String> {
-    let delay = step.delay.as_ref().ok_or("delay step has no `delay`")?;
+/// A step's reason when rendering one of its fields ran out of its CPU budget
+/// (the template is fine; this recipient's data makes it too costly).
+pub const RENDER_BUDGET_EXCEEDED: &str = "RenderBudgetExceeded";
+
+/// Why a delay has no wake time.
+enum DelayError {
+    Invalid(String),
+    OverBudget(TemplateError),
+}
+
+impl From<String> for DelayError {
+    fn from(message: String) -> Self {
+        DelayError::Invalid(message)
+    }
+}
+
+fn delay_until(run: &RunContext, step: &Step, context: &Value, now: Timestamp) -> Result<Timestamp, DelayError> {
+    let delay = step.delay.as_ref().ok_or("delay step has no `delay`".to_string())?;
     if let Some(duration) = &delay.duration {
         let d = parse_duration(duration)?;
         let span = jiff::SignedDuration::try_from(d).map_err(|e| e.to_string())?;
-        return now.checked_add(span).map_err(|e| e.to_string());
+        return Ok(now.checked_add(span).map_err(|e| e.to_string())?);
     }
     if delay.until.is_some() {
-        let rendered = run.templates.render(&step.step_ref, "delay.until", context).map_err(|e| e.to_string())?.unwrap_or_default();
-        return rendered.trim().parse::<Timestamp>().map_err(|e| format!("delay.until rendered `{rendered}`, not an RFC 3339 time: {e}"));
+        let rendered = match run.templates.render(&step.step_ref, "delay.until", context) {
+            Ok(rendered) => rendered.unwrap_or_default(),
+            Err(e) if e.over_budget => return Err(DelayError::OverBudget(e)),
+            Err(e) => return Err(e.to_string().into()),
+        };
+        return Ok(rendered.trim().parse::<Timestamp>().map_err(|e| format!("delay.until rendered `{rendered}`, not an RFC 3339 time: {e}"))?);
     }
-    Err("delay needs `duration` or `until`".into())
+    Err("delay needs `duration` or `until`".to_string().into())
 }
 
 const TEMPLATE_FIELDS: [&str; 9] = ["method", "url", "body", "text", "blocks", "from", "to", "subject", "html"];
 
-fn render_message(run: &RunContext, recipient: &RecipientContext, step: &Step, channel: &str, channel_type: &'static str, context: &Value) -> Result<Message, String> {
+fn render_message(run: &RunContext, recipient: &RecipientContext, step: &Step, channel: &str, channel_type: &'static str, context: &Value) -> Result<Message, TemplateError> {
     let mut fields = Map::new();
-    let render = |field: &str| run.templates.render(&step.step_ref, field, context).map_err(|e| e.to_string());
+    let render = |field: &str| run.templates.render(&step.step_ref, field, context);
     for field in TEMPLATE_FIELDS {
         if let Some(value) = render(&format!("template.{field}"))? {
             fields.insert(field.to_string(), Value::String(value));
@@ -536,6 +563,28 @@ mod tests {
         let mut status = RecipientStatus::default();
         advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, Timestamp::now());
         assert_eq!((status.state, status.reason.as_deref()), (RecipientState::Skipped, Some("PreferenceOptOut")));
+    }
+
+    #[test]
+    fn a_render_over_budget_fails_the_step_naming_the_field() {
+        let loops = "{% for a in (1..data.n) %}{% for b in (1..data.n) %}{% for c in (1..data.n) %}{% endfor %}{% endfor %}{% endfor %}";
+        let until = Step { delay: Some(Delay { duration: None, until: Some(format!("{loops}2030-01-01T00:00:00Z")) }), ..delay_step("wait", "1s") };
+        for (steps, field) in [(vec![channel_step("notify", loops)], "notify` template.body"), (vec![until], "wait` delay.until")] {
+            let mut f = Fixture::new(steps);
+            f.data.insert("n".into(), json!(100));
+            let mut status = RecipientStatus::default();
+            assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, Timestamp::now()), Next::Done);
+            assert_eq!((status.state, status.reason.as_deref()), (RecipientState::Failed, Some("StepFailed")));
+            assert_eq!(status.steps[0].reason.as_deref(), Some(RENDER_BUDGET_EXCEEDED));
+            let message = status.steps[0].message.clone().unwrap_or_default();
+            assert!(message.starts_with(&format!("step `{field}: rendering exceeded its budget of ")), "{message}");
+            assert_eq!(status.message.as_deref(), Some(message.as_str()));
+        }
+        // Other render failures keep their reason.
+        let f = Fixture::new(vec![channel_step("notify", "{{ 1 | divided_by: 0 }}")]);
+        let mut status = RecipientStatus::default();
+        advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, Timestamp::now());
+        assert_eq!(status.steps[0].reason.as_deref(), Some("RenderFailed"));
     }
 
     #[test]

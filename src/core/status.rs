@@ -105,7 +105,7 @@ pub struct StepStatus {
     pub step_ref: String,
     /// Completed, Skipped, Failed, Waiting or Running.
     pub state: StepState,
-    /// Why (CamelCase): PreferenceOptOut, ConditionNotMet, Delivered, DeliveryFailed, RenderFailed, ...
+    /// Why (CamelCase): PreferenceOptOut, ConditionNotMet, Delivered, DeliveryFailed, RenderFailed, RenderBudgetExceeded, ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Detail: the error, or a summary of what was sent.

@@ -6,11 +6,16 @@
 //! just before rendering) and each rendered field is capped in size.
 //!
 //! Loops over arrays are bounded by the data they iterate (an API body is at
-//! most `--max-body-bytes`).
+//! most `--max-body-bytes`). Loops together are bounded by the render's
+//! [`budget`]: [`check_loop_iterations`] refuses, when the Workflow is
+//! applied, a template whose written loop sizes already exceed it.
 
 use std::io;
 
 use serde_json::Value;
+
+use super::budget::{self, MAX_LOOP_ITERATIONS};
+use super::markup;
 
 /// The most items a counted range `(a..b)` may have.
 pub const MAX_RANGE_ITEMS: i128 = 1_000;
@@ -47,12 +52,8 @@ enum Segment {
 /// are too large or whose bounds cannot be checked before rendering.
 pub fn counted_ranges(source: &str) -> Result<Vec<CountedRange>, String> {
     let mut ranges = Vec::new();
-    let mut rest = source;
-    while let Some(open) = rest.find("{%") {
-        let after = &rest[open + 2..];
-        let Some(close) = after.find("%}") else { break };
-        collect_ranges(&after[..close], &mut ranges)?;
-        rest = &after[close + 2..];
+    for tag in markup::tags(source) {
+        collect_ranges(tag.args, &mut ranges)?;
     }
     for range in &ranges {
         if let (Bound::Number(start), Bound::Number(stop)) = (&range.start, &range.stop) {
@@ -71,6 +72,64 @@ pub fn check_ranges(ranges: &[CountedRange], context: &Value) -> Result<(), Stri
         }
     }
     Ok(())
+}
+
+/// Refuses a template whose loops would run more than [`MAX_LOOP_ITERATIONS`]
+/// by the sizes written in it: counted ranges with whole-number bounds (and a
+/// whole-number `limit:`), each multiplied by the loops around it. Loops of
+/// unknown size (arrays, variable bounds) count once, so this only refuses
+/// what is certain to exceed the budget if every loop runs; loops in a
+/// `comment` never run and do not count. The rest is counted as it renders.
+pub fn check_loop_iterations(source: &str) -> Result<(), String> {
+    // The loops around the current tag: each one's size, and its range as written if known.
+    let mut open: Vec<(u128, Option<String>)> = Vec::new();
+    let mut comments = 0usize;
+    let mut total: u128 = 0;
+    let mut worst: (u128, Vec<String>) = (0, Vec::new());
+    for tag in markup::tags(source) {
+        match tag.name {
+            "comment" => comments += 1,
+            "endcomment" => comments = comments.saturating_sub(1),
+            _ if comments > 0 => {}
+            "for" | "tablerow" => {
+                open.push(literal_loop_size(tag.args).map_or((1, None), |(size, range)| (size, Some(range))));
+                let product = open.iter().fold(1u128, |p, (size, _)| p.saturating_mul(*size));
+                total = total.saturating_add(product);
+                if product > worst.0 {
+                    worst = (product, open.iter().filter_map(|(_, range)| range.clone()).collect());
+                }
+            }
+            "endfor" | "endtablerow" => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    if total > u128::from(MAX_LOOP_ITERATIONS) {
+        let nest = worst.1.iter().rev().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(" inside ");
+        return Err(format!("its loops would run {total} iterations ({nest}); a render may run at most {MAX_LOOP_ITERATIONS}"));
+    }
+    Ok(())
+}
+
+/// The size of a loop over a counted range with whole-number bounds, at most
+/// its whole-number `limit:`, and the range as written; None otherwise.
+/// `args` is what follows `for`: `i in (1..10) limit: 3 reversed`.
+fn literal_loop_size(args: &str) -> Option<(u128, String)> {
+    let after_var = args.trim_start().split_once(char::is_whitespace)?.1.trim_start();
+    let collection = after_var.strip_prefix("in")?.trim_start().strip_prefix('(')?;
+    let (inner, rest) = collection.split_once(')')?;
+    let (start, stop) = inner.split_once("..")?;
+    let (start, stop): (i64, i64) = (start.trim().parse().ok()?, stop.trim().parse().ok()?);
+    let mut size = u128::try_from((i128::from(stop) - i128::from(start) + 1).max(0)).unwrap_or(0);
+    if let Some((_, limit)) = rest.split_once("limit") {
+        let digits = limit.trim_start().strip_prefix(':').map(str::trim_start).unwrap_or("");
+        let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+        if let Ok(limit) = digits[..end].parse::<u128>() {
+            size = size.min(limit);
+        }
+    }
+    Some((size, format!("({})", inner.trim())))
 }
 
 fn check_size(source: &str, start: i64, stop: i64) -> Result<(), String> {
@@ -159,7 +218,12 @@ impl Bound {
 
 /// The message for output past [`MAX_OUTPUT_BYTES`].
 pub fn output_too_large() -> String {
-    format!("the rendered output passes {} KiB", MAX_OUTPUT_BYTES / 1024)
+    too_large("the rendered output")
+}
+
+/// The message for `what` (output, a `capture`) past [`MAX_OUTPUT_BYTES`].
+pub fn too_large(what: &str) -> String {
+    format!("{what} passes {} KiB", MAX_OUTPUT_BYTES / 1024)
 }
 
 /// Collects rendered output, failing once it passes [`MAX_OUTPUT_BYTES`].
@@ -172,6 +236,9 @@ pub struct CappedOutput {
 
 impl io::Write for CappedOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Every piece of output passes here: loops that write (`tablerow`'s
+        // cells too) and long templates meet the render's deadline.
+        budget::check_time().map_err(|e| io::Error::other(e.message()))?;
         if self.bytes.len() + buf.len() > MAX_OUTPUT_BYTES {
             self.overflowed = true;
             return Err(io::Error::other(output_too_large()));
@@ -229,6 +296,27 @@ mod tests {
         assert!(check_ranges(&ranges, &json!({"data": {"from": 0.5, "to": 5e9}})).is_ok());
         let indexed = counted_ranges("{% for i in (1..data.sizes[1]) %}{% endfor %}").unwrap();
         assert!(check_ranges(&indexed, &json!({"data": {"sizes": [1, 100000]}})).is_err());
+    }
+
+    #[test]
+    fn nested_written_loop_sizes_are_counted_against_the_budget() {
+        let ok = |source: &str| check_loop_iterations(source).is_ok();
+        // 1,000 + 1,000 x 99 = 100,000: exactly the budget.
+        assert!(ok("{% for a in (1..1000) %}{% for b in (1..99) %}{% endfor %}{% endfor %}"));
+        assert!(!ok("{% for a in (1..1000) %}{% for b in (1..100) %}{% endfor %}{% endfor %}"));
+        // Loops in sequence add up; loops of unknown size count once.
+        assert!(!ok(&"{% for a in (1..1000) %}{% endfor %}".repeat(101)));
+        assert!(ok("{% for a in data.items %}{% for b in (1..data.n) %}{% for c in (1..1000) %}{% endfor %}{% endfor %}{% endfor %}"));
+        // `limit:` caps a loop; tablerow is a loop; comments and raw text never run.
+        assert!(ok("{% tablerow a in (1..1000) %}{%- for b in (0..999) limit:50 -%}{% endfor %}{% endtablerow %}"));
+        assert!(!ok("{% tablerow a in (1..1000) %}{% for b in (1..1000) %}{% endfor %}{% endtablerow %}"));
+        assert!(ok("{% comment %}{% comment %}{% endcomment %}{% for a in (1..1000) %}{% for b in (1..1000) %}{% endfor %}{% endfor %}{% endcomment %}"));
+        assert!(ok("{% raw %}{% for a in (1..1000) %}{% for b in (1..1000) %}{% endraw %}"));
+        // The message names the nest that costs most.
+        let err =
+            check_loop_iterations("{% for a in (1..10) %}{% endfor %}{% for a in (1..500) %}{% for b in data.x %}{% for c in (-9..990) %}{% endfor %}{% endfor %}{% endfor %}")
+                .unwrap_err();
+        assert_eq!(err, "its loops would run 501010 iterations (`(-9..990)` inside `(1..500)`); a render may run at most 100000");
     }
 
     #[test]

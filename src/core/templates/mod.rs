@@ -14,7 +14,9 @@
 //! need an array (`join`, `map`, ...) error on `nil` as they do on any non-array.
 //!
 //! Rendering is bounded ([`limits`]): counted ranges of at most 1,000 items
-//! and at most 1 MiB of output per field.
+//! and at most 1 MiB of output per field; and each field's render has a CPU
+//! [`budget`] of 100,000 loop iterations and 250 ms, past which that step
+//! fails for that recipient (`RenderBudgetExceeded`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -26,7 +28,10 @@ use serde_json::Value;
 use super::conditions;
 use super::truncate;
 
+pub mod budget;
+mod capped;
 pub mod limits;
+mod markup;
 use crate::resources::workflow::{Step, StepTemplate, StepType};
 
 /// A template that does not parse or render, naming the step and the field.
@@ -36,12 +41,28 @@ pub struct TemplateError {
     pub step: String,
     pub field: String,
     pub message: String,
+    /// The render ran out of its CPU [`budget`] (the template may be fine
+    /// for other data; the step's reason says so).
+    pub over_budget: bool,
 }
 
 impl TemplateError {
     fn new(step: &str, field: &str, message: impl Into<String>) -> Self {
-        TemplateError { step: step.into(), field: field.into(), message: message.into() }
+        TemplateError { step: step.into(), field: field.into(), message: message.into(), over_budget: false }
     }
+
+    fn from_render(step: &str, field: &str, failure: RenderFailure) -> Self {
+        match failure {
+            RenderFailure::Failed(message) => Self::new(step, field, message),
+            RenderFailure::OverBudget(message) => TemplateError { over_budget: true, ..Self::new(step, field, message) },
+        }
+    }
+}
+
+/// Why one field did not render.
+enum RenderFailure {
+    Failed(String),
+    OverBudget(String),
 }
 
 /// `{{ value | json }}`: the value as JSON text, as Knock's `json` filter does,
@@ -58,6 +79,8 @@ struct JsonFilter;
 
 impl liquid_core::Filter for JsonFilter {
     fn evaluate(&self, input: &dyn ValueView, _runtime: &dyn liquid_core::Runtime) -> liquid_core::Result<LiquidValue> {
+        // A whole context can be serialized: that is work the deadline must see.
+        budget::check_time_liquid()?;
         // liquid's Value serializes untagged: objects, arrays, strings, numbers, booleans, nil as null.
         let text = serde_json::to_string(&input.to_value()).map_err(|e| liquid_core::Error::with_msg(format!("json: {e}")))?;
         Ok(LiquidValue::scalar(text))
@@ -69,21 +92,30 @@ impl liquid_core::Filter for JsonFilter {
 pub struct CompiledTemplates {
     /// step ref → field name (`template.body`, `template.headers.X-Team`, `delay.until`) → template.
     steps: BTreeMap<String, BTreeMap<String, Field>>,
+    /// Each field render's CPU budget.
+    budget: budget::Budget,
 }
 
-/// One parsed field, with the counted ranges to check before each render.
+/// One parsed field (its loops counted, see [`budget`]), with the counted
+/// ranges to check before each render.
 struct Field {
     template: liquid::Template,
     ranges: Vec<limits::CountedRange>,
 }
 
 impl Field {
-    /// Renders within [`limits`]: ranges checked first, output capped.
-    fn render(&self, globals: &ObjectNode, context: &Value) -> Result<String, String> {
-        limits::check_ranges(&self.ranges, context)?;
+    /// Renders within [`limits`] and the [`budget`]: ranges checked first,
+    /// output capped, loop iterations and time counted.
+    fn render(&self, globals: &ObjectNode, context: &Value, budget: budget::Budget) -> Result<String, RenderFailure> {
+        limits::check_ranges(&self.ranges, context).map_err(RenderFailure::Failed)?;
         let mut out = limits::CappedOutput::default();
-        self.template.render_to(&mut out, globals).map_err(|e| if out.overflowed { limits::output_too_large() } else { one_line(&e) })?;
-        String::from_utf8(out.bytes).map_err(|_| "the rendered output is not UTF-8".to_string())
+        let (rendered, exceeded) = budget::metered(budget, || self.template.render_to(&mut out, globals));
+        // Over budget, whatever liquid made of it (an error, or loops cut short).
+        if let Some(exceeded) = exceeded {
+            return Err(RenderFailure::OverBudget(exceeded.message()));
+        }
+        rendered.map_err(|e| RenderFailure::Failed(if out.overflowed { limits::output_too_large() } else { one_line(&e) }))?;
+        String::from_utf8(out.bytes).map_err(|_| RenderFailure::Failed("the rendered output is not UTF-8".to_string()))
     }
 }
 
@@ -92,6 +124,18 @@ impl fmt::Debug for CompiledTemplates {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map().entries(self.steps.iter().map(|(step, fields)| (step, fields.keys().collect::<Vec<_>>()))).finish()
     }
+}
+
+/// liquid with herald's `json` filter and [`capped`] values; with
+/// `count_loops`, also the loop counting of [`budget`].
+fn parser(count_loops: bool) -> Result<liquid::Parser, liquid::Error> {
+    let builder = capped::register(liquid::ParserBuilder::with_stdlib().filter(JsonFilterParser));
+    let builder = if count_loops {
+        builder.tag(budget::TickTag).block(budget::Ticked(liquid_lib::stdlib::ForBlock)).block(budget::Ticked(liquid_lib::stdlib::TableRowBlock))
+    } else {
+        builder
+    };
+    builder.build()
 }
 
 /// The Liquid fields of a channel step's template, with their field names.
@@ -121,10 +165,11 @@ impl CompiledTemplates {
     /// (`template.body`, `template.headers.X-Team`, `delay.until`,
     /// `delay.duration`, `conditions`, or `ref` for a duplicate step ref).
     pub fn compile(steps: &[Step]) -> Result<Self, TemplateError> {
-        let parser = liquid::ParserBuilder::with_stdlib()
-            .filter(JsonFilterParser)
-            .build()
-            .map_err(|e| TemplateError::new("", "", format!("cannot build the Liquid parser: {}", one_line(&e))))?;
+        let parser_error = |e: liquid::Error| TemplateError::new("", "", format!("cannot build the Liquid parser: {}", one_line(&e)));
+        // Templates are parsed as written first, so that errors point at the
+        // author's text; then with their loops counted (see [`budget`]).
+        let as_written = parser(false).map_err(parser_error)?;
+        let counting = parser(true).map_err(parser_error)?;
         let mut compiled: BTreeMap<String, BTreeMap<String, Field>> = BTreeMap::new();
         for step in steps {
             let step_ref = step.step_ref.as_str();
@@ -155,13 +200,20 @@ impl CompiledTemplates {
 
             let mut fields = BTreeMap::new();
             for (field, source) in sources {
-                let template = parser.parse(source).map_err(|e| TemplateError::new(step_ref, &field, one_line(&e)))?;
+                as_written.parse(source).map_err(|e| TemplateError::new(step_ref, &field, one_line(&e)))?;
+                let template = budget::parse_instrumented(&counting, source).map_err(|e| TemplateError::new(step_ref, &field, short(&e)))?;
                 let ranges = limits::counted_ranges(source).map_err(|e| TemplateError::new(step_ref, &field, e))?;
+                limits::check_loop_iterations(source).map_err(|e| TemplateError::new(step_ref, &field, e))?;
                 fields.insert(field, Field { template, ranges });
             }
             compiled.insert(step_ref.to_string(), fields);
         }
-        Ok(CompiledTemplates { steps: compiled })
+        Ok(CompiledTemplates { steps: compiled, budget: budget::Budget::default() })
+    }
+
+    /// The same templates rendered under another budget (tests use small ones).
+    pub fn with_budget(self, budget: budget::Budget) -> Self {
+        CompiledTemplates { budget, ..self }
     }
 
     /// Renders one field of one step (`template.body`, `template.headers.X-Team`,
@@ -175,7 +227,7 @@ impl CompiledTemplates {
             return Ok(None);
         };
         let globals = globals(step_ref, field, context)?;
-        template.render(&globals, context).map(Some).map_err(|e| TemplateError::new(step_ref, field, e))
+        template.render(&globals, context, self.budget).map(Some).map_err(|e| TemplateError::from_render(step_ref, field, e))
     }
 
     /// Renders every header template of a step: header name → value. Empty
@@ -187,7 +239,9 @@ impl CompiledTemplates {
         fields
             .iter()
             .filter_map(|(field, template)| field.strip_prefix("template.headers.").map(|name| (field, name, template)))
-            .map(|(field, name, template)| template.render(&globals, context).map(|value| (name.to_string(), value)).map_err(|e| TemplateError::new(step_ref, field, e)))
+            .map(|(field, name, template)| {
+                template.render(&globals, context, self.budget).map(|value| (name.to_string(), value)).map_err(|e| TemplateError::from_render(step_ref, field, e))
+            })
             .collect()
     }
 
@@ -207,7 +261,12 @@ fn globals(step_ref: &str, field: &str, context: &Value) -> Result<ObjectNode, T
 /// liquid's errors span several lines (message, then context); conditions and
 /// Events need one, and short: some messages list every available filter or key.
 fn one_line(e: &liquid::Error) -> String {
-    truncate(&e.to_string().split_whitespace().collect::<Vec<_>>().join(" "), MAX_MESSAGE_CHARS)
+    short(&e.to_string())
+}
+
+/// `message` on one line, at most [`MAX_MESSAGE_CHARS`].
+fn short(message: &str) -> String {
+    truncate(&message.split_whitespace().collect::<Vec<_>>().join(" "), MAX_MESSAGE_CHARS)
 }
 
 /// Longest error message kept (liquid's can list every filter or object key).
@@ -544,6 +603,13 @@ impl ObjectView for ObjectNode {
         self.root || self.entries.contains_key(index)
     }
     fn get<'s>(&'s self, index: &str) -> Option<&'s dyn ValueView> {
+        // Every variable lookup passes here, so a render that works without
+        // looping meets its deadline too. Past it, the data is gone (nil), so
+        // what is left of the render is cheap; the render then fails (liquid
+        // cannot be told to stop from here: it would panic on a missing root).
+        if budget::check_time().is_err() {
+            return missing(index);
+        }
         match self.entries.get(index) {
             Some(n) => Some(n),
             None => missing(index),
@@ -585,6 +651,12 @@ mod tests {
         CompiledTemplates::compile(&[channel_step("s", StepTemplate { body: Some(source.into()), ..Default::default() })]).expect("template compiles")
     }
 
+    /// The default budget without its deadline, for tests of the other
+    /// limits (debug builds render several times slower than release).
+    fn no_deadline() -> budget::Budget {
+        budget::Budget { time: Duration::from_secs(3600), ..Default::default() }
+    }
+
     fn render_one(source: &str) -> String {
         compile_one(source).render("s", "template.body", &context()).expect("renders").expect("field exists")
     }
@@ -608,13 +680,149 @@ mod tests {
         float["data"]["count"] = json!(1e10);
         let err = t.render("s", "template.body", &float).unwrap_err();
         assert!(err.message.contains("whole number"), "{err}");
-        // Output is capped: 1,000 x 1,000 x 2 bytes is 2 MB.
-        let t = compile_one("{% for i in (1..1000) %}{% for j in (1..1000) %}xx{% endfor %}{% endfor %}");
+        // Output is capped: 1,000 x 50 x 30 bytes is 1.5 MB (in 51,000 iterations, within the budget).
+        let t = compile_one("{% for i in (1..1000) %}{% for j in (1..50) %}xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx{% endfor %}{% endfor %}").with_budget(no_deadline());
         let err = t.render("s", "template.body", &context()).unwrap_err();
         assert!(err.message.contains("the rendered output passes 1024 KiB"), "{err}");
         // Headers go through the same limits.
         let steps = [channel_step("h", StepTemplate { headers: [("X-N".to_string(), "{% for i in (1..data.count) %}{% endfor %}".to_string())].into(), ..Default::default() })];
         assert!(CompiledTemplates::compile(&steps).unwrap().render_headers("h", &huge).is_err());
+    }
+
+    #[test]
+    fn loops_known_to_exceed_the_budget_are_refused_when_compiled() {
+        let three_deep = "{% for a in (1..1000) %}{% for b in (1..1000) %}{% for c in (1..1000) %}{% endfor %}{% endfor %}{% endfor %}";
+        let steps = [channel_step("notify", StepTemplate { body: Some(three_deep.into()), ..Default::default() })];
+        let err = CompiledTemplates::compile(&steps).unwrap_err();
+        assert_eq!((err.step.as_str(), err.field.as_str()), ("notify", "template.body"));
+        assert!(err.message.contains("would run 1001001000 iterations (`(1..1000)` inside `(1..1000)` inside `(1..1000)`)"), "{err}");
+        assert!(err.message.contains("at most 100000"), "{err}");
+        // Sizes written with `limit:`, and loops in comments (which never run), are taken into account.
+        compile_one("{% for a in (1..1000) %}{% for b in (1..1000) limit: 5 %}{% endfor %}{% endfor %}");
+        compile_one("{% comment %}{% for a in (1..1000) %}{% for b in (1..1000) %}{% endfor %}{% endfor %}{% endcomment %}");
+        compile_one("{% for a in (1..1000) %}{% for b in (1..99) %}{% endfor %}{% endfor %}");
+    }
+
+    #[test]
+    fn loops_sized_by_data_stop_at_the_iteration_budget() {
+        let nested = "{% for a in (1..data.n) %}{% for b in (1..data.n) %}{% for c in (1..data.n) %}{% endfor %}{% endfor %}{% endfor %}done";
+        let n = |n: i64| json!({"data": {"n": n}});
+        // A million iterations: over budget, by iterations or (in slow debug builds) by time.
+        let err = compile_one(nested).render("s", "template.body", &n(100)).unwrap_err();
+        assert_eq!((err.step.as_str(), err.field.as_str()), ("s", "template.body"));
+        assert!(err.message.starts_with("rendering exceeded its budget of "), "{err}");
+        assert!(err.over_budget);
+        let t = compile_one(nested).with_budget(no_deadline());
+        assert_eq!(t.render("s", "template.body", &n(100)).unwrap_err().message, "rendering exceeded its budget of 100000 loop iterations");
+        // Within the budget, the same template renders; a failure that is not about the budget says so.
+        assert_eq!(t.render("s", "template.body", &n(40)).unwrap().as_deref(), Some("done"));
+        let broken = compile_one("{% for a in (1..3) %}{{ a | divided_by: 0 }}{% endfor %}").render("s", "template.body", &context()).unwrap_err();
+        assert!(!broken.over_budget, "{broken}");
+        // Every loop counts: arrays, tablerow, loops in sequence.
+        let tiny = |source: &str| compile_one(source).with_budget(budget::Budget { iterations: 5, ..Default::default() });
+        let over = |source: &str| tiny(source).render("s", "template.body", &context()).unwrap_err().over_budget;
+        assert!(over("{% for a in data.tags %}{% for b in data.tags %}{% for c in data.tags %}{% endfor %}{% endfor %}{% endfor %}"));
+        assert!(over("{% tablerow a in (1..6) %}{% endtablerow %}"));
+        assert!(over("{%- for a in (1..3) -%}{%- endfor -%}{% for b in (1..3) %}{% endfor %}"));
+        assert_eq!(tiny("{% for a in (1..5) %}{{ a }}{% endfor %}").render("s", "template.body", &context()).unwrap().as_deref(), Some("12345"));
+        // Headers too.
+        let steps = [channel_step("h", StepTemplate { headers: [("X-N".to_string(), nested.to_string())].into(), ..Default::default() })];
+        let err = CompiledTemplates::compile(&steps).unwrap().render_headers("h", &n(100)).unwrap_err();
+        assert_eq!((err.field.as_str(), err.over_budget), ("template.headers.X-N", true));
+    }
+
+    #[test]
+    fn renders_past_their_deadline_fail_with_or_without_loops() {
+        // A zero deadline has passed at the first check, wherever it is: a
+        // loop iteration, a variable lookup, a write of output.
+        let late = |source: &str| compile_one(source).with_budget(budget::Budget { time: Duration::ZERO, ..Default::default() });
+        for source in ["{% for a in (1..3) %}{% endfor %}", "{% assign x = data.count %}", "plain text", "{% capture c %}x{% endcapture %}"] {
+            let err = late(source).render("s", "template.body", &context()).unwrap_err();
+            assert_eq!(err.message, "rendering exceeded its budget of 0 ms", "{source}");
+            assert!(err.over_budget, "{source}");
+        }
+        // The real deadline leaves ordinary templates alone.
+        assert_eq!(render_one("{% for t in data.tags %}{{ t }}{% endfor %}"), "xy");
+    }
+
+    #[test]
+    fn counting_loops_never_changes_what_renders() {
+        let plain = liquid::ParserBuilder::with_stdlib().filter(JsonFilterParser).build().unwrap();
+        // Against liquid as it is, with neither counting nor caps.
+        let context = context();
+        let globals = globals("s", "template.body", &context).unwrap();
+        for source in [
+            "no loops: {{ recipient.name }} {% if data.flag %}yes{% else %}no{% endif %}",
+            "{% for t in data.tags %}[{{ t }}]{% endfor %}",
+            "a {% for t in data.tags %} {{ t }} {% endfor %} b",
+            "a {%- for t in data.tags -%}\n  {{ t }}  \n{%- endfor -%}\n b",
+            "a {%- for t in data.tags %}\n  {{ t }}\n{% endfor -%} b",
+            "{% for t in data.tags -%}   {{- t -}}   {%- endfor %}",
+            "{% for t in data.missing %}x{% else %}  empty  {% endfor %}",
+            "{% for i in (1..5) reversed limit: 3 %}{% if i == 4 %}{% continue %}{% endif %}{{ forloop.index }}:{{ i }}{% if forloop.last %}!{% endif %}{% endfor %}",
+            "{% for i in (1..9) %}{% if i > 2 %}{% break %}{% endif %}{{ i }}{% endfor %}",
+            "{% for a in (1..2) %}{% for b in data.tags %}{{ forloop.parentloop.index }}{{ b }}{% endfor %}{% endfor %}",
+            "{% tablerow t in data.tags cols: 1 %} {{ t }} {% endtablerow %}",
+            "{%- tablerow i in (1..3) -%}\n{{ i }}\n{%- endtablerow -%}",
+            "{% raw %}{% for i in (1..3) %}{{ i }}{% endfor %}{% endraw %}",
+            "{% comment %}{% for i in (1..3) %}{% endfor %}{% endcomment %}after",
+            "{{ \"{% for i in (1..3) %}\" }}{% capture c %}{% for t in data.tags %}{{ t }}{% endfor %}{% endcapture %}{{ c }}",
+            "{% for t in data.tags %}{% if t != \"%}\" %}{{ t }}{% endif %}{% endfor %}",
+            // The capped blocks and filters, within their caps.
+            "{% for i in (1..4) %}{% ifchanged %}{% if i < 3 %}a{% else %}b{% endif %}{% endifchanged %}{% endfor %}",
+            "{% capture c %}{{ recipient.name | append: '!' | prepend: '<' }}{% endcapture %}[{{ c }}]",
+            "{{ data.comment_text | replace: 'i', 'ii' | replace_first: 'N', '' }} {{ data.tags | join }} {{ data.tags | join: ', ' }}",
+            "{{ data.tags | concat: data.tags | uniq | join: '' }} {{ data.items | map: 'name' | concat: data.tags | join: '/' }}",
+        ] {
+            let expected = plain.parse(source).unwrap().render(&globals).unwrap();
+            assert_eq!(compile_one(source).render("s", "template.body", &context).unwrap().as_deref(), Some(expected.as_str()), "{source}");
+        }
+    }
+
+    #[test]
+    fn values_built_while_rendering_are_capped() {
+        let fails = |source: &str, expected: &str| {
+            let err = compile_one(source).with_budget(no_deadline()).render("s", "template.body", &context()).unwrap_err();
+            assert!(err.message.contains(expected), "{source}: {err}");
+            assert!(!err.over_budget, "{source}: {err}");
+        };
+        // Doubling a value 40 times would take a terabyte; it stops at 1 MiB.
+        let doubling = "{% assign x = 'xxxxxxxx' %}{% for i in (1..40) %}";
+        fails(&format!("{doubling}{{% capture x %}}{{{{ x }}}}{{{{ x }}}}{{% endcapture %}}{{% endfor %}}"), "`capture x` passes 1024 KiB");
+        fails(&format!("{doubling}{{% assign x = x | append: x %}}{{% endfor %}}"), "`append` would make a value of 2097152 bytes; at most 1048576");
+        fails(&format!("{doubling}{{% assign x = x | prepend: x %}}{{% endfor %}}"), "`prepend` would make a value of");
+        fails("{% assign a = 'x' | split: ',' %}{% for i in (1..40) %}{% assign a = a | concat: a %}{% endfor %}", "`concat` would make a value of");
+        fails(&format!("{doubling}{{% ifchanged %}}{{% capture x %}}{{{{ x }}}}{{{{ x }}}}{{% endcapture %}}{{% endifchanged %}}{{% endfor %}}"), "passes 1024 KiB");
+        fails(&format!("{doubling}{{% assign x = x | replace_first: 'x', x %}}{{% endfor %}}"), "`replace_first` would make a value of");
+        // Squaring in one call: checked before the value is built.
+        let two_kib = "{% assign k = '' %}{% for i in (1..32) %}{% for j in (1..64) %}{% assign k = k | append: 'a' %}{% endfor %}{% endfor %}";
+        fails(&format!("{two_kib}{{{{ k | replace: 'a', k | size }}}}"), "`replace` would make a value of 4196352 bytes");
+        fails(&format!("{two_kib}{{% assign chars = k | split: '' %}}{{{{ chars | join: k | size }}}}"), "`join` would make a value of 4200448 bytes");
+        // Sorting out duplicates compares every pair: refused on very long lists.
+        let many = "{% assign many = '' %}{% for i in (1..1000) %}{% assign many = many | append: i | append: ',' %}{% endfor %}{% assign many = many | split: ',' %}";
+        fails(
+            &format!("{many}{{% for i in (1..4) %}}{{% assign many = many | concat: many %}}{{% endfor %}}{{{{ many | uniq | size }}}}"),
+            "`uniq` takes at most 10000 items (it was given 16016)",
+        );
+        // Within the caps, the same filters work.
+        let within = compile_one(&format!("{two_kib}{{{{ k | replace: 'a', 'bc' | size }}}} {{{{ k | split: '' | join: '-' | size }}}} {many}{{{{ many | uniq | size }}}}"));
+        assert_eq!(within.with_budget(no_deadline()).render("s", "template.body", &context()).unwrap().as_deref(), Some("4096 4097 1001"));
+    }
+
+    #[test]
+    fn loops_that_cannot_be_counted_are_refused() {
+        // herald's lexer reads the `{{ ... }}` inside `raw` as one piece (its
+        // string hides `endraw`), liquid as broken markup ending the raw block:
+        // the loop after it is liquid's and got no tick, so it is refused.
+        let err = CompiledTemplates::compile(&[channel_step(
+            "s",
+            StepTemplate { body: Some("{% raw %}{{ a @ \"}}{% endraw %}\" }}{% for i in (1..3) %}{% endfor %}".into()), ..Default::default() },
+        )])
+        .unwrap_err();
+        assert!(err.message.starts_with(budget::UNCOUNTABLE), "{err}");
+        // The tick tag is herald's, not the author's.
+        let err = CompiledTemplates::compile(&[channel_step("s", StepTemplate { body: Some("{% __herald_tick %}".into()), ..Default::default() })]).unwrap_err();
+        assert!(err.message.contains("__herald_tick"), "{err}");
     }
 
     #[test]
