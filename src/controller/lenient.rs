@@ -22,11 +22,8 @@ use serde::{Deserialize, Deserializer};
 #[derive(Clone, Debug)]
 pub enum Lenient<K> {
     Valid(Arc<K>),
-    /// An object herald's types refuse: its metadata, and why.
-    Invalid {
-        metadata: ObjectMeta,
-        error: String,
-    },
+    /// An object herald's types refuse: its metadata (boxed: rare, and large), and why.
+    Invalid { metadata: Box<ObjectMeta>, error: String },
 }
 
 impl<K> Lenient<K> {
@@ -56,7 +53,7 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
                 // `spec.preferences.default.workflows.deploy: ...`: the path says which field to fix.
                 // Metadata always reads (the apiserver wrote it); if even that fails, so does the event.
                 let metadata = ObjectMeta::deserialize(value.get("metadata").unwrap_or(&serde_json::Value::Null)).map_err(serde::de::Error::custom)?;
-                Ok(Lenient::Invalid { metadata, error: crate::core::truncate(&e.to_string(), 500) })
+                Ok(Lenient::Invalid { metadata: Box::new(metadata), error: crate::core::truncate(&e.to_string(), 500) })
             }
         }
     }

@@ -553,7 +553,7 @@ impl<'a> Reconciler<'a> {
                     // Lenient: a User herald cannot read is not found (the caches report it).
                     let api: Api<Lenient<crate::resources::User>> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
                     if let Some(user) = api.get_opt(&ids::name_for_id(id)).await?.as_ref().and_then(Lenient::valid).filter(|u| &u.spec.id == id) {
-                        directory.insert_user(directory::user_record(&user));
+                        directory.insert_user(directory::user_record(user));
                         found = true;
                     }
                 }
@@ -562,7 +562,7 @@ impl<'a> Reconciler<'a> {
                     if let Some(object) =
                         api.get_opt(&ids::name_for_object(collection, id)).await?.as_ref().and_then(Lenient::valid).filter(|o| &o.spec.collection == collection && &o.spec.id == id)
                     {
-                        directory.insert_object(directory::object_record(&object));
+                        directory.insert_object(directory::object_record(object));
                         found = true;
                     }
                 }
