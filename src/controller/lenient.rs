@@ -23,7 +23,10 @@ use serde::{Deserialize, Deserializer};
 pub enum Lenient<K> {
     Valid(Arc<K>),
     /// An object herald's types refuse: its metadata (boxed: rare, and large), and why.
-    Invalid { metadata: Box<ObjectMeta>, error: String },
+    Invalid {
+        metadata: Box<ObjectMeta>,
+        error: String,
+    },
 }
 
 impl<K> Lenient<K> {
