@@ -8,6 +8,7 @@
 //! verdict as the Channel's `Ready` condition.
 
 pub mod config;
+pub mod egress;
 pub mod email;
 pub mod http;
 pub mod retry;
