@@ -1,21 +1,24 @@
-//! The egress policy, against the real local control plane, an in-process
-//! operator and real HTTP receivers: metadata and link-local URLs are refused
-//! before any connection, names are checked on the addresses they resolve to,
-//! and the allow list wins over the deny list.
+//! The egress policy and what the API shows of failed deliveries, against the
+//! real local control plane, an in-process operator and real HTTP receivers:
+//! metadata and link-local URLs are refused before any connection, names are
+//! checked on the addresses they resolve to, the allow list wins over the
+//! deny list, and a receiver's answer is never readable through the API.
 
+mod api_support;
 mod common;
 mod receivers;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use api_support::Herald;
 use common::{create, wait_for, TestNamespace};
 use herald::core::status::{RecipientState, RecipientStatus, RunState, StepState, StepStatus};
 use herald::operator::Operator;
 use herald::resources::{Channel, RecipientPage, TriggerRun, User, Workflow};
 use herald::settings::Settings;
 use kube::ResourceExt;
-use receivers::HttpReceiver;
+use receivers::{HttpReceiver, Reply};
 use serde_json::{json, Value};
 
 /// Creates a Channel and waits until the operator's deliverer can see it.
@@ -154,4 +157,51 @@ async fn the_allow_list_wins_over_the_deny_list() {
     assert_eq!((s.state, s.reason.as_deref(), s.status_code), (StepState::Completed, Some("Delivered"), Some(200)), "{s:?}");
     assert_eq!(receiver.received_at("/by-name").len(), 1);
     assert_denied(&statuses["user_2"], "127.0.0.2 is refused by the egress policy (--egress-deny-cidrs 127.0.0.0/8)");
+}
+
+#[tokio::test]
+async fn the_api_does_not_echo_what_a_receiver_answered() {
+    const SECRET: &str = "AKIA-internal-token-4242";
+    let receiver = HttpReceiver::start().await;
+    receiver.always("/reject", Reply::status(400).body(&format!("{{\"error\": \"bad request\", \"leaked\": \"{SECRET}\"}}")));
+    let h = Herald::start().await;
+    channel(&h.ns, h.op.as_ref().unwrap(), "hooks", json!({"type": "http"})).await;
+    h.workflow("wf", json!({"steps": [{"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "{}"}}]})).await;
+    // An API caller points its user's webhook wherever it likes...
+    assert_eq!(h.call("PUT", "/v1/users/user_1", Some(json!({"name": "Ann"}))).await.status, 200);
+    let data = h.call("PUT", "/v1/users/user_1/channel_data/hooks", Some(json!({"data": {"url": receiver.url("/reject")}}))).await;
+    assert_eq!(data.status, 200, "{data:?}");
+    h.cached(&["user_1"]).await;
+    let wait_for_data = || async {
+        let stores = &h.op.as_ref().unwrap().context.stores;
+        let user = herald::controller::identify::find_user(stores, &h.ns.name, "user_1")?;
+        user.spec.channel_data.get("hooks").map(|_| ())
+    };
+    wait_for("user_1's channel_data in herald's cache", Duration::from_secs(20), wait_for_data).await;
+
+    let trigger = h.call("POST", "/v1/workflows/wf/trigger", Some(json!({"recipients": ["user_1"]}))).await;
+    assert_eq!(trigger.status, 200, "{trigger:?}");
+    let run_id = trigger.body["workflow_run_id"].as_str().unwrap().to_string();
+    let run = wait_for("the run to finish", Duration::from_secs(60), || async {
+        let a = h.call("GET", &format!("/v1/workflow_runs/{run_id}"), None).await;
+        (a.status == 200 && ["completed", "failed", "cancelled"].contains(&a.body["status"].as_str().unwrap_or_default())).then_some(a)
+    })
+    .await;
+    assert_eq!(receiver.received_at("/reject").len(), 1, "the receiver was reached");
+    let rr_id = run.body["recipient_runs"]["entries"][0]["id"].as_str().unwrap_or_else(|| panic!("{}", run.text)).to_string();
+    let rr = h.call("GET", &format!("/v1/workflow_recipient_runs/{rr_id}"), None).await;
+    assert_eq!(rr.status, 200, "{rr:?}");
+
+    // ...and reads the code, never the answer.
+    let s = &rr.body["steps"][0];
+    assert_eq!((&s["reason"], &s["statusCode"], &s["attempts"]), (&json!("Rejected"), &json!(400), &json!(1)), "{}", rr.text);
+    assert!(s["message"].as_str().unwrap_or_default().contains("HTTP 400"), "{}", rr.text);
+    assert_eq!(rr.body["events"][0]["data"]["status_code"], 400, "{}", rr.text);
+    assert!(!rr.text.contains(SECRET) && !rr.text.contains("bad request"), "the recipient run echoes the receiver's body: {}", rr.text);
+    assert!(!run.text.contains(SECRET), "the workflow run echoes the receiver's body: {}", run.text);
+    // Nor is it kept in status for kubectl readers.
+    for page in h.api::<RecipientPage>().list(&Default::default()).await.unwrap().items {
+        let text = serde_json::to_string(&page).unwrap();
+        assert!(!text.contains(SECRET), "RecipientPage {} keeps the receiver's body: {text}", page.name_any());
+    }
 }

@@ -20,7 +20,9 @@ use crate::core::execution::Message;
 
 /// Connections kept open per receiver host between deliveries.
 const IDLE_CONNECTIONS_PER_HOST: usize = 64;
-/// How much of an error response's body goes into the step's message.
+/// How much of an error response's body goes into herald's log. Never into
+/// status: whoever can read a run through the API could otherwise read what
+/// an internal service answered to a URL they chose.
 const ERROR_BODY_CHARS: usize = 200;
 /// How much of what was sent goes into the step's message.
 const SENT_PREVIEW_CHARS: usize = 160;
@@ -225,12 +227,12 @@ pub async fn send(client: &HttpClient, request: &WebhookRequest, signing_key: Op
     let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = error_body(response).await;
     let code = i32::from(status.as_u16());
+    // What the receiver said (its body, where it redirects to) goes to the
+    // log only: the step's message is readable through the API.
+    tracing::info!(status = code, method = %request.method, url = %request.url, body = %body, location = location.as_deref().unwrap_or_default(), "the receiver answered with an error");
     let mut message = format!("HTTP {} from {} {}", status.as_u16(), request.method, request.url);
-    if let Some(location) = location.filter(|_| status.is_redirection()) {
-        message.push_str(&format!(" (redirects to {location}; herald does not follow redirects: use that URL)"));
-    }
-    if !body.is_empty() {
-        message.push_str(&format!(": {body}"));
+    if status.is_redirection() {
+        message.push_str(" (a redirect; herald does not follow redirects: use the URL it redirects to, logged by herald)");
     }
     if is_retryable_status(status) {
         Err(DeliveryError::Transient(Failure { status: Some(code), message, retry_after }))
@@ -387,6 +389,39 @@ mod tests {
         assert_eq!(err.reason(), "EgressDenied", "{err}");
         let text = err.to_string();
         assert!(text.starts_with("`localhost` resolves to ") && text.contains(", which is refused by the egress policy (--egress-deny-cidrs "), "{text}");
+    }
+
+    /// A real HTTP server that answers one request with `raw` (status line, headers, body).
+    async fn answer_once(raw: String) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let mut request = vec![0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let _ = socket.write_all(raw.as_bytes()).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn failed_answers_keep_the_status_but_not_what_the_receiver_said() {
+        let client = client(policy("")).unwrap();
+        let body = "internal secret: AKIA-EXAMPLE";
+        let addr = answer_once(format!("HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())).await;
+        let err = send(&client, &webhook(&format!("http://{addr}/hook")), None, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!((err.reason(), err.status_code()), ("Rejected", Some(400)), "{err}");
+        assert_eq!(err.to_string(), format!("HTTP 400 from POST http://{addr}/hook"));
+        // Nor where a redirect points (herald follows none).
+        let addr = answer_once("HTTP/1.1 302 Found\r\nlocation: http://internal.example/?token=AKIA-EXAMPLE\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()).await;
+        let err = send(&client, &webhook(&format!("http://{addr}/hook")), None, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!((err.reason(), err.status_code()), ("Rejected", Some(302)), "{err}");
+        assert!(err.to_string().starts_with(&format!("HTTP 302 from POST http://{addr}/hook (a redirect")) && !err.to_string().contains("AKIA"), "{err}");
+        // 5xx answers, retried, alike.
+        let addr = answer_once(format!("HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())).await;
+        let err = send(&client, &webhook(&format!("http://{addr}/hook")), None, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!((err.reason(), err.to_string()), ("RetriesExhausted", format!("HTTP 503 from POST http://{addr}/hook")));
     }
 
     #[test]
