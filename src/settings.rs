@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::delivery::egress::{CidrList, EgressPolicy};
+
 /// Settings of `herald run`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Settings {
@@ -110,6 +112,18 @@ pub struct Settings {
     /// own `update` permission, checked by the API.)
     #[arg(long, env = "HERALD_IDENTIFY_OVERWRITE_NAMESPACES", value_delimiter = ',')]
     pub identify_overwrite_namespaces: Vec<String>,
+
+    /// Deliveries: CIDR blocks (or addresses) deliveries may not connect to, comma-separated, in
+    /// addition to the defaults (link-local 169.254.0.0/16 and fe80::/10, cloud metadata
+    /// 169.254.169.254, fd00:ec2::254 and 100.100.100.200, unspecified 0.0.0.0 and ::).
+    /// Checked on the addresses a host resolves to.
+    #[arg(long, env = "HERALD_EGRESS_DENY_CIDRS", value_name = "CIDRS", default_value_t, hide_default_value = true)]
+    pub egress_deny_cidrs: CidrList,
+
+    /// Deliveries: CIDR blocks (or addresses) deliveries may connect to even when a default rule
+    /// or --egress-deny-cidrs covers them, comma-separated.
+    #[arg(long, env = "HERALD_EGRESS_ALLOW_CIDRS", value_name = "CIDRS", default_value_t, hide_default_value = true)]
+    pub egress_allow_cidrs: CidrList,
 }
 
 /// How logs are written.
@@ -145,6 +159,8 @@ impl Settings {
             rate_limit_per_second: 0.0,
             rate_limit_burst: None,
             identify_overwrite_namespaces: Vec::new(),
+            egress_deny_cidrs: CidrList::default(),
+            egress_allow_cidrs: CidrList::default(),
         }
     }
 
@@ -158,7 +174,36 @@ impl Settings {
         }
     }
 
+    /// The egress policy of deliveries: the defaults, the deny list, the allow list over both.
+    pub fn egress_policy(&self) -> EgressPolicy {
+        EgressPolicy::new(&self.egress_deny_cidrs.0, &self.egress_allow_cidrs.0)
+    }
+
     pub fn workflow_grace(&self) -> Duration {
         Duration::from_secs(self.workflow_grace_seconds.max(0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    #[test]
+    fn egress_flags_take_comma_separated_cidrs() {
+        let cli = Cli::try_parse_from(["herald", "--egress-deny-cidrs", "127.0.0.0/8, ::1", "--egress-allow-cidrs=127.0.0.1"]).unwrap();
+        let policy = cli.settings.egress_policy();
+        assert_eq!(policy.check("127.0.0.2".parse().unwrap()).unwrap_err().to_string(), "127.0.0.2 is refused by the egress policy (--egress-deny-cidrs 127.0.0.0/8)");
+        assert!(policy.check("::1".parse().unwrap()).is_err());
+        assert!(policy.check("127.0.0.1".parse().unwrap()).is_ok());
+        let err = Cli::try_parse_from(["herald", "--egress-deny-cidrs", "10.0.0.0/8,example.com"]).err().unwrap();
+        assert!(err.to_string().contains("`example.com` is not a CIDR block"), "{err}");
+        assert_eq!(Cli::try_parse_from(["herald", "--egress-allow-cidrs="]).unwrap().settings.egress_allow_cidrs, CidrList::default());
     }
 }

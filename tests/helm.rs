@@ -321,6 +321,7 @@ fn renders_defaults() {
     assert_eq!(env["HERALD_LEASE_NAME"], LEASE);
     assert_eq!(env["HERALD_POD_NAME"], "fieldRef:metadata.name");
     assert_eq!(env["HERALD_LEASE_NAMESPACE"], "fieldRef:metadata.namespace");
+    assert!(!env.contains_key("HERALD_EGRESS_DENY_CIDRS") && !env.contains_key("HERALD_EGRESS_ALLOW_CIDRS"), "only the built-in egress rules");
 
     // RBAC: one ClusterRole with everything, the Lease Role in the release's namespace.
     let cluster_role = r.one("ClusterRole");
@@ -356,7 +357,10 @@ fn renders_other_values() {
     let values = json!({
         "replicaCount": 3,
         "image": {"digest": format!("sha256:{}", "a".repeat(64))},
-        "operator": {"logFormat": "text", "port": 9090, "shutdownDelaySeconds": 0, "rateLimit": {"perSecond": 50, "burst": 100}, "extraArgs": ["--workflow-grace-seconds=5"]},
+        "operator": {
+            "logFormat": "text", "port": 9090, "shutdownDelaySeconds": 0, "rateLimit": {"perSecond": 50, "burst": 100}, "extraArgs": ["--workflow-grace-seconds=5"],
+            "egress": {"denyCidrs": ["10.0.0.0/8", "fd00::/8"], "allowCidrs": ["10.96.0.10"]},
+        },
         "leaderElection": {"leaseSeconds": 30},
         "terminationGracePeriodSeconds": 5,
         "rbac": {"scope": "namespaced", "watchNamespaces": ["team-a"]},
@@ -384,6 +388,8 @@ fn renders_other_values() {
     assert_eq!(env["HERALD_SHUTDOWN_DELAY_SECONDS"], "0");
     assert_eq!(env["HERALD_RATE_LIMIT_PER_SECOND"], "50");
     assert_eq!(env["HERALD_RATE_LIMIT_BURST"], "100");
+    assert_eq!(env["HERALD_EGRESS_DENY_CIDRS"], "10.0.0.0/8,fd00::/8");
+    assert_eq!(env["HERALD_EGRESS_ALLOW_CIDRS"], "10.96.0.10");
 
     // Namespaced RBAC: herald's permissions only in team-a; cluster-scoped needs
     // in the ClusterRole; the Lease in the release's namespace.
@@ -437,6 +443,8 @@ fn schema_and_templates_refuse_bad_values() {
         (json!({"leaderElection": {"leaseSeconds": 1}}), "/leaderElection/leaseSeconds", "minimum"),
         (json!({"replicas": 2}), "'replicas' not allowed", ""),
         (json!({"image": {"pullPolicy": "Sometimes"}}), "/image/pullPolicy", ""),
+        (json!({"operator": {"egress": {"denyCidrs": ["metadata.google.internal"]}}}), "/operator/egress/denyCidrs/0", ""),
+        (json!({"operator": {"egress": {"allowCidrs": "10.0.0.0/8"}}}), "/operator/egress/allowCidrs", "want array"),
     ];
     for (values, at, says) in cases {
         let refusal = helm("validate", &[&chart_arg()], &values).expect_err(&format!("the schema accepts {values}"));

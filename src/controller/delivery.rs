@@ -17,8 +17,9 @@ use crate::core::execution::{DeliveryOutcome, Message};
 use crate::core::status::AttemptRecord;
 use crate::core::truncate;
 use crate::delivery::config::{self, ChannelProblem, SmtpServer};
+use crate::delivery::egress::EgressPolicy;
 use crate::delivery::email::{self, Email, Transports};
-use crate::delivery::http::{self, WebhookRequest};
+use crate::delivery::http::{self, HttpClient, WebhookRequest};
 use crate::delivery::retry::RetryPolicy;
 use crate::delivery::secrets::{SecretCache, SecretData};
 use crate::delivery::{DeliveryError, Failure, Sent};
@@ -34,8 +35,10 @@ pub struct Deliverer {
     /// Built once: its connection pool is shared by every delivery. An error
     /// (no TLS provider) fails http and chat deliveries with its message
     /// instead of stopping the operator.
-    http: Result<reqwest::Client, String>,
+    http: Result<HttpClient, String>,
     smtp: Transports,
+    /// Which addresses deliveries may connect to (the HTTP client holds it too).
+    egress: Arc<EgressPolicy>,
     /// Attempts in flight across every run (`--max-deliveries`). Taken per
     /// attempt and released during backoff, so that runs retrying against a
     /// failing receiver do not starve the others.
@@ -52,9 +55,19 @@ enum Prepared {
 
 impl Deliverer {
     /// A deliverer reading Channels from `channels` and Secrets through
-    /// `client`, with at most `max_deliveries` attempts in flight at once.
-    pub fn new(client: Client, channels: super::Cache<Channel>, max_deliveries: usize, fence: crate::leader::Fence) -> Self {
-        Deliverer { fence, channels, secrets: SecretCache::new(client), http: http::client(), smtp: Transports::default(), slots: Arc::new(Semaphore::new(max_deliveries.max(1))) }
+    /// `client`, with at most `max_deliveries` attempts in flight at once,
+    /// connecting only where `egress` permits.
+    pub fn new(client: Client, channels: super::Cache<Channel>, max_deliveries: usize, fence: crate::leader::Fence, egress: EgressPolicy) -> Self {
+        let egress = Arc::new(egress);
+        Deliverer {
+            fence,
+            channels,
+            secrets: SecretCache::new(client),
+            http: http::client(egress.clone()),
+            smtp: Transports::default(),
+            egress,
+            slots: Arc::new(Semaphore::new(max_deliveries.max(1))),
+        }
     }
 
     /// The Secret reads, shared with the Channel reconciler.
@@ -113,6 +126,7 @@ impl Deliverer {
                             http::send(client, request, signing_key, timeout).await
                         }
                         Prepared::Email(email, server) => {
+                            email::check_egress(&self.egress, server).await?;
                             let credentials = secret.as_deref().and_then(|s| Some((s.text(config::USERNAME)?.to_string(), s.text(config::PASSWORD)?.to_string())));
                             let fingerprint = format!(
                                 "{}/{}",

@@ -312,7 +312,7 @@ impl Context {
         let recorder = Recorder::new(client.clone(), Reporter { controller: "herald".into(), instance: std::env::var("HOSTNAME").ok() });
         let fence = crate::leader::Fence::for_settings(&settings);
         let ctx = Arc::new(Context {
-            deliverer: delivery::Deliverer::new(client.clone(), stores.channels.clone(), settings.max_deliveries, fence.clone()),
+            deliverer: delivery::Deliverer::new(client.clone(), stores.channels.clone(), settings.max_deliveries, fence.clone(), settings.egress_policy()),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             client,
             settings,

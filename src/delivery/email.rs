@@ -14,6 +14,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use serde_json::Value;
 
 use super::config::SmtpServer;
+use super::egress::EgressPolicy;
 use super::signing::IDEMPOTENCY_HEADER;
 use super::{error_chain, preview, DeliveryError, Failure, Sent};
 use crate::core::execution::Message;
@@ -146,6 +147,22 @@ fn tls_parameters(host: &str) -> Result<TlsParameters, DeliveryError> {
     TlsParameters::new(host.to_string()).map_err(|e| DeliveryError::Channel(super::ChannelProblem::InvalidConfig(format!("smtp TLS setup for `{host}`: {}", error_chain(&e)))))
 }
 
+/// Resolves the SMTP host and checks every address against the egress policy,
+/// before an attempt. Every address, not just one: lettre connects by name
+/// and may use any of them.
+///
+/// TOCTOU: lettre resolves the name again when it opens a connection, so a
+/// name whose DNS answer changes in between (DNS rebinding) could still reach
+/// a refused address. The host comes from the Channel alone (never from
+/// recipients' data), which limits who can try. Pinning the checked address
+/// would close the gap but lose lettre's failover across a host's addresses.
+pub async fn check_egress(egress: &EgressPolicy, server: &SmtpServer) -> Result<(), DeliveryError> {
+    let resolved = tokio::net::lookup_host((server.host.as_str(), server.port))
+        .await
+        .map_err(|e| DeliveryError::Transient(Failure::new(None, format!("SMTP {}:{}: cannot resolve the host: {e}", server.host, server.port))))?;
+    Ok(egress.check_every(&server.host, resolved)?)
+}
+
 /// One attempt: hands the email to the SMTP server. SMTP 5xx replies fail at
 /// once; 4xx replies, network errors and timeouts may pass.
 pub async fn send(transport: &Transport, email: &Email, server: &SmtpServer, timeout: Duration) -> Result<Sent, DeliveryError> {
@@ -209,6 +226,18 @@ mod tests {
         let raw = formatted(&email);
         assert!(raw.contains("multipart/alternative") && raw.contains("<b>h</b>"), "{raw}");
         assert!(raw.contains("b@y.org") && raw.contains("c@z.org"), "{raw}");
+    }
+
+    #[tokio::test]
+    async fn smtp_hosts_are_checked_on_every_address_they_resolve_to() {
+        let server = |host: &str| SmtpServer { host: host.into(), port: 25, tls: SmtpTls::None };
+        let deny_loopback = EgressPolicy::new(&"127.0.0.0/8,::1".parse::<crate::delivery::egress::CidrList>().unwrap().0, &[]);
+        let err = check_egress(&deny_loopback, &server("localhost")).await.unwrap_err();
+        assert_eq!(err.reason(), "EgressDenied");
+        assert!(err.to_string().starts_with("`localhost` resolves to "), "{err}");
+        let err = check_egress(&EgressPolicy::default(), &server("169.254.169.254")).await.unwrap_err();
+        assert_eq!(err.to_string(), "169.254.169.254 is refused by the egress policy (default: cloud metadata)");
+        assert!(check_egress(&EgressPolicy::default(), &server("localhost")).await.is_ok());
     }
 
     #[test]

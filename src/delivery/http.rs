@@ -2,13 +2,17 @@
 //! (`chat` channels): building the request from a rendered message, and one
 //! attempt at sending it.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::{Method, StatusCode, Url};
 use serde_json::{json, Map, Value};
 
 use super::config::parse_webhook_url;
+use super::egress::{EgressDenied, EgressPolicy};
 use super::retry::parse_retry_after;
 use super::signing::{self, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use super::{error_chain, preview, DeliveryError, Failure, Sent};
@@ -16,7 +20,9 @@ use crate::core::execution::Message;
 
 /// Connections kept open per receiver host between deliveries.
 const IDLE_CONNECTIONS_PER_HOST: usize = 64;
-/// How much of an error response's body goes into the step's message.
+/// How much of an error response's body goes into herald's log. Never into
+/// status: whoever can read a run through the API could otherwise read what
+/// an internal service answered to a URL they chose.
 const ERROR_BODY_CHARS: usize = 200;
 /// How much of what was sent goes into the step's message.
 const SENT_PREVIEW_CHARS: usize = 160;
@@ -24,23 +30,68 @@ const SENT_PREVIEW_CHARS: usize = 160;
 /// Headers herald sets itself; a template may not set them.
 const RESERVED_HEADERS: [&str; 7] = ["host", "content-length", "transfer-encoding", "connection", "idempotency-key", "x-herald-timestamp", "x-herald-signature"];
 
+/// The shared HTTP client and the egress policy it enforces.
+pub struct HttpClient {
+    client: reqwest::Client,
+    egress: Arc<EgressPolicy>,
+}
+
 /// The shared HTTP client: pooled keep-alive connections (one pool for every
-/// delivery), rustls with the ring provider (the one kube uses), and no
-/// redirects: a webhook that redirects is misconfigured, and following a 302
-/// would turn the POST into a GET.
-pub fn client() -> Result<reqwest::Client, String> {
+/// delivery), rustls with the ring provider (the one kube uses), no
+/// redirects (a webhook that redirects is misconfigured, and following a 302
+/// would turn the POST into a GET), and the egress policy applied to every
+/// address it connects to.
+pub fn client(egress: Arc<EgressPolicy>) -> Result<HttpClient, String> {
     // reqwest is built without a default crypto provider; install ring (a
     // no-op when something installed one already).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let client = reqwest::Client::builder()
         .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(EgressResolver { egress: egress.clone() })
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HOST)
         .tcp_nodelay(true)
         .build()
-        .map_err(|e| format!("cannot build the HTTP client: {}", error_chain(&e)))
+        .map_err(|e| format!("cannot build the HTTP client: {}", error_chain(&e)))?;
+    Ok(HttpClient { client, egress })
+}
+
+/// The system resolver, less the addresses the egress policy refuses. The
+/// connection is made to exactly the addresses returned here, so a name
+/// cannot resolve to something else between the check and the connect.
+/// (Through a proxy from HTTP(S)_PROXY, this resolves the proxy's name
+/// only; the proxy resolves the webhook's.)
+struct EgressResolver {
+    egress: Arc<EgressPolicy>,
+}
+
+impl Resolve for EgressResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let egress = self.egress.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let permitted = egress.permitted(&host, resolved)?;
+            Ok(Box::new(permitted.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// The address of an IP-literal URL (`http://169.254.169.254/`, `http://[::1]/`),
+/// which reqwest connects to without asking the resolver.
+/// (The URL parser already turned other spellings of an IPv4 address, like
+/// `http://2852039166/`, into dotted decimal.)
+fn literal_address(url: &Url) -> Option<IpAddr> {
+    url.host_str()?.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+/// Checks an IP-literal URL against the egress policy (names are checked by
+/// the resolver, when a connection is made).
+fn check_literal(egress: &EgressPolicy, url: &Url) -> Result<(), DeliveryError> {
+    let Some(address) = literal_address(url) else { return Ok(()) };
+    egress.check(address).map_err(|refused| DeliveryError::EgressDenied(EgressDenied { host: url.host_str().unwrap_or_default().to_string(), refused }))
 }
 
 /// A request ready to send (the same bytes on every attempt).
@@ -153,7 +204,8 @@ pub fn chat_request(message: &Message, channel_url: Option<&str>) -> Result<Webh
 /// One attempt: sends the request (with its Idempotency-Key, the same on
 /// every attempt, so receivers can drop duplicates) and, with a signing key,
 /// a fresh timestamp and signature; classifies the answer.
-pub async fn send(client: &reqwest::Client, request: &WebhookRequest, signing_key: Option<&[u8]>, timeout: Duration) -> Result<Sent, DeliveryError> {
+pub async fn send(client: &HttpClient, request: &WebhookRequest, signing_key: Option<&[u8]>, timeout: Duration) -> Result<Sent, DeliveryError> {
+    check_literal(&client.egress, &request.url)?;
     let mut headers = request.headers.clone();
     if let Some(signing_key) = signing_key {
         let timestamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -162,7 +214,7 @@ pub async fn send(client: &reqwest::Client, request: &WebhookRequest, signing_ke
         headers.insert(TIMESTAMP_HEADER, HeaderValue::from(timestamp));
         headers.insert(SIGNATURE_HEADER, HeaderValue::from_str(&signature).unwrap_or_else(|_| HeaderValue::from_static("")));
     }
-    let result = client.request(request.method.clone(), request.url.clone()).headers(headers).body(request.body.clone()).timeout(timeout).send().await;
+    let result = client.client.request(request.method.clone(), request.url.clone()).headers(headers).body(request.body.clone()).timeout(timeout).send().await;
     let response = match result {
         Ok(r) => r,
         Err(e) => return Err(classify_error(&e, timeout)),
@@ -175,12 +227,12 @@ pub async fn send(client: &reqwest::Client, request: &WebhookRequest, signing_ke
     let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = error_body(response).await;
     let code = i32::from(status.as_u16());
+    // What the receiver said (its body, where it redirects to) goes to the
+    // log only: the step's message is readable through the API.
+    tracing::info!(status = code, method = %request.method, url = %request.url, body = %body, location = location.as_deref().unwrap_or_default(), "the receiver answered with an error");
     let mut message = format!("HTTP {} from {} {}", status.as_u16(), request.method, request.url);
-    if let Some(location) = location.filter(|_| status.is_redirection()) {
-        message.push_str(&format!(" (redirects to {location}; herald does not follow redirects: use that URL)"));
-    }
-    if !body.is_empty() {
-        message.push_str(&format!(": {body}"));
+    if status.is_redirection() {
+        message.push_str(" (a redirect; herald does not follow redirects: use the URL it redirects to, logged by herald)");
     }
     if is_retryable_status(status) {
         Err(DeliveryError::Transient(Failure { status: Some(code), message, retry_after }))
@@ -195,6 +247,9 @@ fn is_retryable_status(status: StatusCode) -> bool {
 }
 
 fn classify_error(e: &reqwest::Error, timeout: Duration) -> DeliveryError {
+    if let Some(denied) = egress_denial(e) {
+        return DeliveryError::EgressDenied(denied.clone());
+    }
     let chain = error_chain(e);
     if e.is_builder() {
         DeliveryError::InvalidMessage(chain)
@@ -205,6 +260,18 @@ fn classify_error(e: &reqwest::Error, timeout: Duration) -> DeliveryError {
     } else {
         DeliveryError::Transient(Failure::new(None, chain))
     }
+}
+
+/// The resolver's refusal, from the sources of a connect error.
+fn egress_denial<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a EgressDenied> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(denied) = s.downcast_ref::<EgressDenied>() {
+            return Some(denied);
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// The start of an error response's body, read without loading a huge one.
@@ -289,6 +356,72 @@ mod tests {
         assert!(err.to_string().contains("did not render JSON"), "{err}");
         let err = chat_request(&message(json!({"url": "http://x/", "text": "  "}), None), None).unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
+    }
+
+    fn webhook(url: &str) -> WebhookRequest {
+        http_request(&message(json!({"url": url, "body": "x"}), None), None).unwrap()
+    }
+
+    fn policy(deny: &str) -> Arc<EgressPolicy> {
+        Arc::new(EgressPolicy::new(&deny.parse::<crate::delivery::egress::CidrList>().unwrap().0, &[]))
+    }
+
+    #[tokio::test]
+    async fn ip_literal_urls_are_checked_before_connecting() {
+        let client = client(policy("")).unwrap();
+        for (url, expected) in [
+            ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 is refused by the egress policy (default: cloud metadata)"),
+            ("http://[::ffff:169.254.169.254]:8080/", "::ffff:169.254.169.254 is refused by the egress policy (default: cloud metadata)"),
+            ("http://[fe80::1]/", "fe80::1 is refused by the egress policy (default: link-local)"),
+            // Another spelling of 169.254.169.254, normalized by the URL parser.
+            ("http://2852039166/", "169.254.169.254 is refused by the egress policy (default: cloud metadata)"),
+        ] {
+            let err = send(&client, &webhook(url), None, Duration::from_secs(1)).await.unwrap_err();
+            assert_eq!((err.reason(), err.to_string().as_str(), err.is_retryable()), ("EgressDenied", expected, false), "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn names_are_checked_on_the_addresses_they_resolve_to() {
+        // `localhost` resolves through the system resolver to loopback addresses only.
+        let client = client(policy("127.0.0.0/8,::1")).unwrap();
+        let err = send(&client, &webhook("http://localhost:9/hook"), None, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(err.reason(), "EgressDenied", "{err}");
+        let text = err.to_string();
+        assert!(text.starts_with("`localhost` resolves to ") && text.contains(", which is refused by the egress policy (--egress-deny-cidrs "), "{text}");
+    }
+
+    /// A real HTTP server that answers one request with `raw` (status line, headers, body).
+    async fn answer_once(raw: String) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let mut request = vec![0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let _ = socket.write_all(raw.as_bytes()).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn failed_answers_keep_the_status_but_not_what_the_receiver_said() {
+        let client = client(policy("")).unwrap();
+        let body = "internal secret: AKIA-EXAMPLE";
+        let addr = answer_once(format!("HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())).await;
+        let err = send(&client, &webhook(&format!("http://{addr}/hook")), None, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!((err.reason(), err.status_code()), ("Rejected", Some(400)), "{err}");
+        assert_eq!(err.to_string(), format!("HTTP 400 from POST http://{addr}/hook"));
+        // Nor where a redirect points (herald follows none).
+        let addr = answer_once("HTTP/1.1 302 Found\r\nlocation: http://internal.example/?token=AKIA-EXAMPLE\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()).await;
+        let err = send(&client, &webhook(&format!("http://{addr}/hook")), None, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!((err.reason(), err.status_code()), ("Rejected", Some(302)), "{err}");
+        assert!(err.to_string().starts_with(&format!("HTTP 302 from POST http://{addr}/hook (a redirect")) && !err.to_string().contains("AKIA"), "{err}");
+        // 5xx answers, retried, alike.
+        let addr = answer_once(format!("HTTP/1.1 503 Service Unavailable\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())).await;
+        let err = send(&client, &webhook(&format!("http://{addr}/hook")), None, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!((err.reason(), err.to_string()), ("RetriesExhausted", format!("HTTP 503 from POST http://{addr}/hook")));
     }
 
     #[test]

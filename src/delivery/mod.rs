@@ -8,6 +8,7 @@
 //! verdict as the Channel's `Ready` condition.
 
 pub mod config;
+pub mod egress;
 pub mod email;
 pub mod http;
 pub mod retry;
@@ -30,6 +31,10 @@ pub enum DeliveryError {
     /// header or address from a template, or nowhere to send it.
     #[error("{0}")]
     InvalidMessage(String),
+    /// The egress policy refuses every address the host resolves to (or the
+    /// IP address the URL names): no attempt can succeed.
+    #[error(transparent)]
+    EgressDenied(#[from] egress::EgressDenied),
     /// The receiver refused the message for good: an HTTP 4xx other than 408
     /// and 429 (or a redirect, which herald does not follow), or an SMTP 5xx.
     #[error("{0}")]
@@ -82,6 +87,7 @@ impl DeliveryError {
         match self {
             DeliveryError::Channel(_) => "ChannelNotReady",
             DeliveryError::InvalidMessage(_) => "InvalidMessage",
+            DeliveryError::EgressDenied(_) => "EgressDenied",
             DeliveryError::Rejected(_) => "Rejected",
             DeliveryError::Transient(_) => "RetriesExhausted",
         }
@@ -147,5 +153,9 @@ mod tests {
         assert!(!DeliveryError::Rejected(Failure::new(Some(404), "gone")).is_retryable());
         assert!(!DeliveryError::InvalidMessage("bad url".into()).is_retryable());
         assert_eq!(DeliveryError::Rejected(Failure::new(Some(404), "gone")).status_code(), Some(404));
+        let denied = egress::EgressPolicy::default().check_every("169.254.169.254", ["169.254.169.254:80".parse().unwrap()]).unwrap_err();
+        let denied = DeliveryError::from(denied);
+        assert!(!denied.is_retryable());
+        assert_eq!(denied.reason(), "EgressDenied");
     }
 }
