@@ -17,6 +17,26 @@ const LEASE_SECONDS: u64 = 4;
 
 use common::create;
 
+/// Triggers `workflow` for an Object with 300 subscribing Users: 301 recipients.
+async fn fan_out(ns: &TestNamespace, workflow: &str) -> TriggerRun {
+    let subscribers: Vec<_> = (0..300).map(|i| json!({"recipient": format!("u{i}")})).collect();
+    for i in 0..300 {
+        create::<herald::resources::User>(ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": format!("u{i}")}, "spec": {"id": format!("u{i}")}}))
+            .await;
+    }
+    create::<herald::resources::Object>(
+        ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "all"}, "spec": {"collection": "g", "id": "all", "subscribers": subscribers}}),
+    )
+    .await;
+    create(
+        ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"generateName": "run-"},
+        "spec": {"workflow": workflow, "recipients": [{"id": "all", "collection": "g"}]}}),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn only_the_leader_reconciles_and_a_killed_leader_hands_over() {
     let client = common::client().await;
@@ -43,25 +63,7 @@ async fn only_the_leader_reconciles_and_a_killed_leader_hands_over() {
         ]}}),
     )
     .await;
-    let subscribers: Vec<_> = (0..300).map(|i| json!({"recipient": format!("u{i}")})).collect();
-    for i in 0..300 {
-        create::<herald::resources::User>(
-            &ns,
-            json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": format!("u{i}")}, "spec": {"id": format!("u{i}")}}),
-        )
-        .await;
-    }
-    create::<herald::resources::Object>(
-        &ns,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "all"}, "spec": {"collection": "g", "id": "all", "subscribers": subscribers}}),
-    )
-    .await;
-    let run: TriggerRun = create(
-        &ns,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"generateName": "run-"},
-        "spec": {"workflow": "slow", "recipients": [{"id": "all", "collection": "g"}]}}),
-    )
-    .await;
+    let run = fan_out(&ns, "slow").await;
 
     let runs = ns.api::<TriggerRun>();
     wait_for("the run to be waiting on its delay", Duration::from_secs(30), || async {
@@ -133,25 +135,7 @@ async fn a_paused_leader_is_fenced_and_its_late_writes_lose() {
         ]}}),
     )
     .await;
-    let subscribers: Vec<_> = (0..300).map(|i| json!({"recipient": format!("u{i}")})).collect();
-    for i in 0..300 {
-        create::<herald::resources::User>(
-            &ns,
-            json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": format!("u{i}")}, "spec": {"id": format!("u{i}")}}),
-        )
-        .await;
-    }
-    create::<herald::resources::Object>(
-        &ns,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "all"}, "spec": {"collection": "g", "id": "all", "subscribers": subscribers}}),
-    )
-    .await;
-    let run: TriggerRun = create(
-        &ns,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"generateName": "run-"},
-        "spec": {"workflow": "fanout", "recipients": [{"id": "all", "collection": "g"}]}}),
-    )
-    .await;
+    let run = fan_out(&ns, "fanout").await;
 
     // Mid fan-out (300 recipients, 4 at a time, 100 ms each: about 8 s), pause the leader past its lease.
     wait_for("the fan-out to be under way", Duration::from_secs(30), || async { (receiver.arrived() >= 40).then_some(()) }).await;

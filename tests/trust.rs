@@ -20,6 +20,15 @@ async fn hooks_channel(ns: &TestNamespace, receiver: &receivers::HttpReceiver) {
     create::<Channel>(ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/")}})).await;
 }
 
+/// An operator for `ns`, a receiver behind the `hooks` Channel, and the Workflow `hello`.
+async fn hello(ns: &TestNamespace, settings: Settings) -> (herald::operator::Operator, receivers::HttpReceiver) {
+    let op = common::operator_with(&ns.client, settings).await;
+    let receiver = receivers::HttpReceiver::start().await;
+    hooks_channel(ns, &receiver).await;
+    create::<Workflow>(ns, workflow("hello", json!({}))).await;
+    (op, receiver)
+}
+
 async fn users_by_id(ns: &TestNamespace) -> Vec<(String, User)> {
     ns.api::<User>().list(&ListParams::default()).await.unwrap().items.into_iter().map(|u| (u.spec.id.clone(), u)).collect()
 }
@@ -35,10 +44,7 @@ async fn inline_identify_never_rewrites_a_resource_with_another_id() {
     // Even where TriggerRuns may overwrite, identify goes by id only.
     let mut settings = Settings::for_namespace(&ns.name);
     settings.identify_overwrite_namespaces = vec![ns.name.clone()];
-    let _op = common::operator_with(&client, settings).await;
-    let receiver = receivers::HttpReceiver::start().await;
-    hooks_channel(&ns, &receiver).await;
-    create::<Workflow>(&ns, workflow("hello", json!({}))).await;
+    let (_op, receiver) = hello(&ns, settings).await;
     // The README's own shape: User `user-1` holds id `user_1`.
     create::<User>(&ns, user("user-1", named("user_1", "ada@example.com", &receiver.url("/ada")))).await;
     let objects = [("team-a", "ops"), ("team", "a-ops")];
@@ -80,10 +86,7 @@ async fn inline_identify_never_rewrites_a_resource_with_another_id() {
 async fn a_kubectl_trigger_creates_users_but_does_not_overwrite_them() {
     let client = common::client().await;
     let ns = TestNamespace::new(&client).await;
-    let _op = common::operator(&client, &ns.name).await;
-    let receiver = receivers::HttpReceiver::start().await;
-    hooks_channel(&ns, &receiver).await;
-    create::<Workflow>(&ns, workflow("hello", json!({}))).await;
+    let (_op, receiver) = hello(&ns, Settings::for_namespace(&ns.name)).await;
     create::<User>(&ns, user("user-1", named("user_1", "ada@example.com", &receiver.url("/ada")))).await;
 
     let run: TriggerRun = create(
@@ -119,10 +122,7 @@ async fn a_namespace_that_opts_in_lets_kubectl_triggers_overwrite() {
     let ns = TestNamespace::new(&client).await;
     let mut settings = Settings::for_namespace(&ns.name);
     settings.identify_overwrite_namespaces = vec!["*".into()];
-    let _op = common::operator_with(&client, settings).await;
-    let receiver = receivers::HttpReceiver::start().await;
-    hooks_channel(&ns, &receiver).await;
-    create::<Workflow>(&ns, workflow("hello", json!({}))).await;
+    let (_op, receiver) = hello(&ns, settings).await;
     create::<User>(&ns, user("user-1", named("user_1", "ada@example.com", &receiver.url("/old")))).await;
     let run: TriggerRun =
         create(&ns, trigger(json!({"workflow": "hello", "recipients": [{"id": "user_1", "email": "ada@new.example", "channel_data": {"hooks": {"url": receiver.url("/new")}}}]})))
@@ -138,10 +138,7 @@ async fn a_namespace_that_opts_in_lets_kubectl_triggers_overwrite() {
 async fn every_legal_run_name_runs_and_is_cleaned_up() {
     let client = common::client().await;
     let ns = TestNamespace::new(&client).await;
-    let _op = common::operator(&client, &ns.name).await;
-    let receiver = receivers::HttpReceiver::start().await;
-    hooks_channel(&ns, &receiver).await;
-    create::<Workflow>(&ns, workflow("hello", json!({}))).await;
+    let (_op, _receiver) = hello(&ns, Settings::for_namespace(&ns.name)).await;
     create::<User>(&ns, user("user-1", json!({"id": "user_1"}))).await;
     // 64 characters (one over a label value), and the longest name Kubernetes allows.
     let names = ["r".repeat(64), format!("{}.{}", "a".repeat(126), "b".repeat(126))];
@@ -206,11 +203,8 @@ async fn a_cancel_stops_a_run_in_progress() {
     let ns = TestNamespace::new(&client).await;
     let mut settings = Settings::for_namespace(&ns.name);
     settings.run_concurrency = 2;
-    let _op = common::operator_with(&client, settings).await;
-    let receiver = receivers::HttpReceiver::start().await;
+    let (_op, receiver) = hello(&ns, settings).await;
     receiver.slow("/", Duration::from_millis(500));
-    hooks_channel(&ns, &receiver).await;
-    create::<Workflow>(&ns, workflow("hello", json!({}))).await;
     let ids: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
     for id in &ids {
         create::<User>(&ns, user(id, json!({"id": id}))).await;
@@ -236,10 +230,7 @@ async fn a_cancel_stops_a_run_in_progress() {
 async fn a_cancel_stored_before_its_trigger_applies() {
     let client = common::client().await;
     let ns = TestNamespace::new(&client).await;
-    let _op = common::operator(&client, &ns.name).await;
-    let receiver = receivers::HttpReceiver::start().await;
-    hooks_channel(&ns, &receiver).await;
-    create::<Workflow>(&ns, workflow("hello", json!({}))).await;
+    let (_op, receiver) = hello(&ns, Settings::for_namespace(&ns.name)).await;
     create::<User>(&ns, user("user-1", json!({"id": "user_1"}))).await;
     for i in 0..5 {
         let key = format!("early-{i}");
