@@ -585,16 +585,7 @@ async fn a_slow_recipient_holds_up_no_other_page_of_its_run() {
     let url = receiver.url("/{{ recipient.id }}");
     workflow(&ns, "each", json!([{"ref": "n", "type": "channel", "channel": "hooks", "template": {"url": url, "body": "x"}}])).await;
     let ids: Vec<String> = (0..510).map(|i| format!("user-{i:04}")).collect();
-    let users = ns.api::<User>();
-    futures::stream::iter(ids.iter())
-        .for_each_concurrent(16, |id| {
-            let users = users.clone();
-            async move {
-                let u: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id}, "spec": {"id": id}})).unwrap();
-                users.create(&PostParams::default(), &u).await.expect("create user");
-            }
-        })
-        .await;
+    create_users(&ns, &ids).await;
 
     let name = trigger(&ns, json!({"workflow": "each", "recipients": ids})).await;
     let runs = ns.api::<TriggerRun>();
@@ -610,6 +601,20 @@ async fn a_slow_recipient_holds_up_no_other_page_of_its_run() {
     let run = finished(&ns, &name, Duration::from_secs(60)).await;
     assert_eq!(run_state(&run), RunState::Completed);
     assert_eq!(run.status.as_ref().unwrap().totals.as_ref().unwrap().completed, 510);
+}
+
+/// Creates a User for each id (named after it), 16 at a time.
+async fn create_users(ns: &TestNamespace, ids: &[String]) {
+    let users = ns.api::<User>();
+    futures::stream::iter(ids.iter())
+        .for_each_concurrent(16, |id| {
+            let users = users.clone();
+            async move {
+                let u: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id}, "spec": {"id": id}})).unwrap();
+                users.create(&PostParams::default(), &u).await.expect("create user");
+            }
+        })
+        .await;
 }
 
 /// A page always fits etcd's request limit (1.5 MiB), whatever its
@@ -629,16 +634,7 @@ async fn a_page_of_500_recipients_retried_20_times_each_still_fits() {
     channel(&ns, "hooks", json!({"type": "http", "url": receiver.url("/down"), "retry": {"maxAttempts": 20, "initialBackoffMs": 1}})).await;
     workflow(&ns, "flood", json!([{"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "{}"}}])).await;
     let ids: Vec<String> = (0..N).map(|i| format!("user-{i:03}")).collect();
-    let users = ns.api::<User>();
-    futures::stream::iter(ids.iter())
-        .for_each_concurrent(16, |id| {
-            let users = users.clone();
-            async move {
-                let u: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id}, "spec": {"id": id}})).unwrap();
-                users.create(&PostParams::default(), &u).await.expect("create user");
-            }
-        })
-        .await;
+    create_users(&ns, &ids).await;
     wait_for("the users in herald's cache", Duration::from_secs(30), || async { (op.context.stores.users.state().len() == N).then_some(()) }).await;
 
     let name = trigger(&ns, json!({"workflow": "flood", "recipients": ids})).await;
