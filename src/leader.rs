@@ -76,11 +76,6 @@ pub struct Leadership {
 }
 
 impl Leadership {
-    /// The fence deliveries check.
-    pub fn fence(&self) -> Fence {
-        self.fence.clone()
-    }
-
     /// Waits until this replica leads; false if the elector stopped.
     pub async fn acquired(&mut self) -> bool {
         let acquired = self.receiver.wait_for(|leading| *leading).await.is_ok();

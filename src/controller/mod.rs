@@ -169,7 +169,7 @@ where
 /// An object herald cannot read, for the reporter to say so on it.
 #[derive(Debug)]
 pub struct Unreadable {
-    pub kind: &'static str,
+    pub kind: String,
     pub reference: k8s_openapi::api::core::v1::ObjectReference,
     pub error: String,
 }
@@ -205,7 +205,7 @@ where
                 if let Some(error) = object.error() {
                     let reference = object.object_ref(&());
                     tracing::warn!(kind = %K::kind(&()), namespace = ?reference.namespace, name = ?reference.name, %error, "skipping an object herald cannot read");
-                    let _ = unreadable.try_send(Unreadable { kind: kind_name::<K>(), reference, error: error.to_string() });
+                    let _ = unreadable.try_send(Unreadable { kind: K::kind(&()).to_string(), reference, error: error.to_string() });
                 }
             }
         });
@@ -213,21 +213,6 @@ where
         listed.push(ready_rx);
     }
     Cache { parts, listed }
-}
-
-/// The kind's name as a static string (metric labels).
-fn kind_name<K: Resource<DynamicType = ()>>() -> &'static str {
-    match K::kind(&()).as_ref() {
-        "Workflow" => "Workflow",
-        "User" => "User",
-        "Object" => "Object",
-        "Tenant" => "Tenant",
-        "Audience" => "Audience",
-        "Channel" => "Channel",
-        "Cancellation" => "Cancellation",
-        "TriggerRun" => "TriggerRun",
-        _ => "other",
-    }
 }
 
 impl Stores {

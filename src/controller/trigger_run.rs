@@ -548,21 +548,20 @@ impl<'a> Reconciler<'a> {
         const MAX_READS: usize = 100;
         let mut found = false;
         for reached in expanded.recipients.iter().filter(|r| !r.found).take(MAX_READS) {
+            // identify's lookup (by id, under any name herald gives it); one
+            // herald cannot read counts as not found (the caches report it).
             match &reached.key {
                 RecipientKey::User(id) => {
-                    // Lenient: a User herald cannot read is not found (the caches report it).
-                    let api: Api<Lenient<crate::resources::User>> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
-                    if let Some(user) = api.get_opt(&ids::name_for_id(id)).await?.as_ref().and_then(Lenient::valid).filter(|u| &u.spec.id == id) {
-                        directory.insert_user(directory::user_record(user));
+                    let target = identify::Target::user(&self.ctx.stores, &self.namespace, id);
+                    if let Some(user) = not_unreadable(identify::locate(&Api::namespaced(self.ctx.client.clone(), &self.namespace), &target).await)? {
+                        directory.insert_user(directory::user_record(&user));
                         found = true;
                     }
                 }
                 RecipientKey::Object { collection, id } => {
-                    let api: Api<Lenient<crate::resources::Object>> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
-                    if let Some(object) =
-                        api.get_opt(&ids::name_for_object(collection, id)).await?.as_ref().and_then(Lenient::valid).filter(|o| &o.spec.collection == collection && &o.spec.id == id)
-                    {
-                        directory.insert_object(directory::object_record(object));
+                    let target = identify::Target::object(&self.ctx.stores, &self.namespace, collection, id);
+                    if let Some(object) = not_unreadable(identify::locate(&Api::namespaced(self.ctx.client.clone(), &self.namespace), &target).await)? {
+                        directory.insert_object(directory::object_record(&object));
                         found = true;
                     }
                 }
@@ -627,8 +626,10 @@ impl<'a> Reconciler<'a> {
             actor,
             tenant: tenant.as_ref(),
         };
-        // Just accepted (`directory` given): also read what the apiserver stores now.
-        let cancelled = if directory_given { self.stored_cancellation().await?.or(self.cancellation()) } else { self.cancellation() };
+        // Each recipient checks the watch cache before every step (`drive`); a
+        // run just accepted (`directory` given) also reads what the apiserver
+        // stores now, which the cache may not have yet.
+        let cancelled = if directory_given { self.stored_cancellation().await? } else { Cancelled::None };
 
         let mut next_wake: Option<Timestamp> = None;
         // Every unfinished recipient of every page, in order, at most
@@ -842,18 +843,6 @@ enum Cancelled {
 }
 
 impl Cancelled {
-    /// What either covers.
-    fn or(self, other: Cancelled) -> Cancelled {
-        match (self, other) {
-            (Cancelled::All, _) | (_, Cancelled::All) => Cancelled::All,
-            (Cancelled::None, c) | (c, Cancelled::None) => c,
-            (Cancelled::Some(mut a), Cancelled::Some(b)) => {
-                a.extend(b);
-                Cancelled::Some(a)
-            }
-        }
-    }
-
     fn covers(&self, key: &RecipientKey) -> bool {
         match self {
             Cancelled::None => false,
@@ -893,6 +882,15 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// What a lookup found, with a stored object herald cannot read as nothing.
+fn not_unreadable<K>(located: Result<identify::Located<K>, IdentifyError>) -> Result<Option<K>, Error> {
+    match located {
+        Ok(l) => Ok(l.object),
+        Err(IdentifyError::Kube(e)) => Err(e.into()),
+        Err(_) => Ok(None),
     }
 }
 
