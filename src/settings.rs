@@ -113,6 +113,12 @@ pub struct Settings {
     #[arg(long, env = "HERALD_IDENTIFY_OVERWRITE_NAMESPACES", value_delimiter = ',')]
     pub identify_overwrite_namespaces: Vec<String>,
 
+    /// HTTP API: the namespace holding the API key Secrets (default: POD_NAMESPACE, else the
+    /// first watched namespace, else `default`). herald lists and watches Secrets only here;
+    /// a key acts in the namespace its annotation `herald.dev/namespace` names (default: this one).
+    #[arg(long, env = "HERALD_API_KEY_NAMESPACE")]
+    pub api_key_namespace: Option<String>,
+
     /// Deliveries: CIDR blocks (or addresses) deliveries may not connect to, comma-separated, in
     /// addition to the defaults (link-local 169.254.0.0/16 and fe80::/10, cloud metadata
     /// 169.254.169.254, fd00:ec2::254 and 100.100.100.200, unspecified 0.0.0.0 and ::).
@@ -159,9 +165,19 @@ impl Settings {
             rate_limit_per_second: 0.0,
             rate_limit_burst: None,
             identify_overwrite_namespaces: Vec::new(),
+            api_key_namespace: None,
             egress_deny_cidrs: CidrList::default(),
             egress_allow_cidrs: CidrList::default(),
         }
+    }
+
+    /// The namespace whose labelled Secrets are API keys.
+    pub fn key_namespace(&self) -> String {
+        self.api_key_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|ns| !ns.is_empty()))
+            .or_else(|| self.namespaces.first().cloned())
+            .unwrap_or_else(|| "default".into())
     }
 
     /// Whether a TriggerRun's inline identify may overwrite existing resources in `namespace`.

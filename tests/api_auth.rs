@@ -73,6 +73,60 @@ async fn api_keys_act_only_in_their_namespace() {
     assert_eq!(h.call("GET", "/v1/users/u1", None).await.status, 404, "the first key still works");
 }
 
+/// API keys live in one namespace (herald lists and watches Secrets only
+/// there) and act in the namespace their annotation names.
+#[tokio::test]
+async fn api_keys_live_in_the_key_namespace_and_act_where_they_say() {
+    let client = common::client().await;
+    let (team_a, team_b, keys) = (TestNamespace::new(&client).await, TestNamespace::new(&client).await, TestNamespace::new(&client).await);
+    let mut settings = herald::settings::Settings::for_namespace(&team_a.name);
+    settings.namespaces.push(team_b.name.clone());
+    settings.api_key_namespace = Some(keys.name.clone());
+    let op = common::operator_with(&client, settings).await;
+    let key_a = new_key();
+    create_annotated_key(&client, &keys.name, "team-a-key", &key_a, Some(&team_a.name)).await;
+    let h = Herald { base: format!("http://{}", op.addr), op: Some(op), ns: team_a, key: key_a.clone(), http: reqwest::Client::new() };
+    h.wait_for_key(&key_a).await;
+    h.workflow("w", json!({"steps": []})).await;
+    let trigger = json!({"recipients": ["u1"]});
+    let a = h.call("POST", "/v1/workflows/w/trigger", Some(trigger.clone())).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(h.names::<TriggerRun>().await.len(), 1, "the run is in the namespace the key names");
+    let run = h.api::<TriggerRun>().list(&Default::default()).await.unwrap().items.remove(0);
+    assert_eq!(run.annotations()["herald.dev/api-caller"], format!("apikey:{}/team-a-key", h.ns.name));
+
+    // Refused: a labelled key Secret in a served namespace that is not the key
+    // namespace (herald does not list Secrets there), a key naming a namespace
+    // herald does not serve, and a key with no annotation (it would act in the
+    // key namespace, which is not served).
+    let in_team_b = new_key();
+    create_annotated_key(&client, &team_b.name, "herald-api-key", &in_team_b, None).await;
+    let elsewhere = new_key();
+    create_annotated_key(&client, &keys.name, "elsewhere", &elsewhere, Some("kube-system")).await;
+    let plain = new_key();
+    create_annotated_key(&client, &keys.name, "plain", &plain, None).await;
+    // A key for team-b, created last: once herald knows it, it has seen the others.
+    let key_b = new_key();
+    create_annotated_key(&client, &keys.name, "team-b-key", &key_b, Some(&team_b.name)).await;
+    h.wait_for_key(&key_b).await;
+    for token in [&in_team_b, &elsewhere, &plain] {
+        h.call_as(token, "GET", "/v1/users/u1", None).await.assert_error(401, "authentication_required");
+    }
+    // team-b's key acts in team-b only.
+    let mut headers = json_headers(&key_b);
+    headers.push(("x-herald-namespace".into(), h.ns.name.clone()));
+    h.raw("GET", "/v1/users/u1", &headers, None).await.assert_error(403, "forbidden");
+}
+
+async fn create_annotated_key(client: &kube::Client, namespace: &str, name: &str, key: &str, acts_in: Option<&str>) {
+    let mut metadata = json!({"name": name, "labels": {"herald.dev/api-key": "true"}});
+    if let Some(ns) = acts_in {
+        metadata["annotations"] = json!({"herald.dev/namespace": ns});
+    }
+    let secret: Secret = serde_json::from_value(json!({"metadata": metadata, "stringData": {"key": key}})).unwrap();
+    Api::<Secret>::namespaced(client.clone(), namespace).create(&PostParams::default(), &secret).await.expect("creating an API key Secret");
+}
+
 async fn service_account_token(h: &Herald, name: &str) -> String {
     let sas: Api<ServiceAccount> = h.api();
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();

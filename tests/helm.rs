@@ -229,8 +229,13 @@ fn namespace_grants() -> BTreeSet<Grant> {
         ("herald.dev", &["workflows/status", "triggerruns/status", "recipientpages/status", "channels/status"], &["get", "patch", "update"]),
         ("events.k8s.io", &["events"], &["create", "patch"]),
         ("", &["events"], &["create", "patch"]),
-        ("", &["secrets"], &["get", "list", "watch"]),
+        ("", &["secrets"], &["get"]),
     ])
+}
+
+/// API keys: the labelled Secrets of the key namespace (only there may herald list Secrets).
+fn api_key_grants() -> BTreeSet<Grant> {
+    triples(&[("", &["secrets"], &["get", "list", "watch"])])
 }
 
 /// Cluster-scoped needs, whatever the scope.
@@ -331,10 +336,13 @@ fn renders_defaults() {
     assert_eq!(binding["roleRef"]["name"], "herald-herald-system");
     assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": "herald", "namespace": "herald-system"}]));
     let roles = r.of_kind("Role");
-    assert_eq!(roles.len(), 1, "only the leader-election Role");
-    assert_eq!(roles[0]["metadata"]["namespace"], "herald-system");
-    assert_eq!(grants(&roles[0]["rules"]), lease_grants());
-    assert_eq!(r.of_kind("RoleBinding").len(), 1);
+    assert_eq!(roles.len(), 2, "the API-key Role and the leader-election Role");
+    assert!(roles.iter().all(|r| r["metadata"]["namespace"] == "herald-system"), "{roles:?}");
+    let role = |name: &str| roles.iter().find(|r| r["metadata"]["name"] == name).unwrap_or_else(|| panic!("Role {name}"));
+    assert_eq!(grants(&role("herald-leader-election")["rules"]), lease_grants());
+    assert_eq!(grants(&role("herald-api-keys")["rules"]), api_key_grants());
+    assert_eq!(env["HERALD_API_KEY_NAMESPACE"], "herald-system", "API keys live in the release's namespace by default");
+    assert_eq!(r.of_kind("RoleBinding").len(), 2);
     assert_eq!(r.one("ServiceAccount")["metadata"]["name"], "herald");
 
     let service = r.one("Service");
@@ -364,6 +372,7 @@ fn renders_other_values() {
         "leaderElection": {"leaseSeconds": 30},
         "terminationGracePeriodSeconds": 5,
         "rbac": {"scope": "namespaced", "watchNamespaces": ["team-a"]},
+        "apiKeys": {"namespace": "herald-keys"},
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},
         "ingress": {"enabled": true, "className": "nginx", "hosts": [{"host": "herald.example.org", "paths": [{"path": "/v1", "pathType": "Prefix"}]}]},
         "serviceMonitor": {"enabled": true, "interval": "15s"},
@@ -390,6 +399,7 @@ fn renders_other_values() {
     assert_eq!(env["HERALD_RATE_LIMIT_BURST"], "100");
     assert_eq!(env["HERALD_EGRESS_DENY_CIDRS"], "10.0.0.0/8,fd00::/8");
     assert_eq!(env["HERALD_EGRESS_ALLOW_CIDRS"], "10.96.0.10");
+    assert_eq!(env["HERALD_API_KEY_NAMESPACE"], "herald-keys");
 
     // Namespaced RBAC: herald's permissions only in team-a; cluster-scoped needs
     // in the ClusterRole; the Lease in the release's namespace.
@@ -399,7 +409,9 @@ fn renders_other_values() {
     let named: BTreeSet<String> = crd_rule["resourceNames"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
     assert_eq!(named, crd_names(&common::repo_path("crds")), "the CRD rule names exactly herald's CRDs");
     let roles = r.of_kind("Role");
-    assert_eq!(roles.len(), 2, "a Role in team-a and the leader-election Role");
+    assert_eq!(roles.len(), 3, "a Role in team-a, the API-key Role and the leader-election Role");
+    let keys = roles.iter().find(|r| r["metadata"]["namespace"] == "herald-keys").expect("the API-key Role in herald-keys");
+    assert_eq!(grants(&keys["rules"]), api_key_grants());
     let watched = roles.iter().find(|r| r["metadata"]["namespace"] == "team-a").expect("a Role in team-a");
     assert_eq!(grants(&watched["rules"]), namespace_grants());
     let lease = roles.iter().find(|r| r["metadata"]["namespace"] == "herald-system").expect("the leader-election Role");
@@ -407,7 +419,7 @@ fn renders_other_values() {
     let named_lease = lease["rules"].as_array().unwrap().iter().find(|r| r["verbs"].as_array().unwrap().iter().any(|v| v == "update")).unwrap();
     assert_eq!(named_lease["resourceNames"], json!([LEASE]));
     let bindings = r.of_kind("RoleBinding");
-    assert_eq!(bindings.len(), 2);
+    assert_eq!(bindings.len(), 3);
     for b in bindings {
         assert_eq!(b["subjects"], json!([{"kind": "ServiceAccount", "name": "herald", "namespace": "herald-system"}]), "{b}");
     }
@@ -430,7 +442,7 @@ fn renders_other_values() {
     let r = render(json!({"rbac": {"scope": "namespaced"}}), "herald-system");
     assert_eq!(r.env()["HERALD_NAMESPACE"], "herald-system");
     assert!(r.of_kind("Role").iter().all(|role| role["metadata"]["namespace"] == "herald-system"));
-    assert_eq!(r.of_kind("Role").len(), 2);
+    assert_eq!(r.of_kind("Role").len(), 3, "herald's, the API-key and the leader-election Role");
 }
 
 #[test]
@@ -583,7 +595,10 @@ async fn install_upgrade_uninstall() {
             (true, "list", "herald.dev", "triggerruns", None),
             (true, "patch", "herald.dev", "triggerruns/status", o),
             (true, "deletecollection", "herald.dev", "recipientpages", o),
-            (true, "watch", "", "secrets", o),
+            (true, "get", "", "secrets", o),
+            (false, "watch", "", "secrets", o),
+            (false, "list", "", "secrets", o),
+            (true, "watch", "", "secrets", home),
             (true, "create", "events.k8s.io", "events", o),
             (true, "create", "authentication.k8s.io", "tokenreviews", None),
             (true, "create", "authorization.k8s.io", "subjectaccessreviews", None),
@@ -623,8 +638,9 @@ async fn install_upgrade_uninstall() {
             (true, "list", "herald.dev", "triggerruns", o),
             (false, "list", "herald.dev", "triggerruns", home),
             (true, "patch", "herald.dev", "triggerruns/status", o),
-            (true, "list", "", "secrets", o),
-            (false, "get", "", "secrets", home),
+            (false, "list", "", "secrets", o),
+            (true, "get", "", "secrets", o),
+            (true, "list", "", "secrets", home),
             (true, "create", "authentication.k8s.io", "tokenreviews", None),
             (true, "create", "coordination.k8s.io", "leases", home),
         ],
@@ -812,7 +828,8 @@ async fn operator_runs_under_the_chart_service_account() {
     let admin = common::client().await;
     let home = TestNamespace::new(&admin).await; // the release's namespace
     let watched = TestNamespace::new(&admin).await; // the one herald watches
-    let values = json!({"rbac": {"scope": "namespaced", "watchNamespaces": [watched.name]}, "leaderElection": {"leaseSeconds": 10}});
+    let keys = TestNamespace::new(&admin).await; // where the API keys live
+    let values = json!({"rbac": {"scope": "namespaced", "watchNamespaces": [watched.name]}, "apiKeys": {"namespace": keys.name}, "leaderElection": {"leaseSeconds": 10}});
     let _installed = install(&home.name, values).await;
     let deployment = home.api::<Deployment>().get(RELEASE).await.expect("the installed Deployment");
     let env = env_of(&serde_json::to_value(&deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]).unwrap());
@@ -845,6 +862,11 @@ async fn operator_runs_under_the_chart_service_account() {
         "listing Secrets (Helm's release records) in the release's namespace"
     );
     assert!(is_forbidden(Api::<Secret>::namespaced(sa.clone(), "default").list(&ListParams::default()).await), "listing Secrets in another namespace");
+    assert!(
+        is_forbidden(Api::<Secret>::namespaced(sa.clone(), &watched.name).list(&ListParams::default()).await),
+        "listing Secrets where it watches (it only gets those Channels name)"
+    );
+    Api::<Secret>::namespaced(sa.clone(), &keys.name).list(&ListParams::default()).await.expect("listing the API key Secrets");
     assert!(is_forbidden(Api::<TriggerRun>::all(sa.clone()).list(&ListParams::default()).await), "listing TriggerRuns in every namespace");
     assert!(is_forbidden(Api::<TriggerRun>::namespaced(sa.clone(), &home.name).list(&ListParams::default()).await), "TriggerRuns outside the watched namespace");
     let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "planted"}, "stringData": {"x": "y"}})).unwrap();
@@ -883,8 +905,9 @@ async fn operator_runs_under_the_chart_service_account() {
     let api_key = format!("sk_test_{}", uuid::Uuid::new_v4().simple());
     apply(
         &admin,
-        ns,
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "herald-api-key", "labels": {"herald.dev/api-key": "true"}}, "stringData": {"key": api_key}}),
+        &keys.name,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "herald-api-key", "labels": {"herald.dev/api-key": "true"}, "annotations": {"herald.dev/namespace": ns}},
+               "stringData": {"key": api_key}}),
     )
     .await;
     apply(&admin, ns, json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "pipeline"}})).await;
@@ -963,7 +986,7 @@ async fn operator_runs_under_the_chart_service_account() {
     let lease = home.api::<Lease>().get(LEASE).await.expect("the Lease in the release's namespace");
     assert_eq!(lease.spec.and_then(|s| s.holder_identity).as_deref(), Some(pod_name.as_str()));
 
-    // Through the HTTP API: with an API key (herald watches labelled Secrets) ...
+    // Through the HTTP API: with an API key (herald watches the labelled Secrets of the key namespace) ...
     let http = reqwest::Client::new();
     let base = format!("http://{}", operator.addr);
     let trigger = |token: String, namespace: Option<String>, body: Value| {

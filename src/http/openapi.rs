@@ -60,7 +60,7 @@ fn operation(path: &str, op: Op) -> Value {
     let mut params = path_params(path);
     params.extend(op.extra_params);
     params.push(json!({"name": "X-Herald-Namespace", "in": "header", "required": false, "schema": {"type": "string"},
-        "description": "With a Kubernetes token: the namespace to act in. API keys act in their own namespace."}));
+        "description": "With a Kubernetes token: the namespace to act in. An API key acts in the namespace its Secret names (annotation herald.dev/namespace)."}));
     let mut out = json!({"summary": op.summary, "tags": [op.tag], "parameters": params, "responses": responses});
     if let Some(body) = op.body {
         out["requestBody"] = json!({"required": true, "content": json_content(schema_ref(body))});
@@ -386,7 +386,7 @@ pub fn document() -> Value {
         "security": [{"bearer": []}],
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
-                "description": "An API key (a Secret labelled herald.dev/api-key=true, data key `key`) or a Kubernetes ServiceAccount token"}},
+                "description": "An API key (a Secret in herald's API-key namespace labelled herald.dev/api-key=true, data key `key`, annotation herald.dev/namespace naming where it acts) or a Kubernetes ServiceAccount token"}},
             "schemas": schemas(),
         },
         "paths": paths,

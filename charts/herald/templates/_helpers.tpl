@@ -106,8 +106,8 @@ What herald does in the namespaces it watches, and nothing more:
 - creates and updates RecipientPages (server-side apply) and deletes them with their run;
 - creates, updates and deletes Users, Objects and Tenants (inline identify, the API);
 - publishes Events (kube-runtime's Recorder: events.k8s.io/v1; core events for older clients);
-- reads Secrets: those Channels name (get) and API keys, Secrets labelled
-  herald.dev/api-key=true (list and watch; RBAC cannot select by label).
+- reads the Secrets Channels name (get only; API keys live in the key
+  namespace, see herald.apiKeyNamespace and the api-keys Role).
 */}}
 {{- define "herald.namespaceRules" -}}
 - apiGroups: [herald.dev]
@@ -133,7 +133,12 @@ What herald does in the namespaces it watches, and nothing more:
   verbs: [create, patch]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch]
+  verbs: [get]
+{{- end }}
+
+{{/* The namespace whose labelled Secrets are API keys. */}}
+{{- define "herald.apiKeyNamespace" -}}
+{{- .Values.apiKeys.namespace | default .Release.Namespace -}}
 {{- end }}
 
 {{/*

@@ -1,10 +1,13 @@
 //! Who is calling, and in which namespace (herald's "environment").
 //!
-//! * An API key is a Secret labelled `herald.dev/api-key: "true"` whose data key
-//!   `key` holds the token. It acts only in its own namespace. Keys are kept
-//!   in memory by a watch on those Secrets (label-selected, so other Secrets
-//!   are never read), indexed by the SHA-256 of the key; the presented token
-//!   is then compared with the stored key in constant time.
+//! * An API key is a Secret in herald's key namespace (`--api-key-namespace`)
+//!   labelled `herald.dev/api-key: "true"`, whose data key `key` holds the
+//!   token. It acts only in the namespace its annotation `herald.dev/namespace`
+//!   names (default: the key namespace itself). Keeping keys in one namespace
+//!   means herald lists and watches Secrets there only: RBAC cannot narrow a
+//!   list to labelled Secrets, and elsewhere herald needs only `get` (for the
+//!   Secrets Channels name). Keys are indexed by the SHA-256 of the key; the
+//!   presented token is then compared with the stored key in constant time.
 //! * A Kubernetes token (a ServiceAccount's, for in-cluster pipelines) is
 //!   checked with a TokenReview; every action is then authorized with a
 //!   SubjectAccessReview for the matching herald resource and verb in the
@@ -33,6 +36,8 @@ use crate::settings::Settings;
 
 /// The label that marks a Secret as a herald API key.
 pub const API_KEY_LABEL: &str = "herald.dev/api-key";
+/// The annotation naming the namespace an API key acts in.
+pub const API_KEY_NAMESPACE_ANNOTATION: &str = "herald.dev/namespace";
 /// The Secret data key that holds the token.
 pub const API_KEY_DATA: &str = "key";
 /// The header naming the namespace a Kubernetes token acts in.
@@ -81,7 +86,8 @@ struct KeyEntry {
 /// The API keys, by the SHA-256 of the key.
 #[derive(Default)]
 struct KeyIndex {
-    by_secret: HashMap<(String, String), KeyEntry>,
+    /// By Secret name (all in the key namespace).
+    by_secret: HashMap<String, KeyEntry>,
     by_digest: HashMap<[u8; 32], Vec<KeyEntry>>,
 }
 
@@ -98,10 +104,21 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-/// The key a Secret holds, if it is a usable one.
-fn key_of(secret: &Secret) -> Option<KeyEntry> {
-    let namespace = secret.namespace()?;
+/// The key a Secret holds, if it is a usable one for a namespace herald serves.
+fn key_of(secret: &Secret, served: &[String]) -> Option<KeyEntry> {
     let name = secret.name_any();
+    let namespace = match secret.annotations().get(API_KEY_NAMESPACE_ANNOTATION) {
+        Some(ns) if is_namespace_name(ns) => ns.clone(),
+        Some(ns) => {
+            tracing::warn!(secret = %name, annotation = %ns, "API key Secret ignored: annotation {API_KEY_NAMESPACE_ANNOTATION} is not a namespace name");
+            return None;
+        }
+        None => secret.namespace()?,
+    };
+    if !served.is_empty() && !served.contains(&namespace) {
+        tracing::warn!(secret = %name, %namespace, "API key Secret ignored: herald does not serve its namespace");
+        return None;
+    }
     let raw = secret.data.as_ref()?.get(API_KEY_DATA)?;
     // `kubectl create secret --from-file` keeps a trailing newline.
     let mut key = raw.0.clone();
@@ -115,13 +132,12 @@ fn key_of(secret: &Secret) -> Option<KeyEntry> {
     Some(KeyEntry { namespace, secret: name, key })
 }
 
-/// Keeps the key index in step with the labelled Secrets.
-/// Keeps the index of one scope's keys (a namespace, or every namespace).
-async fn watch_keys(api: Api<Secret>, scope: Option<String>, index: Arc<RwLock<KeyIndex>>, loaded: watch::Sender<bool>) {
+/// Keeps the key index in step with the labelled Secrets of the key namespace.
+async fn watch_keys(api: Api<Secret>, served: Vec<String>, index: Arc<RwLock<KeyIndex>>, loaded: watch::Sender<bool>) {
     let config = watcher::Config::default().labels(&format!("{API_KEY_LABEL}=true"));
     let stream = watcher::watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
-    let mut buffer: Option<HashMap<(String, String), KeyEntry>> = None;
+    let mut buffer: Option<HashMap<String, KeyEntry>> = None;
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(e) => e,
@@ -134,27 +150,24 @@ async fn watch_keys(api: Api<Secret>, scope: Option<String>, index: Arc<RwLock<K
         match event {
             Event::Init => buffer = Some(HashMap::new()),
             Event::InitApply(secret) => {
-                if let (Some(buffer), Some(entry)) = (buffer.as_mut(), key_of(&secret)) {
-                    buffer.insert((entry.namespace.clone(), entry.secret.clone()), entry);
+                if let (Some(buffer), Some(entry)) = (buffer.as_mut(), key_of(&secret, &served)) {
+                    buffer.insert(entry.secret.clone(), entry);
                 }
             }
             Event::InitDone => {
-                // A relist replaces this scope's keys, not other namespaces' watches'.
-                index.by_secret.retain(|(namespace, _), _| scope.as_ref().is_some_and(|s| s != namespace));
-                index.by_secret.extend(buffer.take().unwrap_or_default());
+                index.by_secret = buffer.take().unwrap_or_default();
                 index.rebuild();
                 let _ = loaded.send(true);
             }
             Event::Apply(secret) => {
-                let id = (secret.namespace().unwrap_or_default(), secret.name_any());
-                match key_of(&secret) {
-                    Some(entry) => index.by_secret.insert(id, entry),
-                    None => index.by_secret.remove(&id),
+                match key_of(&secret, &served) {
+                    Some(entry) => index.by_secret.insert(secret.name_any(), entry),
+                    None => index.by_secret.remove(&secret.name_any()),
                 };
                 index.rebuild();
             }
             Event::Delete(secret) => {
-                index.by_secret.remove(&(secret.namespace().unwrap_or_default(), secret.name_any()));
+                index.by_secret.remove(&secret.name_any());
                 index.rebuild();
             }
         }
@@ -204,11 +217,11 @@ pub struct Authenticator {
     /// The namespaces herald serves (empty: every namespace).
     served: Vec<String>,
     index: Arc<RwLock<KeyIndex>>,
-    /// One per key watch: true once its first list is in.
-    loaded: Vec<watch::Receiver<bool>>,
+    /// True once the key watch's first list is in.
+    loaded: watch::Receiver<bool>,
     reviews: Cache<[u8; 32], Option<UserInfo>>,
     access: Cache<([u8; 32], String, &'static str, &'static str), bool>,
-    _watches: Vec<AbortOnDrop>,
+    _watch: AbortOnDrop,
 }
 
 /// What a route needs: a verb on a herald resource (for Kubernetes tokens;
@@ -220,24 +233,19 @@ pub struct Permission {
 }
 
 impl Authenticator {
-    /// Starts the key watches (one per served namespace, or one for all).
+    /// Starts the key watch on the key namespace.
     pub fn start(client: Client, settings: &Settings) -> Self {
         let index = Arc::new(RwLock::new(KeyIndex::default()));
-        let mut loaded = Vec::new();
-        let mut watches = Vec::new();
-        for scope in crate::controller::scopes(settings) {
-            let api: Api<Secret> = crate::controller::scope_api(&client, &scope);
-            let (tx, rx) = watch::channel(false);
-            loaded.push(rx);
-            watches.push(AbortOnDrop(tokio::spawn(watch_keys(api, scope, index.clone(), tx))));
-        }
-        Authenticator { client, served: settings.namespaces.clone(), index, loaded, reviews: Cache::new(), access: Cache::new(), _watches: watches }
+        let api: Api<Secret> = Api::namespaced(client.clone(), &settings.key_namespace());
+        let (tx, rx) = watch::channel(false);
+        let watch = AbortOnDrop(tokio::spawn(watch_keys(api, settings.namespaces.clone(), index.clone(), tx)));
+        Authenticator { client, served: settings.namespaces.clone(), index, loaded: rx, reviews: Cache::new(), access: Cache::new(), _watch: watch }
     }
 
     /// Waits (briefly) for the first list of API keys.
     async fn keys_loaded(&self) -> Result<(), ApiError> {
-        let all = futures::future::join_all(self.loaded.iter().cloned().map(|mut loaded| async move { loaded.wait_for(|l| *l).await.is_ok() }));
-        let ready = tokio::time::timeout(Duration::from_secs(10), all).await.is_ok_and(|r| r.into_iter().all(|ok| ok));
+        let mut loaded = self.loaded.clone();
+        let ready = tokio::time::timeout(Duration::from_secs(10), loaded.wait_for(|l| *l)).await.is_ok_and(|r| r.is_ok());
         if ready {
             Ok(())
         } else {
@@ -293,7 +301,7 @@ impl Authenticator {
             ([one], _) => Ok(Some(Caller { namespace: one.namespace.clone(), identity: Identity::ApiKey { secret: one.secret.clone() } })),
             ([], Some(other)) => Err(ApiError::Forbidden(format!("this API key acts only in namespace {}", other.namespace))),
             ([], None) => Ok(None),
-            _ => Err(ApiError::Unauthenticated("this API key is stored in several namespaces; name one with the X-Herald-Namespace header".into())),
+            _ => Err(ApiError::Unauthenticated("this API key acts in several namespaces; name one with the X-Herald-Namespace header".into())),
         }
     }
 
@@ -367,11 +375,15 @@ fn bearer(headers: &HeaderMap) -> Result<String, ApiError> {
 fn requested_namespace(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(NAMESPACE_HEADER) else { return Ok(None) };
     let ns = value.to_str().unwrap_or_default().trim();
-    let valid = !ns.is_empty() && ns.len() <= 63 && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !ns.starts_with('-') && !ns.ends_with('-');
-    if !valid {
+    if !is_namespace_name(ns) {
         return Err(ApiError::invalid(NAMESPACE_HEADER, "must be a Kubernetes namespace name"));
     }
     Ok(Some(ns.to_string()))
+}
+
+/// A DNS-1123 label, as namespace names are.
+fn is_namespace_name(ns: &str) -> bool {
+    !ns.is_empty() && ns.len() <= 63 && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !ns.starts_with('-') && !ns.ends_with('-')
 }
 
 /// Kubernetes tokens are JWTs: three base64url segments.
@@ -410,11 +422,36 @@ mod tests {
         assert!(!looks_like_jwt("a..b"));
     }
 
+    fn key_secret(namespace: &str, annotation: Option<&str>, key: &str) -> Secret {
+        let mut secret = serde_json::from_value::<Secret>(serde_json::json!({
+            "metadata": {"name": "k", "namespace": namespace, "labels": {API_KEY_LABEL: "true"}},
+        }))
+        .unwrap();
+        secret.data = Some([(API_KEY_DATA.to_string(), k8s_openapi::ByteString(key.as_bytes().to_vec()))].into());
+        if let Some(a) = annotation {
+            secret.metadata.annotations = Some([(API_KEY_NAMESPACE_ANNOTATION.to_string(), a.to_string())].into());
+        }
+        secret
+    }
+
+    #[test]
+    fn a_key_acts_in_the_namespace_its_annotation_names() {
+        let key = "0123456789abcdef\n";
+        let entry = key_of(&key_secret("herald", None, key), &[]).unwrap();
+        assert_eq!((entry.namespace.as_str(), entry.key.as_slice()), ("herald", b"0123456789abcdef".as_slice()));
+        assert_eq!(key_of(&key_secret("herald", Some("team-a"), key), &[]).unwrap().namespace, "team-a");
+        // Not a namespace name, a namespace herald does not serve, a short key: no key.
+        assert!(key_of(&key_secret("herald", Some("Team A"), key), &[]).is_none());
+        assert!(key_of(&key_secret("herald", Some("team-b"), key), &["team-a".into()]).is_none());
+        assert!(key_of(&key_secret("herald", Some("team-a"), key), &["team-a".into()]).is_some());
+        assert!(key_of(&key_secret("herald", None, "short"), &[]).is_none());
+    }
+
     #[test]
     fn keys_are_found_by_digest_and_namespace() {
         let mut index = KeyIndex::default();
         for (ns, name, key) in [("a", "k1", "0123456789abcdef-a"), ("b", "k2", "0123456789abcdef-b"), ("c", "k3", "0123456789abcdef-a")] {
-            index.by_secret.insert((ns.into(), name.into()), KeyEntry { namespace: ns.into(), secret: name.into(), key: key.as_bytes().to_vec() });
+            index.by_secret.insert(name.into(), KeyEntry { namespace: ns.into(), secret: name.into(), key: key.as_bytes().to_vec() });
         }
         index.rebuild();
         assert_eq!(index.by_digest.len(), 2);
