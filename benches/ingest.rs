@@ -150,7 +150,7 @@ async fn bench() {
     // Herald's HTTP layer and watch caches, without the controllers.
     let settings = Settings::for_namespace(&ns.name);
     let stores = Stores::start(&client, &settings);
-    let context = Context::new(client.clone(), settings, stores);
+    let context = Context::new(client.clone(), settings, stores, Default::default(), None);
     context.stores.wait_until_ready().await.expect("caches");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -41,4 +41,16 @@ if [ "${HERALD_TEST_USE_KUBECONFIG:-}" != "1" ]; then
   export HERALD_TEST_KUBECONFIG="$dir/kubeconfig"
 fi
 
+# tests/history.rs and the other history-store tests run against a real
+# PostgreSQL (Debian's package), one throwaway server for the run; each test
+# makes a database of its own on it.
+if [ -z "${HERALD_TEST_DATABASE_URL:-}" ]; then
+  bash scripts/postgres.sh install
+  pgdir=$(mktemp -d /tmp/herald-test-pg.XXXXXX)
+  trap 'bash scripts/postgres.sh stop "$pgdir"; rm -rf "$pgdir"; [ -n "${dir:-}" ] && { bash scripts/controlplane.sh stop "$dir"; rm -rf "$dir"; }' EXIT
+  bash scripts/postgres.sh start "$pgdir"
+  HERALD_TEST_DATABASE_URL=$(cat "$pgdir/url")
+  export HERALD_TEST_DATABASE_URL
+fi
+
 cargo test --locked --no-fail-fast "$@"

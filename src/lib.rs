@@ -11,4 +11,5 @@ pub mod metrics;
 pub mod operator;
 pub mod resources;
 pub mod settings;
+pub mod store;
 pub mod telemetry;

@@ -92,6 +92,11 @@ pub struct Metrics {
     pub reconciles_in_flight: Gauge,
     /// Objects herald cannot read (and skips), by kind.
     pub invalid_resources: Family<KindLabels, Gauge>,
+    /// Messages not queued for the history store because its buffer was full
+    /// (the archive writes them later, without their content).
+    pub history_messages_dropped: Counter,
+    /// Finished runs archived to the history store and removed from the cluster.
+    pub runs_archived: Counter,
     /// The HTTP API's metrics.
     pub http: HttpMetrics,
 }
@@ -120,8 +125,14 @@ impl Default for Metrics {
         registry.register("reconciles_in_flight", "Reconciles running now", reconciles_in_flight.clone());
         let invalid_resources = Family::<KindLabels, Gauge>::default();
         registry.register("invalid_resources", "Objects herald cannot read and skips, by kind (each has an Unreadable Event)", invalid_resources.clone());
+        let history_messages_dropped = Counter::default();
+        registry.register("history_messages_dropped", "Messages not queued for the history store because its buffer was full", history_messages_dropped.clone());
+        let runs_archived = Counter::default();
+        registry.register("runs_archived", "Finished runs archived to the history store", runs_archived.clone());
         Metrics {
             registry,
+            history_messages_dropped,
+            runs_archived,
             invalid_resources,
             leader,
             work_queue_depth,

@@ -86,7 +86,12 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
     let listener = tokio::net::TcpListener::bind(settings.api_addr).await.with_context(|| format!("binding {}", settings.api_addr))?;
     let addr = listener.local_addr()?;
     let stores = Stores::start(&client, &settings);
-    let context = Context::new(client, settings, stores);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let history = match &settings.database_url {
+        Some(url) => Some(crate::store::History::start(url, &metrics).await.context("connecting to the history store (--database-url)")?),
+        None => None,
+    };
+    let context = Context::new(client, settings, stores, metrics, history);
     let ready = Arc::new(AtomicBool::new(false));
     let (stop, stopped) = watch::channel(false);
 
@@ -261,7 +266,7 @@ mod tests {
         let client = Client::try_from(config).expect("client");
         let mut settings = Settings::for_namespace("n");
         settings.leader_election = false;
-        Context::new(client.clone(), settings.clone(), Stores::start(&client, &settings))
+        Context::new(client.clone(), settings.clone(), Stores::start(&client, &settings), Default::default(), None)
     }
 
     #[tokio::test]

@@ -119,6 +119,18 @@ pub struct Settings {
     #[arg(long, env = "HERALD_API_KEY_NAMESPACE")]
     pub api_key_namespace: Option<String>,
 
+    /// History store: a PostgreSQL URL (`postgres://user:password@host:5432/herald`). With
+    /// it, messages are recorded, finished runs are archived and leave the cluster after
+    /// --finished-ttl-seconds, and idempotency keys are kept there. Without it, herald keeps
+    /// finished runs in the cluster (see --default-ttl-seconds).
+    #[arg(long, env = "HERALD_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// History store: seconds a finished TriggerRun stays in the cluster after it is archived,
+    /// when it sets no ttlSecondsAfterFinished (so `kubectl get` and `kubectl wait` still see it).
+    #[arg(long, env = "HERALD_FINISHED_TTL_SECONDS", default_value_t = 300)]
+    pub finished_ttl_seconds: i64,
+
     /// Deliveries: CIDR blocks (or addresses) deliveries may not connect to, comma-separated, in
     /// addition to the defaults (link-local 169.254.0.0/16 and fe80::/10, cloud metadata
     /// 169.254.169.254, fd00:ec2::254 and 100.100.100.200, unspecified 0.0.0.0 and ::).
@@ -166,6 +178,8 @@ impl Settings {
             rate_limit_burst: None,
             identify_overwrite_namespaces: Vec::new(),
             api_key_namespace: None,
+            database_url: None,
+            finished_ttl_seconds: 300,
             egress_deny_cidrs: CidrList::default(),
             egress_allow_cidrs: CidrList::default(),
         }

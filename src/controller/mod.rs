@@ -77,6 +77,8 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Open while this replica may act as the leader: checked before every delivery attempt.
     pub fence: crate::leader::Fence,
+    /// The history store, when --database-url is set.
+    pub history: Option<crate::store::History>,
 }
 
 /// Field manager for herald's server-side apply writes.
@@ -293,12 +295,19 @@ fn refresh_invalid_gauge(ctx: &Context) {
 
 impl Context {
     /// The shared context; starts the reporter of objects herald cannot read.
-    pub fn new(client: Client, settings: Settings, (stores, unreadable): (Stores, tokio::sync::mpsc::Receiver<Unreadable>)) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        (stores, unreadable): (Stores, tokio::sync::mpsc::Receiver<Unreadable>),
+        metrics: Arc<crate::metrics::Metrics>,
+        history: Option<crate::store::History>,
+    ) -> Arc<Self> {
         let recorder = Recorder::new(client.clone(), Reporter { controller: "herald".into(), instance: std::env::var("HOSTNAME").ok() });
         let fence = crate::leader::Fence::for_settings(&settings);
         let ctx = Arc::new(Context {
             deliverer: delivery::Deliverer::new(client.clone(), stores.channels.clone(), settings.max_deliveries, fence.clone(), settings.egress_policy()),
-            metrics: Arc::new(crate::metrics::Metrics::default()),
+            metrics,
+            history,
             client,
             settings,
             stores,

@@ -27,6 +27,7 @@ use super::workflow::find_by_key;
 use super::{conditions, scope_api, scopes, Context, Error, MANAGER};
 use crate::core::execution::{self, ChannelTypes, Next, RecipientContext, RunContext, TenantRecord};
 use crate::core::expansion::{self, Directory};
+use crate::core::history::{MessageRecord, MessageSource};
 use crate::core::ids;
 use crate::core::model::{parse_recipient, parse_tenant, JsonObject, RecipientInput, RecipientKey, TenantInput};
 use crate::core::status::{self as run_status, RecipientState, RecipientStatus, RunState};
@@ -799,6 +800,10 @@ impl<'a> Reconciler<'a> {
                         .deliveries
                         .get_or_create(&crate::metrics::DeliveryLabels { channel_type: message.channel_type.to_string(), outcome: outcome.reason.clone() })
                         .inc();
+                    if let Some(history) = &self.ctx.history {
+                        let source = MessageSource::of(&self.namespace, run, recipient);
+                        history.messages.record(MessageRecord::delivered(&source, &message, &outcome, Timestamp::now()));
+                    }
                     execution::record_delivery(status, &message, &outcome, Timestamp::now());
                 }
             }

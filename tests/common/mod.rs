@@ -350,3 +350,23 @@ where
     let object: K = serde_json::from_value(value).expect("test object");
     ns.api::<K>().create(&PostParams::default(), &object).await.expect("create")
 }
+
+/// A fresh, empty database on the test run's PostgreSQL server
+/// (`HERALD_TEST_DATABASE_URL`, started by scripts/test.sh); its URL.
+pub async fn database() -> String {
+    let admin = std::env::var("HERALD_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "HERALD_TEST_DATABASE_URL is not set: run the tests with scripts/test.sh, which starts PostgreSQL (or start one with scripts/postgres.sh start DIR and export DIR/url)"
+        )
+    });
+    let name = format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap_or_else(|e| panic!("connecting to {admin}: {e}"));
+    let task = tokio::spawn(connection);
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("creating the test database");
+    drop(client);
+    let _ = task.await;
+    match admin.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => panic!("HERALD_TEST_DATABASE_URL must end with /<database>: {admin}"),
+    }
+}

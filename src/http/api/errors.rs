@@ -202,6 +202,17 @@ impl From<crate::controller::identify::IdentifyError> for ApiError {
     }
 }
 
+/// Errors of the history store: unreachable is 503 (retry), anything else 500.
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        if e.is_unavailable() {
+            ApiError::Unavailable { message: e.to_string(), retry_after: 5 }
+        } else {
+            ApiError::Internal(e.to_string())
+        }
+    }
+}
+
 impl From<kube::Error> for ApiError {
     fn from(e: kube::Error) -> Self {
         match &e {

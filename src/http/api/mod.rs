@@ -6,6 +6,7 @@ pub mod auth;
 pub mod errors;
 pub mod idempotency;
 pub mod index;
+pub mod messages;
 pub mod objects;
 pub mod ratelimit;
 pub mod runs;
@@ -92,6 +93,10 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/tenants/{id}", put(tenants::put).get(tenants::get).delete(tenants::delete))
         .route("/v1/workflow_runs/{id}", get(runs::workflow_run))
         .route("/v1/workflow_recipient_runs/{id}", get(runs::recipient_run))
+        .route("/v1/messages", get(messages::list))
+        .route("/v1/messages/{message_id}", get(messages::get))
+        .route("/v1/users/{user_id}/messages", get(messages::for_user))
+        .route("/v1/objects/{collection}/{id}/messages", get(messages::for_object))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(api)
 }
@@ -119,6 +124,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/tenants/{id}"),
     ("get", "/v1/workflow_runs/{id}"),
     ("get", "/v1/workflow_recipient_runs/{id}"),
+    ("get", "/v1/messages"),
+    ("get", "/v1/messages/{message_id}"),
+    ("get", "/v1/users/{user_id}/messages"),
+    ("get", "/v1/objects/{collection}/{id}/messages"),
 ];
 
 impl FromRequestParts<Arc<Api>> for Caller {
