@@ -284,7 +284,6 @@ async fn a_delay_survives_an_operator_restart_and_resumes_on_time() {
     let name = trigger(&ns, json!({"workflow": "later", "recipients": ["user_1"]})).await;
 
     // The wake time is in the saved status before anything is sent.
-    let pages = ns.api::<RecipientPage>();
     let runs = ns.api::<TriggerRun>();
     let wake_at: jiff::Timestamp = wait_for("the delay's wakeAt in status", Duration::from_secs(30), || async {
         let status = runs.get(&name).await.ok()?.status?;

@@ -20,8 +20,8 @@ use herald::resources::{Channel, RecipientPage, TriggerRun, User, Workflow};
 use kube::api::PostParams;
 use serde_json::json;
 
-/// The writes a trigger may cost (issue 11): its TriggerRun, at most one
-/// status write, and one more (the recipient run ids the API finds it by).
+/// The writes a trigger may cost (issue 11): its TriggerRun, the recipient
+/// run ids the API finds its records by (an annotation), one status write.
 const MAX_WRITES: usize = 3;
 
 fn is_write(method: &str) -> bool {
@@ -119,7 +119,7 @@ async fn a_single_recipient_one_step_trigger_costs_at_most_three_writes() {
 }
 
 #[tokio::test]
-async fn a_failed_run_still_gets_a_warning_event_within_the_budget() {
+async fn a_failed_run_costs_one_write_more_its_warning_event() {
     let (client, log) = recording_client().await;
     let h = Herald::start_on(client, |_| {}).await;
     let receiver = receivers::HttpReceiver::start().await;

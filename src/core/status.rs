@@ -657,11 +657,12 @@ mod tests {
         one.collection = None;
         one.via = Some("direct".into());
         let refs = ["notify"];
+        let one_page = |n: usize| Layout::Pages(std::iter::once(0..n).collect());
         assert_eq!(plan_layout(std::slice::from_ref(&one), &refs, 2048, 500), Layout::Inline);
         assert_eq!(plan_layout(&vec![one.clone(); INLINE_RECIPIENTS], &refs, 2048, 500), Layout::Inline);
         // One more recipient, or a run whose spec and workflow leave no room: pages.
-        assert_eq!(plan_layout(&vec![one.clone(); INLINE_RECIPIENTS + 1], &refs, 2048, 500), Layout::Pages(vec![0..INLINE_RECIPIENTS + 1]));
-        assert_eq!(plan_layout(std::slice::from_ref(&one), &refs, PAGE_BUDGET - INLINE_BUDGET + 1, 500), Layout::Pages(vec![0..1]));
+        assert_eq!(plan_layout(&vec![one.clone(); INLINE_RECIPIENTS + 1], &refs, 2048, 500), one_page(INLINE_RECIPIENTS + 1));
+        assert_eq!(plan_layout(std::slice::from_ref(&one), &refs, PAGE_BUDGET - INLINE_BUDGET + 1, 500), one_page(1));
         // Records that could outgrow the budget (the widest ids and steps the limits allow): pages.
         use crate::resources::workflow::{MAX_STEPS, MAX_STEP_REF_CHARS};
         let long: Vec<String> = (0..MAX_STEPS).map(|i| format!("{i:02}{}", widest(MAX_STEP_REF_CHARS - 2))).collect();
