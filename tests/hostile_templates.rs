@@ -47,7 +47,8 @@ async fn finished(ns: &TestNamespace, name: &str) -> (TriggerRun, HashMap<String
     })
     .await;
     let pages = ns.api::<RecipientPage>();
-    let mut recipients = HashMap::new();
+    // A small run keeps its records inline; a large one on pages.
+    let mut recipients: HashMap<String, RecipientStatus> = run.status.as_ref().unwrap().recipients.iter().map(|r| (r.recipient.clone(), r.clone())).collect();
     for page in &run.status.as_ref().unwrap().pages {
         for r in pages.get(page).await.unwrap().status.unwrap_or_default().recipients {
             recipients.insert(r.recipient.clone(), r);

@@ -1,7 +1,8 @@
 //! Run and recipient states, and the per-recipient status shapes: plain data
-//! that the core plans and the resources store. Also how recipients are
-//! split into pages, and compacted when saved, so that a page always fits
-//! etcd's request limit.
+//! that the core plans and the resources store. Also where a run keeps its
+//! recipients' records (inline in the run when it is small, else in pages),
+//! and how they are compacted when saved, so that a page always fits etcd's
+//! request limit.
 
 use std::ops::Range;
 
@@ -417,15 +418,11 @@ pub fn minimal_bound(recipient: &RecipientStatus, step_refs: &[&str]) -> usize {
 /// [`minimal_bound`] for steps with these refs. Many steps (or long ids)
 /// make pages smaller. Every page holds at least one recipient.
 pub fn plan_pages(recipients: &[RecipientStatus], step_refs: &[&str], max: usize, budget: usize) -> Vec<Range<usize>> {
-    // The steps are the same for every recipient: measured once. `steps`
-    // is a record's last field, so it adds `,"steps":[...]` to the rest.
-    let steps: Vec<StepStatus> = step_refs.iter().map(|r| widest_minimal_step(r)).collect();
-    let steps_size = if steps.is_empty() { 0 } else { r#","steps":"#.len() + stored_size(&steps) };
+    let bounds = minimal_bounds(recipients, step_refs);
     let mut pages = Vec::new();
     let mut start = 0;
     let mut size = 2; // []
-    for (i, recipient) in recipients.iter().enumerate() {
-        let bound = stored_size(&widest_minimal(recipient)) + steps_size + 1; // and a comma
+    for (i, bound) in bounds.enumerate() {
         if i > start && (i - start >= max.max(1) || size + bound > budget) {
             pages.push(start..i);
             start = i;
@@ -437,6 +434,47 @@ pub fn plan_pages(recipients: &[RecipientStatus], step_refs: &[&str], max: usize
         pages.push(start..recipients.len());
     }
     pages
+}
+
+/// Each record's [`minimal_bound`] in a list (with its comma).
+fn minimal_bounds<'a>(recipients: &'a [RecipientStatus], step_refs: &[&str]) -> impl Iterator<Item = usize> + 'a {
+    // The steps are the same for every recipient: measured once. `steps`
+    // is a record's last field, so it adds `,"steps":[...]` to the rest.
+    let steps: Vec<StepStatus> = step_refs.iter().map(|r| widest_minimal_step(r)).collect();
+    let steps_size = if steps.is_empty() { 0 } else { r#","steps":"#.len() + stored_size(&steps) };
+    recipients.iter().map(move |r| stored_size(&widest_minimal(r)) + steps_size + 1)
+}
+
+/// Recipients a run keeps inline, in its own status, at most: a small run
+/// needs no RecipientPage (and none of its writes).
+pub const INLINE_RECIPIENTS: usize = 10;
+/// The most a run's inline records may take as stored (they share the
+/// run's object with its spec and the Workflow it was accepted with).
+pub const INLINE_BUDGET: usize = 64 * 1024;
+
+/// Where a run keeps its recipients' records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// In the run's own status, saved with the run's status writes.
+    Inline,
+    /// In RecipientPages holding these ranges of the recipients, in order.
+    Pages(Vec<Range<usize>>),
+}
+
+/// Plans where a run's recipients are kept. Inline when there are at most
+/// [`INLINE_RECIPIENTS`], their records fit [`INLINE_BUDGET`] at
+/// [`Detail::Minimal`] whatever their deliveries record (as pages are
+/// planned), and the run's other content (`run_size`: its spec and status
+/// without records, as stored) leaves that budget room under
+/// [`PAGE_BUDGET`]; in pages of at most `page_max` otherwise.
+pub fn plan_layout(recipients: &[RecipientStatus], step_refs: &[&str], run_size: usize, page_max: usize) -> Layout {
+    let inline =
+        recipients.len() <= INLINE_RECIPIENTS && run_size.saturating_add(INLINE_BUDGET) <= PAGE_BUDGET && 2 + minimal_bounds(recipients, step_refs).sum::<usize>() <= INLINE_BUDGET;
+    if inline {
+        Layout::Inline
+    } else {
+        Layout::Pages(plan_pages(recipients, step_refs, page_max, PAGE_BUDGET))
+    }
 }
 
 #[cfg(test)]
@@ -610,6 +648,32 @@ mod tests {
         for state in [StepState::Running, StepState::Waiting, StepState::Skipped, StepState::Failed, StepState::Cancelled] {
             assert!(stored_size(&state) <= stored_size(&StepState::Completed));
         }
+    }
+
+    #[test]
+    fn small_runs_keep_their_records_inline() {
+        let mut one = worst_record(&["notify".to_string()]);
+        one.recipient = "user_1".into();
+        one.collection = None;
+        one.via = Some("direct".into());
+        let refs = ["notify"];
+        let one_page = |n: usize| Layout::Pages(std::iter::once(0..n).collect());
+        assert_eq!(plan_layout(std::slice::from_ref(&one), &refs, 2048, 500), Layout::Inline);
+        assert_eq!(plan_layout(&vec![one.clone(); INLINE_RECIPIENTS], &refs, 2048, 500), Layout::Inline);
+        // One more recipient, or a run whose spec and workflow leave no room: pages.
+        assert_eq!(plan_layout(&vec![one.clone(); INLINE_RECIPIENTS + 1], &refs, 2048, 500), one_page(INLINE_RECIPIENTS + 1));
+        assert_eq!(plan_layout(std::slice::from_ref(&one), &refs, PAGE_BUDGET - INLINE_BUDGET + 1, 500), one_page(1));
+        // Records that could outgrow the budget (the widest ids and steps the limits allow): pages.
+        use crate::resources::workflow::{MAX_STEPS, MAX_STEP_REF_CHARS};
+        let long: Vec<String> = (0..MAX_STEPS).map(|i| format!("{i:02}{}", widest(MAX_STEP_REF_CHARS - 2))).collect();
+        let long_refs: Vec<&str> = long.iter().map(String::as_str).collect();
+        let worst = worst_record(&long);
+        assert!(matches!(plan_layout(&vec![worst; 3], &long_refs, 2048, 500), Layout::Pages(_)));
+        // Whatever inline records recorded, saved at the budget they fit it.
+        let mut busy = one.clone();
+        busy.steps[0].message = Some(widest(1 << 16));
+        let (saved, _) = fit_page(&vec![busy; INLINE_RECIPIENTS], INLINE_BUDGET);
+        assert!(stored_size(&saved) <= INLINE_BUDGET);
     }
 
     #[test]

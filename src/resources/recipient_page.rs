@@ -15,9 +15,11 @@ use crate::core::status::RecipientStatus;
 /// `kubectl get rp -l herald.dev/workflow-run-id=<id>`.
 pub const WORKFLOW_RUN_ID_LABEL: &str = "herald.dev/workflow-run-id";
 /// The annotation that holds the recipient run ids of a page's recipients,
-/// in order, set when the page is created (they never change): what the
-/// API's index reads from a metadata-only watch to find a recipient run by
-/// id without reading pages' status. 32 hex digits an id, no separator.
+/// in order, set when the page is created (they never change); a TriggerRun
+/// that keeps its records inline (no pages) carries it too, for its own
+/// recipients. What the API's index reads from a metadata-only watch to find
+/// a recipient run by id without reading status. 32 hex digits an id, no
+/// separator.
 pub const RECIPIENT_RUN_IDS_ANNOTATION: &str = "herald.dev/recipient-run-ids";
 
 /// The [`RECIPIENT_RUN_IDS_ANNOTATION`] of these recipients.

@@ -14,7 +14,7 @@ use crate::core::status::{RecipientTotals, RunState};
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
-    doc = "One trigger of a Workflow (Knock's trigger call): who did it, who to notify, the data. status records the run; per-recipient status lives in its RecipientPages.",
+    doc = "One trigger of a Workflow (Knock's trigger call): who did it, who to notify, the data. status records the run; per-recipient status is in status.recipients for small runs (up to 10 recipients), else in its RecipientPages.",
     version = "v1alpha1",
     kind = "TriggerRun",
     namespaced,
@@ -73,8 +73,9 @@ fn recipients_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
-/// The observed state of a TriggerRun. Per-recipient detail lives in the
-/// RecipientPage objects listed in `pages` (owned by this run).
+/// The observed state of a TriggerRun. Per-recipient detail is in
+/// `recipients` for a small run, else in the RecipientPage objects listed in
+/// `pages` (owned by this run); never both.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TriggerRunStatus {
@@ -93,9 +94,12 @@ pub struct TriggerRunStatus {
     /// Recipient counts by state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totals: Option<RecipientTotals>,
-    /// Names of the RecipientPage objects holding every recipient's status, in order.
+    /// Names of the RecipientPage objects holding every recipient's status, in order (runs of more than 10 recipients).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pages: Vec<String>,
+    /// Every recipient's status, in order, for a run small enough to keep them here (up to 10 recipients; no pages then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<crate::core::status::RecipientStatus>,
     /// The Workflow as the run was accepted with it: the run follows these
     /// steps to the end, even if the Workflow is edited meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]

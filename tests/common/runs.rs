@@ -51,10 +51,10 @@ pub async fn finished(ns: &TestNamespace, name: &str) -> TriggerRun {
     .await
 }
 
-/// Every recipient's status, in order, from the run's pages.
+/// Every recipient's status, in order: inline in the run (small runs), else from its pages.
 pub async fn recipients(ns: &TestNamespace, run: &TriggerRun) -> Vec<RecipientStatus> {
     let api = ns.api::<RecipientPage>();
-    let mut out = Vec::new();
+    let mut out = run.status.as_ref().unwrap().recipients.clone();
     for page in &run.status.as_ref().unwrap().pages {
         out.extend(api.get(page).await.unwrap().status.unwrap().recipients);
     }

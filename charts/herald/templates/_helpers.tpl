@@ -103,6 +103,7 @@ What herald does in the namespaces it watches, and nothing more:
 - reads every herald kind (watch caches, the API);
 - writes status of Workflows, TriggerRuns, RecipientPages and Channels (server-side apply);
 - creates TriggerRuns and Cancellations (the API) and deletes them (TTL, retention);
+- patches a small TriggerRun's metadata once (the recipient run ids the API finds its inline records by);
 - creates and updates RecipientPages (server-side apply) and deletes them with their run;
 - creates, updates and deletes Users, Objects and Tenants (inline identify, the API);
 - publishes Events (kube-runtime's Recorder: events.k8s.io/v1; core events for older clients);
@@ -114,7 +115,10 @@ What herald does in the namespaces it watches, and nothing more:
   resources: [workflows, audiences, channels]
   verbs: [get, list, watch]
 - apiGroups: [herald.dev]
-  resources: [triggerruns, cancellations]
+  resources: [triggerruns]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [herald.dev]
+  resources: [cancellations]
   verbs: [get, list, watch, create, delete]
 - apiGroups: [herald.dev]
   resources: [recipientpages]

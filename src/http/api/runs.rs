@@ -8,23 +8,26 @@
 //! the API's [`RunIndex`](super::index::RunIndex) (in memory, fed by
 //! metadata-only watches; its cost is in its docs), then read by name and
 //! checked. Per call: a run is one `get` of the TriggerRun and one of each
-//! RecipientPage the requested entries are on (one or two: a page holds up
-//! to 500 recipients, fewer for workflows with many steps); a recipient run
-//! is a `get` of its page and one of its run.
+//! RecipientPage the requested entries are on (none for a small run, which
+//! keeps its records inline; else one or two: a page holds up to 500
+//! recipients, fewer for workflows with many steps); a recipient run is a
+//! `get` of its page and one of its run, or of its run alone.
 //!
 //! A run's recipients come in Knock's list shape, `recipient_runs: {entries,
 //! page_info}`: `?page_size=` entries (1 to 50, default 50, as Knock), from
 //! the `?after=` cursor on, or those just before the `?before=` cursor.
 //! `page_info.after` and `page_info.before` are the cursors of the next and
 //! the previous entries, null at the ends. A cursor is a position in the
-//! run's recipients (`<page>.<offset>`; treat it as opaque): recipients
-//! never move between pages, so cursors stay valid while the run goes on.
+//! run's recipients (`<page>.<offset>`, a run's inline records being its one
+//! page; treat it as opaque): recipients never move between pages, so
+//! cursors stay valid while the run goes on.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
+use kube::core::ObjectMeta;
 use kube::ResourceExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -32,6 +35,7 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::errors::{ApiError, FieldError};
+use super::index::Holder;
 use super::{created_at, updated_at, Api, Params, QueryParams};
 use crate::core::model::{parse_recipient, parse_tenant, RecipientKey};
 use crate::core::status::{RecipientState, RecipientStatus, StepState};
@@ -89,7 +93,8 @@ fn events(recipient: &RecipientStatus) -> Vec<Value> {
 }
 
 /// One recipient's run, in Knock's shape plus herald's detail.
-fn recipient_run_json(run: Option<&TriggerRun>, run_id: &str, page: &RecipientPage, recipient: &RecipientStatus, detail: bool) -> Value {
+/// `holder`: the page or run the record is in (its last write is the record's `updated_at`).
+fn recipient_run_json(run: Option<&TriggerRun>, run_id: &str, holder: &ObjectMeta, recipient: &RecipientStatus, detail: bool) -> Value {
     let mut out = json!({
         "__typename": "WorkflowRecipientRun",
         "id": recipient.recipient_run_id,
@@ -101,7 +106,7 @@ fn recipient_run_json(run: Option<&TriggerRun>, run_id: &str, page: &RecipientPa
         "message": recipient.message,
         "via": recipient.via,
         "error_count": recipient.steps.iter().filter(|s| s.state == StepState::Failed).count() + usize::from(recipient.state == RecipientState::Failed && recipient.steps.is_empty()),
-        "updated_at": updated_at(&page.metadata),
+        "updated_at": updated_at(holder),
     });
     if let Some(run) = run {
         out["workflow"] = json!(run.spec.workflow);
@@ -184,26 +189,52 @@ fn read_query(query: &RunQuery) -> Result<(usize, Direction), ApiError> {
     Ok((size, before.map_or(Direction::After(after.unwrap_or(Position::START)), Direction::Before)))
 }
 
-/// The pages of one run, read (once each) as the entries asked for need them.
-struct RunPages<'a> {
-    api: kube::Api<RecipientPage>,
-    names: &'a [String],
-    read: Vec<Option<Option<RecipientPage>>>,
+/// Recipient records as read from what holds them: a page, or a run that
+/// keeps them inline.
+struct Records {
+    meta: ObjectMeta,
+    recipients: Vec<RecipientStatus>,
 }
 
-impl RunPages<'_> {
+impl Records {
+    fn of_page(page: RecipientPage) -> Records {
+        Records { meta: page.metadata, recipients: page.status.map(|s| s.recipients).unwrap_or_default() }
+    }
+
+    fn of_run(run: &TriggerRun) -> Records {
+        Records { meta: run.metadata.clone(), recipients: run.status.as_ref().map(|s| s.recipients.clone()).unwrap_or_default() }
+    }
+}
+
+/// The pages of one run, read (once each) as the entries asked for need
+/// them; a run that keeps its records inline is its own one page.
+struct RunPages {
+    api: kube::Api<RecipientPage>,
+    names: Vec<String>,
+    read: Vec<Option<Option<Records>>>,
+}
+
+impl RunPages {
+    fn of(api: kube::Api<RecipientPage>, run: &TriggerRun) -> RunPages {
+        let status = run.status.clone().unwrap_or_default();
+        if status.pages.is_empty() && !status.recipients.is_empty() {
+            return RunPages { api, names: vec![run.name_any()], read: vec![Some(Some(Records::of_run(run)))] };
+        }
+        RunPages { api, read: status.pages.iter().map(|_| None).collect(), names: status.pages }
+    }
+
     /// Page `index`; None past the last page or when it is gone.
-    async fn get(&mut self, index: usize) -> Result<Option<&RecipientPage>, ApiError> {
+    async fn get(&mut self, index: usize) -> Result<Option<&Records>, ApiError> {
         let Some(name) = self.names.get(index) else { return Ok(None) };
         if self.read[index].is_none() {
-            self.read[index] = Some(self.api.get_opt(name).await?);
+            self.read[index] = Some(self.api.get_opt(name).await?.map(Records::of_page));
         }
         Ok(self.read[index].as_ref().and_then(Option::as_ref))
     }
 
     /// How many recipients page `index` holds (0 when it is gone).
     async fn len(&mut self, index: usize) -> Result<usize, ApiError> {
-        Ok(self.get(index).await?.map_or(0, |p| recipients(p).len()))
+        Ok(self.get(index).await?.map_or(0, |p| p.recipients.len()))
     }
 
     /// `at`, checked against the run's pages (a cursor from the client), and
@@ -222,22 +253,18 @@ impl RunPages<'_> {
     }
 }
 
-fn recipients(page: &RecipientPage) -> &[RecipientStatus] {
-    page.status.as_ref().map(|s| s.recipients.as_slice()).unwrap_or_default()
-}
-
 /// Up to `size` entries from `from` on, and where the next ones start
 /// (None at the end).
-async fn read_after(pages: &mut RunPages<'_>, uid: &str, from: Position, size: usize) -> Result<(Vec<Value>, Option<Position>), ApiError> {
+async fn read_after(pages: &mut RunPages, uid: &str, from: Position, size: usize) -> Result<(Vec<Value>, Option<Position>), ApiError> {
     let mut entries = Vec::new();
     let mut at = from;
     while entries.len() < size && at.page < pages.names.len() {
         if let Some(page) = pages.get(at.page).await? {
-            let slice = recipients(page).get(at.offset..).unwrap_or_default();
+            let slice = page.recipients.get(at.offset..).unwrap_or_default();
             let taken = slice.len().min(size - entries.len());
-            entries.extend(slice[..taken].iter().map(|r| recipient_run_json(None, uid, page, r, false)));
+            entries.extend(slice[..taken].iter().map(|r| recipient_run_json(None, uid, &page.meta, r, false)));
             at.offset += taken;
-            if at.offset < recipients(page).len() {
+            if at.offset < page.recipients.len() {
                 break;
             }
         }
@@ -247,7 +274,7 @@ async fn read_after(pages: &mut RunPages<'_>, uid: &str, from: Position, size: u
 }
 
 /// Up to `size` entries just before `end`, in order, and where they start.
-async fn read_before(pages: &mut RunPages<'_>, uid: &str, end: Position, size: usize) -> Result<(Vec<Value>, Position), ApiError> {
+async fn read_before(pages: &mut RunPages, uid: &str, end: Position, size: usize) -> Result<(Vec<Value>, Position), ApiError> {
     let mut chunks: Vec<Vec<Value>> = Vec::new();
     let mut count = 0;
     let mut at = end;
@@ -258,9 +285,9 @@ async fn read_before(pages: &mut RunPages<'_>, uid: &str, end: Position, size: u
         }
         let Some(page) = pages.get(at.page).await? else { break };
         let start = at.offset - at.offset.min(size - count);
-        let slice = recipients(page).get(start..at.offset).unwrap_or_default();
+        let slice = page.recipients.get(start..at.offset).unwrap_or_default();
         count += slice.len();
-        chunks.push(slice.iter().map(|r| recipient_run_json(None, uid, page, r, false)).collect());
+        chunks.push(slice.iter().map(|r| recipient_run_json(None, uid, &page.meta, r, false)).collect());
         at.offset = start;
     }
     Ok((chunks.into_iter().rev().flatten().collect(), at))
@@ -279,7 +306,7 @@ pub async fn workflow_run(State(api): State<Arc<Api>>, caller: Caller, Params(id
     // The name may since belong to another run: the uid decides.
     let run = api.kube::<TriggerRun>(&caller.namespace).get_opt(&name).await?.filter(|r| r.uid().as_deref() == Some(uid.as_str())).ok_or_else(missing)?;
     let status = run.status.clone().unwrap_or_default();
-    let mut pages = RunPages { api: api.kube::<RecipientPage>(&caller.namespace), names: &status.pages, read: vec![None; status.pages.len()] };
+    let mut pages = RunPages::of(api.kube::<RecipientPage>(&caller.namespace), &run);
     let (entries, after, before) = match direction {
         Direction::After(from) => {
             let from = pages.check("after", from).await?;
@@ -289,7 +316,7 @@ pub async fn workflow_run(State(api): State<Arc<Api>>, caller: Caller, Params(id
         Direction::Before(end) => {
             let end = pages.check("before", end).await?;
             let (entries, start) = read_before(&mut pages, &uid, end, size).await?;
-            (entries, (end.page < status.pages.len()).then_some(end), (start != Position::START).then_some(start))
+            (entries, (end.page < pages.names.len()).then_some(end), (start != Position::START).then_some(start))
         }
     };
     Ok(Json(json!({
@@ -330,14 +357,24 @@ pub async fn recipient_run(State(api): State<Arc<Api>>, caller: Caller, Params(i
     let wanted = parse_id(&id)?;
     let missing = || ApiError::not_found("resource_missing", format!("workflow recipient run {id} not found"));
     index_ready(&api).await?;
-    let (page_name, position) = api.index.recipient(&caller.namespace, &wanted).ok_or_else(missing)?;
-    let page = api.kube::<RecipientPage>(&caller.namespace).get_opt(&page_name).await?.ok_or_else(missing)?;
+    let (holder, position) = api.index.recipient(&caller.namespace, &wanted).ok_or_else(missing)?;
+    let runs = api.kube::<TriggerRun>(&caller.namespace);
+    let (records, run) = match holder {
+        Holder::Page(name) => {
+            let page = api.kube::<RecipientPage>(&caller.namespace).get_opt(&name).await?.ok_or_else(missing)?;
+            let run = runs.get_opt(&page.spec.trigger_run).await?;
+            (Records::of_page(page), run)
+        }
+        Holder::Run(name) => {
+            let run = runs.get_opt(&name).await?.ok_or_else(missing)?;
+            (Records::of_run(&run), Some(run))
+        }
+    };
     let wanted = wanted.to_string();
-    let all = recipients(&page);
+    let all = &records.recipients;
     let recipient = all.get(position).filter(|r| r.recipient_run_id == wanted).or_else(|| all.iter().find(|r| r.recipient_run_id == wanted)).ok_or_else(missing)?;
-    let run = api.kube::<TriggerRun>(&caller.namespace).get_opt(&page.spec.trigger_run).await?;
     let run_id = run.as_ref().and_then(|r| r.uid()).unwrap_or_default();
-    Ok(Json(recipient_run_json(run.as_ref(), &run_id, &page, recipient, true)))
+    Ok(Json(recipient_run_json(run.as_ref(), &run_id, &records.meta, recipient, true)))
 }
 
 #[cfg(test)]

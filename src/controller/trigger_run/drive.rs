@@ -1,0 +1,399 @@
+//! Driving a run: every unfinished recipient through its steps (at most
+//! --run-concurrency at once), checkpointing their records, stopping at a
+//! Cancellation, and the run's outcome.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::ListParams;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+use uuid::Uuid;
+
+use super::acceptance::{overlay_inline, parse_trigger, tenant_record};
+use super::records::Page;
+use super::{run_id, until, Reconciler, CHECKPOINT_EVERY, CHECKPOINT_INTERVAL};
+use crate::controller::delivery::Fenced;
+use crate::controller::identify;
+use crate::controller::lenient::Lenient;
+use crate::controller::workflow::find_by_key;
+use crate::controller::{conditions, directory, Context, Error};
+use crate::core::execution::{self, ChannelTypes, Next, RecipientContext, RunContext};
+use crate::core::expansion;
+use crate::core::expansion::Directory;
+use crate::core::history::{MessageRecord, MessageSource};
+use crate::core::model::{JsonObject, RecipientInput, RecipientKey};
+use crate::core::status::{self as run_status, RecipientState, RecipientStatus, RunState};
+use crate::core::templates::CompiledTemplates;
+use crate::resources::{Cancellation, TriggerRunStatus, WorkflowSnapshot};
+
+impl Reconciler<'_> {
+    /// Which recipients these Cancellations cover for this run: None, all, or some.
+    fn covered_by<'c>(&self, cancellations: impl Iterator<Item = &'c Cancellation>) -> Cancelled {
+        let Some(key) = self.run.spec.cancellation_key.as_deref() else { return Cancelled::None };
+        let retention = SignedDuration::from_secs(self.ctx.settings.cancellation_retention_seconds.max(0));
+        let now = Timestamp::now();
+        let mut some = HashSet::new();
+        for c in cancellations {
+            if c.namespace().as_deref() != Some(self.namespace.as_str()) || c.spec.workflow != self.run.spec.workflow || c.spec.cancellation_key != key {
+                continue;
+            }
+            let live = c.metadata.creation_timestamp.as_ref().is_none_or(|t| t.0.checked_add(retention).is_ok_and(|end| end > now));
+            if !live {
+                continue;
+            }
+            if c.spec.recipients.is_empty() {
+                return Cancelled::All;
+            }
+            some.extend(c.spec.recipients.iter().filter_map(|r| expansion::parse_reference(r).ok()));
+        }
+        if some.is_empty() {
+            Cancelled::None
+        } else {
+            Cancelled::Some(some)
+        }
+    }
+
+    /// The Cancellations for this run in the watch cache: checked before every
+    /// recipient's every step, so a cancel stops a run in progress at once.
+    fn cancellation(&self) -> Cancelled {
+        if self.run.spec.cancellation_key.is_none() {
+            return Cancelled::None;
+        }
+        let cached = self.ctx.stores.cancellations.state();
+        self.covered_by(cached.iter().map(|c| c.as_ref()))
+    }
+
+    /// The Cancellations for this run as the apiserver has them now, read
+    /// once when the run is accepted: a cancel stored just before its trigger
+    /// applies even if the watch cache has not seen it yet.
+    async fn stored_cancellation(&self) -> Result<Cancelled, Error> {
+        if self.run.spec.cancellation_key.is_none() {
+            return Ok(Cancelled::None);
+        }
+        let api: Api<Lenient<Cancellation>> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let listed = api.list(&ListParams::default()).await?;
+        let valid: Vec<Arc<Cancellation>> = listed.items.iter().filter_map(|l| l.valid().cloned()).collect();
+        Ok(self.covered_by(valid.iter().map(|c| c.as_ref())))
+    }
+
+    /// Takes every unfinished recipient as far as it can go, page by page,
+    /// saving each page that changed, then the run's totals.
+    /// `directory`: the one acceptance built (it may hold what the watch
+    /// cache does not have yet); later reconciles build it from the cache.
+    pub(super) async fn execute(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>, directory: Option<Directory>) -> Result<Action, Error> {
+        let generation = self.run.metadata.generation;
+        let key = &self.run.spec.workflow;
+        let Some(workflow) = find_by_key(self.ctx, &self.namespace, key) else {
+            return self.fail_unfinished(status, pages, "WorkflowNotFound", &format!("Workflow `{key}` was deleted")).await;
+        };
+        // The run follows the Workflow as it was accepted; runs accepted
+        // before herald kept that snapshot follow the current one.
+        let snapshot = status.workflow_spec.clone().unwrap_or_else(|| WorkflowSnapshot::of(&workflow));
+        let live = self.ctx.workflows.get(&workflow);
+        let edited;
+        let templates = if Some(snapshot.generation) == workflow.metadata.generation {
+            match live.as_ref() {
+                Ok(compiled) => &compiled.templates,
+                Err(message) => return self.fail_unfinished(status, pages, "WorkflowInvalid", message).await,
+            }
+        } else {
+            // The Workflow was edited since: compile the steps this run follows (they compiled when it was accepted).
+            edited = match CompiledTemplates::compile(&snapshot.steps) {
+                Ok(templates) => templates,
+                Err(e) => return self.fail_unfinished(status, pages, "WorkflowInvalid", &e.to_string()).await,
+            };
+            &edited
+        };
+        let trigger = match parse_trigger(self.run) {
+            Ok(t) => t,
+            Err(refusal) => return self.fail_unfinished(status, pages, refusal.reason, &refusal.message).await,
+        };
+
+        let directory_given = directory.is_some();
+        let mut directory = directory.unwrap_or_else(|| directory::build(&self.ctx.stores, &self.namespace));
+        overlay_inline(&mut directory, &trigger);
+        let trigger_data: HashMap<RecipientKey, &JsonObject> = trigger
+            .recipients
+            .iter()
+            .filter_map(|r| match r {
+                RecipientInput::Inline(i) if !i.trigger_data.is_empty() => Some((i.key.clone(), &i.trigger_data)),
+                _ => None,
+            })
+            .collect();
+        let tenant = trigger.tenant.as_ref().map(|t| tenant_record(self.ctx, &self.namespace, t));
+        let actor = trigger.actor.as_ref().map(|a| identify::actor_view(&directory, a.key()));
+        let channels = NamespaceChannels::new(self.ctx, &self.namespace);
+        let run_context = RunContext {
+            workflow_key: key,
+            categories: &snapshot.categories,
+            override_preferences: snapshot.override_preferences,
+            steps: &snapshot.steps,
+            templates,
+            workflow_run_id: run_id(self.run),
+            data: &trigger.data,
+            actor,
+            tenant: tenant.as_ref(),
+        };
+        // Each recipient checks the watch cache before every step (`drive`); a
+        // run just accepted (`directory` given) also reads what the apiserver
+        // stores now, which the cache may not have yet.
+        let cancelled = if directory_given { self.stored_cancellation().await? } else { Cancelled::None };
+
+        let mut next_wake: Option<Timestamp> = None;
+        // Every unfinished recipient of every page, in order, at most
+        // --run-concurrency at once: a slow recipient holds up no other page.
+        let pending: Vec<(usize, usize, RecipientStatus)> = pages
+            .iter()
+            .enumerate()
+            .flat_map(|(p, page)| page.recipients.iter().enumerate().filter(|(_, r)| !r.state.is_finished()).map(move |(i, r)| (p, i, r.clone())))
+            .collect();
+        let mut remaining = vec![0usize; pages.len()];
+        for (p, _, _) in &pending {
+            remaining[*p] += 1;
+        }
+        let mut results = futures::stream::iter(pending)
+            .map(|(p, i, mut recipient_status)| {
+                let recipient_key = recipient_status.key();
+                let is_cancelled = cancelled.covers(&recipient_key);
+                let run_context = &run_context;
+                let directory = &directory;
+                let channels = &channels;
+                let trigger_data = trigger_data.get(&recipient_key).copied();
+                async move {
+                    let via = recipient_status.via.as_deref().and_then(expansion::Via::parse);
+                    let recipient = RecipientContext {
+                        key: &recipient_key,
+                        recipient_run_id: Uuid::parse_str(&recipient_status.recipient_run_id).unwrap_or_default(),
+                        user: match &recipient_key {
+                            RecipientKey::User(id) => directory.user(id),
+                            RecipientKey::Object { .. } => None,
+                        },
+                        object: match &recipient_key {
+                            RecipientKey::Object { collection, id } => directory.object(collection, id),
+                            RecipientKey::User(_) => None,
+                        },
+                        trigger_data,
+                        subscription: via.as_ref().and_then(|v| expansion::subscription(directory, v, &recipient_key)),
+                    };
+                    let wake = self.drive(run_context, &recipient, channels, &mut recipient_status, is_cancelled).await;
+                    (p, i, recipient_status, wake)
+                }
+            })
+            .buffer_unordered(self.ctx.settings.run_concurrency.max(1));
+        // Checkpoints: the changed records are saved after CHECKPOINT_EVERY
+        // changed recipients or CHECKPOINT_INTERVAL, whichever comes first,
+        // while deliveries go on (one save in flight at a time). A crash loses
+        // at most the outcomes recorded since the last save; those recipients
+        // are sent again, with the same Idempotency-Key. When a page finishes
+        // while others go on, the save also updates the run's totals, so that
+        // `kubectl get tr` stays current during long runs. Inline records are
+        // saved with the run's status; a run accepted in memory (a small run)
+        // is saved at the first checkpoint, or with its outcome if it finishes
+        // before: then its status is written once.
+        let mut changed_pages = std::collections::BTreeSet::new();
+        let mut unsaved = 0usize;
+        let mut totals_due = false;
+        let mut status_due = !self.is_saved(&status);
+        let mut last_save = tokio::time::Instant::now();
+        let mut saving: Option<futures::future::BoxFuture<'_, Result<(), Error>>> = None;
+        loop {
+            tokio::select! {
+                next = results.next() => match next {
+                    Some((p, i, new_status, wake)) => {
+                        // Leadership could not be confirmed: stop here, record nothing more
+                        // (the next leader resumes from the last checkpoint).
+                        let Ok(wake) = wake else {
+                            tracing::warn!("stopping the run: this replica can no longer confirm it leads");
+                            return Err(Error::Fenced);
+                        };
+                        if let Some(w) = wake {
+                            next_wake = Some(next_wake.map_or(w, |n| n.min(w)));
+                        }
+                        if pages[p].recipients[i] != new_status {
+                            pages[p].recipients[i] = new_status;
+                            changed_pages.insert(p);
+                            unsaved += 1;
+                        }
+                        remaining[p] -= 1;
+                        totals_due |= remaining[p] == 0 && remaining.iter().any(|r| *r > 0);
+                    }
+                    None => break,
+                },
+                saved = async { saving.as_mut().expect("polled only while a save is in flight").await }, if saving.is_some() => {
+                    saving = None;
+                    saved?;
+                }
+                _ = tokio::time::sleep_until(last_save + CHECKPOINT_INTERVAL), if (unsaved > 0 || status_due) && saving.is_none() => {}
+            }
+            let checkpoint = (unsaved > 0 || status_due) && (unsaved >= CHECKPOINT_EVERY || last_save.elapsed() >= CHECKPOINT_INTERVAL);
+            if saving.is_none() && (checkpoint || totals_due) {
+                let changed = std::mem::take(&mut changed_pages);
+                let inline_changed = changed.iter().any(|p| pages[*p].is_inline());
+                let snapshots: Vec<Page> = changed.into_iter().filter(|p| !pages[*p].is_inline()).map(|p| pages[p].clone()).collect();
+                let totals = run_status::totals(pages.iter().flat_map(|p| p.recipients.iter()));
+                let parent = (status_due || inline_changed || (totals_due && status.totals.as_ref() != Some(&totals))).then(|| {
+                    self.with_records(&mut status, &pages);
+                    status.clone()
+                });
+                saving = Some(Box::pin(async move {
+                    for page in &snapshots {
+                        self.write_page(page).await?;
+                    }
+                    if let Some(parent) = parent {
+                        self.write_status(&parent).await?;
+                    }
+                    Ok(())
+                }));
+                unsaved = 0;
+                totals_due = false;
+                status_due = false;
+                last_save = tokio::time::Instant::now();
+            }
+        }
+        if let Some(save) = saving {
+            save.await?;
+        }
+        for p in changed_pages {
+            self.write_page(&pages[p]).await?;
+        }
+
+        // The outcome goes out with the last records and totals: one write.
+        self.with_records(&mut status, &pages);
+        let totals = status.totals.clone().unwrap_or_default();
+        match run_status::run_outcome(&totals) {
+            Some((state, ok, reason, message)) => {
+                status.state = state;
+                if status.completion_time.is_none() {
+                    status.completion_time = Some(Time(Timestamp::now()));
+                }
+                let cond = if ok { conditions::TRUE } else { conditions::FALSE };
+                conditions::set(&mut status.conditions, "Succeeded", cond, reason, &message, generation);
+                let changed = self.run.status.as_ref() != Some(&status);
+                self.write_status(&status).await?;
+                if changed {
+                    tracing::info!(state = ?state, %reason, %message, "run finished");
+                    // Events are for what an operator needs to see: a run that
+                    // did not succeed; a successful one is in its status.
+                    if !ok {
+                        self.event(EventType::Warning, reason, message).await;
+                    }
+                }
+                Ok(self.retention_action(&status))
+            }
+            None => {
+                self.write_status(&status).await?;
+                Ok(match next_wake {
+                    Some(wake) => Action::requeue(until(wake).max(Duration::from_millis(50))),
+                    None => Action::requeue(Duration::from_secs(5)),
+                })
+            }
+        }
+    }
+
+    /// Drives one recipient until it is done, waits, or fails.
+    async fn drive(
+        &self,
+        run: &RunContext<'_>,
+        recipient: &RecipientContext<'_>,
+        channels: &NamespaceChannels,
+        status: &mut RecipientStatus,
+        cancelled: bool,
+    ) -> Result<Option<Timestamp>, Fenced> {
+        loop {
+            // A Cancellation stored while the run is in progress stops the recipient before its next step.
+            let cancelled = cancelled || self.cancellation().covers(recipient.key);
+            // Rendering is CPU-bound (up to its budget per field): not on an async worker.
+            match crate::controller::cpu::off_the_async_workers(|| execution::advance(run, recipient, channels, status, cancelled, Timestamp::now())) {
+                Next::Done => return Ok(None),
+                Next::WaitUntil(wake) => return Ok(Some(wake)),
+                Next::Deliver(message) => {
+                    use tracing::Instrument;
+                    let span = tracing::info_span!("delivery", recipient = %recipient.key, recipient_run_id = %recipient.recipient_run_id, step = %message.step_ref);
+                    let outcome = self.ctx.deliverer.deliver(&self.namespace, &message).instrument(span.clone()).await?;
+                    if !outcome.ok {
+                        span.in_scope(|| tracing::warn!(reason = %outcome.reason, message = %outcome.message, attempts = outcome.attempts, "delivery failed"));
+                    }
+                    self.ctx
+                        .metrics
+                        .deliveries
+                        .get_or_create(&crate::metrics::DeliveryLabels { channel_type: message.channel_type.to_string(), outcome: outcome.reason.clone() })
+                        .inc();
+                    if let Some(history) = &self.ctx.history {
+                        let source = MessageSource::of(&self.namespace, run, recipient);
+                        history.messages.record(MessageRecord::delivered(&source, &message, &outcome, Timestamp::now()));
+                    }
+                    execution::record_delivery(status, &message, &outcome, Timestamp::now());
+                }
+            }
+        }
+    }
+
+    /// Fails every unfinished recipient (the workflow went away mid-run, or the spec changed).
+    pub(super) async fn fail_unfinished(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>, reason: &str, message: &str) -> Result<Action, Error> {
+        for page in &mut pages {
+            let mut changed = false;
+            for r in page.recipients.iter_mut().filter(|r| !r.state.is_finished()) {
+                r.state = RecipientState::Failed;
+                r.reason = Some(reason.to_string());
+                r.message = Some(message.to_string());
+                changed = true;
+            }
+            if changed {
+                self.write_page(page).await?;
+            }
+        }
+        let generation = self.run.metadata.generation;
+        self.with_records(&mut status, &pages);
+        status.state = RunState::Failed;
+        if status.completion_time.is_none() {
+            status.completion_time = Some(Time(Timestamp::now()));
+        }
+        conditions::set(&mut status.conditions, "Succeeded", conditions::FALSE, reason, message, generation);
+        let changed = self.run.status.as_ref() != Some(&status);
+        self.write_status(&status).await?;
+        if changed {
+            self.event(EventType::Warning, "RunFailed", format!("{reason}: {message}")).await;
+        }
+        Ok(self.retention_action(&status))
+    }
+}
+
+/// Which recipients a cancellation covers.
+enum Cancelled {
+    None,
+    All,
+    Some(HashSet<RecipientKey>),
+}
+
+impl Cancelled {
+    fn covers(&self, key: &RecipientKey) -> bool {
+        match self {
+            Cancelled::None => false,
+            Cancelled::All => true,
+            Cancelled::Some(keys) => keys.contains(key),
+        }
+    }
+}
+
+/// The Channels of a namespace, by name.
+struct NamespaceChannels(HashMap<String, &'static str>);
+
+impl NamespaceChannels {
+    fn new(ctx: &Context, namespace: &str) -> Self {
+        NamespaceChannels(
+            ctx.stores.channels.state().iter().filter(|c| c.namespace().as_deref() == Some(namespace)).map(|c| (c.name_any(), c.spec.channel_type.preference_name())).collect(),
+        )
+    }
+}
+
+impl ChannelTypes for NamespaceChannels {
+    fn channel_type(&self, channel: &str) -> Option<&'static str> {
+        self.0.get(channel).copied()
+    }
+}

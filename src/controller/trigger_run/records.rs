@@ -1,0 +1,127 @@
+//! Where a run's recipient records are kept, and the writes that save them:
+//! inline in the run's own status (small runs: no RecipientPage, and the
+//! records go out with the run's status writes), or in RecipientPages. Every
+//! write is conditional on the resourceVersion this reconcile last read or
+//! wrote, and skipped when it would change nothing.
+
+use std::collections::BTreeMap;
+
+use kube::api::{Patch, PatchParams};
+use kube::ResourceExt;
+use serde_json::json;
+
+use super::{conflict_is_stale, Reconciler, RUN_VERSION};
+use crate::controller::{Error, MANAGER};
+use crate::core::status::{self as run_status, RecipientStatus};
+use crate::resources::recipient_page::{encode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION};
+use crate::resources::{RecipientPageStatus, TriggerRunStatus};
+
+/// Where a set of recipient records is saved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Holder {
+    /// The run's own `status.recipients`, saved with the run's status.
+    Run,
+    /// The RecipientPage of this name.
+    Page(String),
+}
+
+/// Recipient records in memory, and where they are saved.
+#[derive(Clone)]
+pub(super) struct Page {
+    pub holder: Holder,
+    pub recipients: Vec<RecipientStatus>,
+}
+
+impl Page {
+    pub fn is_inline(&self) -> bool {
+        self.holder == Holder::Run
+    }
+}
+
+impl Reconciler<'_> {
+    /// Puts the records as they are now into the run's status: the totals,
+    /// and the records themselves when the run keeps them inline (compacted,
+    /// as pages are, to fit their budget).
+    pub(super) fn with_records(&self, status: &mut TriggerRunStatus, pages: &[Page]) {
+        status.totals = Some(run_status::totals(pages.iter().flat_map(|p| p.recipients.iter())));
+        if let Some(inline) = pages.iter().find(|p| p.is_inline()) {
+            let (recipients, detail) = run_status::fit_page(&inline.recipients, run_status::INLINE_BUDGET);
+            if detail != run_status::Detail::Full {
+                tracing::debug!(?detail, "inline records compacted to fit");
+            }
+            status.recipients = recipients;
+        }
+    }
+
+    /// Whether `status` is what the run holds (as read, or as this reconcile last wrote it).
+    pub(super) fn is_saved(&self, status: &TriggerRunStatus) -> bool {
+        let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        written.as_ref().or(self.run.status.as_ref()) == Some(status)
+    }
+
+    /// Writes the run's status if it differs from what the run holds, on the
+    /// condition that nobody wrote the run since this reconcile read it.
+    pub(super) async fn write_status(&self, status: &TriggerRunStatus) -> Result<(), Error> {
+        if self.is_saved(status) {
+            return Ok(());
+        }
+        let patch = json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": self.precondition(RUN_VERSION), "status": status});
+        let written = self.runs().patch_status(&self.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await.map_err(conflict_is_stale)?;
+        self.remember(RUN_VERSION, written.metadata.resource_version);
+        *self.written.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
+        self.ctx.metrics.write("TriggerRun");
+        Ok(())
+    }
+
+    /// Writes a page's status, conditionally like [`Self::write_status`].
+    /// Inline records are saved with the run's status instead.
+    pub(super) async fn write_page(&self, page: &Page) -> Result<(), Error> {
+        let Holder::Page(name) = &page.holder else { return Ok(()) };
+        // A page must fit etcd's request limit: saved with as much detail as fits.
+        let (recipients, detail) = run_status::fit_page(&page.recipients, run_status::PAGE_BUDGET);
+        if detail != run_status::Detail::Full {
+            tracing::debug!(page = %name, ?detail, "page compacted to fit");
+        }
+        let patch = json!({
+            "apiVersion": "herald.dev/v1alpha1", "kind": "RecipientPage",
+            "metadata": self.precondition(name),
+            "status": RecipientPageStatus { recipients },
+        });
+        let written = self.pages_api().patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await.map_err(conflict_is_stale)?;
+        self.remember(name, written.metadata.resource_version);
+        self.ctx.metrics.write("RecipientPage");
+        Ok(())
+    }
+
+    /// Records the run ids of a run's inline recipients in its annotation
+    /// (as a page's): what the API finds a recipient run by, through a
+    /// metadata-only watch (a status write cannot set metadata). Written once,
+    /// at acceptance (they never change), conditionally like the status.
+    pub(super) async fn write_recipient_run_ids(&self, recipients: &[RecipientStatus]) -> Result<(), Error> {
+        let ids = encode_recipient_run_ids(recipients);
+        if self.run.annotations().get(RECIPIENT_RUN_IDS_ANNOTATION) == Some(&ids) {
+            return Ok(());
+        }
+        let mut metadata = self.precondition(RUN_VERSION);
+        metadata["annotations"] = json!(BTreeMap::from([(RECIPIENT_RUN_IDS_ANNOTATION, ids)]));
+        let written = self.runs().patch(&self.name, &PatchParams::default(), &Patch::Merge(&json!({"metadata": metadata}))).await.map_err(conflict_is_stale)?;
+        self.remember(RUN_VERSION, written.metadata.resource_version);
+        self.ctx.metrics.write("TriggerRun");
+        Ok(())
+    }
+
+    /// The run's records as stored: inline in its status, or read from its pages.
+    pub(super) async fn load_pages(&self, status: &TriggerRunStatus) -> Result<Vec<Page>, Error> {
+        if status.pages.is_empty() {
+            return Ok(vec![Page { holder: Holder::Run, recipients: status.recipients.clone() }]);
+        }
+        let api = self.pages_api();
+        let mut pages = Vec::with_capacity(status.pages.len());
+        for name in &status.pages {
+            let page = api.get(name).await?;
+            self.remember(name, page.metadata.resource_version.clone());
+            pages.push(Page { holder: Holder::Page(name.clone()), recipients: page.status.map(|s| s.recipients).unwrap_or_default() });
+        }
+        Ok(pages)
+    }
+}
