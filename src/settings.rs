@@ -179,6 +179,19 @@ impl Settings {
         EgressPolicy::new(&self.egress_deny_cidrs.0, &self.egress_allow_cidrs.0)
     }
 
+    /// The HTTP API's request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_seconds.max(1))
+    }
+
+    /// How long an API request may wait for something herald itself lacks
+    /// (watch caches still loading, an answer to `/readyz`'s check): 10 s,
+    /// and always short of the request timeout, so the answer is a 503 with
+    /// Retry-After rather than a 408.
+    pub fn api_wait(&self) -> Duration {
+        (self.request_timeout() * 3 / 4).min(Duration::from_secs(10))
+    }
+
     pub fn workflow_grace(&self) -> Duration {
         Duration::from_secs(self.workflow_grace_seconds.max(0) as u64)
     }

@@ -25,8 +25,9 @@ use kube::{Api, Client, Config};
 use serde_json::json;
 use tokio::time::Instant;
 
-/// herald's request timeout in this test (short, so a hang shows quickly).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// herald's request timeout in this test: shorter than the default, but long
+/// enough that a request held by retries shows as a hang, not as a timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(8);
 /// How soon after the apiserver answers again herald must accept a trigger (the bound).
 const RECOVERY: Duration = Duration::from_secs(2);
 
@@ -42,16 +43,7 @@ fn script() -> PathBuf {
 impl ControlPlane {
     fn start() -> ControlPlane {
         let dir = std::env::temp_dir().join(format!("herald-cp-recovery-{}", std::process::id()));
-        let out = Command::new("bash").arg(script()).arg("start").arg(&dir).output().expect("running controlplane.sh");
-        assert!(out.status.success(), "could not start a control plane: {}", String::from_utf8_lossy(&out.stderr));
-        // Stop it even if this process is killed before the Drop runs.
-        let watchdog = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; bash '{script}' stop '{dir}'; rm -rf '{dir}'",
-            pid = std::process::id(),
-            script = script().display(),
-            dir = dir.display()
-        );
-        Command::new("setsid").arg("sh").arg("-c").arg(watchdog).spawn().expect("starting the watchdog");
+        common::start_control_plane_in(&dir).unwrap_or_else(|e| panic!("{e}"));
         ControlPlane { dir }
     }
 
@@ -133,7 +125,9 @@ async fn triggers_are_accepted_again_within_two_seconds_of_the_apiserver_coming_
     let ns = TestNamespace::new_on(&client, cp.kubeconfig()).await;
     let mut settings = Settings::for_namespace(&ns.name);
     settings.request_timeout_seconds = REQUEST_TIMEOUT.as_secs();
-    let op = common::operator_with(&client, settings).await;
+    // herald's client, as `herald run` builds it.
+    let config = Config::from_custom_kubeconfig(Kubeconfig::read_from(cp.kubeconfig()).unwrap(), &KubeConfigOptions::default()).await.unwrap();
+    let op = common::operator_with(&herald::operator::client(config, &settings).unwrap(), settings).await;
     let h = Herald::around(ns, op).await;
     h.workflow("w", json!({"steps": []})).await;
     assert_eq!(h.call("PUT", "/v1/users/u1", Some(json!({"name": "U1"}))).await.status, 200);
@@ -207,22 +201,27 @@ async fn triggers_are_accepted_again_within_two_seconds_of_the_apiserver_coming_
     let _ = stop_load.send(true);
     load.await.unwrap();
     let sent = sent.lock().unwrap().clone();
+    let during = sent.iter().filter(|s| s.started >= down_at && s.started < back_at).count();
+    eprintln!("{} triggers sent, {during} while the apiserver was down or starting", sent.len());
+    assert!(during >= 20, "too few requests during the outage: {during}");
 
     // (a) Every request was answered within the request timeout: a 200, or a
-    // 503 with Retry-After while the Kubernetes API could not be reached.
-    let during: Vec<&Sent> = sent.iter().filter(|s| s.started >= down_at && s.started < back_at).collect();
-    assert!(during.len() >= 20, "too few requests during the outage: {}", during.len());
-    let late: Vec<&Sent> = sent.iter().filter(|s| s.took > REQUEST_TIMEOUT + Duration::from_millis(500)).collect();
-    assert!(late.is_empty(), "{} of {} requests were held past the request timeout ({REQUEST_TIMEOUT:?}), e.g. {:?}", late.len(), sent.len(), late.first());
+    // 503 with Retry-After while the Kubernetes API could not be reached or
+    // was starting (never a 408: herald, not the client, was slow; never a
+    // 404: a kind the restarting apiserver does not serve yet is not a missing resource).
     for s in &sent {
+        assert!(s.took <= REQUEST_TIMEOUT + Duration::from_millis(500), "a request held past the request timeout ({REQUEST_TIMEOUT:?}): {s:?}");
         match s.status {
             Some(200) => assert!(s.run_id.is_some(), "{s:?}"),
             Some(503) => assert!(s.retry_after.is_some(), "a 503 without Retry-After: {s:?}"),
             _ => panic!("an answer neither 200 nor 503: {s:?}"),
         }
     }
-    // (b) Accepted again within 2 s of the apiserver answering.
+    // (b) Within 2 s of the apiserver answering, herald accepts triggers, and
+    // nothing sent before is still waiting for its answer.
     assert!(recovered <= RECOVERY, "herald accepted its first trigger {recovered:?} after the apiserver answered again (bound: {RECOVERY:?})");
+    let hung: Vec<&Sent> = sent.iter().filter(|s| s.started < back_at && s.started + s.took > back_at + RECOVERY).collect();
+    assert!(hung.is_empty(), "{} requests sent before the apiserver answered again were still unanswered {RECOVERY:?} after it did, e.g. {:?}", hung.len(), hung.first());
 
     // (c) Nothing acknowledged is lost: each 200's run is stored and completes.
     let acknowledged: Vec<String> = sent.iter().chain([&first]).filter_map(|s| s.run_id.clone()).collect();
@@ -237,9 +236,7 @@ async fn triggers_are_accepted_again_within_two_seconds_of_the_apiserver_coming_
         let run = stored.iter().find(|r| r.metadata.uid.as_deref() == Some(id)).unwrap_or_else(|| panic!("acknowledged run {id} is not stored"));
         assert_eq!(run.status.as_ref().unwrap().state, herald::core::status::RunState::Completed, "{:?}", run.status);
     }
-    eprintln!("{} triggers sent, {} acknowledged, {} during the outage", sent.len(), acknowledged.len(), during.len());
     if let Some(op) = h.op {
         op.abort();
     }
 }
-

@@ -42,8 +42,15 @@ fn start_control_plane() -> Result<PathBuf, String> {
         return Ok(PathBuf::from(path));
     }
     let dir = std::env::temp_dir().join(format!("herald-cp-{}", std::process::id()));
+    start_control_plane_in(&dir)?;
+    Ok(dir.join("kubeconfig"))
+}
+
+/// Starts a control plane in `dir` with scripts/controlplane.sh, stopped (and
+/// `dir` removed) when this test process exits.
+pub fn start_control_plane_in(dir: &Path) -> Result<(), String> {
     let script = repo().join("scripts/controlplane.sh");
-    let out = Command::new("bash").arg(&script).arg("start").arg(&dir).output().map_err(|e| format!("running {}: {e}", script.display()))?;
+    let out = Command::new("bash").arg(&script).arg("start").arg(dir).output().map_err(|e| format!("running {}: {e}", script.display()))?;
     if !out.status.success() {
         return Err(format!(
             "could not start the local control plane ({}):\n{}\nInstall it with `scripts/controlplane.sh install`, or run the tests with scripts/test.sh",
@@ -59,7 +66,7 @@ fn start_control_plane() -> Result<PathBuf, String> {
         dir = dir.display()
     );
     Command::new("setsid").arg("sh").arg("-c").arg(watchdog).spawn().map_err(|e| format!("starting the watchdog: {e}"))?;
-    Ok(dir.join("kubeconfig"))
+    Ok(())
 }
 
 /// The kubeconfig of the test control plane.

@@ -119,7 +119,7 @@ fn key_of(secret: &Secret) -> Option<KeyEntry> {
 /// Keeps the index of one scope's keys (a namespace, or every namespace).
 async fn watch_keys(api: Api<Secret>, scope: Option<String>, index: Arc<RwLock<KeyIndex>>, loaded: watch::Sender<bool>) {
     let config = watcher::Config::default().labels(&format!("{API_KEY_LABEL}=true"));
-    let stream = watcher::watcher(api, config).default_backoff();
+    let stream = watcher::watcher(api, config).backoff(crate::controller::WatchBackoff::default());
     futures::pin_mut!(stream);
     let mut buffer: Option<HashMap<(String, String), KeyEntry>> = None;
     while let Some(event) = stream.next().await {
@@ -206,6 +206,8 @@ pub struct Authenticator {
     index: Arc<RwLock<KeyIndex>>,
     /// One per key watch: true once its first list is in.
     loaded: Vec<watch::Receiver<bool>>,
+    /// How long a request waits for the first list ([`Settings::api_wait`]).
+    wait: Duration,
     reviews: Cache<[u8; 32], Option<UserInfo>>,
     access: Cache<([u8; 32], String, &'static str, &'static str), bool>,
     _watches: Vec<AbortOnDrop>,
@@ -231,13 +233,13 @@ impl Authenticator {
             loaded.push(rx);
             watches.push(AbortOnDrop(tokio::spawn(watch_keys(api, scope, index.clone(), tx))));
         }
-        Authenticator { client, served: settings.namespaces.clone(), index, loaded, reviews: Cache::new(), access: Cache::new(), _watches: watches }
+        Authenticator { client, served: settings.namespaces.clone(), index, loaded, wait: settings.api_wait(), reviews: Cache::new(), access: Cache::new(), _watches: watches }
     }
 
     /// Waits (briefly) for the first list of API keys.
     async fn keys_loaded(&self) -> Result<(), ApiError> {
         let all = futures::future::join_all(self.loaded.iter().cloned().map(|mut loaded| async move { loaded.wait_for(|l| *l).await.is_ok() }));
-        let ready = tokio::time::timeout(Duration::from_secs(10), all).await.is_ok_and(|r| r.into_iter().all(|ok| ok));
+        let ready = tokio::time::timeout(self.wait, all).await.is_ok_and(|r| r.into_iter().all(|ok| ok));
         if ready {
             Ok(())
         } else {
