@@ -91,7 +91,8 @@ pub struct Settings {
     #[arg(long, env = "HERALD_HEADER_TIMEOUT_SECONDS", default_value_t = 10)]
     pub header_timeout_seconds: u64,
 
-    /// HTTP API: seconds to read a request's body and answer it (longer: 408).
+    /// HTTP API: seconds to read a request's body and answer it (longer: 408 while the body is
+    /// still coming, else 503 with Retry-After).
     #[arg(long, env = "HERALD_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
     pub request_timeout_seconds: u64,
 
@@ -206,6 +207,15 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         settings: Settings,
+    }
+
+    #[test]
+    fn api_waits_end_before_the_request_timeout() {
+        for seconds in [1, 2, 8, 30, 600] {
+            let settings = Settings { request_timeout_seconds: seconds, ..Settings::for_namespace("n") };
+            assert!(settings.api_wait() < settings.request_timeout(), "{seconds}");
+            assert!(settings.api_wait() <= Duration::from_secs(10));
+        }
     }
 
     #[test]

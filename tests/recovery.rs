@@ -117,6 +117,11 @@ async fn send_trigger(http: &reqwest::Client, base: &str, key: &str) -> Sent {
 
 #[tokio::test]
 async fn triggers_are_accepted_again_within_two_seconds_of_the_apiserver_coming_back() {
+    if std::env::var("HERALD_TEST_USE_KUBECONFIG").as_deref() == Ok("1") {
+        // A real cluster's apiserver is not this test's to kill.
+        eprintln!("skipped: needs a local control plane it can restart (scripts/controlplane.sh), not HERALD_TEST_USE_KUBECONFIG");
+        return;
+    }
     let cp = ControlPlane::start();
     let client = cp.client(true).await;
     common::install_crds(client.clone()).await;

@@ -187,3 +187,32 @@ pub async fn serve(listener: tokio::net::TcpListener, state: State, shutdown: im
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::post;
+    use tower::ServiceExt;
+
+    /// A route that reads the body, then waits for ever (as on a Kubernetes API that does not answer).
+    fn stalled() -> Router {
+        let handler = |body: axum::body::Bytes| async move {
+            let _ = body;
+            std::future::pending::<()>().await
+        };
+        Router::new().route("/", post(handler)).layer(middleware::from_fn_with_state(Duration::from_millis(200), limit_time))
+    }
+
+    #[tokio::test]
+    async fn out_of_time_is_408_for_a_slow_client_and_503_for_a_slow_kubernetes_api() {
+        // The body never comes: the client's fault.
+        let never = axum::body::Body::from_stream(futures::stream::pending::<Result<axum::body::Bytes, std::io::Error>>());
+        let response = stalled().oneshot(Request::post("/").body(never).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+
+        // The body is in, herald waits: the caller should come back.
+        let response = stalled().oneshot(Request::post("/").body(axum::body::Body::from("{}")).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
+}
