@@ -5,6 +5,9 @@
 #   scripts/controlplane.sh install        # apt packages + build kube-apiserver once (cached)
 #   scripts/controlplane.sh start DIR      # start on free ports; writes DIR/kubeconfig, DIR/env
 #   scripts/controlplane.sh stop DIR       # stop the processes started in DIR, by pid
+#   scripts/controlplane.sh kill-apiserver DIR     # SIGKILL the kube-apiserver only (a crash); etcd runs on
+#   scripts/controlplane.sh start-apiserver DIR    # start it again, same port and arguments; waits until ready
+#   scripts/controlplane.sh restart-apiserver DIR  # both
 #
 # kube-apiserver is not packaged in Debian, so it is built from Debian's own
 # `kubernetes` source package (1.20.2) with Debian's Go. The binary is cached in
@@ -99,14 +102,8 @@ start() {
     >"$dir/etcd.log" 2>&1 &
   echo $! > "$dir/etcd.pid"
 
-  "$APISERVER" --etcd-servers "http://127.0.0.1:$etcd_port" --cert-dir "$dir/certs" \
-    --secure-port "$api_port" --bind-address 127.0.0.1 --service-cluster-ip-range 10.0.0.0/24 \
-    --authorization-mode RBAC --token-auth-file "$dir/tokens.csv" \
-    --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$dir/sa.pub" \
-    --service-account-signing-key-file "$dir/sa.key" --disable-admission-plugins ServiceAccount \
-    --max-requests-inflight 800 --max-mutating-requests-inflight 400 \
-    >"$dir/apiserver.log" 2>&1 &
-  echo $! > "$dir/apiserver.pid"
+  printf '%s %s\n' "$etcd_port" "$api_port" > "$dir/ports"
+  launch_apiserver "$dir"
 
   cat > "$dir/kubeconfig" <<KC
 apiVersion: v1
@@ -124,7 +121,29 @@ current-context: herald-local
 KC
   printf 'KUBECONFIG=%s\nHERALD_APISERVER=https://127.0.0.1:%s\n' "$dir/kubeconfig" "$api_port" > "$dir/env"
 
-  local i
+  wait_ready "$dir"
+}
+
+# Starts kube-apiserver in the background with the ports recorded in DIR/ports
+# (the same arguments every time, so a restart serves the same port).
+launch_apiserver() {
+  local dir="$1" etcd_port api_port
+  read -r etcd_port api_port < "$dir/ports"
+  "$APISERVER" --etcd-servers "http://127.0.0.1:$etcd_port" --cert-dir "$dir/certs" \
+    --secure-port "$api_port" --bind-address 127.0.0.1 --service-cluster-ip-range 10.0.0.0/24 \
+    --authorization-mode RBAC --token-auth-file "$dir/tokens.csv" \
+    --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$dir/sa.pub" \
+    --service-account-signing-key-file "$dir/sa.key" --disable-admission-plugins ServiceAccount \
+    --max-requests-inflight 800 --max-mutating-requests-inflight 400 \
+    >>"$dir/apiserver.log" 2>&1 &
+  echo $! > "$dir/apiserver.pid"
+}
+
+# Waits until the apiserver of DIR answers /readyz (at most 60 s).
+wait_ready() {
+  local dir="$1" etcd_port api_port token i
+  read -r etcd_port api_port < "$dir/ports"
+  token=$(cut -d, -f1 "$dir/tokens.csv")
   for i in $(seq 1 120); do
     if curl -ksf -H "Authorization: Bearer $token" "https://127.0.0.1:$api_port/readyz" >/dev/null 2>&1; then
       # The apiserver's self-signed serving certificate (with its CA, for
@@ -138,6 +157,24 @@ KC
     sleep 0.5
   done
   tail -20 "$dir/apiserver.log" >&2; stop "$dir"; die "kube-apiserver did not become ready in 60s"
+}
+
+# Kills the apiserver of DIR with SIGKILL, as a crash would, and waits until it is gone.
+kill_apiserver() {
+  local dir="${1:?usage: kill-apiserver DIR}" pid
+  [ -f "$dir/apiserver.pid" ] || die "no kube-apiserver started in $dir"
+  pid=$(cat "$dir/apiserver.pid")
+  kill -9 "$pid" 2>/dev/null || true
+  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+  rm -f "$dir/apiserver.pid"
+}
+
+start_apiserver() {
+  local dir="${1:?usage: start-apiserver DIR}"
+  [ -f "$dir/ports" ] || die "no control plane started in $dir"
+  [ -f "$dir/apiserver.pid" ] && kill -0 "$(cat "$dir/apiserver.pid")" 2>/dev/null && die "kube-apiserver is already running in $dir"
+  launch_apiserver "$dir"
+  wait_ready "$dir"
 }
 
 stop() {
@@ -156,5 +193,8 @@ case "${1:-}" in
   install) install ;;
   start) start "${2:-}" ;;
   stop) stop "${2:-}" ;;
-  *) echo "usage: $0 install | start DIR | stop DIR" >&2; exit 2 ;;
+  kill-apiserver) kill_apiserver "${2:-}" ;;
+  start-apiserver) start_apiserver "${2:-}" ;;
+  restart-apiserver) kill_apiserver "${2:-}"; start_apiserver "${2:-}" ;;
+  *) echo "usage: $0 install | start DIR | stop DIR | kill-apiserver DIR | start-apiserver DIR | restart-apiserver DIR" >&2; exit 2 ;;
 esac

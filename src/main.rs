@@ -44,7 +44,8 @@ fn main() -> anyhow::Result<()> {
             herald::telemetry::init(settings.log_format);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async move {
-                let client = kube::Client::try_default().await.context("connecting to Kubernetes (kubeconfig or in-cluster)")?;
+                let config = kube::Config::infer().await.context("connecting to Kubernetes (kubeconfig or in-cluster)")?;
+                let client = herald::operator::client(config, &settings)?;
                 herald::operator::run(client, *settings, herald::operator::shutdown_signal()).await
             })
         }

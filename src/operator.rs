@@ -52,6 +52,23 @@ impl Operator {
     }
 }
 
+/// herald's client of the Kubernetes API, built from `config`.
+///
+/// Without kube-client's default retries: they wait with a backoff growing to
+/// minutes on 429, 503 and 504, and a restarting apiserver answers 503 until it
+/// is ready, so API requests were held for their whole timeout. Retrying is
+/// done where it can be bounded: the API answers 503 with Retry-After at
+/// once, reconciles are requeued, and watches back off (at most a second).
+/// A connection (TCP and TLS) that does not come up within 5 s, or within
+/// [`Settings::api_wait`] when that is shorter, fails rather than after
+/// kube's 30 s: a restarting apiserver accepts TCP connections long before
+/// it answers TLS, and an unreachable address may never answer.
+pub fn client(mut config: kube::Config, settings: &Settings) -> anyhow::Result<Client> {
+    config.default_retry = false;
+    config.connect_timeout = Some(settings.api_wait().min(Duration::from_secs(5)));
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
 /// Waits until every herald CRD is Established.
 pub async fn wait_for_crds(client: &Client, timeout: Duration) -> anyhow::Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());

@@ -91,7 +91,8 @@ pub struct Settings {
     #[arg(long, env = "HERALD_HEADER_TIMEOUT_SECONDS", default_value_t = 10)]
     pub header_timeout_seconds: u64,
 
-    /// HTTP API: seconds to read a request's body and answer it (longer: 408).
+    /// HTTP API: seconds to read a request's body and answer it (longer: 408 while the body is
+    /// still coming, else 503 with Retry-After).
     #[arg(long, env = "HERALD_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
     pub request_timeout_seconds: u64,
 
@@ -209,6 +210,19 @@ impl Settings {
         EgressPolicy::new(&self.egress_deny_cidrs.0, &self.egress_allow_cidrs.0)
     }
 
+    /// The HTTP API's request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_seconds.max(1))
+    }
+
+    /// How long an API request may wait for something herald itself lacks
+    /// (watch caches still loading, an answer to `/readyz`'s check): 10 s,
+    /// and always short of the request timeout, so the answer is a 503 with
+    /// Retry-After rather than a 408.
+    pub fn api_wait(&self) -> Duration {
+        (self.request_timeout() * 3 / 4).min(Duration::from_secs(10))
+    }
+
     pub fn workflow_grace(&self) -> Duration {
         Duration::from_secs(self.workflow_grace_seconds.max(0) as u64)
     }
@@ -223,6 +237,15 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         settings: Settings,
+    }
+
+    #[test]
+    fn api_waits_end_before_the_request_timeout() {
+        for seconds in [1, 2, 8, 30, 600] {
+            let settings = Settings { request_timeout_seconds: seconds, ..Settings::for_namespace("n") };
+            assert!(settings.api_wait() < settings.request_timeout(), "{seconds}");
+            assert!(settings.api_wait() <= Duration::from_secs(10));
+        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! which is also in the request's log span. Requests are counted by route and
 //! status, and timed. Connections that do not send their headers within
 //! `--header-timeout-seconds` are closed; API requests not answered within
-//! `--request-timeout-seconds` get 408. On shutdown the listener closes and
+//! `--request-timeout-seconds` get 408 when the client was still sending its
+//! body, else 503 with Retry-After. On shutdown the listener closes and
 //! in-flight requests are finished.
 
 pub mod api;
@@ -45,7 +46,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The router: health, readiness, metrics, the OpenAPI document, and the API.
 pub fn router(state: State, api: Arc<api::Api>) -> Router {
     let metrics = state.context.metrics.clone();
-    let timeout = Duration::from_secs(state.context.settings.request_timeout_seconds.max(1));
+    let timeout = state.context.settings.request_timeout();
     let v1 = api::router(api).layer(middleware::from_fn_with_state(timeout, limit_time));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -75,9 +76,10 @@ async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
         // Starting (watch caches not filled yet) or stopping (draining).
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or stopping");
     }
-    match state.context.client.apiserver_version().await {
-        Ok(_) => (StatusCode::OK, "ok"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "Kubernetes API unreachable"),
+    // Bounded: a probe that hangs on an unreachable apiserver says nothing.
+    match tokio::time::timeout(state.context.settings.api_wait(), state.context.client.apiserver_version()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ok"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "Kubernetes API unreachable"),
     }
 }
 
@@ -93,11 +95,36 @@ async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed { method: method.to_string() }
 }
 
-/// Answers 408 when a request (reading its body included) takes too long.
+/// Bounds a request (reading its body included) by the request timeout. When
+/// time runs out while herald waits for the client's body, the answer is 408;
+/// otherwise herald was waiting on the Kubernetes API (slow, restarting or
+/// unreachable), and the answer is 503 with Retry-After: the caller should
+/// try again, not give up.
 async fn limit_time(AxumState(limit): AxumState<Duration>, req: Request, next: Next) -> Response {
+    let waiting = Arc::new(AtomicBool::new(false));
+    let watched = waiting.clone();
+    let req = req.map(move |inner| axum::body::Body::from_stream(WatchedBody { inner: inner.into_data_stream(), waiting: watched }));
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => ApiError::Timeout(limit.as_secs()).into_response(),
+        Err(_) if waiting.load(Ordering::SeqCst) => ApiError::Timeout(limit.as_secs()).into_response(),
+        Err(_) => ApiError::unavailable(format!("no answer within the request timeout ({} s): the Kubernetes API is slow or unreachable", limit.as_secs())).into_response(),
+    }
+}
+
+/// A request body that records whether the server is waiting for the client
+/// to send more of it.
+struct WatchedBody {
+    inner: axum::body::BodyDataStream,
+    waiting: Arc<AtomicBool>,
+}
+
+impl futures::Stream for WatchedBody {
+    type Item = Result<axum::body::Bytes, axum::Error>;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_next(cx);
+        self.waiting.store(polled.is_pending(), Ordering::SeqCst);
+        polled
     }
 }
 
@@ -159,4 +186,33 @@ pub async fn serve(listener: tokio::net::TcpListener, state: State, shutdown: im
         () = tokio::time::sleep(grace) => tracing::warn!("HTTP requests still running after {grace:?}; stopping anyway"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::post;
+    use tower::ServiceExt;
+
+    /// A route that reads the body, then waits for ever (as on a Kubernetes API that does not answer).
+    fn stalled() -> Router {
+        let handler = |body: axum::body::Bytes| async move {
+            let _ = body;
+            std::future::pending::<()>().await
+        };
+        Router::new().route("/", post(handler)).layer(middleware::from_fn_with_state(Duration::from_millis(200), limit_time))
+    }
+
+    #[tokio::test]
+    async fn out_of_time_is_408_for_a_slow_client_and_503_for_a_slow_kubernetes_api() {
+        // The body never comes: the client's fault.
+        let never = axum::body::Body::from_stream(futures::stream::pending::<Result<axum::body::Bytes, std::io::Error>>());
+        let response = stalled().oneshot(Request::post("/").body(never).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+
+        // The body is in, herald waits: the caller should come back.
+        let response = stalled().oneshot(Request::post("/").body(axum::body::Body::from("{}")).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
 }

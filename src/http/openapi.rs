@@ -80,6 +80,25 @@ fn op(summary: &'static str, tag: &'static str, body: Option<&'static str>, ok: 
     Op { summary, tag, body, ok, errors, extra_params: Vec::new() }
 }
 
+/// The query parameters of the message lists.
+fn message_filters() -> Vec<Value> {
+    let q = |name: &str, schema: Value, description: &str| json!({"name": name, "in": "query", "required": false, "schema": schema, "description": description});
+    let text = json!({"type": "string"});
+    vec![
+        q("page_size", json!({"type": "integer", "minimum": 1, "maximum": 50, "default": 50}), "Messages per answer"),
+        q("after", text.clone(), "A page_info.after cursor: older messages"),
+        q("before", text.clone(), "A page_info.before cursor: newer messages"),
+        q("source", text.clone(), "A workflow key"),
+        q("tenant", text.clone(), "A tenant id"),
+        q("channel_id", text.clone(), "A Channel's name"),
+        q("status", json!({"type": "array", "items": {"type": "string"}}), "Delivery statuses (repeat, or status[])"),
+        q("message_ids", json!({"type": "array", "items": {"type": "string"}}), "Message ids (repeat, or message_ids[])"),
+        q("workflow_run_id", text.clone(), "A workflow run id"),
+        q("workflow_recipient_run_id", text.clone(), "A workflow recipient run id"),
+        q("inserted_at.gt", text.clone(), "RFC 3339; also inserted_at.gte, .lt, .lte"),
+    ]
+}
+
 const WRITE: &[u16] = &[400, 404, 413, 422];
 const READ: &[u16] = &[404, 422];
 
@@ -231,6 +250,19 @@ fn schemas() -> Value {
                 "page_info": schema_ref("PageInfo")}}}}),
     );
     schemas.insert(
+        "Message".into(),
+        json!({"type": "object", "description": "One channel step's outcome for one recipient (from the history store)", "properties": {
+            "__typename": {"type": "string"}, "__cursor": {"type": "string"}, "id": {"type": "string", "format": "uuid"},
+            "channel_id": {"type": "string", "description": "The Channel's name"}, "recipient": schema_ref("RecipientReference"),
+            "actors": {"type": "array", "items": schema_ref("RecipientReference")}, "workflow": {"type": "string"}, "tenant": {"type": "string", "nullable": true},
+            "status": {"type": "string", "enum": ["sent", "undelivered", "not_sent"]},
+            "inserted_at": {"type": "string"}, "updated_at": {"type": "string"}, "source": {"type": "object"}, "data": {"nullable": true},
+            "metadata": {"type": "object"}, "reason": {"type": "string"}, "attempts": {"type": "array", "items": {"type": "object"}},
+            "content": {"type": "object", "nullable": true, "description": "The rendered template fields"}}}),
+    );
+    schemas
+        .insert("MessageList".into(), json!({"type": "object", "properties": {"entries": {"type": "array", "items": schema_ref("Message")}, "page_info": schema_ref("PageInfo")}}));
+    schemas.insert(
         "PageInfo".into(),
         json!({"type": "object", "properties": {
             "__typename": {"type": "string"},
@@ -372,6 +404,19 @@ pub fn document() -> Value {
             )],
         ),
         path_item("/v1/workflow_recipient_runs/{id}", vec![("get", op("Get one recipient's run", "Runs", None, (200, Some(schema_ref("WorkflowRecipientRun"))), READ))]),
+        path_item(
+            "/v1/messages",
+            vec![("get", Op { extra_params: message_filters(), ..op("List messages, newest first", "Messages", None, (200, Some(schema_ref("MessageList"))), READ) })],
+        ),
+        path_item("/v1/messages/{message_id}", vec![("get", op("Get a message", "Messages", None, (200, Some(schema_ref("Message"))), READ))]),
+        path_item(
+            "/v1/users/{user_id}/messages",
+            vec![("get", Op { extra_params: message_filters(), ..op("List a user's messages, newest first", "Messages", None, (200, Some(schema_ref("MessageList"))), READ) })],
+        ),
+        path_item(
+            "/v1/objects/{collection}/{id}/messages",
+            vec![("get", Op { extra_params: message_filters(), ..op("List an object's messages, newest first", "Messages", None, (200, Some(schema_ref("MessageList"))), READ) })],
+        ),
     ]
     .into_iter()
     .collect();

@@ -42,8 +42,15 @@ fn start_control_plane() -> Result<PathBuf, String> {
         return Ok(PathBuf::from(path));
     }
     let dir = std::env::temp_dir().join(format!("herald-cp-{}", std::process::id()));
+    start_control_plane_in(&dir)?;
+    Ok(dir.join("kubeconfig"))
+}
+
+/// Starts a control plane in `dir` with scripts/controlplane.sh, stopped (and
+/// `dir` removed) when this test process exits.
+pub fn start_control_plane_in(dir: &Path) -> Result<(), String> {
     let script = repo().join("scripts/controlplane.sh");
-    let out = Command::new("bash").arg(&script).arg("start").arg(&dir).output().map_err(|e| format!("running {}: {e}", script.display()))?;
+    let out = Command::new("bash").arg(&script).arg("start").arg(dir).output().map_err(|e| format!("running {}: {e}", script.display()))?;
     if !out.status.success() {
         return Err(format!(
             "could not start the local control plane ({}):\n{}\nInstall it with `scripts/controlplane.sh install`, or run the tests with scripts/test.sh",
@@ -59,7 +66,7 @@ fn start_control_plane() -> Result<PathBuf, String> {
         dir = dir.display()
     );
     Command::new("setsid").arg("sh").arg("-c").arg(watchdog).spawn().map_err(|e| format!("starting the watchdog: {e}"))?;
-    Ok(dir.join("kubeconfig"))
+    Ok(())
 }
 
 /// The kubeconfig of the test control plane.
@@ -80,7 +87,8 @@ pub async fn client() -> Client {
     client
 }
 
-async fn install_crds(client: Client) {
+/// Installs (or updates) herald's CRDs and waits until they are established.
+pub async fn install_crds(client: Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in herald::crds::all() {
         let name = crd.metadata.name.clone().unwrap();
@@ -138,10 +146,17 @@ pub async fn client_from(path: &Path) -> Client {
 pub struct TestNamespace {
     pub name: String,
     pub client: Client,
+    /// The control plane it lives on.
+    kubeconfig: PathBuf,
 }
 
 impl TestNamespace {
     pub async fn new(client: &Client) -> TestNamespace {
+        Self::new_on(client, kubeconfig()).await
+    }
+
+    /// A namespace on the control plane of `kubeconfig` (a test's own one).
+    pub async fn new_on(client: &Client, kubeconfig: PathBuf) -> TestNamespace {
         let name = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let api: Api<Namespace> = Api::all(client.clone());
         let ns: Namespace = serde_json::from_value(serde_json::json!({
@@ -149,7 +164,7 @@ impl TestNamespace {
         }))
         .unwrap();
         api.create(&PostParams::default(), &ns).await.expect("creating the test namespace");
-        TestNamespace { name, client: client.clone() }
+        TestNamespace { name, client: client.clone(), kubeconfig }
     }
 
     pub fn api<K>(&self) -> Api<K>
@@ -165,7 +180,7 @@ impl Drop for TestNamespace {
     fn drop(&mut self) {
         // Best effort, off the test's runtime (which may be shutting down).
         let name = self.name.clone();
-        let path = kubeconfig();
+        let path = self.kubeconfig.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {

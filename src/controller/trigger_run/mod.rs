@@ -259,7 +259,8 @@ where
     let mut controllers = Vec::new();
     for scope in scopes(&ctx.settings) {
         // Lenient: one TriggerRun herald cannot read must not stop the others.
-        let controller = Controller::new(scope_api::<Lenient<TriggerRun>>(&ctx.client, &scope), watcher::Config::default());
+        let controller =
+            Controller::new(scope_api::<Lenient<TriggerRun>>(&ctx.client, &scope), watcher::Config::default()).trigger_backoff(crate::controller::WatchBackoff::default());
         let store = controller.store();
         stores.push(store.clone());
         let by_cancellation = store.clone();

@@ -135,7 +135,7 @@ fn key_of(secret: &Secret, served: &[String]) -> Option<KeyEntry> {
 /// Keeps the key index in step with the labelled Secrets of the key namespace.
 async fn watch_keys(api: Api<Secret>, served: Vec<String>, index: Arc<RwLock<KeyIndex>>, loaded: watch::Sender<bool>) {
     let config = watcher::Config::default().labels(&format!("{API_KEY_LABEL}=true"));
-    let stream = watcher::watcher(api, config).default_backoff();
+    let stream = watcher::watcher(api, config).backoff(crate::controller::WatchBackoff::default());
     futures::pin_mut!(stream);
     let mut buffer: Option<HashMap<String, KeyEntry>> = None;
     while let Some(event) = stream.next().await {
@@ -219,6 +219,8 @@ pub struct Authenticator {
     index: Arc<RwLock<KeyIndex>>,
     /// True once the key watch's first list is in.
     loaded: watch::Receiver<bool>,
+    /// How long a request waits for the first list ([`Settings::api_wait`]).
+    wait: Duration,
     reviews: Cache<[u8; 32], Option<UserInfo>>,
     access: Cache<([u8; 32], String, &'static str, &'static str), bool>,
     _watch: AbortOnDrop,
@@ -239,13 +241,13 @@ impl Authenticator {
         let api: Api<Secret> = Api::namespaced(client.clone(), &settings.key_namespace());
         let (tx, rx) = watch::channel(false);
         let watch = AbortOnDrop(tokio::spawn(watch_keys(api, settings.namespaces.clone(), index.clone(), tx)));
-        Authenticator { client, served: settings.namespaces.clone(), index, loaded: rx, reviews: Cache::new(), access: Cache::new(), _watch: watch }
+        Authenticator { client, served: settings.namespaces.clone(), index, loaded: rx, wait: settings.api_wait(), reviews: Cache::new(), access: Cache::new(), _watch: watch }
     }
 
     /// Waits (briefly) for the first list of API keys.
     async fn keys_loaded(&self) -> Result<(), ApiError> {
         let mut loaded = self.loaded.clone();
-        let ready = tokio::time::timeout(Duration::from_secs(10), loaded.wait_for(|l| *l)).await.is_ok_and(|r| r.is_ok());
+        let ready = tokio::time::timeout(self.wait, loaded.wait_for(|l| *l)).await.is_ok_and(|r| r.is_ok());
         if ready {
             Ok(())
         } else {

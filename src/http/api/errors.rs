@@ -218,7 +218,10 @@ impl From<kube::Error> for ApiError {
         match &e {
             kube::Error::Api(s) => match s.code {
                 400 | 422 => ApiError::InvalidParams { message: format!("the Kubernetes API refused the object: {}", s.message), errors: vec![] },
-                404 => ApiError::not_found("resource_missing", s.message.clone()),
+                404 if s.reason == "NotFound" => ApiError::not_found("resource_missing", s.message.clone()),
+                // A bare 404 ("404 page not found", no Status): the apiserver does not
+                // serve the kind right now, as while it starts after a restart.
+                404 => ApiError::unavailable(format!("the Kubernetes API does not serve herald's resources right now (starting, or the CRDs are not installed): {}", s.message)),
                 409 => ApiError::Conflict(format!("the resource changed concurrently, retry: {}", s.message)),
                 413 => ApiError::InvalidParams { message: format!("the resource is too large to store: {}", s.message), errors: vec![] },
                 429 | 500..=599 => ApiError::Unavailable { message: format!("the Kubernetes API is unavailable: {}", s.message), retry_after: 1 },
@@ -266,5 +269,10 @@ mod tests {
         assert_eq!(ApiError::from(api(503)).status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(ApiError::from(api(422)).status(), StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(ApiError::from(api(403)).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let missing = kube::core::Status { code: 404, reason: "NotFound".into(), message: "m".into(), ..Default::default() };
+        assert_eq!(ApiError::from(kube::Error::Api(Box::new(missing))).status(), StatusCode::NOT_FOUND);
+        // The kind itself is not served (a restarting apiserver): try again, not "no such thing".
+        let unserved = kube::core::Status::failure("404 page not found", "Failed to parse error data").with_code(404);
+        assert_eq!(ApiError::from(kube::Error::Api(Box::new(unserved))).status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

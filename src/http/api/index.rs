@@ -34,7 +34,7 @@ use kube::Client;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::controller::{scope_api, scopes};
+use crate::controller::{scope_api, scopes, WatchBackoff};
 use crate::resources::recipient_page::{decode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION};
 use crate::resources::{RecipientPage, TriggerRun};
 use crate::settings::Settings;
@@ -226,11 +226,11 @@ impl RunIndex {
         for scope in scopes(settings) {
             let index = Arc::new(ScopeIndex { namespace: scope.clone(), ..Default::default() });
             let (runs_listed, runs_ready) = watch::channel(false);
-            let runs = watcher::watcher(scope_api::<PartialObjectMeta<TriggerRun>>(client, &scope), watcher::Config::default()).default_backoff();
+            let runs = watcher::watcher(scope_api::<PartialObjectMeta<TriggerRun>>(client, &scope), watcher::Config::default()).backoff(WatchBackoff::default());
             tokio::spawn(follow(index.runs.clone(), runs, run_change, runs_listed));
             // Page metadata carries up to 16 KB of ids: list them in smaller chunks.
             let (pages_listed, pages_ready) = watch::channel(false);
-            let pages = watcher::watcher(scope_api::<PartialObjectMeta<RecipientPage>>(client, &scope), watcher::Config::default().page_size(100)).default_backoff();
+            let pages = watcher::watcher(scope_api::<PartialObjectMeta<RecipientPage>>(client, &scope), watcher::Config::default().page_size(100)).backoff(WatchBackoff::default());
             tokio::spawn(follow(index.pages.clone(), pages, page_change, pages_listed));
             listed.extend([runs_ready, pages_ready]);
             scope_indexes.push(index);

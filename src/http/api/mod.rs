@@ -15,7 +15,6 @@ pub mod triggers;
 pub mod users;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -62,7 +61,7 @@ impl Api {
 
     /// Waits (briefly) until the watch caches hold a full list.
     pub async fn caches_ready(&self) -> Result<(), ApiError> {
-        match tokio::time::timeout(Duration::from_secs(10), self.ctx.stores.wait_until_ready()).await {
+        match tokio::time::timeout(self.ctx.settings.api_wait(), self.ctx.stores.wait_until_ready()).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(ApiError::unavailable("herald's caches are not loaded yet (is the Kubernetes API reachable?)")),
         }
@@ -372,7 +371,7 @@ where
     let Some(object) = located.object else { return Err(ApiError::not_found(code, format!("{what} not found"))) };
     match api.delete(&object.name_any(), &Default::default()).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Err(ApiError::not_found(code, format!("{what} not found"))),
+        Err(kube::Error::Api(s)) if s.code == 404 && s.reason == "NotFound" => Err(ApiError::not_found(code, format!("{what} not found"))),
         Err(e) => Err(e.into()),
     }
 }

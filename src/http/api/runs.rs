@@ -23,7 +23,6 @@
 //! cursors stay valid while the run goes on.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
@@ -344,7 +343,7 @@ pub async fn workflow_run(State(api): State<Arc<Api>>, caller: Caller, Params(id
 /// Waits briefly for the run index's first lists: before them, a miss would
 /// not mean "not found".
 async fn index_ready(api: &Api) -> Result<(), ApiError> {
-    if api.index.wait_until_ready(Duration::from_secs(10)).await {
+    if api.index.wait_until_ready(api.ctx.settings.api_wait()).await {
         Ok(())
     } else {
         Err(ApiError::unavailable("herald's run index is not loaded yet (is the Kubernetes API reachable?)"))
