@@ -6,6 +6,7 @@
 #   scripts/postgres.sh install      # apt-get install postgresql (once per machine)
 #   scripts/postgres.sh start DIR    # initdb + start; writes DIR/url (postgres://herald@127.0.0.1:PORT/postgres)
 #   scripts/postgres.sh stop DIR     # stop the server started in DIR
+#   scripts/postgres.sh resume DIR   # start it again, same data and port (fault tests)
 #
 # PostgreSQL refuses to run as root: as root the server runs as the `postgres`
 # user the package creates.
@@ -49,12 +50,25 @@ start() {
   as_owner "$bin/initdb" -D "$dir/data" -U herald --auth=trust --encoding=UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; die "initdb failed"; }
   port=$(free_port)
+  echo "$port" >"$dir/port"
+  run_server "$dir" "$bin" "$port"
+  echo "postgres://herald@127.0.0.1:$port/postgres" >"$dir/url"
+  log "PostgreSQL on 127.0.0.1:$port ($dir)"
+}
+
+run_server() {
+  local dir="$1" bin="$2" port="$3"
   # fsync off: a test server's data is thrown away; it makes writes several times faster.
   as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
     -o "-p $port -k $dir/socket -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" start >/dev/null \
     || { cat "$dir/server.log" >&2; die "the server did not start"; }
-  echo "postgres://herald@127.0.0.1:$port/postgres" >"$dir/url"
-  log "PostgreSQL on 127.0.0.1:$port ($dir)"
+}
+
+resume() {
+  local dir="$1" bin
+  bin=$(bindir) || die "PostgreSQL is not installed"
+  [ -f "$dir/port" ] || die "no server was started in $dir"
+  run_server "$dir" "$bin" "$(cat "$dir/port")"
 }
 
 stop() {
@@ -68,5 +82,6 @@ case "${1:-}" in
   install) install ;;
   start) [ -n "${2:-}" ] || die "usage: $0 start DIR"; start "$2" ;;
   stop) [ -n "${2:-}" ] || die "usage: $0 stop DIR"; stop "$2" ;;
-  *) die "usage: $0 install | start DIR | stop DIR" ;;
+  resume) [ -n "${2:-}" ] || die "usage: $0 resume DIR"; resume "$2" ;;
+  *) die "usage: $0 install | start DIR | stop DIR | resume DIR" ;;
 esac

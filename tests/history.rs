@@ -163,3 +163,192 @@ async fn without_a_database_the_messages_api_says_so() {
     let h = Herald::start().await;
     h.call("GET", "/v1/messages", None).await.assert_error(404, "history_store_disabled");
 }
+
+/// herald with a history store whose finished runs leave the cluster after `ttl` seconds.
+async fn herald_archiving(url: String, ttl: i64) -> Herald {
+    Herald::start_with(move |s| {
+        s.database_url = Some(url);
+        s.finished_ttl_seconds = ttl;
+    })
+    .await
+}
+
+/// Waits until no TriggerRun of this workflow run id is left in the cluster.
+async fn gone(h: &Herald, run_id: &str, within: Duration) {
+    wait_for("the run to leave the cluster", within, || async {
+        let runs = h.api::<TriggerRun>().list(&Default::default()).await.ok()?;
+        (!runs.items.iter().any(|r| r.status.as_ref().and_then(|s| s.workflow_run_id.as_deref()) == Some(run_id))).then_some(())
+    })
+    .await;
+}
+
+fn users(count: usize) -> Vec<Value> {
+    (0..count).map(|i| json!({"id": format!("user-{i}"), "name": format!("User {i}")})).collect()
+}
+
+#[tokio::test]
+async fn finished_runs_are_archived_and_still_readable() {
+    let h = herald_archiving(common::database().await, 1).await;
+    let receiver = HttpReceiver::start().await;
+    channel(&h, "hooks", &receiver.url("/hook"), 1).await;
+    h.workflow("ping", json!({"steps": [{"ref": "hook", "type": "channel", "channel": "hooks", "template": {"body": "{\"to\": \"{{ recipient.id }}\"}"}}]})).await;
+
+    // A small run (records inline) and one with pages (more than 10 recipients).
+    let small = trigger(&h, "ping", json!({"recipients": users(2)})).await;
+    let large = trigger(&h, "ping", json!({"recipients": users(15)})).await;
+    // A run created with kubectl keeps its explicit TTL.
+    let kept: TriggerRun = serde_json::from_value(json!({
+        "apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"name": "kept"},
+        "spec": {"workflow": "ping", "recipients": [{"id": "user-0"}], "ttlSecondsAfterFinished": 3600}
+    }))
+    .unwrap();
+    h.api::<TriggerRun>().create(&PostParams::default(), &kept).await.unwrap();
+    gone(&h, &small, Duration::from_secs(60)).await;
+    gone(&h, &large, Duration::from_secs(60)).await;
+    assert!(h.api::<herald::resources::RecipientPage>().list(&Default::default()).await.unwrap().items.is_empty(), "the pages left with their run");
+    let kept = h.api::<TriggerRun>().get("kept").await.expect("a run with its own ttlSecondsAfterFinished stays");
+    assert_eq!(kept.status.as_ref().map(|s| format!("{:?}", s.state)).as_deref(), Some("Completed"));
+    assert_eq!(receiver.count(), 18);
+
+    // Read back from the store: the run, its recipients' runs page by page, one recipient's run, the messages.
+    let a = h.call("GET", &format!("/v1/workflow_runs/{small}"), None).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!((a.body["status"].as_str(), a.body["workflow"].as_str()), (Some("completed"), Some("ping")));
+    assert_eq!(a.body["recipient_runs"]["entries"].as_array().map(Vec::len), Some(2), "{a:?}");
+    let mut ids = Vec::new();
+    let mut path = format!("/v1/workflow_runs/{large}?page_size=10");
+    loop {
+        let a = h.call("GET", &path, None).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        ids.extend(a.body["recipient_runs"]["entries"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_string()));
+        match a.body["recipient_runs"]["page_info"]["after"].as_str() {
+            Some(after) => path = format!("/v1/workflow_runs/{large}?page_size=10&after={after}"),
+            None => break,
+        }
+    }
+    assert_eq!(ids.len(), 15, "{ids:?}");
+    let a = h.call("GET", &format!("/v1/workflow_recipient_runs/{}", ids[14]), None).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!((a.body["recipient"].as_str(), a.body["state"].as_str(), a.body["workflow_run_id"].as_str()), (Some("user-14"), Some("Completed"), Some(large.as_str())));
+    assert_eq!(a.body["steps"][0]["reason"], "Delivered");
+    messages(&h, &format!("workflow_run_id={large}"), 15).await;
+    assert!(h.metrics().await.lines().any(|l| l.starts_with("herald_runs_archived_total") && !l.ends_with(" 0")), "{}", h.metrics().await);
+    h.call("GET", &format!("/v1/workflow_runs/{}", uuid::Uuid::new_v4()), None).await.assert_error(404, "resource_missing");
+}
+
+#[tokio::test]
+async fn idempotency_keys_hold_after_the_run_left_the_cluster() {
+    let h = herald_archiving(common::database().await, 1).await;
+    h.workflow("w", api_support::delay_workflow("1ms")).await;
+    let body = json!({"recipients": [{"id": "u1"}], "data": {"n": 1}});
+    let keyed = |key: &str| vec![("idempotency-key".to_string(), key.to_string())];
+    let send = |key: String, body: Value| {
+        let h = &h;
+        async move {
+            let mut headers = api_support::json_headers(&h.key);
+            headers.extend(keyed(&key));
+            h.raw("POST", "/v1/workflows/w/trigger", &headers, Some(body.to_string().into_bytes())).await
+        }
+    };
+    let first = send("key-1".into(), body.clone()).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    let run = first.body["workflow_run_id"].as_str().unwrap().to_string();
+    finished(&h, &run).await;
+    gone(&h, &run, Duration::from_secs(60)).await;
+
+    // The same key after the run left: the same run, replayed; nothing new in the cluster.
+    let again = send("key-1".into(), body.clone()).await;
+    assert_eq!((again.status, again.body["workflow_run_id"].as_str()), (200, Some(run.as_str())), "{again:?}");
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert!(h.names::<TriggerRun>().await.is_empty(), "no second run");
+    // Other parameters with that key: refused.
+    send("key-1".into(), json!({"recipients": [{"id": "u2"}]})).await.assert_error(422, "idempotency_key_mismatch");
+
+    // Parallel requests with one new key: one run.
+    let answers = futures::future::join_all((0..8).map(|_| send("key-2".into(), body.clone()))).await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a.status, 200, "{a:?}");
+            a.body["workflow_run_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(h.names::<TriggerRun>().await.len(), 1, "exactly one run for eight parallel requests");
+}
+
+#[tokio::test]
+async fn postgresql_down_mid_run_loses_nothing() {
+    // A PostgreSQL server of this test's own, to stop and start.
+    let dir = std::env::temp_dir().join(format!("herald-pg-{}", uuid::Uuid::new_v4().simple()));
+    let script = common::repo_path("scripts/postgres.sh");
+    let pg = |verb: &str| {
+        let status = std::process::Command::new("bash").arg(&script).arg(verb).arg(&dir).status().expect("running scripts/postgres.sh");
+        assert!(status.success(), "scripts/postgres.sh {verb} failed");
+    };
+    pg("start");
+    struct Stop<F: Fn(&str)>(F);
+    impl<F: Fn(&str)> Drop for Stop<F> {
+        fn drop(&mut self) {
+            (self.0)("stop");
+        }
+    }
+    let _stop = Stop(pg);
+    let url = std::fs::read_to_string(dir.join("url")).unwrap().trim().to_string();
+    let h = herald_archiving(url, 1).await;
+    let receiver = HttpReceiver::start().await;
+    receiver.slow("/hook", Duration::from_millis(100));
+    channel(&h, "hooks", &receiver.url("/hook"), 1).await;
+    h.workflow("ping", json!({"steps": [{"ref": "hook", "type": "channel", "channel": "hooks", "template": {"body": "{}"}}]})).await;
+    let run = trigger(&h, "ping", json!({"recipients": users(30)})).await;
+
+    // Stop PostgreSQL once deliveries are under way.
+    wait_for("deliveries to start", Duration::from_secs(30), || async { (receiver.count() >= 3).then_some(()) }).await;
+    let script = common::repo_path("scripts/postgres.sh");
+    let run_script = |verb: &str| {
+        let status = std::process::Command::new("bash").arg(&script).arg(verb).arg(&dir).status().unwrap();
+        assert!(status.success(), "scripts/postgres.sh {verb} failed");
+    };
+    run_script("stop");
+    // The run goes on and finishes; history reads say the store is down; the run stays in the cluster.
+    finished(&h, &run).await;
+    assert_eq!(receiver.count(), 30);
+    let a = h.call("GET", "/v1/messages", None).await;
+    a.assert_error(503, "service_unavailable");
+    assert!(a.header("retry-after").is_some(), "{a:?}");
+    wait_for("an archive attempt to fail", Duration::from_secs(30), || async {
+        h.metrics().await.lines().any(|l| l.starts_with("herald_reconcile_errors_total") && l.contains("error=\"store\"")).then_some(())
+    })
+    .await;
+    assert!(
+        h.api::<TriggerRun>().list(&Default::default()).await.unwrap().items.iter().any(|r| r.status.as_ref().and_then(|s| s.workflow_run_id.as_deref()) == Some(run.as_str())),
+        "the run waits in the cluster"
+    );
+    // Unkeyed triggers are still acknowledged (stored as TriggerRuns).
+    let during = trigger(&h, "ping", json!({"recipients": [{"id": "late"}]})).await;
+
+    // PostgreSQL back: the runs are archived and leave; every message is there.
+    run_script("resume");
+    gone(&h, &run, Duration::from_secs(90)).await;
+    gone(&h, &during, Duration::from_secs(90)).await;
+    let all = wait_for("all 30 messages", Duration::from_secs(30), || async {
+        let mut count = 0;
+        let mut path = format!("/v1/messages?workflow_run_id={run}");
+        loop {
+            let a = h.call("GET", &path, None).await;
+            if a.status != 200 {
+                return None;
+            }
+            count += a.body["entries"].as_array()?.len();
+            match a.body["page_info"]["after"].as_str() {
+                Some(after) => path = format!("/v1/messages?workflow_run_id={run}&after={after}"),
+                None => break,
+            }
+        }
+        (count == 30).then_some(count)
+    })
+    .await;
+    assert_eq!(all, 30);
+    let a = h.call("GET", &format!("/v1/workflow_runs/{run}?page_size=50"), None).await;
+    assert_eq!(a.body["recipient_runs"]["entries"].as_array().map(Vec::len), Some(30), "{a:?}");
+}

@@ -39,6 +39,9 @@ pub enum Error {
     /// This replica's leadership may have ended: nothing more is sent or written.
     #[error("this replica can no longer confirm it leads; stopping the reconcile")]
     Fenced,
+    /// The history store could not take a finished run (it stays in the cluster; retried).
+    #[error("history store: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 impl Error {
@@ -50,6 +53,7 @@ impl Error {
             Error::Serialize(_) => "serialize",
             Error::Stale(_) => "stale",
             Error::Fenced => "fenced",
+            Error::Store(_) => "store",
         }
     }
 }

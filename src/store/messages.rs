@@ -9,6 +9,8 @@
 //! finished run leaves the cluster it is archived, and the archive writes the
 //! message of every channel step its records hold that is not stored yet.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -25,6 +27,8 @@ use crate::core::model::RecipientKey;
 pub const BUFFER: usize = 10_000;
 /// Rows per INSERT.
 pub const BATCH: usize = 500;
+/// How long [`MessageLog::flush`] waits.
+pub const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 enum Command {
     Record(Box<MessageRecord>),
@@ -36,6 +40,9 @@ enum Command {
 #[derive(Clone)]
 pub struct MessageLog {
     tx: mpsc::Sender<Command>,
+    /// Set while the writer's last attempt failed: archives then fail at once
+    /// instead of each waiting for a flush (they hold reconcile slots).
+    failing: Arc<AtomicBool>,
     dropped: prometheus_client::metrics::counter::Counter,
 }
 
@@ -43,8 +50,9 @@ impl MessageLog {
     /// Starts the writer task.
     pub fn start(store: Store, dropped: prometheus_client::metrics::counter::Counter) -> MessageLog {
         let (tx, rx) = mpsc::channel(BUFFER);
-        tokio::spawn(write_loop(store, rx));
-        MessageLog { tx, dropped }
+        let failing = Arc::new(AtomicBool::new(false));
+        tokio::spawn(write_loop(store, rx, failing.clone()));
+        MessageLog { tx, failing, dropped }
     }
 
     /// Queues a message; never waits. A full buffer drops it (counted): the
@@ -55,15 +63,22 @@ impl MessageLog {
         }
     }
 
-    /// Waits until every message queued before this call is written.
+    /// Waits until every message queued before this call is written; gives
+    /// up after [`FLUSH_WAIT`] (the database is down: the writer keeps retrying).
     pub async fn flush(&self) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable("messages are waiting for the history store".into()));
+        }
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Command::Flush(tx)).await.map_err(|_| StoreError::Unavailable("the message writer stopped".into()))?;
-        rx.await.map_err(|_| StoreError::Unavailable("the message writer stopped".into()))
+        let flushed = async {
+            self.tx.send(Command::Flush(tx)).await.map_err(|_| StoreError::Unavailable("the message writer stopped".into()))?;
+            rx.await.map_err(|_| StoreError::Unavailable("the message writer stopped".into()))
+        };
+        tokio::time::timeout(FLUSH_WAIT, flushed).await.unwrap_or_else(|_| Err(StoreError::Unavailable("queued messages could not be written in time".into())))
     }
 }
 
-async fn write_loop(store: Store, mut rx: mpsc::Receiver<Command>) {
+async fn write_loop(store: Store, mut rx: mpsc::Receiver<Command>, failing: Arc<AtomicBool>) {
     let mut batch: Vec<MessageRecord> = Vec::with_capacity(BATCH);
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -80,8 +95,12 @@ async fn write_loop(store: Store, mut rx: mpsc::Receiver<Command>) {
         let mut backoff = Duration::from_millis(100);
         while !batch.is_empty() {
             match insert(&store, &batch, Conflict::Update).await {
-                Ok(()) => batch.clear(),
+                Ok(()) => {
+                    batch.clear();
+                    failing.store(false, Ordering::Relaxed);
+                }
                 Err(e) => {
+                    failing.store(true, Ordering::Relaxed);
                     tracing::warn!(error = %e, messages = batch.len(), retry_ms = backoff.as_millis() as u64, "writing messages to the history store; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -6,6 +6,7 @@
 //! Schema migrations ship in the binary ([`MIGRATIONS`]) and apply at start,
 //! under an advisory lock so that replicas starting together apply each once.
 
+pub mod idempotency;
 pub mod messages;
 pub mod runs;
 

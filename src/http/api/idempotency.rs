@@ -17,8 +17,7 @@ use crate::core::ids::short_hash;
 pub const HEADER: &str = "idempotency-key";
 /// The response header marking a replayed response.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
-/// The annotation holding the fingerprint of the request that created a run.
-pub const FINGERPRINT_ANNOTATION: &str = "herald.dev/request-fingerprint";
+pub use crate::resources::trigger_run::FINGERPRINT_ANNOTATION;
 /// Longest key accepted (Knock's limit).
 pub const MAX_KEY_CHARS: usize = 255;
 

@@ -39,6 +39,7 @@ use super::{created_at, updated_at, Api, Params, QueryParams};
 use crate::core::model::{parse_recipient, parse_tenant, RecipientKey};
 use crate::core::status::{RecipientState, RecipientStatus, StepState};
 use crate::resources::{RecipientPage, TriggerRun};
+use crate::store::Store;
 
 /// Entries of a run's recipients per answer (Knock's default and maximum).
 pub const PAGE_SIZE: usize = 50;
@@ -205,10 +206,21 @@ impl Records {
     }
 }
 
+/// Where a run's pages are read from.
+enum Source {
+    /// RecipientPages in the cluster (by name).
+    Cluster(kube::Api<RecipientPage>),
+    /// An archived run's records in the history store, [`ARCHIVE_PAGE`] to a page.
+    Archive { store: Store, run: Uuid, meta: ObjectMeta },
+}
+
+/// Records per page of an archived run (its cursors are `<page>.<offset>` as a live run's).
+const ARCHIVE_PAGE: usize = 500;
+
 /// The pages of one run, read (once each) as the entries asked for need
 /// them; a run that keeps its records inline is its own one page.
 struct RunPages {
-    api: kube::Api<RecipientPage>,
+    source: Source,
     names: Vec<String>,
     read: Vec<Option<Option<Records>>>,
 }
@@ -217,16 +229,34 @@ impl RunPages {
     fn of(api: kube::Api<RecipientPage>, run: &TriggerRun) -> RunPages {
         let status = run.status.clone().unwrap_or_default();
         if status.pages.is_empty() && !status.recipients.is_empty() {
-            return RunPages { api, names: vec![run.name_any()], read: vec![Some(Some(Records::of_run(run)))] };
+            return RunPages { source: Source::Cluster(api), names: vec![run.name_any()], read: vec![Some(Some(Records::of_run(run)))] };
         }
-        RunPages { api, read: status.pages.iter().map(|_| None).collect(), names: status.pages }
+        RunPages { source: Source::Cluster(api), read: status.pages.iter().map(|_| None).collect(), names: status.pages }
+    }
+
+    /// The pages of an archived run of `count` recipients.
+    fn archived(store: Store, run: Uuid, meta: ObjectMeta, count: usize) -> RunPages {
+        let pages = count.div_ceil(ARCHIVE_PAGE);
+        RunPages { source: Source::Archive { store, run, meta }, names: (0..pages).map(|i| i.to_string()).collect(), read: (0..pages).map(|_| None).collect() }
     }
 
     /// Page `index`; None past the last page or when it is gone.
     async fn get(&mut self, index: usize) -> Result<Option<&Records>, ApiError> {
         let Some(name) = self.names.get(index) else { return Ok(None) };
         if self.read[index].is_none() {
-            self.read[index] = Some(self.api.get_opt(name).await?.map(Records::of_page));
+            let records = match &self.source {
+                Source::Cluster(api) => api.get_opt(name).await?.map(Records::of_page),
+                Source::Archive { store, run, meta } => {
+                    let values = crate::store::runs::recipients(store, *run, (index * ARCHIVE_PAGE) as i64, ARCHIVE_PAGE as i64).await?;
+                    let recipients = values
+                        .into_iter()
+                        .map(serde_json::from_value)
+                        .collect::<Result<Vec<RecipientStatus>, _>>()
+                        .map_err(|e| ApiError::Internal(format!("an archived record does not read: {e}")))?;
+                    Some(Records { meta: meta.clone(), recipients })
+                }
+            };
+            self.read[index] = Some(records);
         }
         Ok(self.read[index].as_ref().and_then(Option::as_ref))
     }
@@ -300,12 +330,27 @@ pub async fn workflow_run(State(api): State<Arc<Api>>, caller: Caller, Params(id
     let (size, direction) = read_query(&query)?;
     let missing = || ApiError::not_found("resource_missing", format!("workflow run {id} not found"));
     index_ready(&api).await?;
-    let name = api.index.run(&caller.namespace, &uid).ok_or_else(missing)?;
+    let live = match api.index.run(&caller.namespace, &uid) {
+        // The name may since belong to another run: the uid decides.
+        Some(name) => api.kube::<TriggerRun>(&caller.namespace).get_opt(&name).await?.filter(|r| r.uid().as_deref() == Some(uid.to_string().as_str())),
+        None => None,
+    };
+    // Not in the cluster: a finished run may have left it for the history store.
+    let (run, mut pages) = match live {
+        Some(run) => {
+            let pages = RunPages::of(api.kube::<RecipientPage>(&caller.namespace), &run);
+            (run, pages)
+        }
+        None => {
+            let Some(store) = api.ctx.history.as_ref().map(|h| h.store.clone()) else { return Err(missing()) };
+            let stored = crate::store::runs::get(&store, &caller.namespace, uid).await?.ok_or_else(missing)?;
+            let run: TriggerRun = serde_json::from_value(stored.run).map_err(|e| ApiError::Internal(format!("an archived run does not read: {e}")))?;
+            let pages = RunPages::archived(store, uid, run.metadata.clone(), stored.recipients as usize);
+            (run, pages)
+        }
+    };
     let uid = uid.to_string();
-    // The name may since belong to another run: the uid decides.
-    let run = api.kube::<TriggerRun>(&caller.namespace).get_opt(&name).await?.filter(|r| r.uid().as_deref() == Some(uid.as_str())).ok_or_else(missing)?;
     let status = run.status.clone().unwrap_or_default();
-    let mut pages = RunPages::of(api.kube::<RecipientPage>(&caller.namespace), &run);
     let (entries, after, before) = match direction {
         Direction::After(from) => {
             let from = pages.check("after", from).await?;
@@ -356,7 +401,16 @@ pub async fn recipient_run(State(api): State<Arc<Api>>, caller: Caller, Params(i
     let wanted = parse_id(&id)?;
     let missing = || ApiError::not_found("resource_missing", format!("workflow recipient run {id} not found"));
     index_ready(&api).await?;
-    let (holder, position) = api.index.recipient(&caller.namespace, &wanted).ok_or_else(missing)?;
+    let Some((holder, position)) = api.index.recipient(&caller.namespace, &wanted) else {
+        // Not in the cluster: a finished run may have left it for the history store.
+        let Some(history) = &api.ctx.history else { return Err(missing()) };
+        let (record, run) = crate::store::runs::recipient(&history.store, &caller.namespace, wanted).await?.ok_or_else(missing)?;
+        let unreadable = |e: serde_json::Error| ApiError::Internal(format!("an archived run does not read: {e}"));
+        let record: RecipientStatus = serde_json::from_value(record).map_err(unreadable)?;
+        let run: TriggerRun = serde_json::from_value(run).map_err(unreadable)?;
+        let run_id = run.status.as_ref().and_then(|s| s.workflow_run_id.clone()).or_else(|| run.uid()).unwrap_or_default();
+        return Ok(Json(recipient_run_json(Some(&run), &run_id, &run.metadata, &record, true)));
+    };
     let runs = api.kube::<TriggerRun>(&caller.namespace);
     let (records, run) = match holder {
         Holder::Page(name) => {

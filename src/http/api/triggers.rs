@@ -277,18 +277,61 @@ async fn persist(api: &Api, caller: &Caller, key: Option<(Scope, &str)>, spec: T
         };
     }
     identify_inline(api, namespace, &spec).await?;
+    // With a history store the key outlives its run in the cluster: it is
+    // claimed there first (a unique key), and a key used before is answered
+    // from its run, in the cluster or archived.
+    let store = api.ctx.history.as_ref().map(|h| &h.store);
+    let mut claimed = false;
+    if let Some(store) = store {
+        match crate::store::idempotency::claim(store, namespace, &name, &idempotency::fingerprint(&parameters(&spec))).await {
+            Ok(true) => claimed = true,
+            Ok(false) => {
+                if let Some(existing) = runs.get_opt(&name).await? {
+                    return Ok(Outcome::Existing(existing));
+                }
+                if let Some(archived) = crate::store::runs::find_by_name(store, namespace, &name).await? {
+                    return Ok(Outcome::Existing(archived_run(archived)?));
+                }
+                // Claimed, but its run is not made yet (a parallel request is
+                // making it, or an earlier create failed): create it; the
+                // cluster lets one create win.
+            }
+            // The store is down: the cluster still holds keys of runs not archived
+            // yet; the archive records this key when the store is back.
+            Err(e) if e.is_unavailable() => tracing::warn!(error = %e, "idempotency key checked in the cluster only: the history store is unavailable"),
+            Err(e) => return Err(e.into()),
+        }
+    }
     for _ in 0..3 {
         match runs.create(&pp, &new_run(&name, spec.clone(), caller, api_name)).await {
             Ok(run) => return Ok(Outcome::Created(run)),
             Err(kube::Error::Api(s)) if s.code == 409 => match runs.get_opt(&name).await? {
                 Some(existing) => return Ok(Outcome::Existing(existing)),
-                // Deleted in between (its retention ended): create it again.
-                None => continue,
+                // Deleted in between: archived first, with a store; without one its retention ended.
+                None => match store {
+                    Some(store) => match crate::store::runs::find_by_name(store, namespace, &name).await? {
+                        Some(archived) => return Ok(Outcome::Existing(archived_run(archived)?)),
+                        None => continue,
+                    },
+                    None => continue,
+                },
             },
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // Nothing was stored: free the key for the caller's retry.
+                if let (true, Some(store)) = (claimed, store) {
+                    if let Err(release) = crate::store::idempotency::release(store, namespace, &name).await {
+                        tracing::warn!(error = %release, "releasing an idempotency key whose run was not created");
+                    }
+                }
+                return Err(e.into());
+            }
         }
     }
     Err(ApiError::Conflict("the idempotency key's run kept changing; retry".into()))
+}
+
+fn archived_run(value: Value) -> Result<TriggerRun, ApiError> {
+    serde_json::from_value(value).map_err(|e| ApiError::Internal(format!("an archived run does not read: {e}")))
 }
 
 fn count_accepted(api: &Api, name: &str) {

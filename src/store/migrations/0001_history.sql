@@ -59,15 +59,15 @@ CREATE TABLE herald_recipient_runs (
 );
 CREATE UNIQUE INDEX herald_recipient_runs_by_run ON herald_recipient_runs (workflow_run_id, position);
 
--- Idempotency keys: claimed before the run is created (a unique key, so
--- parallel requests through any replica make one run), kept for retention.
+-- Idempotency keys, by the name of the TriggerRun a key makes (a hash of
+-- its API, namespace and key): claimed before the run is created (a unique
+-- key, so the same key through any replica makes one run) and kept for the
+-- retention period after the run left the cluster.
 CREATE TABLE herald_idempotency_keys (
     namespace   text NOT NULL,
-    scope       text NOT NULL,
-    key         text NOT NULL,
     run_name    text NOT NULL,
     fingerprint text NOT NULL,
     created_at  timestamptz NOT NULL,
-    PRIMARY KEY (namespace, scope, key)
+    PRIMARY KEY (namespace, run_name)
 );
 CREATE INDEX herald_idempotency_keys_by_age ON herald_idempotency_keys (created_at);
