@@ -105,7 +105,7 @@ pub async fn start(client: Client, settings: Settings) -> anyhow::Result<Operato
     let stores = Stores::start(&client, &settings);
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let history = match &settings.database_url {
-        Some(url) => Some(crate::store::History::start(url, &metrics).await.context("connecting to the history store (--database-url)")?),
+        Some(url) => Some(crate::store::History::start(url, &metrics).await.context("the history store (--database-url)")?),
         None => None,
     };
     let context = Context::new(client, settings, stores, metrics, history);

@@ -277,25 +277,56 @@ async fn idempotency_keys_hold_after_the_run_left_the_cluster() {
     assert_eq!(h.names::<TriggerRun>().await.len(), 1, "exactly one run for eight parallel requests");
 }
 
-#[tokio::test]
-async fn postgresql_down_mid_run_loses_nothing() {
-    // A PostgreSQL server of this test's own, to stop and start.
-    let dir = std::env::temp_dir().join(format!("herald-pg-{}", uuid::Uuid::new_v4().simple()));
-    let script = common::repo_path("scripts/postgres.sh");
-    let pg = |verb: &str| {
-        let status = std::process::Command::new("bash").arg(&script).arg(verb).arg(&dir).status().expect("running scripts/postgres.sh");
+/// A PostgreSQL server of a test's own, to stop and start (scripts/postgres.sh).
+struct OwnPostgres {
+    dir: std::path::PathBuf,
+}
+
+impl OwnPostgres {
+    fn start() -> OwnPostgres {
+        let pg = OwnPostgres { dir: std::env::temp_dir().join(format!("herald-pg-{}", uuid::Uuid::new_v4().simple())) };
+        pg.script("start");
+        pg
+    }
+
+    fn script(&self, verb: &str) {
+        let status = std::process::Command::new("bash").arg(common::repo_path("scripts/postgres.sh")).arg(verb).arg(&self.dir).status().expect("running scripts/postgres.sh");
         assert!(status.success(), "scripts/postgres.sh {verb} failed");
-    };
-    pg("start");
-    struct Stop<F: Fn(&str)>(F);
-    impl<F: Fn(&str)> Drop for Stop<F> {
-        fn drop(&mut self) {
-            (self.0)("stop");
+    }
+
+    fn url(&self) -> String {
+        std::fs::read_to_string(self.dir.join("url")).unwrap().trim().to_string()
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        self.script("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Counts the messages of a run through the API, page by page (None while the store does not answer).
+async fn count_messages(h: &Herald, run: &str) -> Option<usize> {
+    let mut count = 0;
+    let mut path = format!("/v1/messages?workflow_run_id={run}");
+    loop {
+        let a = h.call("GET", &path, None).await;
+        if a.status != 200 {
+            return None;
+        }
+        count += a.body["entries"].as_array()?.len();
+        match a.body["page_info"]["after"].as_str() {
+            Some(after) => path = format!("/v1/messages?workflow_run_id={run}&after={after}"),
+            None => return Some(count),
         }
     }
-    let _stop = Stop(pg);
-    let url = std::fs::read_to_string(dir.join("url")).unwrap().trim().to_string();
-    let h = herald_archiving(url, 1).await;
+}
+
+#[tokio::test]
+async fn postgresql_down_mid_run_loses_nothing() {
+    let pg = OwnPostgres::start();
+    let h = herald_archiving(pg.url(), 1).await;
     let receiver = HttpReceiver::start().await;
     receiver.slow("/hook", Duration::from_millis(100));
     channel(&h, "hooks", &receiver.url("/hook"), 1).await;
@@ -304,12 +335,7 @@ async fn postgresql_down_mid_run_loses_nothing() {
 
     // Stop PostgreSQL once deliveries are under way.
     wait_for("deliveries to start", Duration::from_secs(30), || async { (receiver.count() >= 3).then_some(()) }).await;
-    let script = common::repo_path("scripts/postgres.sh");
-    let run_script = |verb: &str| {
-        let status = std::process::Command::new("bash").arg(&script).arg(verb).arg(&dir).status().unwrap();
-        assert!(status.success(), "scripts/postgres.sh {verb} failed");
-    };
-    run_script("stop");
+    pg.script("stop");
     // The run goes on and finishes; history reads say the store is down; the run stays in the cluster.
     finished(&h, &run).await;
     assert_eq!(receiver.count(), 30);
@@ -328,27 +354,29 @@ async fn postgresql_down_mid_run_loses_nothing() {
     let during = trigger(&h, "ping", json!({"recipients": [{"id": "late"}]})).await;
 
     // PostgreSQL back: the runs are archived and leave; every message is there.
-    run_script("resume");
+    pg.script("resume");
     gone(&h, &run, Duration::from_secs(90)).await;
     gone(&h, &during, Duration::from_secs(90)).await;
-    let all = wait_for("all 30 messages", Duration::from_secs(30), || async {
-        let mut count = 0;
-        let mut path = format!("/v1/messages?workflow_run_id={run}");
-        loop {
-            let a = h.call("GET", &path, None).await;
-            if a.status != 200 {
-                return None;
-            }
-            count += a.body["entries"].as_array()?.len();
-            match a.body["page_info"]["after"].as_str() {
-                Some(after) => path = format!("/v1/messages?workflow_run_id={run}&after={after}"),
-                None => break,
-            }
-        }
-        (count == 30).then_some(count)
-    })
-    .await;
-    assert_eq!(all, 30);
+    wait_for("all 30 messages", Duration::from_secs(30), || async { (count_messages(&h, &run).await == Some(30)).then_some(()) }).await;
     let a = h.call("GET", &format!("/v1/workflow_runs/{run}?page_size=50"), None).await;
     assert_eq!(a.body["recipient_runs"]["entries"].as_array().map(Vec::len), Some(30), "{a:?}");
+}
+
+#[tokio::test]
+async fn herald_starts_and_runs_while_postgresql_is_down() {
+    let pg = OwnPostgres::start();
+    pg.script("stop");
+    let h = herald_archiving(pg.url(), 1).await;
+    let receiver = HttpReceiver::start().await;
+    channel(&h, "hooks", &receiver.url("/hook"), 1).await;
+    h.workflow("ping", json!({"steps": [{"ref": "hook", "type": "channel", "channel": "hooks", "template": {"body": "{}"}}]})).await;
+    let run = trigger(&h, "ping", json!({"recipients": users(3)})).await;
+    finished(&h, &run).await;
+    assert_eq!(receiver.count(), 3);
+    h.call("GET", "/v1/messages", None).await.assert_error(503, "service_unavailable");
+
+    // Once PostgreSQL answers, the schema is applied and the run archived.
+    pg.script("resume");
+    gone(&h, &run, Duration::from_secs(90)).await;
+    wait_for("the run's messages", Duration::from_secs(30), || async { (count_messages(&h, &run).await == Some(3)).then_some(()) }).await;
 }

@@ -10,6 +10,8 @@ pub mod idempotency;
 pub mod messages;
 pub mod runs;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -65,9 +67,26 @@ pub struct History {
 }
 
 impl History {
-    /// Connects to `url`, applies the migrations and starts the message writer.
+    /// Opens the store at `url` and starts the message writer. Only a URL
+    /// that does not parse fails: a database that is down must not keep
+    /// herald from starting (runs go on; history waits), so the migrations
+    /// are applied in the background, retried until they are, and the store
+    /// answers "unavailable" until then.
     pub async fn start(url: &str, metrics: &crate::metrics::Metrics) -> Result<History, StoreError> {
-        let store = Store::connect(url).await?;
+        let store = Store::open(url)?;
+        if let Err(e) = store.migrate().await {
+            tracing::warn!(error = %e, "the history store is unavailable; retrying its migrations in the background");
+            let retry = store.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    match retry.migrate().await {
+                        Ok(()) => break,
+                        Err(e) => tracing::debug!(error = %e, "history store migrations; retrying"),
+                    }
+                }
+            });
+        }
         let messages = messages::MessageLog::start(store.clone(), metrics.history_messages_dropped.clone());
         Ok(History { store, messages })
     }
@@ -77,12 +96,20 @@ impl History {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Set once the migrations are applied: until then every use is "unavailable".
+    migrated: Arc<AtomicBool>,
 }
 
 impl Store {
-    /// Connects (lazily: the pool opens connections when first used) and
-    /// applies the migrations; fails if the database cannot be reached.
+    /// Connects and applies the migrations; fails if the database cannot be reached.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let store = Store::open(url)?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The pool for `url`, without connecting (it opens connections when first used).
+    pub fn open(url: &str) -> Result<Store, StoreError> {
         let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -97,33 +124,36 @@ impl Store {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Url(e.to_string()))?;
-        let store = Store { pool };
-        store.migrate().await?;
-        Ok(store)
+        Ok(Store { pool, migrated: Arc::new(AtomicBool::new(false)) })
     }
 
     /// Applies the migrations not applied yet, each in its own transaction.
+    /// Applies the migrations not applied yet, in one transaction under an
+    /// advisory lock (replicas starting together wait for each other).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.pool.get().await?;
-        client
-            .batch_execute("CREATE TABLE IF NOT EXISTS herald_schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS herald_schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
             .await?;
         for (version, name, sql) in MIGRATIONS {
-            let tx = client.transaction().await?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
             let applied = tx.query_opt("SELECT 1 FROM herald_schema_migrations WHERE version = $1", &[version]).await?.is_some();
             if !applied {
                 tracing::info!(version, name, "applying history store migration");
                 tx.batch_execute(sql).await?;
                 tx.execute("INSERT INTO herald_schema_migrations (version, name) VALUES ($1, $2)", &[version, name]).await?;
             }
-            tx.commit().await?;
         }
+        tx.commit().await?;
+        self.migrated.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// A connection from the pool.
+    /// A connection from the pool, once the schema is in place.
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        if !self.migrated.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable("the history store's schema is not applied yet (is PostgreSQL reachable?)".into()));
+        }
         Ok(self.pool.get().await?)
     }
 
