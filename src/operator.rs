@@ -191,6 +191,7 @@ where
         }
         tracing::info!("leading: starting controllers");
         let sweeper = tokio::spawn(controller::trigger_run::sweep_cancellations(ctx.clone()));
+        let purger = ctx.history.as_ref().map(|h| tokio::spawn(crate::store::retention::keep(h.store.clone(), ctx.settings.history_retention_days)));
         let mut running = tokio::spawn(controllers(ctx.clone(), wait_stop()));
         enum Ended {
             Lost,
@@ -204,6 +205,9 @@ where
             done = &mut running => Ended::Finished(done),
         };
         sweeper.abort();
+        if let Some(purger) = purger {
+            purger.abort();
+        }
         match ended {
             Ended::Finished(done) => {
                 // The controllers end by themselves only when a stop was asked for just now.

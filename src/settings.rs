@@ -132,6 +132,11 @@ pub struct Settings {
     #[arg(long, env = "HERALD_FINISHED_TTL_SECONDS", default_value_t = 300)]
     pub finished_ttl_seconds: i64,
 
+    /// History store: days messages, archived runs and idempotency keys are kept (at least 7,
+    /// Knock's idempotency window). The leader deletes older rows every 10 minutes, in batches.
+    #[arg(long, env = "HERALD_HISTORY_RETENTION_DAYS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(7..))]
+    pub history_retention_days: u32,
+
     /// Deliveries: CIDR blocks (or addresses) deliveries may not connect to, comma-separated, in
     /// addition to the defaults (link-local 169.254.0.0/16 and fe80::/10, cloud metadata
     /// 169.254.169.254, fd00:ec2::254 and 100.100.100.200, unspecified 0.0.0.0 and ::).
@@ -181,6 +186,7 @@ impl Settings {
             api_key_namespace: None,
             database_url: None,
             finished_ttl_seconds: 300,
+            history_retention_days: 30,
             egress_deny_cidrs: CidrList::default(),
             egress_allow_cidrs: CidrList::default(),
         }

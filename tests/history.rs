@@ -380,3 +380,41 @@ async fn herald_starts_and_runs_while_postgresql_is_down() {
     gone(&h, &run, Duration::from_secs(90)).await;
     wait_for("the run's messages", Duration::from_secs(30), || async { (count_messages(&h, &run).await == Some(3)).then_some(()) }).await;
 }
+
+#[tokio::test]
+async fn retention_purges_old_history_in_batches_and_keeps_the_rest() {
+    use herald::store::{retention, Store};
+    let url = common::database().await;
+    let store = Store::connect(&url).await.expect("the store");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    // 25,000 old messages (more than two batches) and 10 recent ones; an old and a new run with records; old and new keys.
+    client
+        .batch_execute(
+            "INSERT INTO herald_messages (id, namespace, workflow, workflow_run_id, recipient_run_id, recipient_id, step_ref, channel, channel_type, status, reason, attempts, inserted_at, updated_at)
+             SELECT gen_random_uuid(), 'ns', 'w', gen_random_uuid(), gen_random_uuid(), 'u' || i, 's', 'c', 'http', 'sent', 'Delivered', '[]', now() - interval '40 days', now() - interval '40 days' FROM generate_series(1, 25000) i;
+             INSERT INTO herald_messages (id, namespace, workflow, workflow_run_id, recipient_run_id, recipient_id, step_ref, channel, channel_type, status, reason, attempts, inserted_at, updated_at)
+             SELECT gen_random_uuid(), 'ns', 'w', gen_random_uuid(), gen_random_uuid(), 'u' || i, 's', 'c', 'http', 'sent', 'Delivered', '[]', now(), now() FROM generate_series(1, 10) i;
+             INSERT INTO herald_workflow_runs (id, namespace, name, workflow, state, run, inserted_at, archived_at) VALUES
+               ('00000000-0000-0000-0000-000000000001', 'ns', 'old', 'w', 'Completed', '{}', now() - interval '41 days', now() - interval '40 days'),
+               ('00000000-0000-0000-0000-000000000002', 'ns', 'new', 'w', 'Completed', '{}', now(), now());
+             INSERT INTO herald_recipient_runs (id, workflow_run_id, position, record, updated_at) VALUES
+               (gen_random_uuid(), '00000000-0000-0000-0000-000000000001', 0, '{}', now()),
+               (gen_random_uuid(), '00000000-0000-0000-0000-000000000002', 0, '{}', now());
+             INSERT INTO herald_idempotency_keys (namespace, run_name, fingerprint, created_at) VALUES ('ns', 'old', 'f', now() - interval '41 days'), ('ns', 'new', 'f', now());",
+        )
+        .await
+        .unwrap();
+    let purged = retention::purge(&store, retention::cutoff(jiff::Timestamp::now(), 30)).await.unwrap();
+    assert_eq!((purged.messages, purged.runs, purged.keys), (25_000, 1, 1));
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM herald_messages").await, 10);
+    assert_eq!(count("SELECT count(*) FROM herald_workflow_runs").await, 1);
+    assert_eq!(count("SELECT count(*) FROM herald_recipient_runs").await, 1, "an old run's records go with it");
+    assert_eq!(count("SELECT count(*) FROM herald_idempotency_keys").await, 1);
+    // A second purge finds nothing.
+    assert_eq!(retention::purge(&store, retention::cutoff(jiff::Timestamp::now(), 30)).await.unwrap(), retention::Purged::default());
+}

@@ -8,6 +8,7 @@
 
 pub mod idempotency;
 pub mod messages;
+pub mod retention;
 pub mod runs;
 
 use std::sync::atomic::{AtomicBool, Ordering};
