@@ -152,9 +152,11 @@ fn env_of(container: &Value) -> BTreeMap<String, String> {
         .into_iter()
         .flatten()
         .map(|e| {
-            let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-                Some(path) => format!("fieldRef:{path}"),
-                None => e["value"].as_str().unwrap_or_default().to_string(),
+            let from = &e["valueFrom"];
+            let value = match (from["fieldRef"]["fieldPath"].as_str(), from["secretKeyRef"]["name"].as_str()) {
+                (Some(path), _) => format!("fieldRef:{path}"),
+                (None, Some(secret)) => format!("secretKeyRef:{secret}/{}", from["secretKeyRef"]["key"].as_str().unwrap_or_default()),
+                _ => e["value"].as_str().unwrap_or_default().to_string(),
             };
             (e["name"].as_str().unwrap().to_string(), value)
         })
@@ -328,6 +330,7 @@ fn renders_defaults() {
     assert_eq!(env["HERALD_POD_NAME"], "fieldRef:metadata.name");
     assert_eq!(env["HERALD_LEASE_NAMESPACE"], "fieldRef:metadata.namespace");
     assert!(!env.contains_key("HERALD_EGRESS_DENY_CIDRS") && !env.contains_key("HERALD_EGRESS_ALLOW_CIDRS"), "only the built-in egress rules");
+    assert!(!env.contains_key("HERALD_DATABASE_URL"), "no history store unless asked for");
 
     // RBAC: one ClusterRole with everything, the Lease Role in the release's namespace.
     let cluster_role = r.one("ClusterRole");
@@ -378,6 +381,7 @@ fn renders_other_values() {
         "ingress": {"enabled": true, "className": "nginx", "hosts": [{"host": "herald.example.org", "paths": [{"path": "/v1", "pathType": "Prefix"}]}]},
         "serviceMonitor": {"enabled": true, "interval": "15s"},
         "podDisruptionBudget": {"maxUnavailable": 1},
+        "history": {"enabled": true, "databaseUrlSecret": {"name": "herald-db-app"}, "finishedTtlSeconds": 60, "retentionDays": 14},
     });
     let r = render(values, "herald-system");
     let deployment = r.one("Deployment");
@@ -401,6 +405,9 @@ fn renders_other_values() {
     assert_eq!(env["HERALD_EGRESS_DENY_CIDRS"], "10.0.0.0/8,fd00::/8");
     assert_eq!(env["HERALD_EGRESS_ALLOW_CIDRS"], "10.96.0.10");
     assert_eq!(env["HERALD_API_KEY_NAMESPACE"], "herald-keys");
+    assert_eq!(env["HERALD_DATABASE_URL"], "secretKeyRef:herald-db-app/uri", "the URL comes from a Secret (CloudNativePG's app Secret has it under `uri`)");
+    assert_eq!(env["HERALD_FINISHED_TTL_SECONDS"], "60");
+    assert_eq!(env["HERALD_HISTORY_RETENTION_DAYS"], "14");
 
     // Namespaced RBAC: herald's permissions only in team-a; cluster-scoped needs
     // in the ClusterRole; the Lease in the release's namespace.
@@ -458,6 +465,7 @@ fn schema_and_templates_refuse_bad_values() {
         (json!({"image": {"pullPolicy": "Sometimes"}}), "/image/pullPolicy", ""),
         (json!({"operator": {"egress": {"denyCidrs": ["metadata.google.internal"]}}}), "/operator/egress/denyCidrs/0", ""),
         (json!({"operator": {"egress": {"allowCidrs": "10.0.0.0/8"}}}), "/operator/egress/allowCidrs", "want array"),
+        (json!({"history": {"retentionDays": 3}}), "/history/retentionDays", "minimum"),
     ];
     for (values, at, says) in cases {
         let refusal = helm("validate", &[&chart_arg()], &values).expect_err(&format!("the schema accepts {values}"));
@@ -476,6 +484,8 @@ fn schema_and_templates_refuse_bad_values() {
         assert!(r.of_kind("Role").iter().any(|m| m["metadata"]["namespace"] == ns), "a Role in {ns}");
         assert!(r.of_kind("RoleBinding").iter().any(|m| m["metadata"]["namespace"] == ns), "a RoleBinding in {ns}");
     }
+    let refusal = try_render(json!({"history": {"enabled": true}}), "x").err().expect("a history store without its URL Secret");
+    assert!(refusal.message.contains("history.databaseUrlSecret.name"), "{}", refusal.message);
     let refusal = try_render(json!({"replicaCount": 2, "leaderElection": {"enabled": false}}), "x").err().expect("replicas without a leader");
     assert!(refusal.message.contains("leaderElection.enabled"), "{}", refusal.message);
 }
