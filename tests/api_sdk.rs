@@ -1,18 +1,22 @@
 //! Compatibility with Knock's official Node SDK (`@knocklabs/node`, pinned in
 //! tests/sdk/package.json and installed by scripts/test.sh): the SDK, pointed
 //! at herald with its own `KNOCK_BASE_URL`, identifies a user, sets objects and
-//! tenants, triggers, cancels and reads the outcome (tests/sdk/compat.mjs).
+//! tenants, triggers, cancels and reads the outcome (tests/sdk/compat.mjs);
+//! with a history store it reads the messages back (tests/sdk/messages.mjs).
 
 mod api_support;
 mod common;
+mod receivers;
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use api_support::Herald;
-use herald::resources::{Cancellation, TriggerRun, User};
+use herald::resources::{Cancellation, Channel, TriggerRun, User};
+use kube::api::PostParams;
 use kube::ResourceExt;
+use receivers::{HttpReceiver, Reply};
 use serde_json::{json, Value};
 
 fn sdk_dir() -> PathBuf {
@@ -33,6 +37,25 @@ fn ensure_sdk() {
     assert!(status.success(), "npm ci in {} failed", dir.display());
 }
 
+/// Runs `script` (in tests/sdk) with the SDK pointed at herald; the JSON summary it prints last.
+async fn run_script(h: &Herald, script: &str) -> Value {
+    let child = tokio::process::Command::new("node")
+        .arg(script)
+        .current_dir(sdk_dir())
+        .env("KNOCK_BASE_URL", &h.base)
+        .env("HERALD_API_KEY", &h.key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running node (scripts/test.sh installs Node.js)");
+    let output = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output()).await.expect("the SDK script timed out").unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{script} failed:\n{stderr}\n{stdout}");
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 fn step<'a>(summary: &'a Value, name: &str) -> &'a Value {
     &summary["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no step {name}: {summary}"))["value"]
 }
@@ -51,21 +74,7 @@ async fn the_official_knock_node_sdk_works_against_herald() {
     .await;
     h.workflow("sdk-slow", api_support::delay_workflow("1h")).await;
 
-    let child = tokio::process::Command::new("node")
-        .arg("compat.mjs")
-        .current_dir(sdk_dir())
-        .env("KNOCK_BASE_URL", &h.base)
-        .env("HERALD_API_KEY", &h.key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("running node (scripts/test.sh installs Node.js)");
-    let output = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output()).await.expect("the SDK script timed out").unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "compat.mjs failed:\n{stderr}\n{stdout}");
-    let summary: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let summary = run_script(&h, "compat.mjs").await;
 
     // Identify and the other writes: the SDK got Knock's shapes back...
     let user = step(&summary, "users.update");
@@ -115,4 +124,115 @@ async fn the_official_knock_node_sdk_works_against_herald() {
     assert_eq!(step(&summary, "get deleted user")["status"], 404);
     assert_eq!(step(&summary, "wrong key")["status"], 401);
     assert_eq!(step(&summary, "wrong key")["code"], "authentication_required");
+}
+
+async fn channel(h: &Herald, name: &str, url: &str, max_attempts: i32) {
+    let channel: Channel = serde_json::from_value(json!({
+        "apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": name},
+        "spec": {"type": "http", "url": url, "retry": {"maxAttempts": max_attempts, "initialBackoffMs": 10}},
+    }))
+    .unwrap();
+    h.api::<Channel>().create(&PostParams::default(), &channel).await.expect("creating a Channel");
+}
+
+/// The ids of a list of messages (or a list of ids, as messages.mjs prints some).
+fn ids(messages: &Value) -> Vec<&str> {
+    let list = messages.as_array().unwrap_or_else(|| panic!("not a list: {messages}"));
+    list.iter().map(|m| m.as_str().or_else(|| m["id"].as_str()).unwrap_or_else(|| panic!("not a message: {m}"))).collect()
+}
+
+#[tokio::test]
+async fn the_knock_node_sdk_reads_messages_back_from_the_history_store() {
+    ensure_sdk();
+    let url = common::database().await;
+    let h = Herald::start_with(move |s| s.database_url = Some(url)).await;
+    let receiver = HttpReceiver::start().await;
+    receiver.always("/hook", Reply::status(200));
+    receiver.always("/down", Reply::status(500));
+    channel(&h, "sdk-hook", &receiver.url("/hook"), 1).await;
+    channel(&h, "sdk-down", &receiver.url("/down"), 2).await;
+    let body = r#"{"to": "{{ recipient.id }}", "n": {{ data.n }}}"#;
+    h.workflow("sdk-notify", json!({"steps": [{"ref": "hook", "type": "channel", "channel": "sdk-hook", "template": {"body": body}}]})).await;
+    h.workflow("sdk-alarm", json!({"steps": [{"ref": "alarm", "type": "channel", "channel": "sdk-down", "template": {"body": "{}"}}]})).await;
+
+    let s = run_script(&h, "messages.mjs").await;
+    let run_id = s["run_id"].as_str().unwrap();
+    let alarm_id = s["alarm_run_id"].as_str().unwrap();
+
+    // The SDK's cursor pages, one message each, follow page_info.after to the end,
+    // in the order of one big page, and its iterator yields the same messages.
+    let pages: Vec<Vec<&str>> = s["pages"].as_array().unwrap().iter().map(ids).collect();
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 1], "{pages:?}");
+    let one_page = ids(&s["one_page"]);
+    assert_eq!(pages.concat(), one_page);
+    assert_eq!(ids(&s["paged"]), one_page);
+
+    // What the SDK parsed: Knock's Message, with herald's detail beside it.
+    let paged = s["paged"].as_array().unwrap();
+    let mut recipients: Vec<String> = paged.iter().map(|m| m["recipient"].to_string()).collect();
+    recipients.sort();
+    assert_eq!(recipients, vec![r#""sdk-a""#, r#""sdk-b""#, r#"{"collection":"projects","id":"sdk-p1"}"#]);
+    for m in paged {
+        assert_eq!(m["__typename"], "Message", "{m:#}");
+        assert_eq!(m["status"], "sent", "{m:#}");
+        assert_eq!(m["workflow"], "sdk-notify");
+        assert_eq!(m["source"]["key"], "sdk-notify");
+        assert_eq!(m["source"]["step_ref"], "hook");
+        assert_eq!(m["source"]["workflow_run_id"], run_id);
+        assert_eq!(m["metadata"]["workflow_run_id"], run_id);
+        assert_eq!(m["channel_id"], "sdk-hook");
+        assert_eq!(m["channel"]["type"], "http");
+        assert_eq!(m["tenant"], "sdk-tenant");
+        assert_eq!(m["data"]["n"], 7);
+        assert_eq!(m["attempts"].as_array().map(Vec::len), Some(1), "{m:#}");
+        assert_eq!(m["attempts"][0]["status_code"], 200);
+        assert!(m["inserted_at"].as_str().is_some_and(|t| t.parse::<jiff::Timestamp>().is_ok()), "{m:#}");
+    }
+    let to_a = paged.iter().find(|m| m["recipient"] == "sdk-a").unwrap();
+    assert_eq!(to_a["content"]["body"], r#"{"to": "sdk-a", "n": 7}"#);
+    assert_eq!(receiver.received_at("/hook").len(), 3);
+
+    // Filters as the SDK encodes them (`status[]=`, `inserted_at[gte]=`, `message_ids[]=`).
+    let f = &s["filtered"];
+    let undelivered = f["undelivered"].as_array().unwrap();
+    assert_eq!(undelivered.len(), 1, "{f:#}");
+    assert_eq!(undelivered[0]["status"], "undelivered");
+    assert_eq!(undelivered[0]["recipient"], "sdk-a");
+    assert_eq!(undelivered[0]["metadata"]["workflow_run_id"], alarm_id);
+    assert_eq!(undelivered[0]["reason"], "RetriesExhausted");
+    assert_eq!(undelivered[0]["attempts"].as_array().map(Vec::len), Some(2));
+    let alarm_message = undelivered[0]["id"].as_str().unwrap();
+    let mut everything = one_page.clone();
+    everything.insert(0, alarm_message);
+    let mut sent_or_undelivered = ids(&f["sent_or_undelivered"]);
+    let mut expected = everything.clone();
+    sent_or_undelivered.sort();
+    expected.sort();
+    assert_eq!(sent_or_undelivered, expected, "two pages of two");
+    assert_eq!(ids(&f["channel"]), vec![alarm_message]);
+    assert_eq!(ids(&f["source"]), one_page);
+    assert_eq!(ids(&f["tenant"]), one_page);
+    assert_eq!(ids(&f["since_2000"]), one_page);
+    assert!(ids(&f["before_2000"]).is_empty());
+    assert_eq!(ids(&f["recipient_run"]), vec![one_page[0]]);
+    let mut by_id = ids(&f["message_ids"]);
+    by_id.sort();
+    let mut first_two = one_page[..2].to_vec();
+    first_two.sort();
+    assert_eq!(by_id, first_two);
+
+    // One by id; by recipient.
+    assert_eq!(s["get"], paged[0]);
+    let user_a = &s["user_a"];
+    assert_eq!(user_a.as_array().map(Vec::len), Some(2), "{user_a:#}");
+    assert!(user_a.as_array().unwrap().iter().all(|m| m["recipient"] == "sdk-a"));
+    assert_eq!(ids(&s["user_a_sent"]), vec![to_a["id"].as_str().unwrap()]);
+    assert_eq!(s["user_b"].as_array().map(Vec::len), Some(1));
+    assert_eq!(s["user_b"][0]["recipient"], "sdk-b");
+    assert_eq!(s["object"].as_array().map(Vec::len), Some(1));
+    assert_eq!(s["object"][0]["recipient"], json!({"id": "sdk-p1", "collection": "projects"}));
+
+    // Errors reach the SDK as its own classes.
+    assert_eq!(s["missing"], json!({"status": 404, "code": "resource_missing", "expected_class": true, "fields": []}));
+    assert_eq!(s["engagement"], json!({"status": 422, "code": "invalid_params", "expected_class": true, "fields": ["engagement_status[]"]}));
 }

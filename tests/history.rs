@@ -52,7 +52,7 @@ async fn messages(h: &Herald, query: &str, count: usize) -> Value {
     wait_for(&format!("{count} messages for {query}"), Duration::from_secs(20), || async {
         let a = h.call("GET", &format!("/v1/messages?{query}"), None).await;
         assert_eq!(a.status, 200, "{a:?}");
-        (a.body["entries"].as_array().map(Vec::len) == Some(count)).then_some(a.body)
+        (a.body["items"].as_array().map(Vec::len) == Some(count)).then_some(a.body)
     })
     .await
 }
@@ -84,8 +84,8 @@ async fn messages_are_recorded_with_statuses_and_attempts() {
 
     // Both of u1's channel steps are messages: the first sent after a retry, the second undelivered.
     let body = messages(&h, &format!("workflow_run_id={run}"), 2).await;
-    let entries = body["entries"].as_array().unwrap();
-    let by_step = |step: &str| entries.iter().find(|m| m["source"]["step_ref"] == step).unwrap_or_else(|| panic!("no message of step {step}: {body:#}")).clone();
+    let items = body["items"].as_array().unwrap();
+    let by_step = |step: &str| items.iter().find(|m| m["source"]["step_ref"] == step).unwrap_or_else(|| panic!("no message of step {step}: {body:#}")).clone();
     let first = by_step("first");
     assert_eq!(first["__typename"], "Message");
     assert_eq!(first["status"], "sent", "{first:#}");
@@ -105,8 +105,8 @@ async fn messages_are_recorded_with_statuses_and_attempts() {
 
     // A message never attempted is not_sent.
     let body = messages(&h, &format!("workflow_run_id={ghost}"), 1).await;
-    assert_eq!(body["entries"][0]["status"], "not_sent", "{body:#}");
-    assert_eq!(body["entries"][0]["reason"], "ChannelNotReady");
+    assert_eq!(body["items"][0]["status"], "not_sent", "{body:#}");
+    assert_eq!(body["items"][0]["reason"], "ChannelNotReady");
 
     // Filters.
     messages(&h, "status=sent", 1).await;
@@ -124,7 +124,7 @@ async fn messages_are_recorded_with_statuses_and_attempts() {
 
     // By recipient, and one by id.
     let a = h.call("GET", "/v1/users/u2/messages", None).await;
-    assert_eq!(a.body["entries"].as_array().map(Vec::len), Some(1), "{a:?}");
+    assert_eq!(a.body["items"].as_array().map(Vec::len), Some(1), "{a:?}");
     let id = first["id"].as_str().unwrap();
     let a = h.call("GET", &format!("/v1/messages/{id}"), None).await;
     assert_eq!((a.status, &a.body["status"]), (200, &json!("sent")), "{a:?}");
@@ -141,7 +141,7 @@ async fn messages_are_recorded_with_statuses_and_attempts() {
         };
         let a = h.call("GET", &path, None).await;
         assert_eq!(a.status, 200, "{a:?}");
-        seen.extend(a.body["entries"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()));
+        seen.extend(a.body["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()));
         match a.body["page_info"]["after"].as_str() {
             Some(c) => after = Some(c.to_string()),
             None => break,
@@ -150,11 +150,11 @@ async fn messages_are_recorded_with_statuses_and_attempts() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
     let all = messages(&h, "", 3).await;
-    let ids: Vec<String> = all["entries"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = all["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(seen, ids, "pages follow the list's order");
-    let last_cursor = all["entries"][2]["__cursor"].as_str().unwrap();
+    let last_cursor = all["items"][2]["__cursor"].as_str().unwrap();
     let a = h.call("GET", &format!("/v1/messages?before={last_cursor}"), None).await;
-    let before: Vec<&str> = a.body["entries"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let before: Vec<&str> = a.body["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
     assert_eq!(before, ids[..2].iter().map(String::as_str).collect::<Vec<_>>(), "{a:?}");
 }
 

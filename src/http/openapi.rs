@@ -95,7 +95,7 @@ fn message_filters() -> Vec<Value> {
         q("message_ids", json!({"type": "array", "items": {"type": "string"}}), "Message ids (repeat, or message_ids[])"),
         q("workflow_run_id", text.clone(), "A workflow run id"),
         q("workflow_recipient_run_id", text.clone(), "A workflow recipient run id"),
-        q("inserted_at.gt", text.clone(), "RFC 3339; also inserted_at.gte, .lt, .lte"),
+        q("inserted_at.gt", text.clone(), "RFC 3339; also inserted_at.gte, .lt, .lte, or inserted_at[gt] and so on"),
     ]
 }
 
@@ -261,7 +261,7 @@ fn schemas() -> Value {
             "content": {"type": "object", "nullable": true, "description": "The rendered template fields"}}}),
     );
     schemas
-        .insert("MessageList".into(), json!({"type": "object", "properties": {"entries": {"type": "array", "items": schema_ref("Message")}, "page_info": schema_ref("PageInfo")}}));
+        .insert("MessageList".into(), json!({"type": "object", "properties": {"items": {"type": "array", "items": schema_ref("Message")}, "page_info": schema_ref("PageInfo")}}));
     schemas.insert(
         "PageInfo".into(),
         json!({"type": "object", "properties": {

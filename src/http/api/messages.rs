@@ -4,11 +4,13 @@
 //!
 //! Lists are newest first, `page_size` at a time (1 to 50, default 50), from
 //! the `after` cursor on or just before the `before` cursor, with Knock's
-//! `{entries, page_info: {after, before, page_size}}`. Filters: `source` or
+//! `{items, page_info: {after, before, page_size}}` (`items`, not `entries`:
+//! Knock's SDKs read message lists as items cursors). Filters: `source` or
 //! `workflow` (a workflow key), `tenant`, `channel_id` (a Channel's name),
 //! `status` (one or more of Knock's delivery statuses, `status[]=` repeats),
 //! `message_ids[]`, `workflow_run_id`, `workflow_recipient_run_id`, and
-//! `inserted_at.gt` / `.gte` / `.lt` / `.lte` (RFC 3339).
+//! `inserted_at.gt` / `.gte` / `.lt` / `.lte` (RFC 3339; Knock's SDKs send
+//! them as `inserted_at[gt]` and so on, which reads the same).
 //!
 //! Reading needs `get` on `triggerruns` for Kubernetes tokens (messages are
 //! what runs sent). Without a history store the routes answer 404
@@ -82,7 +84,7 @@ async fn list_for(api: &Api, caller: &Caller, query: Option<String>, recipient: 
     let filter = MessageFilter { recipient, ..request.filter };
     let page = messages::list(store, &filter, request.start, request.size).await?;
     Ok(Json(json!({
-        "entries": page.messages.iter().map(message_json).collect::<Vec<_>>(),
+        "items": page.messages.iter().map(message_json).collect::<Vec<_>>(),
         "page_info": {
             "__typename": "PageInfo",
             "after": page.after.map(|c| c.encode()),
@@ -146,14 +148,15 @@ fn read_query(namespace: &str, pairs: &[(String, String)]) -> Result<ListRequest
                 Some(id) => filter.recipient_run_id = Some(id),
                 None => error(name, "must be a UUID"),
             },
-            "inserted_at.gt" | "inserted_at.gte" | "inserted_at.lt" | "inserted_at.lte" => match time(value) {
+            // `inserted_at.gt` as Knock documents it, `inserted_at[gt]` as its SDKs send it.
+            _ if inserted_at_bound(name).is_some() => match time(value) {
                 // Stored times have microseconds: gte t is gt t - 1 µs, lte t is lt t + 1 µs.
                 Some(t) => {
                     let micro = jiff::SignedDuration::from_micros(1);
-                    match name.as_str() {
-                        "inserted_at.gt" => filter.inserted_after = Some(t),
-                        "inserted_at.gte" => filter.inserted_after = t.checked_sub(micro).ok(),
-                        "inserted_at.lt" => filter.inserted_before = Some(t),
+                    match inserted_at_bound(name) {
+                        Some("gt") => filter.inserted_after = Some(t),
+                        Some("gte") => filter.inserted_after = t.checked_sub(micro).ok(),
+                        Some("lt") => filter.inserted_before = Some(t),
                         _ => filter.inserted_before = t.checked_add(micro).ok(),
                     }
                 }
@@ -171,6 +174,14 @@ fn read_query(namespace: &str, pairs: &[(String, String)]) -> Result<ListRequest
     } else {
         Err(ApiError::invalid_all(errors))
     }
+}
+
+/// The bound an `inserted_at` parameter names (`gt`, `gte`, `lt`, `lte`), in
+/// either spelling: `inserted_at.gt` or `inserted_at[gt]`.
+fn inserted_at_bound(name: &str) -> Option<&str> {
+    let rest = name.strip_prefix("inserted_at")?;
+    let bound = rest.strip_prefix('.').or_else(|| rest.strip_prefix('[').and_then(|r| r.strip_suffix(']')))?;
+    ["gt", "gte", "lt", "lte"].contains(&bound).then_some(bound)
 }
 
 fn reference(key: &RecipientKey) -> Value {
@@ -202,7 +213,16 @@ pub fn message_json(m: &MessageRecord) -> Value {
         "link_clicked_at": null,
         "inserted_at": m.inserted_at.to_string(),
         "updated_at": m.updated_at.to_string(),
-        "source": {"__typename": "NotificationSource", "key": m.workflow, "version_id": null, "categories": [], "step_ref": m.step_ref},
+        "source": {
+            "__typename": "NotificationSource",
+            "type": "workflow",
+            "key": m.workflow,
+            "version_id": null,
+            "categories": [],
+            "step_ref": m.step_ref,
+            "workflow_run_id": m.workflow_run_id,
+            "workflow_recipient_run_id": m.recipient_run_id,
+        },
         "data": m.data,
         "metadata": {
             "workflow_run_id": m.workflow_run_id,
@@ -236,11 +256,40 @@ mod tests {
         let r = q(&[("inserted_at.gte", "2026-01-01T00:00:00Z"), ("inserted_at.lt", "2026-02-01T00:00:00Z")]).unwrap();
         assert_eq!(r.filter.inserted_after.unwrap().to_string(), "2025-12-31T23:59:59.999999Z");
         assert_eq!(r.filter.inserted_before.unwrap().to_string(), "2026-02-01T00:00:00Z");
-        for bad in [("page_size", "0"), ("page_size", "51"), ("status", "lost"), ("after", "nope"), ("workflow_run_id", "x"), ("inserted_at.gt", "yesterday"), ("color", "red")] {
+        let bad_params = [
+            ("page_size", "0"),
+            ("page_size", "51"),
+            ("status", "lost"),
+            ("after", "nope"),
+            ("workflow_run_id", "x"),
+            ("inserted_at.gt", "yesterday"),
+            ("inserted_at[gt]", "yesterday"),
+            ("inserted_at[since]", "2026-01-01T00:00:00Z"),
+            ("inserted_at.gt]", "2026-01-01T00:00:00Z"),
+            ("inserted_at", "2026-01-01T00:00:00Z"),
+            ("color", "red"),
+        ];
+        for bad in bad_params {
             let Err(ApiError::InvalidParams { errors, .. }) = q(&[bad]) else { panic!("{bad:?} was accepted") };
             assert_eq!(errors[0].field, bad.0);
         }
         let c = Cursor { inserted_at: Timestamp::now(), id: Uuid::new_v4() }.encode();
         assert!(q(&[("after", &c), ("before", &c)]).is_err(), "after and before together");
+    }
+
+    /// What Knock's Node SDK sends for `{status: ["sent", "undelivered"], inserted_at: {gte, lt}}`
+    /// (its stringifyQuery: primitive arrays as `status[]=`, objects as `inserted_at[gte]=`).
+    #[test]
+    fn queries_read_the_sdks_encoding() {
+        let query = "page_size=1&status%5B%5D=sent&status%5B%5D=undelivered&inserted_at%5Bgte%5D=2026-01-01T00%3A00%3A00Z&inserted_at%5Blt%5D=2026-02-01T00%3A00%3A00Z";
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap();
+        let r = read_query("ns", &pairs).unwrap();
+        assert_eq!(r.size, 1);
+        assert_eq!(r.filter.statuses, vec!["sent", "undelivered"]);
+        assert_eq!(r.filter.inserted_after.unwrap().to_string(), "2025-12-31T23:59:59.999999Z");
+        assert_eq!(r.filter.inserted_before.unwrap().to_string(), "2026-02-01T00:00:00Z");
+        let r = q(&[("inserted_at[gt]", "2026-01-01T00:00:00Z"), ("inserted_at[lte]", "2026-02-01T00:00:00Z")]).unwrap();
+        assert_eq!(r.filter.inserted_after.unwrap().to_string(), "2026-01-01T00:00:00Z");
+        assert_eq!(r.filter.inserted_before.unwrap().to_string(), "2026-02-01T00:00:00.000001Z");
     }
 }
