@@ -315,7 +315,7 @@ async fn count_messages(h: &Herald, run: &str) -> Option<usize> {
         if a.status != 200 {
             return None;
         }
-        count += a.body["entries"].as_array()?.len();
+        count += a.body["items"].as_array()?.len();
         match a.body["page_info"]["after"].as_str() {
             Some(after) => path = format!("/v1/messages?workflow_run_id={run}&after={after}"),
             None => return Some(count),
