@@ -18,6 +18,8 @@ use super::status::{AttemptRecord, StepState, StepStatus};
 pub enum MessageStatus {
     /// The receiver accepted it (a 2xx answer, or the SMTP server took it).
     Sent,
+    /// Stored where its recipient reads it: an in-app feed message.
+    Delivered,
     /// Every attempt failed: the receiver refused it or could not be reached.
     Undelivered,
     /// Never attempted: the channel was not ready, or the message could not be built.
@@ -28,6 +30,7 @@ impl MessageStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             MessageStatus::Sent => "sent",
+            MessageStatus::Delivered => "delivered",
             MessageStatus::Undelivered => "undelivered",
             MessageStatus::NotSent => "not_sent",
         }
@@ -64,6 +67,8 @@ pub struct MessageSource {
     pub tenant: Option<String>,
     pub actor: Option<RecipientKey>,
     pub data: Value,
+    /// The workflow's categories (the feed filters on them).
+    pub categories: Vec<String>,
 }
 
 impl MessageSource {
@@ -85,6 +90,7 @@ impl MessageSource {
             tenant: run.tenant.map(|t| t.id.clone()),
             actor,
             data: Value::Object(run.data.clone()),
+            categories: run.categories.to_vec(),
         }
     }
 }
@@ -110,8 +116,76 @@ pub struct MessageRecord {
     pub content: Option<Map<String, Value>>,
     pub attempts: Vec<AttemptRecord>,
     pub data: Value,
+    pub categories: Vec<String>,
+    pub engagement: Engagement,
     pub inserted_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// When a recipient last engaged with a message, by kind (None: not set).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Engagement {
+    pub seen_at: Option<Timestamp>,
+    pub read_at: Option<Timestamp>,
+    pub archived_at: Option<Timestamp>,
+    pub interacted_at: Option<Timestamp>,
+    pub clicked_at: Option<Timestamp>,
+    pub link_clicked_at: Option<Timestamp>,
+}
+
+impl Engagement {
+    /// Knock's `engagement_statuses`: the kinds that are set.
+    pub fn statuses(&self) -> Vec<&'static str> {
+        [("seen", self.seen_at), ("read", self.read_at), ("archived", self.archived_at), ("interacted", self.interacted_at), ("link_clicked", self.link_clicked_at)]
+            .into_iter()
+            .filter_map(|(name, at)| at.map(|_| name))
+            .collect()
+    }
+}
+
+/// An engagement change, as Knock's routes name them (`PUT /v1/messages/{id}/read`,
+/// `POST /v1/messages/batch/unread`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngagementAction {
+    Seen,
+    Unseen,
+    Read,
+    Unread,
+    Archived,
+    Unarchived,
+    Interacted,
+}
+
+impl EngagementAction {
+    /// The action a route's status segment names; `set` is false for DELETE
+    /// (which unsets: `DELETE /v1/messages/{id}/read` is unread).
+    pub fn parse(segment: &str, set: bool) -> Option<Self> {
+        use EngagementAction::*;
+        Some(match (segment, set) {
+            ("seen", true) | ("unseen", false) => Seen,
+            ("seen", false) | ("unseen", true) => Unseen,
+            ("read", true) | ("unread", false) => Read,
+            ("read", false) | ("unread", true) => Unread,
+            ("archived" | "archive", true) | ("unarchived" | "unarchive", false) => Archived,
+            ("archived" | "archive", false) | ("unarchived" | "unarchive", true) => Unarchived,
+            ("interacted", true) => Interacted,
+            _ => return None,
+        })
+    }
+
+    /// The engagement column it sets (to the time) or clears (to null).
+    pub fn column(self) -> (&'static str, bool) {
+        use EngagementAction::*;
+        match self {
+            Seen => ("seen_at", true),
+            Unseen => ("seen_at", false),
+            Read => ("read_at", true),
+            Unread => ("read_at", false),
+            Archived => ("archived_at", true),
+            Unarchived => ("archived_at", false),
+            Interacted => ("interacted_at", true),
+        }
+    }
 }
 
 impl MessageRecord {
@@ -181,6 +255,8 @@ impl MessageRecord {
             content: None,
             attempts: Vec::new(),
             data: source.data.clone(),
+            categories: source.categories.clone(),
+            engagement: Engagement::default(),
             inserted_at: Timestamp::UNIX_EPOCH,
             updated_at: Timestamp::UNIX_EPOCH,
         }
@@ -222,6 +298,7 @@ mod tests {
             tenant: Some("acme".into()),
             actor: None,
             data: json!({"project": "p1"}),
+            categories: vec![],
         }
     }
 
@@ -284,6 +361,21 @@ mod tests {
         assert!(MessageRecord::from_step(&s, &skipped, "hooks", "http").is_none());
         let refused = StepStatus { step_ref: "hook".into(), state: StepState::Failed, attempts: Some(0), ..Default::default() };
         assert_eq!(MessageRecord::from_step(&s, &refused, "hooks", "http").unwrap().status, MessageStatus::NotSent);
+    }
+
+    #[test]
+    fn engagement_routes_name_their_change() {
+        use EngagementAction::*;
+        assert_eq!(EngagementAction::parse("read", true), Some(Read));
+        assert_eq!(EngagementAction::parse("read", false), Some(Unread), "DELETE .../read is unread");
+        assert_eq!(EngagementAction::parse("unseen", true), Some(Unseen), "the batch route names unseen");
+        assert_eq!(EngagementAction::parse("archive", true), Some(Archived), "the bulk route says archive");
+        assert_eq!(EngagementAction::parse("interacted", false), None, "interacted cannot be removed");
+        assert_eq!(EngagementAction::parse("deleted", true), None);
+        assert_eq!(Read.column(), ("read_at", true));
+        let t = Timestamp::now();
+        let e = Engagement { seen_at: Some(t), read_at: Some(t), ..Default::default() };
+        assert_eq!(e.statuses(), vec!["seen", "read"]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use crate::core::history::{Cursor, MessageRecord, MessageStatus};
+use crate::core::history::{Cursor, Engagement, MessageRecord, MessageStatus};
 use crate::core::model::RecipientKey;
 
 /// Records the buffer holds before new ones are dropped.
@@ -122,8 +122,12 @@ pub enum Conflict {
     Keep,
 }
 
-const COLUMNS: &str = "id, namespace, workflow, workflow_run_id, recipient_run_id, recipient_id, recipient_collection, tenant, actor, step_ref, channel, channel_type, status, reason, content, attempts, data, inserted_at, updated_at";
-const PER_ROW: usize = 19;
+/// The columns a write sets (engagement is set by its own routes).
+const COLUMNS: &str =
+    "id, namespace, workflow, workflow_run_id, recipient_run_id, recipient_id, recipient_collection, tenant, actor, step_ref, channel, channel_type, status, reason, content, attempts, data, categories, inserted_at, updated_at";
+const PER_ROW: usize = 20;
+/// The columns a read returns.
+pub(super) const SELECT_COLUMNS: &str = "id, namespace, workflow, workflow_run_id, recipient_run_id, recipient_id, recipient_collection, tenant, actor, step_ref, channel, channel_type, status, reason, content, attempts, data, categories, inserted_at, updated_at, seen_at, read_at, archived_at, interacted_at, clicked_at, link_clicked_at";
 
 /// Inserts messages, `BATCH` rows per statement.
 pub async fn insert(store: &Store, records: &[MessageRecord], conflict: Conflict) -> Result<(), StoreError> {
@@ -180,6 +184,7 @@ struct Row {
     content: Option<Value>,
     attempts: Value,
     data: Value,
+    categories: Vec<String>,
     inserted_at: Timestamp,
     updated_at: Timestamp,
 }
@@ -205,6 +210,7 @@ impl Row {
             content: r.content.clone().map(Value::Object),
             attempts: json!(r.attempts),
             data: r.data.clone(),
+            categories: r.categories.clone(),
             inserted_at: r.inserted_at,
             updated_at: r.updated_at,
         }
@@ -229,6 +235,7 @@ impl Row {
             &self.content,
             &self.attempts,
             &self.data,
+            &self.categories,
             &self.inserted_at,
             &self.updated_at,
         ]
@@ -337,7 +344,7 @@ pub async fn list(store: &Store, filter: &MessageFilter, from: Start, size: usiz
         wheres.push(format!("(inserted_at, id) {op} ({t}, {i})"));
     }
     let limit = bind(&mut params, Box::new((size + 1) as i64));
-    let sql = format!("SELECT {COLUMNS} FROM herald_messages WHERE {} ORDER BY inserted_at {order}, id {order} LIMIT {limit}", wheres.join(" AND "));
+    let sql = format!("SELECT {SELECT_COLUMNS} FROM herald_messages WHERE {} ORDER BY inserted_at {order}, id {order} LIMIT {limit}", wheres.join(" AND "));
     let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
     let rows = store.client().await?.query(sql.as_str(), &refs).await?;
     let more = rows.len() > size;
@@ -355,12 +362,12 @@ pub async fn list(store: &Store, filter: &MessageFilter, from: Start, size: usiz
 
 /// One message by id, in a namespace.
 pub async fn get(store: &Store, namespace: &str, id: Uuid) -> Result<Option<MessageRecord>, StoreError> {
-    let sql = format!("SELECT {COLUMNS} FROM herald_messages WHERE namespace = $1 AND id = $2");
+    let sql = format!("SELECT {SELECT_COLUMNS} FROM herald_messages WHERE namespace = $1 AND id = $2");
     let row = store.client().await?.query_opt(sql.as_str(), &[&namespace, &id]).await?;
     row.as_ref().map(read_row).transpose()
 }
 
-fn read_row(row: &tokio_postgres::Row) -> Result<MessageRecord, StoreError> {
+pub(super) fn read_row(row: &tokio_postgres::Row) -> Result<MessageRecord, StoreError> {
     let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("message {what}: {e}"));
     let collection: String = row.try_get("recipient_collection")?;
     let id: String = row.try_get("recipient_id")?;
@@ -387,6 +394,15 @@ fn read_row(row: &tokio_postgres::Row) -> Result<MessageRecord, StoreError> {
         content: content.and_then(|c| c.as_object().cloned()),
         attempts: serde_json::from_value(attempts).map_err(|e| corrupt("attempts", &e))?,
         data: row.try_get::<_, Option<Value>>("data")?.unwrap_or(Value::Null),
+        categories: row.try_get("categories")?,
+        engagement: Engagement {
+            seen_at: row.try_get("seen_at")?,
+            read_at: row.try_get("read_at")?,
+            archived_at: row.try_get("archived_at")?,
+            interacted_at: row.try_get("interacted_at")?,
+            clicked_at: row.try_get("clicked_at")?,
+            link_clicked_at: row.try_get("link_clicked_at")?,
+        },
         inserted_at: row.try_get("inserted_at")?,
         updated_at: row.try_get("updated_at")?,
     })

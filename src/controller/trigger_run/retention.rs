@@ -139,6 +139,7 @@ impl Reconciler<'_> {
                 tenant: status.tenant.clone(),
                 actor: actor.clone(),
                 data: data.clone(),
+                categories: status.workflow_spec.as_ref().map(|w| w.categories.clone()).unwrap_or_default(),
             };
             for step in &record.steps {
                 if let Some((channel, kind)) = channel_of(&step.step_ref) {

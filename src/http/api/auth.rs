@@ -67,6 +67,15 @@ pub enum Identity {
 }
 
 impl Caller {
+    /// Checks that the caller may act for this user's own data (the feed, its
+    /// messages). Server credentials (API keys, Kubernetes tokens) may act for
+    /// any user of their namespace.
+    pub fn acts_for_user(&self, _user_id: &str) -> Result<(), ApiError> {
+        match &self.identity {
+            Identity::ApiKey { .. } | Identity::Kubernetes { .. } => Ok(()),
+        }
+    }
+
     /// A stable, loggable name: `apikey:<namespace>/<secret>` or the Kubernetes user name.
     pub fn name(&self) -> String {
         match &self.identity {
