@@ -97,6 +97,8 @@ impl Deliverer {
             (ChannelType::Chat, _) => http::chat_request(message, spec.url.as_deref()).map(Prepared::Webhook),
             (ChannelType::Email, Some(server)) => email::build(message, spec.from.as_deref()).map(|e| Prepared::Email(e, server)),
             (ChannelType::Email, None) => Err(DeliveryError::Channel(ChannelProblem::InvalidConfig("an email channel needs `smtp`".into()))),
+            // Feed messages are stored by the run (controller::in_app), never sent.
+            (ChannelType::InAppFeed, _) => Err(DeliveryError::Channel(ChannelProblem::InvalidConfig("an in_app_feed channel is not sent over the network".into()))),
         };
         let prepared = match prepared {
             Ok(p) => p,

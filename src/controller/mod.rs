@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod delivery;
 pub mod directory;
 pub mod identify;
+pub mod in_app;
 pub mod lenient;
 pub mod trigger_run;
 pub mod workflow;

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use super::{conditions, Context, Error, MANAGER};
 use crate::core::templates::CompiledTemplates;
 use crate::core::validation::DataSchema;
+use crate::resources::channel::ChannelType;
 use crate::resources::workflow::{StepType, MAX_STEPS, MAX_STEP_REF_CHARS};
 use crate::resources::{Workflow, WorkflowSpec, WorkflowStatus};
 
@@ -102,7 +103,19 @@ pub async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Act
     let current = workflow.status.clone().unwrap_or_default();
     let mut status =
         WorkflowStatus { key: Some(workflow.key()), steps: Some(workflow.spec.steps.len() as i32), observed_generation: generation, conditions: current.conditions.clone() };
+    // In-app steps store their messages: without a history store they cannot run.
+    let feed_steps: Vec<&str> = workflow
+        .spec
+        .steps
+        .iter()
+        .filter(|s| s.channel.as_deref().and_then(|c| ctx.stores.channels.get(&namespace, c)).is_some_and(|c| c.spec.channel_type == ChannelType::InAppFeed))
+        .map(|s| s.step_ref.as_str())
+        .collect();
     match ctx.workflows.get(&workflow).as_ref() {
+        Ok(_) if !feed_steps.is_empty() && ctx.history.is_none() => {
+            let message = format!("in_app_feed steps ({}) need the history store: start herald with --database-url", feed_steps.join(", "));
+            conditions::set(&mut status.conditions, "Ready", conditions::FALSE, crate::controller::in_app::STORE_REQUIRED, &message, generation)
+        }
         Ok(_) => conditions::set(&mut status.conditions, "Ready", conditions::TRUE, "Compiled", "data schema and templates compile", generation),
         Err(message) => conditions::set(&mut status.conditions, "Ready", conditions::FALSE, "InvalidWorkflow", message, generation),
     }
@@ -111,7 +124,8 @@ pub async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Act
         let patch = json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "status": status});
         api.patch_status(&workflow.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
     }
-    Ok(Action::await_change())
+    // Channels are not watched here: look again now and then, for one made or retyped since.
+    Ok(Action::requeue(std::time::Duration::from_secs(60)))
 }
 
 #[cfg(test)]

@@ -355,7 +355,7 @@ fn delay_until(run: &RunContext, step: &Step, context: &Value, now: Timestamp) -
     Err("delay needs `duration` or `until`".to_string().into())
 }
 
-const TEMPLATE_FIELDS: [&str; 9] = ["method", "url", "body", "text", "blocks", "from", "to", "subject", "html"];
+const TEMPLATE_FIELDS: [&str; 11] = ["method", "url", "body", "text", "blocks", "from", "to", "subject", "html", "markdownBody", "actionUrl"];
 
 fn render_message(run: &RunContext, recipient: &RecipientContext, step: &Step, channel: &str, channel_type: &'static str, context: &Value) -> Result<Message, TemplateError> {
     let mut fields = Map::new();

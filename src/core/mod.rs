@@ -4,6 +4,7 @@
 pub mod conditions;
 pub mod execution;
 pub mod expansion;
+pub mod feed;
 pub mod history;
 pub mod ids;
 pub mod model;

@@ -117,6 +117,8 @@ pub fn check_spec(spec: &ChannelSpec) -> Result<Option<SmtpServer>, ChannelProbl
             }
             Ok(Some(server))
         }
+        // Stored, not sent: nothing to reach.
+        ChannelType::InAppFeed => Ok(None),
     }
 }
 
@@ -125,6 +127,7 @@ pub fn required_keys(channel_type: ChannelType) -> &'static [(&'static str, &'st
     match channel_type {
         ChannelType::Http | ChannelType::Chat => &[(SIGNING_KEY, "it signs the requests")],
         ChannelType::Email => &[(USERNAME, "the SMTP login"), (PASSWORD, "the SMTP login")],
+        ChannelType::InAppFeed => &[],
     }
 }
 
@@ -150,6 +153,7 @@ pub fn summary(spec: &ChannelSpec, smtp: Option<&SmtpServer>) -> String {
     let (policy, timeout) = limits(spec);
     let target = match (spec.channel_type, smtp) {
         (ChannelType::Email, Some(s)) => format!("email via {}:{} ({})", s.host, s.port, tls_name(s.tls)),
+        (ChannelType::InAppFeed, _) => return "in-app feed: messages are stored in the history store for Knock's feed clients".into(),
         (t, _) => match &spec.url {
             Some(url) => format!("{} webhook, default url {url}", t.preference_name()),
             None => format!("{} webhook, url from the step or the recipient's channel_data", t.preference_name()),

@@ -255,10 +255,17 @@ fn schemas() -> Value {
             "__typename": {"type": "string"}, "__cursor": {"type": "string"}, "id": {"type": "string", "format": "uuid"},
             "channel_id": {"type": "string", "description": "The Channel's name"}, "recipient": schema_ref("RecipientReference"),
             "actors": {"type": "array", "items": schema_ref("RecipientReference")}, "workflow": {"type": "string"}, "tenant": {"type": "string", "nullable": true},
-            "status": {"type": "string", "enum": ["sent", "undelivered", "not_sent"]},
+            "status": {"type": "string", "enum": ["sent", "delivered", "undelivered", "not_sent"]},
             "inserted_at": {"type": "string"}, "updated_at": {"type": "string"}, "source": {"type": "object"}, "data": {"nullable": true},
             "metadata": {"type": "object"}, "reason": {"type": "string"}, "attempts": {"type": "array", "items": {"type": "object"}},
             "content": {"type": "object", "nullable": true, "description": "The rendered template fields"}}}),
+    );
+    schemas.insert(
+        "Feed".into(),
+        json!({"type": "object", "properties": {
+            "entries": {"type": "array", "items": {"type": "object", "description": "A FeedItem: id, __cursor, blocks, actors, data, source, tenant, engagement times"}},
+            "meta": {"type": "object", "properties": {"total_count": {"type": "integer"}, "unread_count": {"type": "integer"}, "unseen_count": {"type": "integer"}}},
+            "page_info": schema_ref("PageInfo"), "vars": {"type": "object"}}}),
     );
     schemas
         .insert("MessageList".into(), json!({"type": "object", "properties": {"items": {"type": "array", "items": schema_ref("Message")}, "page_info": schema_ref("PageInfo")}}));
@@ -412,6 +419,40 @@ pub fn document() -> Value {
         path_item(
             "/v1/users/{user_id}/messages",
             vec![("get", Op { extra_params: message_filters(), ..op("List a user's messages, newest first", "Messages", None, (200, Some(schema_ref("MessageList"))), READ) })],
+        ),
+        path_item(
+            "/v1/users/{user_id}/feeds/{channel_id}",
+            vec![("get", op("A user's in-app feed of one channel, newest first, with counts", "Feeds", None, (200, Some(schema_ref("Feed"))), READ))],
+        ),
+        path_item("/v1/users/{user_id}/feeds/{channel_id}/settings", vec![("get", op("Feed settings (no branding)", "Feeds", None, (200, None), READ))]),
+        path_item(
+            "/v1/messages/{message_id}/{status}",
+            vec![
+                ("put", op("Set a message's engagement status (seen, read, archived, interacted)", "Feeds", None, (200, Some(schema_ref("Message"))), READ)),
+                ("delete", op("Remove a message's engagement status (seen, read, archived)", "Feeds", None, (200, Some(schema_ref("Message"))), READ)),
+            ],
+        ),
+        path_item("/v1/messages/batch/{action}", vec![("post", op("Change the engagement status of several messages", "Feeds", None, (200, None), WRITE))]),
+        path_item(
+            "/v1/channels/{channel_id}/messages/bulk/{action}",
+            vec![("post", op("Change the engagement status of every matching feed message of some users", "Feeds", None, (200, None), WRITE))],
+        ),
+        path_item(
+            "/v1/users/{user_id}/feeds/{channel_id}",
+            vec![("get", op("A user's in-app feed of one channel, newest first, with counts", "Feeds", None, (200, Some(schema_ref("Feed"))), READ))],
+        ),
+        path_item("/v1/users/{user_id}/feeds/{channel_id}/settings", vec![("get", op("Feed settings (no branding)", "Feeds", None, (200, None), READ))]),
+        path_item(
+            "/v1/messages/{message_id}/{status}",
+            vec![
+                ("put", op("Set a message's engagement status (seen, read, archived, interacted)", "Feeds", None, (200, Some(schema_ref("Message"))), READ)),
+                ("delete", op("Remove a message's engagement status (seen, read, archived)", "Feeds", None, (200, Some(schema_ref("Message"))), READ)),
+            ],
+        ),
+        path_item("/v1/messages/batch/{action}", vec![("post", op("Change the engagement status of several messages", "Feeds", None, (200, None), WRITE))]),
+        path_item(
+            "/v1/channels/{channel_id}/messages/bulk/{action}",
+            vec![("post", op("Change the engagement status of every matching feed message of some users", "Feeds", None, (200, None), WRITE))],
         ),
         path_item(
             "/v1/objects/{collection}/{id}/messages",

@@ -1,4 +1,5 @@
-//! The `Channel` kind: how messages leave herald (HTTP webhook, chat webhook, SMTP email).
+//! The `Channel` kind: how messages leave herald (HTTP webhook, chat webhook,
+//! SMTP email), or reach a user's in-app feed.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -9,7 +10,7 @@ use serde::{Deserialize, Serialize};
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
-    doc = "A delivery channel that workflow steps send through: an HTTP webhook, a Slack-compatible chat webhook, or SMTP email.",
+    doc = "A delivery channel that workflow steps send through: an HTTP webhook, a Slack-compatible chat webhook, SMTP email, or an in-app feed (needs the history store).",
     version = "v1alpha1",
     kind = "Channel",
     namespaced,
@@ -22,7 +23,8 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ChannelSpec {
-    /// `http` (webhook), `chat` (Slack-compatible incoming webhook) or `email` (SMTP).
+    /// `http` (webhook), `chat` (Slack-compatible incoming webhook), `email` (SMTP) or
+    /// `in_app_feed` (messages stored in the history store and read by Knock's feed clients).
     #[serde(rename = "type")]
     pub channel_type: ChannelType,
     /// http and chat: a default URL, used when neither the step nor the recipient's channel_data gives one.
@@ -55,6 +57,9 @@ pub enum ChannelType {
     Http,
     Chat,
     Email,
+    /// Knock's in-app feed: the message is stored for its recipient to read.
+    #[serde(rename = "in_app_feed")]
+    InAppFeed,
 }
 
 impl ChannelType {
@@ -64,6 +69,7 @@ impl ChannelType {
             ChannelType::Http => "http",
             ChannelType::Chat => "chat",
             ChannelType::Email => "email",
+            ChannelType::InAppFeed => "in_app_feed",
         }
     }
 }

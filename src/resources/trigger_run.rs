@@ -9,12 +9,12 @@ use serde_json::Value;
 use crate::core::model::JsonObject;
 use crate::core::status::{RecipientTotals, RunState};
 
-/// One trigger of a workflow for a set of recipients (Knock's trigger call).
-/// The spec is immutable once created; status records each recipient's run.
 /// The annotation holding the fingerprint of the API request that created a
 /// run with an idempotency key (a replay must carry the same parameters).
 pub const FINGERPRINT_ANNOTATION: &str = "herald.dev/request-fingerprint";
 
+/// One trigger of a workflow for a set of recipients (Knock's trigger call).
+/// The spec is immutable once created; status records each recipient's run.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",

@@ -176,6 +176,12 @@ pub struct StepTemplate {
     /// email: the HTML body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html: Option<String>,
+    /// in_app_feed: the message, in Markdown (shown as the feed item's body, rendered to HTML).
+    #[serde(default, rename = "markdownBody", skip_serializing_if = "Option::is_none")]
+    pub markdown_body: Option<String>,
+    /// in_app_feed: where clicking the feed item goes.
+    #[serde(default, rename = "actionUrl", skip_serializing_if = "Option::is_none")]
+    pub action_url: Option<String>,
 }
 
 /// A delay: a fixed duration, or until a time rendered from a template.

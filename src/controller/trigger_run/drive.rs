@@ -30,6 +30,7 @@ use crate::core::history::{MessageRecord, MessageSource};
 use crate::core::model::{JsonObject, RecipientInput, RecipientKey};
 use crate::core::status::{self as run_status, RecipientState, RecipientStatus, RunState};
 use crate::core::templates::CompiledTemplates;
+use crate::resources::channel::ChannelType;
 use crate::resources::{Cancellation, TriggerRunStatus, WorkflowSnapshot};
 
 impl Reconciler<'_> {
@@ -315,7 +316,13 @@ impl Reconciler<'_> {
                 Next::Deliver(message) => {
                     use tracing::Instrument;
                     let span = tracing::info_span!("delivery", recipient = %recipient.key, recipient_run_id = %recipient.recipient_run_id, step = %message.step_ref);
-                    let outcome = self.ctx.deliverer.deliver(&self.namespace, &message).instrument(span.clone()).await?;
+                    let source = MessageSource::of(&self.namespace, run, recipient);
+                    let in_app = message.channel_type == ChannelType::InAppFeed.preference_name();
+                    let outcome = if in_app {
+                        crate::controller::in_app::deliver(self.ctx, &self.namespace, &source, &message).instrument(span.clone()).await?
+                    } else {
+                        self.ctx.deliverer.deliver(&self.namespace, &message).instrument(span.clone()).await?
+                    };
                     if !outcome.ok {
                         span.in_scope(|| tracing::warn!(reason = %outcome.reason, message = %outcome.message, attempts = outcome.attempts, "delivery failed"));
                     }
@@ -324,8 +331,8 @@ impl Reconciler<'_> {
                         .deliveries
                         .get_or_create(&crate::metrics::DeliveryLabels { channel_type: message.channel_type.to_string(), outcome: outcome.reason.clone() })
                         .inc();
-                    if let Some(history) = &self.ctx.history {
-                        let source = MessageSource::of(&self.namespace, run, recipient);
+                    // A feed message that was stored is its own record; anything else is queued for the store.
+                    if let (Some(history), false) = (&self.ctx.history, in_app && outcome.ok) {
                         history.messages.record(MessageRecord::delivered(&source, &message, &outcome, Timestamp::now()));
                     }
                     execution::record_delivery(status, &message, &outcome, Timestamp::now());

@@ -150,6 +150,8 @@ fn template_fields(t: &StepTemplate) -> Vec<(String, &str)> {
         ("template.to", &t.to),
         ("template.subject", &t.subject),
         ("template.html", &t.html),
+        ("template.markdownBody", &t.markdown_body),
+        ("template.actionUrl", &t.action_url),
     ]
     .into_iter()
     .filter_map(|(name, source)| source.as_deref().map(|s| (name.to_string(), s)))

@@ -70,6 +70,14 @@ impl Caller {
     /// Checks that the caller may act for this user's own data (the feed, its
     /// messages). Server credentials (API keys, Kubernetes tokens) may act for
     /// any user of their namespace.
+    /// The user a caller acts for when it is a user (a user token); None for
+    /// server credentials, which act for any user of their namespace.
+    pub fn user(&self) -> Option<&str> {
+        match &self.identity {
+            Identity::ApiKey { .. } | Identity::Kubernetes { .. } => None,
+        }
+    }
+
     pub fn acts_for_user(&self, _user_id: &str) -> Result<(), ApiError> {
         match &self.identity {
             Identity::ApiKey { .. } | Identity::Kubernetes { .. } => Ok(()),

@@ -191,6 +191,11 @@ fn reference(key: &RecipientKey) -> Value {
     }
 }
 
+/// An RFC 3339 time, or null.
+pub fn time(t: Option<Timestamp>) -> Value {
+    t.map_or(Value::Null, |t| json!(t.to_string()))
+}
+
 /// A message in Knock's shape, with herald's detail (`reason`, `attempts`, `content`) beside it.
 pub fn message_json(m: &MessageRecord) -> Value {
     json!({
@@ -204,13 +209,13 @@ pub fn message_json(m: &MessageRecord) -> Value {
         "workflow": m.workflow,
         "tenant": m.tenant,
         "status": m.status.as_str(),
-        "engagement_statuses": [],
-        "seen_at": null,
-        "read_at": null,
-        "archived_at": null,
-        "interacted_at": null,
-        "clicked_at": null,
-        "link_clicked_at": null,
+        "engagement_statuses": m.engagement.statuses(),
+        "seen_at": time(m.engagement.seen_at),
+        "read_at": time(m.engagement.read_at),
+        "archived_at": time(m.engagement.archived_at),
+        "interacted_at": time(m.engagement.interacted_at),
+        "clicked_at": time(m.engagement.clicked_at),
+        "link_clicked_at": time(m.engagement.link_clicked_at),
         "inserted_at": m.inserted_at.to_string(),
         "updated_at": m.updated_at.to_string(),
         "source": {
@@ -218,7 +223,7 @@ pub fn message_json(m: &MessageRecord) -> Value {
             "type": "workflow",
             "key": m.workflow,
             "version_id": null,
-            "categories": [],
+            "categories": m.categories,
             "step_ref": m.step_ref,
             "workflow_run_id": m.workflow_run_id,
             "workflow_recipient_run_id": m.recipient_run_id,

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod errors;
+pub mod feeds;
 pub mod idempotency;
 pub mod index;
 pub mod messages;
@@ -96,6 +97,11 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/messages/{message_id}", get(messages::get))
         .route("/v1/users/{user_id}/messages", get(messages::for_user))
         .route("/v1/objects/{collection}/{id}/messages", get(messages::for_object))
+        .route("/v1/users/{user_id}/feeds/{channel_id}", get(feeds::get))
+        .route("/v1/users/{user_id}/feeds/{channel_id}/settings", get(feeds::settings))
+        .route("/v1/messages/{message_id}/{status}", put(feeds::set_status).delete(feeds::remove_status))
+        .route("/v1/messages/batch/{action}", post(feeds::batch))
+        .route("/v1/channels/{channel_id}/messages/bulk/{action}", post(feeds::bulk))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(api)
 }
@@ -127,6 +133,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/messages/{message_id}"),
     ("get", "/v1/users/{user_id}/messages"),
     ("get", "/v1/objects/{collection}/{id}/messages"),
+    ("get", "/v1/users/{user_id}/feeds/{channel_id}"),
+    ("get", "/v1/users/{user_id}/feeds/{channel_id}/settings"),
+    ("put", "/v1/messages/{message_id}/{status}"),
+    ("delete", "/v1/messages/{message_id}/{status}"),
+    ("post", "/v1/messages/batch/{action}"),
+    ("post", "/v1/channels/{channel_id}/messages/bulk/{action}"),
 ];
 
 impl FromRequestParts<Arc<Api>> for Caller {
