@@ -360,6 +360,28 @@ pub async fn list(store: &Store, filter: &MessageFilter, from: Start, size: usiz
     Ok(MessagePage { messages, after, before })
 }
 
+/// The status and engagement statuses of a recipient run's messages, by step ref.
+pub async fn statuses(store: &Store, recipient_run_id: uuid::Uuid) -> Result<crate::core::history::StoredStatuses, StoreError> {
+    let rows = store
+        .client()
+        .await?
+        .query("SELECT step_ref, status, seen_at, read_at, archived_at, interacted_at, link_clicked_at FROM herald_messages WHERE recipient_run_id = $1", &[&recipient_run_id])
+        .await?;
+    let mut out = crate::core::history::StoredStatuses::new();
+    for row in rows {
+        let engagement = Engagement {
+            seen_at: row.try_get("seen_at")?,
+            read_at: row.try_get("read_at")?,
+            archived_at: row.try_get("archived_at")?,
+            interacted_at: row.try_get("interacted_at")?,
+            clicked_at: None,
+            link_clicked_at: row.try_get("link_clicked_at")?,
+        };
+        out.insert(row.try_get("step_ref")?, (row.try_get("status")?, engagement.statuses().into_iter().map(str::to_string).collect()));
+    }
+    Ok(out)
+}
+
 /// One message by id, in a namespace.
 pub async fn get(store: &Store, namespace: &str, id: Uuid) -> Result<Option<MessageRecord>, StoreError> {
     let sql = format!("SELECT {SELECT_COLUMNS} FROM herald_messages WHERE namespace = $1 AND id = $2");
