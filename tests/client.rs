@@ -1,6 +1,6 @@
 //! Knock's client-side access, against the local control plane and (for the
 //! socket) a real PostgreSQL: publishable keys with user tokens (RS256 JWTs
-//! signed with a key pair made here by `openssl genrsa`, as the README tells
+//! signed with a key pair made here by `openssl genpkey`, as the README tells
 //! customers to), what such a caller may and may not do, CORS, and the
 //! Phoenix socket at `/ws/v1/websocket` (join, heartbeat, `new-message`
 //! pushes across two replicas through LISTEN/NOTIFY).
@@ -40,8 +40,8 @@ fn new_key_pair() -> KeyPair {
     let dir = std::env::temp_dir().join(format!("herald-client-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let private_path: PathBuf = dir.join("private.pem");
-    openssl(&["genrsa", "-out", private_path.to_str().unwrap(), "2048"]);
-    let public = openssl(&["rsa", "-in", private_path.to_str().unwrap(), "-pubout"]);
+    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", private_path.to_str().unwrap()]);
+    let public = openssl(&["pkey", "-in", private_path.to_str().unwrap(), "-pubout"]);
     let private = std::fs::read(&private_path).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     KeyPair { private, public }
