@@ -371,3 +371,55 @@ async fn the_socket_pushes_new_messages_to_their_user_on_every_replica() {
     assert_eq!(next(&mut on_b).await[1], "9");
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_hostile_socket_client_loses_only_its_own_socket() {
+    let url = common::database().await;
+    let h = Herald::start_with(move |s| s.database_url = Some(url)).await;
+    let pk = publishable_key(&h, CLIENT_SECRET, None).await;
+    let jane = user_token("jane");
+    wait_for_pk(&h, &pk, Some(&jane)).await;
+    let socket_url = socket_url(&h.base, &pk, &jane);
+    let mut calm = connect(&socket_url, None).await.unwrap();
+
+    // Too many topics, too many client references, options that do not read: refused joins, the socket stays.
+    let mut socket = connect(&socket_url, None).await.unwrap();
+    for i in 0..herald::http::socket::MAX_TOPICS {
+        send(&mut socket, json!([i.to_string(), i.to_string(), format!("feeds:channel-{i}:jane"), "phx_join", {}])).await;
+        assert_eq!(next(&mut socket).await[4]["status"], "ok");
+    }
+    send(&mut socket, json!(["x", "x", "feeds:one-more:jane", "phx_join", {}])).await;
+    assert_eq!(next(&mut socket).await[4]["status"], "error");
+    let refs: serde_json::Map<String, Value> = (0..=herald::http::socket::MAX_CLIENT_REFS).map(|i| (format!("r{i}"), json!({}))).collect();
+    send(&mut socket, json!(["y", "y", "feeds:channel-0:jane", "phx_join", refs])).await;
+    assert_eq!(next(&mut socket).await[4]["status"], "error");
+    send(&mut socket, json!(["z", "z", "feeds:channel-0:jane", "phx_join", {"r": {"archived": 3}}])).await;
+    let refused = next(&mut socket).await;
+    assert!(refused[4]["response"]["reason"].as_str().unwrap().contains("archived"), "{refused}");
+    send(&mut socket, json!([null, "h", "phoenix", "heartbeat", {}])).await;
+    assert_eq!(next(&mut socket).await[4]["status"], "ok");
+
+    // A frame over 64 KiB ends the socket.
+    let huge = json!(["1", "1", "feeds:c:jane", "phx_join", {"r": {"tenant": "x".repeat(herald::http::socket::MAX_FRAME_BYTES)}}]);
+    let _ = socket.send(Message::Text(huge.to_string().into())).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the socket outlived a frame over the limit");
+
+    // Binary frames are not Phoenix's: closed with 1003.
+    let mut binary = connect(&socket_url, None).await.unwrap();
+    binary.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), binary.next()).await.unwrap();
+    assert!(matches!(closed, Some(Ok(Message::Close(Some(ref f)))) if u16::from(f.code) == 1003), "{closed:?}");
+
+    // Meanwhile the calm client is served as ever.
+    send(&mut calm, json!([null, "1", "phoenix", "heartbeat", {}])).await;
+    assert_eq!(next(&mut calm).await, json!([null, "1", "phoenix", "phx_reply", {"status": "ok", "response": {}}]));
+}
