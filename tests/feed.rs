@@ -188,7 +188,7 @@ async fn a_later_step_sees_whether_the_in_app_message_was_seen() {
         "nudge",
         json!({"steps": [
             {"ref": "in_app", "type": "channel", "channel": "feed", "template": {"markdownBody": "You have a comment"}},
-            {"ref": "wait", "type": "delay", "delay": {"duration": "6s"}},
+            {"ref": "wait", "type": "delay", "delay": {"duration": "15s"}},
             {"ref": "fallback", "type": "channel", "channel": "hooks", "template": {"body": "{\"to\": \"{{ recipient.id }}\"}"},
              "conditions": [{"variable": "refs.in_app.engagement_status", "operator": "not_contains", "argument": "$message.seen"}]},
         ]}),
@@ -197,7 +197,7 @@ async fn a_later_step_sees_whether_the_in_app_message_was_seen() {
     let a = h.call("POST", "/v1/workflows/nudge/trigger", Some(json!({"recipients": ["u1", "u2"]}))).await;
     assert_eq!(a.status, 200, "{a:?}");
     let run = a.body["workflow_run_id"].as_str().unwrap().to_string();
-    // u1 sees the message during the delay; u2 does not.
+    // u1 sees the message during the delay (15 s: room for a loaded machine); u2 does not.
     let item = wait_for("u1's feed message", Duration::from_secs(30), || async {
         let body = feed(&h, "u1", "").await;
         body["entries"].as_array()?.first().cloned()
