@@ -28,6 +28,14 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
 fi
 (cd tests/sdk && npm ci --no-audit --no-fund --loglevel=error) || { echo "error: npm ci in tests/sdk failed" >&2; exit 1; }
 
+# tests/client.rs makes RSA key pairs for user tokens with openssl, as the
+# README tells customers to.
+if ! command -v openssl >/dev/null; then
+  S=""; [ "$(id -u)" -eq 0 ] || S="sudo"
+  $S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $S apt-get install -y -qq openssl >/dev/null \
+    || { echo "error: could not install openssl (needed by tests/client.rs)" >&2; exit 1; }
+fi
+
 # tests/helm.rs drives the chart with real Helm: Helm v4's Go SDK, bundled by
 # the PyPI package helm-python-sdk (no helm binary needed).
 python3 -m pip install --quiet helm-python-sdk==0.2.2 2>/dev/null || python3 -m pip install --quiet --break-system-packages helm-python-sdk==0.2.2 \
