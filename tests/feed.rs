@@ -4,6 +4,7 @@
 
 mod api_support;
 mod common;
+mod receivers;
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use api_support::Herald;
 use common::wait_for;
 use herald::resources::{Channel, TriggerRun, User, Workflow};
 use kube::api::PostParams;
+use receivers::HttpReceiver;
 use serde_json::{json, Value};
 
 async fn apply<K>(h: &Herald, value: Value)
@@ -170,4 +172,45 @@ async fn without_a_history_store_in_app_steps_are_not_ready() {
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "HistoryStoreRequired"), "{ready:?}");
     assert!(ready.message.contains("--database-url") && ready.message.contains("in_app"), "{}", ready.message);
     h.call("GET", "/v1/users/u1/feeds/feed", None).await.assert_error(404, "history_store_disabled");
+}
+
+/// Knock's pattern: in-app first, then after a delay a webhook only for those
+/// who have not seen the in-app message (`refs.in_app.engagement_status not_contains $message.seen`).
+#[tokio::test]
+async fn a_later_step_sees_whether_the_in_app_message_was_seen() {
+    let h = feed_herald().await;
+    let receiver = HttpReceiver::start().await;
+    apply::<Channel>(&h, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/hook")}}))
+        .await;
+    wait_for("the hooks Channel in herald's cache", Duration::from_secs(20), || async { h.op.as_ref().unwrap().context.stores.channels.get(&h.ns.name, "hooks").map(|_| ()) })
+        .await;
+    h.workflow(
+        "nudge",
+        json!({"steps": [
+            {"ref": "in_app", "type": "channel", "channel": "feed", "template": {"markdownBody": "You have a comment"}},
+            {"ref": "wait", "type": "delay", "delay": {"duration": "6s"}},
+            {"ref": "fallback", "type": "channel", "channel": "hooks", "template": {"body": "{\"to\": \"{{ recipient.id }}\"}"},
+             "conditions": [{"variable": "refs.in_app.engagement_status", "operator": "not_contains", "argument": "$message.seen"}]},
+        ]}),
+    )
+    .await;
+    let a = h.call("POST", "/v1/workflows/nudge/trigger", Some(json!({"recipients": ["u1", "u2"]}))).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let run = a.body["workflow_run_id"].as_str().unwrap().to_string();
+    // u1 sees the message during the delay; u2 does not.
+    let item = wait_for("u1's feed message", Duration::from_secs(30), || async {
+        let body = feed(&h, "u1", "").await;
+        body["entries"].as_array()?.first().cloned()
+    })
+    .await;
+    let a = h.call("PUT", &format!("/v1/messages/{}/seen", item["id"].as_str().unwrap()), None).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    wait_for("the run to finish", Duration::from_secs(60), || async {
+        let runs = h.api::<TriggerRun>().list(&Default::default()).await.ok()?;
+        let r = runs.items.into_iter().find(|r| r.status.as_ref().and_then(|s| s.workflow_run_id.as_deref()) == Some(run.as_str()))?;
+        r.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|_| ())
+    })
+    .await;
+    let bodies: Vec<String> = receiver.received().iter().map(|r| String::from_utf8_lossy(&r.body).to_string()).collect();
+    assert_eq!(bodies, vec!["{\"to\": \"u2\"}".to_string()], "only the recipient who had not seen it");
 }

@@ -95,7 +95,66 @@ fn lookup<'a>(context: &'a Value, path: &str) -> Option<&'a Value> {
     })
 }
 
+/// Knock's message statuses, low to high, for `refs.<step>.delivery_status`
+/// comparisons (`interacted` and `link_clicked` rank the same).
+const MESSAGE_ORDER: [&[&str]; 11] = [
+    &["undelivered"],
+    &["bounced"],
+    &["delivery_attempted"],
+    &["queued"],
+    &["not_sent"],
+    &["sent"],
+    &["delivered"],
+    &["seen"],
+    &["read"],
+    &["interacted", "link_clicked"],
+    &["archived"],
+];
+
+fn message_rank(status: &str) -> Option<usize> {
+    MESSAGE_ORDER.iter().position(|names| names.contains(&status))
+}
+
+/// A message-status condition: `refs.X.delivery_status` or
+/// `refs.X.engagement_status` against a reserved `$message.<case>` argument.
+/// A step with no message (not reached, or aged out) makes it false.
+fn message_holds(op: Operator, value: Option<&Value>, case: &str) -> bool {
+    match value {
+        Some(Value::Array(statuses)) => {
+            let has = |s: &str| statuses.iter().any(|v| v.as_str() == Some(s));
+            let matched = match case {
+                "seen_not_read" => has("seen") && !has("read"),
+                "read_not_link_clicked" => has("read") && !has("link_clicked"),
+                other => has(other),
+            };
+            match op {
+                Operator::Contains => matched,
+                Operator::NotContains => !matched,
+                _ => false,
+            }
+        }
+        Some(Value::String(status)) => match op {
+            Operator::EqualTo => status == case,
+            Operator::NotEqualTo => status != case,
+            _ => match (message_rank(status), message_rank(case)) {
+                (Some(s), Some(c)) => match op {
+                    Operator::GreaterThanOrEqualTo => s >= c,
+                    Operator::GreaterThan => s > c,
+                    Operator::LessThan => s < c,
+                    Operator::LessThanOrEqualTo => s <= c,
+                    _ => false,
+                },
+                _ => false,
+            },
+        },
+        _ => false,
+    }
+}
+
 fn holds(op: Operator, value: Option<&Value>, argument: Option<&Value>) -> bool {
+    if let Some(case) = argument.and_then(Value::as_str).and_then(|a| a.strip_prefix("$message.")) {
+        return message_holds(op, value, case);
+    }
     // A missing variable (or argument) makes a comparison false, and so its
     // negation (not_equal_to, not_contains) true.
     let compared = |test: &dyn Fn(&Value, &Value) -> bool| match (value, argument) {
@@ -412,5 +471,28 @@ mod tests {
 
         let fine = [cond("data.x", "exists", None), cond("data.x", "equal_to", Some(json!(1)))];
         assert_eq!(check_operators(&fine), Ok(()));
+    }
+
+    #[test]
+    fn message_status_conditions() {
+        let ctx = json!({"refs": {
+            "in_app": {"delivery_status": "delivered", "engagement_status": ["seen"]},
+            "hook": {"delivery_status": "undelivered", "engagement_status": []},
+            "maybe": {"delivery_status": "skipped", "engagement_status": []},
+        }});
+        let holds = |variable: &str, operator: &str, case: &str| all_hold(&[cond(variable, operator, Some(json!(format!("$message.{case}"))))], &ctx).unwrap();
+        assert!(holds("refs.in_app.engagement_status", "contains", "seen"));
+        assert!(!holds("refs.in_app.engagement_status", "not_contains", "seen"));
+        assert!(holds("refs.in_app.engagement_status", "not_contains", "read"));
+        assert!(holds("refs.in_app.engagement_status", "contains", "seen_not_read"));
+        assert!(holds("refs.in_app.delivery_status", "greater_than_or_equal_to", "sent"), "delivered ranks above sent");
+        assert!(holds("refs.in_app.delivery_status", "greater_than_or_equal_to", "delivered"));
+        assert!(holds("refs.hook.delivery_status", "less_than", "sent"));
+        assert!(holds("refs.hook.delivery_status", "equal_to", "undelivered"));
+        assert!(holds("refs.maybe.delivery_status", "equal_to", "skipped"));
+        assert!(holds("refs.in_app.delivery_status", "not_equal_to", "skipped"));
+        // A step with no message (not reached, or aged out): false, negations included.
+        assert!(!holds("refs.later.engagement_status", "not_contains", "seen"));
+        assert!(!holds("refs.later.delivery_status", "less_than", "sent"));
     }
 }

@@ -42,6 +42,7 @@ pub struct RunContext<'a> {
 }
 
 /// The recipient a step is decided for.
+#[derive(Clone, Copy)]
 pub struct RecipientContext<'a> {
     pub key: &'a RecipientKey,
     pub recipient_run_id: Uuid,
@@ -49,6 +50,9 @@ pub struct RecipientContext<'a> {
     pub object: Option<&'a ObjectRecord>,
     pub trigger_data: Option<&'a JsonObject>,
     pub subscription: Option<&'a JsonObject>,
+    /// The stored statuses of this recipient's earlier messages, by step ref
+    /// (for `refs.<step>` conditions); None when none were read.
+    pub messages: Option<&'a crate::core::history::StoredStatuses>,
 }
 
 /// Resolves a channel step's channel name to its type name (`http`, `chat`, `email`),
@@ -224,10 +228,14 @@ pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn Ch
             status.wake_at = None;
         }
     }
-    let context = template_context(run, recipient);
+    let mut context = template_context(run, recipient);
     status.state = RecipientState::Running;
     while status.steps.len() < run.steps.len() {
         let step = &run.steps[status.steps.len()];
+        // Message-status conditions see the earlier steps as they are now.
+        if step.conditions.iter().any(|c| c.variable.starts_with("refs.")) {
+            context["refs"] = crate::core::history::refs(&status.steps, recipient.messages);
+        }
         match conditions::all_hold(&step.conditions, &context) {
             Ok(true) => {}
             Ok(false) => {
@@ -452,7 +460,7 @@ mod tests {
         }
 
         fn recipient<'a>(&'a self, trigger_data: Option<&'a JsonObject>) -> RecipientContext<'a> {
-            RecipientContext { key: &self.key, recipient_run_id: Uuid::nil(), user: Some(&self.user), object: None, trigger_data, subscription: None }
+            RecipientContext { key: &self.key, recipient_run_id: Uuid::nil(), user: Some(&self.user), object: None, trigger_data, subscription: None, messages: None }
         }
     }
 
@@ -608,7 +616,7 @@ mod tests {
         user.preferences.insert("default".into(), default.clone());
         let tenant_defaults = PreferenceSet { channel_types: BTreeMap::from([("email".into(), false)]), ..Default::default() };
         let tenant = TenantRecord { id: "acme".into(), properties: JsonObject::new(), preference_set: Some(tenant_defaults.clone()) };
-        let recipient = RecipientContext { key: &f.key, recipient_run_id: Uuid::nil(), user: Some(&user), object: None, trigger_data: None, subscription: None };
+        let recipient = RecipientContext { key: &f.key, recipient_run_id: Uuid::nil(), user: Some(&user), object: None, trigger_data: None, subscription: None, messages: None };
         assert_eq!(preference_sets(&recipient, Some(&tenant)), vec![&tenant_specific, &tenant_defaults, &default]);
         assert_eq!(preference_sets(&recipient, None), vec![&default]);
     }

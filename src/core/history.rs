@@ -263,6 +263,33 @@ impl MessageRecord {
     }
 }
 
+/// The stored status and engagement statuses of a recipient's messages, by step ref.
+pub type StoredStatuses = std::collections::BTreeMap<String, (String, Vec<String>)>;
+
+/// What `refs.<step>` conditions see of a recipient's earlier steps:
+/// `delivery_status` (Knock's message status, or `skipped`) and
+/// `engagement_status` (seen, read, ... as stored). A step's stored message
+/// wins over its record (it knows `delivered` and the engagement).
+pub fn refs(steps: &[StepStatus], stored: Option<&StoredStatuses>) -> Value {
+    let mut out = Map::new();
+    for step in steps {
+        let from_record = match step.state {
+            StepState::Skipped => Some("skipped"),
+            StepState::Completed if step.attempts.is_some() => Some("sent"),
+            StepState::Failed if step.attempts == Some(0) => Some("not_sent"),
+            StepState::Failed if step.attempts.is_some() => Some("undelivered"),
+            _ => None,
+        };
+        let stored = stored.and_then(|s| s.get(&step.step_ref));
+        let delivery = stored.map(|(s, _)| s.as_str()).or(from_record);
+        if let Some(delivery) = delivery {
+            let engagement = stored.map(|(_, e)| e.clone()).unwrap_or_default();
+            out.insert(step.step_ref.clone(), serde_json::json!({"delivery_status": delivery, "engagement_status": engagement}));
+        }
+    }
+    Value::Object(out)
+}
+
 /// A position in a list ordered newest first: (inserted_at, id), both
 /// descending. Opaque to clients: `<microseconds>.<uuid>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -385,5 +412,25 @@ mod tests {
         for bad in ["", "abc", "1.2", "x.00000000000000000000000000000000", "99999999999999999999.00000000000000000000000000000000"] {
             assert_eq!(Cursor::decode(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn refs_come_from_the_records_and_the_store() {
+        let step = |r: &str, state: StepState, attempts: Option<i32>| StepStatus { step_ref: r.into(), state, attempts, ..Default::default() };
+        let steps = vec![
+            step("feed", StepState::Completed, Some(1)),
+            step("hook", StepState::Failed, Some(3)),
+            step("never", StepState::Failed, Some(0)),
+            step("maybe", StepState::Skipped, None),
+            step("wait", StepState::Completed, None),
+        ];
+        let stored: StoredStatuses = [("feed".to_string(), ("delivered".to_string(), vec!["seen".to_string()]))].into();
+        let refs = refs(&steps, Some(&stored));
+        assert_eq!(refs["feed"], json!({"delivery_status": "delivered", "engagement_status": ["seen"]}));
+        assert_eq!(refs["hook"]["delivery_status"], "undelivered");
+        assert_eq!(refs["never"]["delivery_status"], "not_sent");
+        assert_eq!(refs["maybe"]["delivery_status"], "skipped");
+        assert!(refs.get("wait").is_none(), "a delay is no message");
+        assert_eq!(super::refs(&steps, None)["feed"], json!({"delivery_status": "sent", "engagement_status": []}));
     }
 }

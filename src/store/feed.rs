@@ -10,9 +10,9 @@ use serde_json::{json, Value};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::messages::{read_row, Start, SELECT_COLUMNS};
+use super::messages::{page, read_row, MessagePage, Query, Start, SELECT_COLUMNS};
 use super::{Store, StoreError};
-use crate::core::history::{Cursor, EngagementAction, MessageRecord};
+use crate::core::history::{EngagementAction, MessageRecord};
 
 /// The PostgreSQL notification channel of new feed messages.
 pub const CHANNEL: &str = "herald_feed";
@@ -69,25 +69,13 @@ pub struct FeedCounts {
     pub unseen: i64,
 }
 
-/// SQL conditions and their parameters.
-struct Query {
-    wheres: Vec<String>,
-    params: Vec<Box<dyn ToSql + Sync + Send>>,
-}
+/// The feed's conditions.
+struct FeedQuery;
 
-impl Query {
-    fn bind(&mut self, value: Box<dyn ToSql + Sync + Send>) -> String {
-        self.params.push(value);
-        format!("${}", self.params.len())
-    }
-
-    fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
-        self.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()
-    }
-
+impl FeedQuery {
     /// The feed's conditions; `with_status`: the read-status filter too (not for counts).
     fn of(filter: &FeedFilter, with_status: bool) -> Query {
-        let mut q = Query { wheres: Vec::new(), params: Vec::new() };
+        let mut q = Query::default();
         let ns = q.bind(Box::new(filter.namespace.clone()));
         let channel = q.bind(Box::new(filter.channel.clone()));
         let user = q.bind(Box::new(filter.user.clone()));
@@ -110,10 +98,7 @@ impl Query {
             };
             q.wheres.extend(status.map(str::to_string));
         }
-        if let Some(source) = &filter.source {
-            let p = q.bind(Box::new(source.clone()));
-            q.wheres.push(format!("workflow = {p}"));
-        }
+        q.eq("workflow", filter.source.clone().map(|v| Box::new(v) as _));
         match (&filter.tenant, filter.has_tenant) {
             (Some(t), false) => {
                 let p = q.bind(Box::new(t.clone()));
@@ -135,59 +120,19 @@ impl Query {
             let p = q.bind(Box::new(Value::Object(object)));
             q.wheres.push(format!("data @> {p}"));
         }
-        if let Some(t) = filter.inserted_after {
-            let p = q.bind(Box::new(t));
-            q.wheres.push(format!("inserted_at > {p}"));
-        }
-        if let Some(t) = filter.inserted_before {
-            let p = q.bind(Box::new(t));
-            q.wheres.push(format!("inserted_at < {p}"));
-        }
+        q.inserted_between(filter.inserted_after, filter.inserted_before);
         q
     }
 }
 
-/// A page of a feed, newest first, and the cursors around it.
-#[derive(Debug)]
-pub struct FeedPage {
-    pub messages: Vec<MessageRecord>,
-    pub after: Option<Cursor>,
-    pub before: Option<Cursor>,
-}
-
-/// Lists a feed, `size` at a time.
-pub async fn list(store: &Store, filter: &FeedFilter, start: Start, size: usize) -> Result<FeedPage, StoreError> {
-    let mut q = Query::of(filter, true);
-    let (order, cursor) = match start {
-        Start::Newest => ("DESC", None),
-        Start::After(c) => ("DESC", Some((c, "<"))),
-        Start::Before(c) => ("ASC", Some((c, ">"))),
-    };
-    if let Some((c, op)) = cursor {
-        let t = q.bind(Box::new(c.inserted_at));
-        let i = q.bind(Box::new(c.id));
-        q.wheres.push(format!("(inserted_at, id) {op} ({t}, {i})"));
-    }
-    let limit = q.bind(Box::new((size + 1) as i64));
-    let sql = format!("SELECT {SELECT_COLUMNS} FROM herald_messages WHERE {} ORDER BY inserted_at {order}, id {order} LIMIT {limit}", q.wheres.join(" AND "));
-    let rows = store.client().await?.query(sql.as_str(), &q.refs()).await?;
-    let more = rows.len() > size;
-    let mut messages = rows.iter().take(size).map(read_row).collect::<Result<Vec<_>, _>>()?;
-    let cursor_of = |m: &MessageRecord| Cursor { inserted_at: m.inserted_at, id: m.id };
-    if matches!(start, Start::Before(_)) {
-        messages.reverse();
-    }
-    let (after, before) = match start {
-        Start::Newest => (more.then(|| messages.last().map(cursor_of)).flatten(), None),
-        Start::After(_) => (more.then(|| messages.last().map(cursor_of)).flatten(), messages.first().map(cursor_of)),
-        Start::Before(_) => (messages.last().map(cursor_of), more.then(|| messages.first().map(cursor_of)).flatten()),
-    };
-    Ok(FeedPage { messages, after, before })
+/// Lists a feed, newest first, `size` at a time.
+pub async fn list(store: &Store, filter: &FeedFilter, start: Start, size: usize) -> Result<MessagePage, StoreError> {
+    page(store, FeedQuery::of(filter, true), start, size).await
 }
 
 /// The counts of a feed under its filters (but `status`).
 pub async fn counts(store: &Store, filter: &FeedFilter) -> Result<FeedCounts, StoreError> {
-    let q = Query::of(filter, false);
+    let q = FeedQuery::of(filter, false);
     let sql = format!("SELECT count(*), count(*) FILTER (WHERE read_at IS NULL), count(*) FILTER (WHERE seen_at IS NULL) FROM herald_messages WHERE {}", q.wheres.join(" AND "));
     let row = store.client().await?.query_one(sql.as_str(), &q.refs()).await?;
     Ok(FeedCounts { total: row.try_get(0)?, unread: row.try_get(1)?, unseen: row.try_get(2)? })
@@ -218,7 +163,7 @@ pub async fn engage_all(store: &Store, filter: &FeedFilter, users: &[String], ac
     let (column, set) = action.column();
     let mut changed = 0;
     for user in users {
-        let mut q = Query::of(&FeedFilter { user: user.clone(), ..filter.clone() }, true);
+        let mut q = FeedQuery::of(&FeedFilter { user: user.clone(), ..filter.clone() }, true);
         let now = q.bind(Box::new(Timestamp::now()));
         let value = if set { now.clone() } else { "NULL".to_string() };
         let sql = format!("UPDATE herald_messages SET {column} = {value}, updated_at = {now} WHERE {}", q.wheres.join(" AND "));

@@ -293,60 +293,87 @@ fn cursor_of(record: &MessageRecord) -> Cursor {
 
 /// Lists messages, newest first, `size` at a time.
 pub async fn list(store: &Store, filter: &MessageFilter, from: Start, size: usize) -> Result<MessagePage, StoreError> {
-    let mut wheres = vec!["namespace = $1".to_string()];
-    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(filter.namespace.clone())];
-    let bind = |params: &mut Vec<Box<dyn ToSql + Sync + Send>>, value: Box<dyn ToSql + Sync + Send>| {
-        params.push(value);
-        format!("${}", params.len())
-    };
+    let mut q = Query::default();
+    let ns = q.bind(Box::new(filter.namespace.clone()));
+    q.wheres.push(format!("namespace = {ns}"));
     if let Some(key) = &filter.recipient {
         let (collection, id) = split_key(key);
-        let c = bind(&mut params, Box::new(collection));
-        let i = bind(&mut params, Box::new(id));
-        wheres.push(format!("recipient_collection = {c} AND recipient_id = {i}"));
+        let c = q.bind(Box::new(collection));
+        let i = q.bind(Box::new(id));
+        q.wheres.push(format!("recipient_collection = {c} AND recipient_id = {i}"));
     }
-    let mut eq = |column: &str, value: Option<Box<dyn ToSql + Sync + Send>>| {
-        if let Some(v) = value {
-            let p = bind(&mut params, v);
-            wheres.push(format!("{column} = {p}"));
-        }
-    };
-    eq("workflow", filter.workflow.clone().map(|v| Box::new(v) as _));
-    eq("workflow_run_id", filter.workflow_run_id.map(|v| Box::new(v) as _));
-    eq("recipient_run_id", filter.recipient_run_id.map(|v| Box::new(v) as _));
-    eq("channel", filter.channel.clone().map(|v| Box::new(v) as _));
-    eq("tenant", filter.tenant.clone().map(|v| Box::new(v) as _));
+    q.eq("workflow", filter.workflow.clone().map(|v| Box::new(v) as _));
+    q.eq("workflow_run_id", filter.workflow_run_id.map(|v| Box::new(v) as _));
+    q.eq("recipient_run_id", filter.recipient_run_id.map(|v| Box::new(v) as _));
+    q.eq("channel", filter.channel.clone().map(|v| Box::new(v) as _));
+    q.eq("tenant", filter.tenant.clone().map(|v| Box::new(v) as _));
     if !filter.statuses.is_empty() {
-        let p = bind(&mut params, Box::new(filter.statuses.clone()));
-        wheres.push(format!("status = ANY({p})"));
+        let p = q.bind(Box::new(filter.statuses.clone()));
+        q.wheres.push(format!("status = ANY({p})"));
     }
     if !filter.message_ids.is_empty() {
-        let p = bind(&mut params, Box::new(filter.message_ids.clone()));
-        wheres.push(format!("id = ANY({p})"));
+        let p = q.bind(Box::new(filter.message_ids.clone()));
+        q.wheres.push(format!("id = ANY({p})"));
     }
-    if let Some(t) = filter.inserted_after {
-        let p = bind(&mut params, Box::new(t));
-        wheres.push(format!("inserted_at > {p}"));
+    q.inserted_between(filter.inserted_after, filter.inserted_before);
+    page(store, q, from, size).await
+}
+
+/// SQL conditions and their parameters, built up filter by filter.
+#[derive(Default)]
+pub(super) struct Query {
+    pub wheres: Vec<String>,
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+impl Query {
+    /// Binds a parameter; its placeholder (`$n`).
+    pub fn bind(&mut self, value: Box<dyn ToSql + Sync + Send>) -> String {
+        self.params.push(value);
+        format!("${}", self.params.len())
     }
-    if let Some(t) = filter.inserted_before {
-        let p = bind(&mut params, Box::new(t));
-        wheres.push(format!("inserted_at < {p}"));
+
+    /// `column = value`, when there is a value.
+    pub fn eq(&mut self, column: &str, value: Option<Box<dyn ToSql + Sync + Send>>) {
+        if let Some(v) = value {
+            let p = self.bind(v);
+            self.wheres.push(format!("{column} = {p}"));
+        }
     }
-    // One row more than asked tells whether there are more.
+
+    /// `inserted_at` strictly between the bounds given.
+    pub fn inserted_between(&mut self, after: Option<Timestamp>, before: Option<Timestamp>) {
+        if let Some(t) = after {
+            let p = self.bind(Box::new(t));
+            self.wheres.push(format!("inserted_at > {p}"));
+        }
+        if let Some(t) = before {
+            let p = self.bind(Box::new(t));
+            self.wheres.push(format!("inserted_at < {p}"));
+        }
+    }
+
+    pub fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()
+    }
+}
+
+/// One page of the messages `q` selects, newest first, from `from`, and the
+/// cursors around it. One row more than asked tells whether there are more.
+pub(super) async fn page(store: &Store, mut q: Query, from: Start, size: usize) -> Result<MessagePage, StoreError> {
     let (order, cursor) = match from {
         Start::Newest => ("DESC", None),
         Start::After(c) => ("DESC", Some((c, "<"))),
         Start::Before(c) => ("ASC", Some((c, ">"))),
     };
     if let Some((c, op)) = cursor {
-        let t = bind(&mut params, Box::new(c.inserted_at));
-        let i = bind(&mut params, Box::new(c.id));
-        wheres.push(format!("(inserted_at, id) {op} ({t}, {i})"));
+        let t = q.bind(Box::new(c.inserted_at));
+        let i = q.bind(Box::new(c.id));
+        q.wheres.push(format!("(inserted_at, id) {op} ({t}, {i})"));
     }
-    let limit = bind(&mut params, Box::new((size + 1) as i64));
-    let sql = format!("SELECT {SELECT_COLUMNS} FROM herald_messages WHERE {} ORDER BY inserted_at {order}, id {order} LIMIT {limit}", wheres.join(" AND "));
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-    let rows = store.client().await?.query(sql.as_str(), &refs).await?;
+    let limit = q.bind(Box::new((size + 1) as i64));
+    let sql = format!("SELECT {SELECT_COLUMNS} FROM herald_messages WHERE {} ORDER BY inserted_at {order}, id {order} LIMIT {limit}", q.wheres.join(" AND "));
+    let rows = store.client().await?.query(sql.as_str(), &q.refs()).await?;
     let more = rows.len() > size;
     let mut messages = rows.iter().take(size).map(read_row).collect::<Result<Vec<_>, _>>()?;
     if matches!(from, Start::Before(_)) {
@@ -358,6 +385,28 @@ pub async fn list(store: &Store, filter: &MessageFilter, from: Start, size: usiz
         Start::Before(_) => (messages.last().map(cursor_of), more.then(|| messages.first().map(cursor_of)).flatten()),
     };
     Ok(MessagePage { messages, after, before })
+}
+
+/// The status and engagement statuses of a recipient run's messages, by step ref.
+pub async fn statuses(store: &Store, recipient_run_id: uuid::Uuid) -> Result<crate::core::history::StoredStatuses, StoreError> {
+    let rows = store
+        .client()
+        .await?
+        .query("SELECT step_ref, status, seen_at, read_at, archived_at, interacted_at, link_clicked_at FROM herald_messages WHERE recipient_run_id = $1", &[&recipient_run_id])
+        .await?;
+    let mut out = crate::core::history::StoredStatuses::new();
+    for row in rows {
+        let engagement = Engagement {
+            seen_at: row.try_get("seen_at")?,
+            read_at: row.try_get("read_at")?,
+            archived_at: row.try_get("archived_at")?,
+            interacted_at: row.try_get("interacted_at")?,
+            clicked_at: None,
+            link_clicked_at: row.try_get("link_clicked_at")?,
+        };
+        out.insert(row.try_get("step_ref")?, (row.try_get("status")?, engagement.statuses().into_iter().map(str::to_string).collect()));
+    }
+    Ok(out)
 }
 
 /// One message by id, in a namespace.

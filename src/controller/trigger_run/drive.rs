@@ -181,6 +181,7 @@ impl Reconciler<'_> {
                         },
                         trigger_data,
                         subscription: via.as_ref().and_then(|v| expansion::subscription(directory, v, &recipient_key)),
+                        messages: None,
                     };
                     let wake = self.drive(run_context, &recipient, channels, &mut recipient_status, is_cancelled).await;
                     (p, i, recipient_status, wake)
@@ -306,9 +307,24 @@ impl Reconciler<'_> {
         status: &mut RecipientStatus,
         cancelled: bool,
     ) -> Result<Option<Timestamp>, Fenced> {
+        // Message-status conditions (`refs.<step>...`) read the recipient's stored messages.
+        let history = self.ctx.history.as_ref().filter(|_| run.steps.iter().any(|s| s.conditions.iter().any(|c| c.variable.starts_with("refs."))));
         loop {
             // A Cancellation stored while the run is in progress stops the recipient before its next step.
             let cancelled = cancelled || self.cancellation().covers(recipient.key);
+            let stored = match history {
+                Some(h) => match crate::store::messages::statuses(&h.store, recipient.recipient_run_id).await {
+                    Ok(s) => Some(s),
+                    // Conditions then see the step records alone (no engagement): an email
+                    // meant for an unseen message goes out rather than being lost.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading message statuses for refs conditions; using the step records");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let recipient = &RecipientContext { messages: stored.as_ref(), ..*recipient };
             // Rendering is CPU-bound (up to its budget per field): not on an async worker.
             match crate::controller::cpu::off_the_async_workers(|| execution::advance(run, recipient, channels, status, cancelled, Timestamp::now())) {
                 Next::Done => return Ok(None),
