@@ -148,6 +148,32 @@ pub struct Settings {
     /// or --egress-deny-cidrs covers them, comma-separated.
     #[arg(long, env = "HERALD_EGRESS_ALLOW_CIDRS", value_name = "CIDRS", default_value_t, hide_default_value = true)]
     pub egress_allow_cidrs: CidrList,
+
+    /// HTTP API: origins browsers may call the API from (Knock's client SDKs with a publishable
+    /// key), comma-separated, e.g. `https://app.example.com,http://localhost:5173`; `*` for any.
+    /// Empty: no CORS headers. The real-time socket checks its Origin against the same list.
+    #[arg(long, env = "HERALD_CORS_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_allowed_origins: Vec<String>,
+
+    /// Real-time socket (`/ws/v1/websocket`): open sockets this replica accepts at most; beyond
+    /// it, 503 with Retry-After (clients reconnect, possibly to another replica).
+    #[arg(long, env = "HERALD_MAX_SOCKETS", default_value_t = 10_000)]
+    pub max_sockets: usize,
+}
+
+/// An origin of `--cors-allowed-origins`: `scheme://host[:port]` (lowercased, as browsers send it), `*`, or nothing.
+fn parse_origin(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || value == "*" {
+        return Ok(value.to_string());
+    }
+    let rest = value.strip_prefix("https://").or_else(|| value.strip_prefix("http://"));
+    let valid = rest.is_some_and(|host| !host.is_empty() && !host.contains(['/', '?', '#', '@']) && host.bytes().all(|b| b.is_ascii_graphic()));
+    if valid {
+        Ok(value.to_ascii_lowercase())
+    } else {
+        Err(format!("`{value}` is not an origin: write scheme://host[:port], e.g. https://app.example.com, with no path"))
+    }
 }
 
 /// How logs are written.
@@ -189,6 +215,8 @@ impl Settings {
             history_retention_days: 30,
             egress_deny_cidrs: CidrList::default(),
             egress_allow_cidrs: CidrList::default(),
+            cors_allowed_origins: Vec::new(),
+            max_sockets: 10_000,
         }
     }
 
@@ -214,6 +242,11 @@ impl Settings {
     /// The egress policy of deliveries: the defaults, the deny list, the allow list over both.
     pub fn egress_policy(&self) -> EgressPolicy {
         EgressPolicy::new(&self.egress_deny_cidrs.0, &self.egress_allow_cidrs.0)
+    }
+
+    /// The origins browsers may call from (empty entries left out).
+    pub fn cors_origins(&self) -> Vec<String> {
+        self.cors_allowed_origins.iter().filter(|o| !o.is_empty()).cloned().collect()
     }
 
     /// The HTTP API's request timeout.
@@ -264,5 +297,16 @@ mod tests {
         let err = Cli::try_parse_from(["herald", "--egress-deny-cidrs", "10.0.0.0/8,example.com"]).err().unwrap();
         assert!(err.to_string().contains("`example.com` is not a CIDR block"), "{err}");
         assert_eq!(Cli::try_parse_from(["herald", "--egress-allow-cidrs="]).unwrap().settings.egress_allow_cidrs, CidrList::default());
+    }
+
+    #[test]
+    fn cors_origins_are_origins() {
+        let cli = Cli::try_parse_from(["herald", "--cors-allowed-origins", "https://App.example.com, http://localhost:5173,"]).unwrap();
+        assert_eq!(cli.settings.cors_origins(), vec!["https://app.example.com", "http://localhost:5173"]);
+        assert!(Cli::try_parse_from(["herald", "--cors-allowed-origins="]).unwrap().settings.cors_origins().is_empty());
+        assert_eq!(Cli::try_parse_from(["herald", "--cors-allowed-origins=*"]).unwrap().settings.cors_origins(), vec!["*"]);
+        for bad in ["app.example.com", "https://app.example.com/", "https://app.example.com/path", "ftp://x"] {
+            assert!(Cli::try_parse_from(["herald", "--cors-allowed-origins", bad]).is_err(), "{bad}");
+        }
     }
 }

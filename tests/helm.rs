@@ -331,6 +331,7 @@ fn renders_defaults() {
     assert_eq!(env["HERALD_LEASE_NAMESPACE"], "fieldRef:metadata.namespace");
     assert!(!env.contains_key("HERALD_EGRESS_DENY_CIDRS") && !env.contains_key("HERALD_EGRESS_ALLOW_CIDRS"), "only the built-in egress rules");
     assert!(!env.contains_key("HERALD_DATABASE_URL"), "no history store unless asked for");
+    assert!(!env.contains_key("HERALD_CORS_ALLOWED_ORIGINS"), "no CORS unless origins are named");
 
     // RBAC: one ClusterRole with everything, the Lease Role in the release's namespace.
     let cluster_role = r.one("ClusterRole");
@@ -372,6 +373,7 @@ fn renders_other_values() {
         "operator": {
             "logFormat": "text", "port": 9090, "shutdownDelaySeconds": 0, "rateLimit": {"perSecond": 50, "burst": 100}, "extraArgs": ["--workflow-grace-seconds=5"],
             "egress": {"denyCidrs": ["10.0.0.0/8", "fd00::/8"], "allowCidrs": ["10.96.0.10"]},
+            "corsAllowedOrigins": ["https://app.example.com", "http://localhost:5173"], "maxSockets": 500,
         },
         "leaderElection": {"leaseSeconds": 30},
         "terminationGracePeriodSeconds": 5,
@@ -404,6 +406,8 @@ fn renders_other_values() {
     assert_eq!(env["HERALD_RATE_LIMIT_BURST"], "100");
     assert_eq!(env["HERALD_EGRESS_DENY_CIDRS"], "10.0.0.0/8,fd00::/8");
     assert_eq!(env["HERALD_EGRESS_ALLOW_CIDRS"], "10.96.0.10");
+    assert_eq!(env["HERALD_CORS_ALLOWED_ORIGINS"], "https://app.example.com,http://localhost:5173");
+    assert_eq!(env["HERALD_MAX_SOCKETS"], "500");
     assert_eq!(env["HERALD_API_KEY_NAMESPACE"], "herald-keys");
     assert_eq!(env["HERALD_DATABASE_URL"], "secretKeyRef:herald-db-app/uri", "the URL comes from a Secret (CloudNativePG's app Secret has it under `uri`)");
     assert_eq!(env["HERALD_FINISHED_TTL_SECONDS"], "60");

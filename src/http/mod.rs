@@ -1,5 +1,8 @@
-//! The HTTP server: the Knock-compatible API under `/v1` (see [`api`]), and
-//! `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
+//! The HTTP server: the Knock-compatible API under `/v1` (see [`api`]), the
+//! real-time socket of Knock's client SDKs (see [`socket`]), and `/healthz`,
+//! `/readyz`, `/metrics`, `/openapi.json`. With `--cors-allowed-origins`,
+//! browsers on those origins may call it (preflights are answered before
+//! authentication).
 //!
 //! Every response carries an `x-request-id` (the client's, or a new UUID),
 //! which is also in the request's log span. Requests are counted by route and
@@ -11,6 +14,7 @@
 
 pub mod api;
 pub mod openapi;
+pub mod socket;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,6 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
@@ -43,32 +48,71 @@ pub struct State {
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The router: health, readiness, metrics, the OpenAPI document, and the API.
-pub fn router(state: State, api: Arc<api::Api>) -> Router {
+/// The headers Knock's client SDKs send (every call is preflighted).
+const CORS_HEADERS: [HeaderName; 6] = [
+    header::AUTHORIZATION,
+    header::CONTENT_TYPE,
+    header::ACCEPT,
+    HeaderName::from_static("x-knock-user-token"),
+    HeaderName::from_static("x-knock-client"),
+    HeaderName::from_static("x-knock-branch"),
+];
+
+/// CORS for the configured origins (None: no CORS headers at all).
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        // Settings checked each origin's form; one that is not a header value is left out.
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+            .allow_headers(CORS_HEADERS)
+            .expose_headers([header::RETRY_AFTER])
+            // Fewer preflights: every client call has custom headers.
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// The router: health, readiness, metrics, the OpenAPI document, the API and the socket.
+pub fn router(state: State, api: Arc<api::Api>, sockets: Arc<socket::Sockets>) -> Router {
     let metrics = state.context.metrics.clone();
     let timeout = state.context.settings.request_timeout();
+    let cors = cors(&state.context.settings.cors_origins());
     let v1 = api::router(api).layer(middleware::from_fn_with_state(timeout, limit_time));
-    Router::new()
+    let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .with_state(state)
         .merge(v1)
+        .merge(sockets.router())
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(metrics, count))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
-                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
-                })
-                .on_request(())
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
-        )
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::from_fn_with_state(metrics, count));
+    // Outside the routes, so that a preflight is answered without authentication.
+    let app = match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    app.layer(
+        TraceLayer::new_for_http()
+            .make_span_with(|req: &Request| {
+                let id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
+                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            })
+            .on_request(())
+            .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+    )
+    .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+    .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
 async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
@@ -151,7 +195,8 @@ async fn count(AxumState(metrics): AxumState<Arc<Metrics>>, req: Request, next: 
 pub async fn serve(listener: tokio::net::TcpListener, state: State, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
     let settings = state.context.settings.clone();
     let api = api::Api::start(state.context.clone());
-    let app = router(state, api);
+    let sockets = socket::Sockets::start(api.clone());
+    let app = router(state, api, sockets.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(settings.header_timeout_seconds.max(1)));
     builder.http2().timer(TokioTimer::new());
@@ -162,7 +207,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: State, shutdown: im
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone())).into_owned();
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(app.clone())).into_owned();
                     let connection = graceful.watch(connection);
                     tokio::spawn(async move {
                         if let Err(e) = connection.await {
@@ -180,6 +225,8 @@ pub async fn serve(listener: tokio::net::TcpListener, state: State, shutdown: im
         }
     }
     drop(listener);
+    // Upgraded connections leave hyper's graceful shutdown: close them here.
+    sockets.close_all();
     let grace = Duration::from_secs(settings.request_timeout_seconds.max(1) + 5);
     tokio::select! {
         () = graceful.shutdown() => {}

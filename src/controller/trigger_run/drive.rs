@@ -314,7 +314,10 @@ impl Reconciler<'_> {
             let cancelled = cancelled || self.cancellation().covers(recipient.key);
             let stored = match history {
                 Some(h) => match crate::store::messages::statuses(&h.store, recipient.recipient_run_id).await {
-                    Ok(s) => Some(s),
+                    Ok(s) => {
+                        tracing::debug!(recipient = %recipient.key, statuses = ?s, "message statuses for refs conditions");
+                        Some(s)
+                    }
                     // Conditions then see the step records alone (no engagement): an email
                     // meant for an unseen message goes out rather than being lost.
                     Err(e) => {

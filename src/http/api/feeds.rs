@@ -215,7 +215,7 @@ fn parse_action(segment: &str, set: bool) -> Result<EngagementAction, ApiError> 
 
 /// The user a caller's token speaks for (None for server credentials: any user).
 fn owner(caller: &Caller) -> Option<String> {
-    caller.user().map(str::to_string)
+    caller.token_user().map(str::to_string)
 }
 
 /// `PUT /v1/messages/{id}/{status}`.

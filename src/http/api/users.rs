@@ -59,6 +59,7 @@ fn not_found(id: &str) -> ApiError {
 pub async fn put(State(api): State<Arc<Api>>, caller: Caller, Params(id): Params<String>, JsonBody(body): JsonBody) -> Result<Json<Value>, ApiError> {
     api.allow(&caller, "update", "users").await?;
     check_ids(&[("user_id", &id)])?;
+    caller.acts_for_user(&id)?;
     let mut f = Fields::new(body)?;
     let channel_data = f.object("channel_data").unwrap_or_default();
     let preferences = f.preference_sets("preferences");
@@ -102,6 +103,7 @@ pub async fn put(State(api): State<Arc<Api>>, caller: Caller, Params(id): Params
 pub async fn get(State(api): State<Arc<Api>>, caller: Caller, Params(id): Params<String>) -> Result<Json<Value>, ApiError> {
     api.allow(&caller, "get", "users").await?;
     check_ids(&[("user_id", &id)])?;
+    caller.acts_for_user(&id)?;
     let user = find(&api, &caller.namespace, &id).await?.object.ok_or_else(|| not_found(&id))?;
     Ok(Json(user_json(&user)))
 }
@@ -110,6 +112,7 @@ pub async fn get(State(api): State<Arc<Api>>, caller: Caller, Params(id): Params
 pub async fn delete(State(api): State<Arc<Api>>, caller: Caller, Params(id): Params<String>) -> Result<StatusCode, ApiError> {
     api.allow(&caller, "delete", "users").await?;
     check_ids(&[("user_id", &id)])?;
+    caller.acts_for_user(&id)?;
     let located = find(&api, &caller.namespace, &id).await?;
     delete_located(&api.kube::<User>(&caller.namespace), located, "resource_missing", &format!("user `{id}`")).await?;
     api.ctx.metrics.write("User");
@@ -188,6 +191,7 @@ pub async fn put_preferences(
 ) -> Result<Json<Value>, ApiError> {
     api.allow(&caller, "update", "users").await?;
     check_ids(&[("user_id", &id), ("set", &set)])?;
+    caller.acts_for_user(&id)?;
     check_tenant_set(&set, &query.tenant)?;
     let (preferences, merge) = read_preference_set(body)?;
     let user = upsert_user(&api, &caller.namespace, &id, &|spec| {
@@ -218,6 +222,7 @@ pub async fn get_preferences(
 ) -> Result<Json<Value>, ApiError> {
     api.allow(&caller, "get", "users").await?;
     check_ids(&[("user_id", &id), ("set", &set)])?;
+    caller.acts_for_user(&id)?;
     check_tenant_set(&set, &query.tenant)?;
     let user = find(&api, &caller.namespace, &id).await?.object.ok_or_else(|| not_found(&id))?;
     let preferences = match &query.tenant {
@@ -240,6 +245,7 @@ pub async fn put_channel_data(
 ) -> Result<Json<Value>, ApiError> {
     api.allow(&caller, "update", "users").await?;
     check_ids(&[("user_id", &id), ("channel", &channel)])?;
+    caller.acts_for_user(&id)?;
     let mut f = Fields::new(body)?;
     let data: Option<JsonObject> = if f.has("data") {
         f.object("data")
@@ -262,6 +268,7 @@ pub async fn put_channel_data(
 pub async fn get_channel_data(State(api): State<Arc<Api>>, caller: Caller, Params((id, channel)): Params<(String, String)>) -> Result<Json<Value>, ApiError> {
     api.allow(&caller, "get", "users").await?;
     check_ids(&[("user_id", &id), ("channel", &channel)])?;
+    caller.acts_for_user(&id)?;
     let user = find(&api, &caller.namespace, &id).await?.object.ok_or_else(|| not_found(&id))?;
     let data = user.spec.channel_data.get(&channel).ok_or_else(|| ApiError::not_found("resource_missing", format!("user `{id}` has no channel data for `{channel}`")))?;
     Ok(Json(channel_data_json(&channel, data)))
@@ -271,6 +278,7 @@ pub async fn get_channel_data(State(api): State<Arc<Api>>, caller: Caller, Param
 pub async fn delete_channel_data(State(api): State<Arc<Api>>, caller: Caller, Params((id, channel)): Params<(String, String)>) -> Result<StatusCode, ApiError> {
     api.allow(&caller, "update", "users").await?;
     check_ids(&[("user_id", &id), ("channel", &channel)])?;
+    caller.acts_for_user(&id)?;
     if find(&api, &caller.namespace, &id).await?.object.is_none() {
         return Err(not_found(&id));
     }
