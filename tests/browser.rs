@@ -23,7 +23,10 @@ use std::time::{Duration, SystemTime};
 use api_support::Herald;
 use common::wait_for;
 use herald::resources::{Channel, TriggerRun, User};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
+use kube::Api;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -206,11 +209,46 @@ async fn counts(h: &Herald, user: &str) -> (i64, i64, i64, Value) {
     (m["total_count"].as_i64().unwrap(), m["unread_count"].as_i64().unwrap(), m["unseen_count"].as_i64().unwrap(), a.body)
 }
 
-/// What the page authenticates with: a publishable key and a user token for `user`.
+/// Runs openssl, as the README tells customers to make their key pair.
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl").args(args).output().expect("running openssl (apt-get install openssl)");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// What the page authenticates with, as a customer's backend would set it up:
+/// a publishable key in a key Secret with the public key of an RSA pair, and a
+/// user token (RS256, as Knock's `signUserToken` makes it) signed with the
+/// private key. Waits until herald accepts them.
 async fn client_credentials(h: &Herald, user: &str) -> (String, String) {
-    // TODO(client branch): a publishable key Secret and an RS256 user token signed by the test.
-    let _ = (h, user);
-    (String::new(), String::new())
+    let dir = std::env::temp_dir().join(format!("herald-browser-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let private = dir.join("private.pem");
+    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", private.to_str().unwrap()]);
+    let public = String::from_utf8(openssl(&["pkey", "-in", private.to_str().unwrap(), "-pubout"])).unwrap();
+    let private = std::fs::read(&private).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let pk = format!("pk_test_{}", uuid::Uuid::new_v4().simple());
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "herald-client-key", "labels": {"herald.dev/api-key": "true"}},
+        "stringData": {"publishableKey": pk, "userTokenPublicKey": public},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(h.client(), &h.ns.name).create(&PostParams::default(), &secret).await.expect("creating the key Secret");
+
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let claims =
+        json!({"sub": user, "iat": now, "exp": now + 3600, "grants": {format!("https://api.knock.app/v1/users/{user}"): {"user/feed_read": [{}], "user/feed_write": [{}]}}});
+    let token = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &EncodingKey::from_rsa_pem(&private).unwrap()).unwrap();
+
+    wait_for("herald to accept the publishable key", Duration::from_secs(30), || async {
+        let headers = [("authorization".to_string(), format!("Bearer {pk}")), ("x-knock-user-token".to_string(), token.clone())];
+        let a = h.raw("GET", &format!("/v1/users/{user}/feeds/feed"), &headers, None).await;
+        (a.status == 200).then_some(())
+    })
+    .await;
+    (pk, token)
 }
 
 fn page_url(page: &PageServer, h: &Herald, key: &str, token: &str, user: &str, feed: &str) -> String {
@@ -227,7 +265,13 @@ async fn knocks_react_feed_components_update_live_against_herald_in_chromium() {
     let dist = ensure_page();
     let page = PageServer::start(dist).await;
     let url = common::database().await;
-    let h = Herald::start_with(move |s| s.database_url = Some(url)).await;
+    // The page calls herald from its own origin: herald allows exactly that one.
+    let origin = page.origin();
+    let h = Herald::start_with(move |s| {
+        s.database_url = Some(url);
+        s.cors_allowed_origins = vec![origin];
+    })
+    .await;
 
     // An in-app Channel, the reader and an actor, a workflow with an in-app step.
     apply::<Channel>(&h, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "feed"}, "spec": {"type": "in_app_feed"}})).await;
@@ -263,7 +307,7 @@ async fn knocks_react_feed_components_update_live_against_herald_in_chromium() {
     assert_eq!(state["loads"], 1, "the page was not reloaded");
     let pushes: Vec<&Value> = state["sockets"].as_array().unwrap().iter().flat_map(|s| s["received"].as_array().unwrap()).filter(|f| f[3] == "new-message").collect();
     assert!(!pushes.is_empty(), "herald pushed new-message over the socket: {state:#}");
-    eprintln!("badge after {} ms", badge["elapsedMs"]);
+    eprintln!("the badge showed 1 within {} ms of the run finishing", badge["elapsedMs"]);
 
     // Open the popover: the message shows, unread; opening marks the feed seen.
     browser.send(json!({"cmd": "openPopover"})).await;
