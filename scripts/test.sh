@@ -36,6 +36,18 @@ if ! command -v openssl >/dev/null; then
     || { echo "error: could not install openssl (needed by tests/client.rs)" >&2; exit 1; }
 fi
 
+# tests/browser.rs drives Knock's React feed components (tests/browser, pinned
+# by its package-lock.json, built with Vite) in headless Chromium: Debian's
+# chromium package, driven by playwright-core (which downloads no browser).
+if [ ! -x /usr/bin/chromium ]; then
+  S=""; [ "$(id -u)" -eq 0 ] || S="sudo"
+  $S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $S apt-get install -y -qq chromium >/dev/null \
+    || { echo "error: could not install chromium (needed by tests/browser.rs)" >&2; exit 1; }
+fi
+[ -x /usr/bin/chromium ] || { echo "error: /usr/bin/chromium is missing after apt-get install chromium (needed by tests/browser.rs)" >&2; exit 1; }
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build) \
+  || { echo "error: npm ci or the Vite build in tests/browser failed (needed by tests/browser.rs)" >&2; exit 1; }
+
 # tests/helm.rs drives the chart with real Helm: Helm v4's Go SDK, bundled by
 # the PyPI package helm-python-sdk (no helm binary needed).
 python3 -m pip install --quiet helm-python-sdk==0.2.2 2>/dev/null || python3 -m pip install --quiet --break-system-packages helm-python-sdk==0.2.2 \
