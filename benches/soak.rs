@@ -14,9 +14,11 @@
 //! message recorded.
 //! Phase B, "ramp": steps of HERALD_SOAK_STEP_SECONDS (20) at the rates of
 //! HERALD_SOAK_RATES (10,20,40,...,640), with and without the store
-//! alternately (a fresh namespace and herald for each series); a series stops
-//! at the first step whose trigger-to-webhook p99 is 250 ms or more, or that
-//! had errors. HERALD_SOAK_PHASES=soak or =ramp runs one phase only.
+//! alternately (a fresh namespace and herald for each series); a step fails
+//! when its trigger-to-webhook p99 is 250 ms or more or it had errors, and is
+//! tried again (HERALD_SOAK_STEP_TRIES in all, default 2: on a shared machine
+//! a spike from another process is not saturation); a series stops at a rate
+//! that failed every try. HERALD_SOAK_PHASES=soak or =ramp runs one phase only.
 //!
 //! Each trigger has one recipient (a pre-created User) and one http channel
 //! step to a receiver in this process, which notes when each
@@ -60,6 +62,11 @@ const P99_BUDGET: Duration = Duration::from_millis(250);
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The machine's 1-minute load average (0 where /proc/loadavg is not there).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -425,6 +432,7 @@ struct Sample {
     pages: usize,
     events: usize,
     archived: Option<i64>,
+    load: f64,
 }
 
 /// Samples the namespace every `every` until `stop` is set.
@@ -448,15 +456,17 @@ fn sampler(h: Arc<Herald>, receiver: Receiver, acked: Arc<AtomicUsize>, every: D
                 pages,
                 events,
                 archived,
+                load: load_average(),
             };
             println!(
-                "  [{label} {:>5.0}s] acked {:>6}  delivered {:>6}  TriggerRuns {:>6}  RecipientPages {:>4}  Events {:>4}{}",
+                "  [{label} {:>5.0}s] acked {:>6}  delivered {:>6}  TriggerRuns {:>6}  RecipientPages {:>4}  Events {:>4}  load {:>4.1}{}",
                 s.t,
                 s.acked,
                 s.delivered,
                 s.runs,
                 s.pages,
                 s.events,
+                s.load,
                 s.archived.map(|a| format!("  archived {a:>6}")).unwrap_or_default()
             );
             samples.push(s);
@@ -485,6 +495,8 @@ struct SoakReport {
     p50: Duration,
     p99: Duration,
     max: Duration,
+    after_p50: Duration,
+    after_p99: Duration,
     missing: usize,
     samples: Vec<Sample>,
     /// Writes until every run finished.
@@ -511,6 +523,12 @@ async fn soak(client: &Client, receiver: &Receiver, store: bool, rate: f64, secs
     let load_end = Instant::now();
     let (latencies, missing) = deliveries(receiver, &sent, Duration::from_secs(180)).await;
     let drain = load_end.elapsed();
+    // From the answer to the webhook: herald's controller and the delivery, without the create.
+    let mut after: Vec<Duration> = {
+        let arrived = receiver.arrived.lock().unwrap();
+        sent.iter().filter_map(|s| Some(arrived.get(s.result.as_ref().ok()?)?.saturating_duration_since(s.at + s.ack))).collect()
+    };
+    after.sort();
     h.settle().await;
     let finished_writes = h.counts();
     let ids: Vec<uuid::Uuid> = sent.iter().filter_map(|s| s.result.as_ref().ok()).filter_map(|id| uuid::Uuid::parse_str(id).ok()).collect();
@@ -570,6 +588,8 @@ async fn soak(client: &Client, receiver: &Receiver, store: bool, rate: f64, secs
         p50: percentile(&latencies, 0.5),
         p99: percentile(&latencies, 0.99),
         max: latencies.last().copied().unwrap_or_default(),
+        after_p50: percentile(&after, 0.5),
+        after_p99: percentile(&after, 0.99),
         missing,
         samples,
         finished_writes: Counts { recorded: diff(&finished_writes.recorded, &before.recorded), metric: diff(&finished_writes.metric, &before.metric) },
@@ -602,6 +622,7 @@ fn print_soak(r: &SoakReport) {
     );
     println!("  trigger answer:     p50 {:>7.1} ms  p99 {:>7.1} ms", ms(r.ack_p50), ms(r.ack_p99));
     println!("  trigger to webhook: p50 {:>7.1} ms  p99 {:>7.1} ms  max {:>7.1} ms  ({} never arrived)", ms(r.p50), ms(r.p99), ms(r.max), r.missing);
+    println!("  answer to webhook:  p50 {:>7.1} ms  p99 {:>7.1} ms  (herald's reconcile and the delivery)", ms(r.after_p50), ms(r.after_p99));
     println!("  last webhook {:.1}s after the last trigger", r.drain.as_secs_f64());
     let w = &r.finished_writes;
     println!(
@@ -641,17 +662,18 @@ fn print_soak(r: &SoakReport) {
         );
     }
     println!("  herald objects in the namespace (sampled):");
-    println!("  {:>6} {:>8} {:>9} {:>11} {:>14} {:>7} {:>9}", "t (s)", "acked", "delivered", "TriggerRuns", "RecipientPages", "Events", "archived");
+    println!("  {:>6} {:>8} {:>9} {:>11} {:>14} {:>7} {:>9} {:>5}", "t (s)", "acked", "delivered", "TriggerRuns", "RecipientPages", "Events", "archived", "load");
     for s in &r.samples {
         println!(
-            "  {:>6.0} {:>8} {:>9} {:>11} {:>14} {:>7} {:>9}",
+            "  {:>6.0} {:>8} {:>9} {:>11} {:>14} {:>7} {:>9} {:>5.1}",
             s.t,
             s.acked,
             s.delivered,
             s.runs,
             s.pages,
             s.events,
-            s.archived.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+            s.archived.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            s.load
         );
     }
 }
@@ -670,6 +692,8 @@ struct Step {
     writes: f64,
     runs_after: usize,
     detail: String,
+    /// The machine's 1-minute load average at the end of the step.
+    load: f64,
 }
 
 impl Step {
@@ -697,9 +721,10 @@ async fn step(h: &Arc<Herald>, receiver: &Receiver, rate: f64, secs: f64) -> Ste
         writes: per(&writes, acked),
         runs_after,
         detail: error_summary(&sent),
+        load: load_average(),
     };
     println!(
-        "  [{} {:>4}/s] p50 {:>8.1} ms  p99 {:>8.1} ms  errors {}{}  missing {}  writes/trigger {:.2}  TriggerRuns {}",
+        "  [{} {:>4}/s] p50 {:>8.1} ms  p99 {:>8.1} ms  errors {}{}  missing {}  writes/trigger {:.2}  TriggerRuns {}  load {:.1}",
         if h.database.is_some() { "store" } else { "plain" },
         rate,
         ms(s.p50),
@@ -708,22 +733,31 @@ async fn step(h: &Arc<Herald>, receiver: &Receiver, rate: f64, secs: f64) -> Ste
         if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) },
         s.missing,
         s.writes,
-        s.runs_after
+        s.runs_after,
+        s.load
     );
     s
 }
 
-async fn ramp(client: &Client, receiver: &Receiver, rates: &[f64], secs: f64, ttl: i64) -> [Vec<Step>; 2] {
-    println!("\nramp: steps of {secs}s at {rates:?}/s, with and without the store alternately");
+async fn ramp(client: &Client, receiver: &Receiver, rates: &[f64], secs: f64, ttl: i64, tries: usize) -> [Vec<Step>; 2] {
+    println!("\nramp: steps of {secs}s at {rates:?}/s, with and without the store alternately; a failed step is tried {tries} times in all");
     let mut series: [Option<Arc<Herald>>; 2] =
         [Some(Arc::new(Herald::start(client, receiver, true, ttl).await)), Some(Arc::new(Herald::start(client, receiver, false, ttl).await))];
     let mut steps: [Vec<Step>; 2] = [Vec::new(), Vec::new()];
     for &rate in rates {
         for i in 0..2 {
             let Some(h) = series[i].clone() else { continue };
-            let s = step(&h, receiver, rate, secs).await;
-            let ok = s.ok();
-            steps[i].push(s);
+            // A step that fails is tried again (up to `tries` in all): on a
+            // shared machine a spike from another process is not saturation.
+            let mut ok = false;
+            for _ in 0..tries.max(1) {
+                let s = step(&h, receiver, rate, secs).await;
+                ok = s.ok();
+                steps[i].push(s);
+                if ok {
+                    break;
+                }
+            }
             if !ok {
                 drop(h);
                 if let Some(h) = series[i].take() {
@@ -742,10 +776,10 @@ async fn ramp(client: &Client, receiver: &Receiver, rates: &[f64], secs: f64, tt
 }
 
 fn print_ramp(steps: &[Vec<Step>; 2], secs: f64) {
-    println!("\n== ramp: {secs}s per step; a series stops at p99 >= {} ms or errors", P99_BUDGET.as_millis());
+    println!("\n== ramp: {secs}s per step; a series stops at a rate whose every try had p99 >= {} ms or errors", P99_BUDGET.as_millis());
     println!(
-        "  {:>6} | {:>9} {:>9} {:>6} {:>8} {:>7} {:>8} | {:>9} {:>9} {:>6} {:>8} {:>7} {:>8}",
-        "", "store p50", "p99 ms", "errors", "delivered", "writes", "runs", "no store", "p99 ms", "errors", "delivered", "writes", "runs"
+        "  {:>9} | {:>9} {:>8} {:>6} {:>9} {:>6} {:>6} {:>5} | {:>9} {:>8} {:>6} {:>9} {:>6} {:>6} {:>5}",
+        "", "store p50", "p99 ms", "errors", "delivered", "writes", "runs", "load", "plain p50", "p99 ms", "errors", "delivered", "writes", "runs", "load"
     );
     let rates: Vec<f64> = steps.iter().flat_map(|s| s.iter().map(|x| x.rate)).fold(Vec::new(), |mut v, r| {
         if !v.contains(&r) {
@@ -753,16 +787,19 @@ fn print_ramp(steps: &[Vec<Step>; 2], secs: f64) {
         }
         v
     });
-    let cell = |s: Option<&Step>| match s {
-        Some(s) => format!("{:>9.1} {:>9.1} {:>6} {:>9} {:>7.2} {:>8}", ms(s.p50), ms(s.p99), s.errors + s.missing, s.delivered, s.writes, s.runs_after),
-        None => format!("{:>9} {:>9} {:>6} {:>9} {:>7} {:>8}", "-", "-", "-", "-", "-", "-"),
+    let cell = |s: Option<&&Step>| match s {
+        Some(s) => format!("{:>9.1} {:>8.1} {:>6} {:>9} {:>6.2} {:>6} {:>5.1}", ms(s.p50), ms(s.p99), s.errors + s.missing, s.delivered, s.writes, s.runs_after, s.load),
+        None => format!("{:>9} {:>8} {:>6} {:>9} {:>6} {:>6} {:>5}", "-", "-", "-", "-", "-", "-", "-"),
     };
     for r in rates {
-        let find = |i: usize| steps[i].iter().find(|s| s.rate == r);
-        println!("  {:>4}/s | {} | {}", r, cell(find(0)), cell(find(1)));
+        let tries: [Vec<&Step>; 2] = [steps[0].iter().filter(|s| s.rate == r).collect(), steps[1].iter().filter(|s| s.rate == r).collect()];
+        for t in 0..tries[0].len().max(tries[1].len()) {
+            let label = if t == 0 { format!("{r}/s") } else { format!("again {}", t + 1) };
+            println!("  {label:>9} | {} | {}", cell(tries[0].get(t)), cell(tries[1].get(t)));
+        }
     }
     for (i, name) in ["store", "no store"].iter().enumerate() {
-        let best = steps[i].iter().take_while(|s| s.ok()).map(|s| s.rate).fold(None::<f64>, |_, r| Some(r));
+        let best = steps[i].iter().filter(|s| s.ok()).map(|s| s.rate).fold(None::<f64>, |_, r| Some(r));
         let sent: usize = steps[i].iter().map(|s| s.sent).sum();
         match best {
             Some(rate) => println!("  highest rate with p99 < {} ms, {name}: {rate}/s ({sent} triggers in the series)", P99_BUDGET.as_millis()),
@@ -836,7 +873,7 @@ async fn bench() {
             soaks.push(soak(&client, &receiver, false, rate, plain_secs, ttl, every).await);
         }
     }
-    let ramp_steps = if phases.contains("ramp") { Some(ramp(&client, &receiver, &rates, step_secs, ttl).await) } else { None };
+    let ramp_steps = if phases.contains("ramp") { Some(ramp(&client, &receiver, &rates, step_secs, ttl, env("HERALD_SOAK_STEP_TRIES", 2)).await) } else { None };
 
     println!("\n================ report ================");
     for r in &soaks {
@@ -865,4 +902,5 @@ async fn bench() {
         print_ramp(steps, step_secs);
     }
     println!("  duplicate webhooks: {}", receiver.duplicates.load(Ordering::Relaxed));
+    println!("  load average (1 min) at the end: {:.1} on {} cores", load_average(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
 }
