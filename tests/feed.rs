@@ -139,6 +139,7 @@ async fn in_app_messages_reach_the_feed_with_counts_filters_and_engagement() {
     assert_eq!(feed(&h, "u1", "archived=only").await["entries"].as_array().unwrap().len(), 2);
     let a = h.call("PUT", &format!("/v1/messages/{newest}/interacted"), Some(json!({"metadata": {"type": "cell_click"}}))).await;
     assert!(a.body["interacted_at"].is_string(), "{a:?}");
+    assert!(a.body["read_at"].is_string() && a.body["seen_at"].is_string(), "a click is a read, as Knock's client takes it: {a:?}");
     h.call("PUT", &format!("/v1/messages/{newest}/deleted"), None).await.assert_error(404, "route_not_found");
     h.call("PUT", &format!("/v1/messages/{}/seen", uuid::Uuid::new_v4()), None).await.assert_error(404, "resource_missing");
 

@@ -144,8 +144,10 @@ pub async fn counts(store: &Store, filter: &FeedFilter) -> Result<FeedCounts, St
 pub async fn engage(store: &Store, namespace: &str, ids: &[Uuid], owner: Option<&str>, action: EngagementAction) -> Result<Vec<MessageRecord>, StoreError> {
     let (column, set) = action.column();
     let value = if set { "$3" } else { "NULL" };
+    // A click is a read, as Knock's client takes it (it marks the item read and seen).
+    let also = if action == EngagementAction::Interacted { ", seen_at = COALESCE(seen_at, $3), read_at = COALESCE(read_at, $3)" } else { "" };
     let owner_clause = if owner.is_some() { " AND recipient_id = $4 AND recipient_collection = ''" } else { "" };
-    let sql = format!("UPDATE herald_messages SET {column} = {value}, updated_at = $3 WHERE namespace = $1 AND id = ANY($2){owner_clause} RETURNING {SELECT_COLUMNS}");
+    let sql = format!("UPDATE herald_messages SET {column} = {value}{also}, updated_at = $3 WHERE namespace = $1 AND id = ANY($2){owner_clause} RETURNING {SELECT_COLUMNS}");
     let now = Timestamp::now();
     let ids = ids.to_vec();
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&namespace, &ids, &now];
