@@ -246,8 +246,8 @@ async fn next(socket: &mut Socket) -> Value {
     }
 }
 
-/// Inserts an in-app feed message for `user` (as the feed channel step will) and announces it.
-async fn new_feed_message(db: &tokio_postgres::Client, store: &herald::store::Store, namespace: &str, channel: &str, user: &str, tenant: Option<&str>) {
+/// Inserts an in-app feed message for `user` (as the feed channel step will) and announces it; its id.
+async fn new_feed_message(db: &tokio_postgres::Client, store: &herald::store::Store, namespace: &str, channel: &str, user: &str, tenant: Option<&str>) -> uuid::Uuid {
     let id = uuid::Uuid::new_v4();
     db.execute(
         "INSERT INTO herald_messages (id, namespace, workflow, workflow_run_id, recipient_run_id, recipient_id, tenant, step_ref, channel, channel_type, status, reason, attempts, data, inserted_at, updated_at)
@@ -257,6 +257,46 @@ async fn new_feed_message(db: &tokio_postgres::Client, store: &herald::store::St
     .await
     .unwrap();
     herald::store::feed::notify(store, namespace, channel, user).await.unwrap();
+    id
+}
+
+/// One user's token reads and changes its own feed only: another user's feed
+/// is 403, and another user's messages are not there to change.
+#[tokio::test]
+async fn a_user_token_reads_and_changes_only_its_own_feed() {
+    let url = common::database().await;
+    let h = {
+        let url = url.clone();
+        Herald::start_with(move |s| s.database_url = Some(url)).await
+    };
+    let channel: herald::resources::Channel =
+        serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "feed"}, "spec": {"type": "in_app_feed"}})).unwrap();
+    h.api::<herald::resources::Channel>().create(&PostParams::default(), &channel).await.unwrap();
+    wait_for("the Channel in herald's cache", Duration::from_secs(20), || async { h.op.as_ref().unwrap().context.stores.channels.get(&h.ns.name, "feed").map(|_| ()) }).await;
+    let store = herald::store::Store::connect(&url).await.unwrap();
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let janes = new_feed_message(&db, &store, &h.ns.name, "feed", "jane", None).await;
+    let bobs = new_feed_message(&db, &store, &h.ns.name, "feed", "bob", None).await;
+
+    let pk = publishable_key(&h, CLIENT_SECRET, None).await;
+    let jane = user_token("jane");
+    wait_for_pk(&h, &pk, Some(&jane)).await;
+    let a = as_user(&h, &pk, Some(&jane), "GET", "/v1/users/jane/feeds/feed", None).await;
+    assert_eq!((a.status, a.body["entries"].as_array().map(Vec::len)), (200, Some(1)), "{a:?}");
+    assert_eq!(a.body["entries"][0]["id"], janes.to_string());
+    as_user(&h, &pk, Some(&jane), "GET", "/v1/users/bob/feeds/feed", None).await.assert_error(403, "forbidden");
+    as_user(&h, &pk, Some(&jane), "GET", "/v1/users/bob/feeds/feed/settings", None).await.assert_error(403, "forbidden");
+    // Bob's message cannot be changed with Jane's token, one by one or in a batch; Jane's can.
+    as_user(&h, &pk, Some(&jane), "PUT", &format!("/v1/messages/{bobs}/read"), None).await.assert_error(404, "resource_missing");
+    let a = as_user(&h, &pk, Some(&jane), "POST", "/v1/messages/batch/read", Some(json!({"message_ids": [bobs, janes]}))).await;
+    assert_eq!(a.body.as_array().map(|m| m.iter().map(|m| m["id"].clone()).collect::<Vec<_>>()), Some(vec![json!(janes.to_string())]), "{a:?}");
+    as_user(&h, &pk, Some(&jane), "POST", "/v1/channels/feed/messages/bulk/read", Some(json!({"user_ids": ["bob"]}))).await.assert_error(403, "forbidden");
+    let a = as_user(&h, &pk, Some(&jane), "POST", "/v1/channels/feed/messages/bulk/seen", Some(json!({"user_ids": ["jane"]}))).await;
+    assert_eq!((a.status, &a.body["success_count"]), (200, &json!(1)), "{a:?}");
+    // Bob's message is untouched: read through the secret key.
+    let a = h.call("GET", "/v1/users/bob/feeds/feed", None).await;
+    assert_eq!((a.body["meta"]["unread_count"].as_i64(), a.body["meta"]["unseen_count"].as_i64()), (Some(1), Some(1)), "{a:?}");
 }
 
 #[tokio::test]

@@ -215,3 +215,22 @@ async fn a_later_step_sees_whether_the_in_app_message_was_seen() {
     let bodies: Vec<String> = receiver.received().iter().map(|r| String::from_utf8_lossy(&r.body).to_string()).collect();
     assert_eq!(bodies, vec!["{\"to\": \"u2\"}".to_string()], "only the recipient who had not seen it");
 }
+
+/// Preferences apply to in-app steps (`channel_types.in_app_feed`).
+#[tokio::test]
+async fn a_user_who_opted_out_of_in_app_gets_no_feed_message() {
+    let h = feed_herald().await;
+    apply::<User>(
+        &h,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "quiet"},
+               "spec": {"id": "quiet", "name": "Quiet", "preferences": {"default": {"channel_types": {"in_app_feed": false}}}}}),
+    )
+    .await;
+    h.cached(&["quiet"]).await;
+    let run = trigger(&h, json!({"recipients": ["u1", "quiet"], "actor": "jane", "data": {"page": "p1", "text": "hi"}})).await;
+    assert_eq!(counts(&feed(&h, "u1", "").await), (1, 1, 1));
+    assert_eq!(counts(&feed(&h, "quiet", "").await), (0, 0, 0), "opted out");
+    let a = h.call("GET", &format!("/v1/workflow_runs/{run}"), None).await;
+    let quiet = a.body["recipient_runs"]["entries"].as_array().unwrap().iter().find(|e| e["recipient"] == "quiet").cloned().unwrap();
+    assert_eq!(quiet["state"], "Skipped", "{quiet:#}");
+}
