@@ -97,6 +97,8 @@ pub struct Metrics {
     pub history_messages_dropped: Counter,
     /// Finished runs archived to the history store and removed from the cluster.
     pub runs_archived: Counter,
+    /// Real-time feed sockets open on this replica.
+    pub sockets_open: Gauge,
     /// The HTTP API's metrics.
     pub http: HttpMetrics,
 }
@@ -129,8 +131,11 @@ impl Default for Metrics {
         registry.register("history_messages_dropped", "Messages not queued for the history store because its buffer was full", history_messages_dropped.clone());
         let runs_archived = Counter::default();
         registry.register("runs_archived", "Finished runs archived to the history store", runs_archived.clone());
+        let sockets_open = Gauge::default();
+        registry.register("sockets_open", "Real-time feed sockets open on this replica (at most --max-sockets)", sockets_open.clone());
         Metrics {
             registry,
+            sockets_open,
             history_messages_dropped,
             runs_archived,
             invalid_resources,

@@ -333,6 +333,7 @@ async fn the_socket_pushes_new_messages_to_their_user_on_every_replica() {
     // The second replica knows the key too (same key namespace); its one socket is taken after this.
     let mut on_b = wait_for("replica b to accept the socket", Duration::from_secs(30), || async { connect(&socket_url(&b_base, &pk, &jane), Some(origin)).await.ok() }).await;
     assert_eq!(connect(&socket_url(&b_base, &pk, &jane), Some(origin)).await.err(), Some(503));
+    assert!(a.metrics().await.lines().any(|l| l == "herald_sockets_open 1"), "the open socket is counted: {}", a.metrics().await);
 
     // Heartbeat.
     send(&mut on_a, json!([null, "1", "phoenix", "heartbeat", {}])).await;

@@ -211,13 +211,18 @@ struct OpenSocket(Arc<Sockets>);
 impl OpenSocket {
     fn claim(sockets: &Arc<Sockets>) -> Option<OpenSocket> {
         let max = sockets.max_sockets;
-        sockets.open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1)).ok().map(|_| OpenSocket(sockets.clone()))
+        let claimed = sockets.open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1)).is_ok();
+        claimed.then(|| {
+            sockets.api.ctx.metrics.sockets_open.inc();
+            OpenSocket(sockets.clone())
+        })
     }
 }
 
 impl Drop for OpenSocket {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0.api.ctx.metrics.sockets_open.dec();
     }
 }
 
