@@ -7,6 +7,7 @@
 
 use std::cmp::Ordering;
 
+use jiff::Timestamp;
 use serde_json::Value;
 
 use crate::resources::workflow::StepCondition;
@@ -33,6 +34,15 @@ enum Operator {
     NotEmpty,
     Exists,
     NotExists,
+    ContainsAll,
+    NotContainsAll,
+    IsBetween,
+    IsTimestamp,
+    IsTimestampBefore,
+    IsTimestampOnOrAfter,
+    IsTimestampBetween,
+    IsTimestampBeforeNow,
+    IsTimestampOnOrAfterNow,
 }
 
 impl Operator {
@@ -50,12 +60,30 @@ impl Operator {
             "not_empty" => Operator::NotEmpty,
             "exists" => Operator::Exists,
             "not_exists" => Operator::NotExists,
+            "contains_all" => Operator::ContainsAll,
+            "not_contains_all" => Operator::NotContainsAll,
+            "is_between" => Operator::IsBetween,
+            "is_timestamp" => Operator::IsTimestamp,
+            "is_timestamp_before" => Operator::IsTimestampBefore,
+            "is_timestamp_on_or_after" => Operator::IsTimestampOnOrAfter,
+            "is_timestamp_between" => Operator::IsTimestampBetween,
+            "is_timestamp_before_now" => Operator::IsTimestampBeforeNow,
+            "is_timestamp_on_or_after_now" => Operator::IsTimestampOnOrAfterNow,
             _ => return None,
         })
     }
 
     fn needs_argument(self) -> bool {
-        !matches!(self, Operator::Empty | Operator::NotEmpty | Operator::Exists | Operator::NotExists)
+        !matches!(
+            self,
+            Operator::Empty
+                | Operator::NotEmpty
+                | Operator::Exists
+                | Operator::NotExists
+                | Operator::IsTimestamp
+                | Operator::IsTimestampBeforeNow
+                | Operator::IsTimestampOnOrAfterNow
+        )
     }
 }
 
@@ -77,9 +105,11 @@ pub fn check_operators(conditions: &[StepCondition]) -> Result<(), ConditionErro
 
 /// True when every condition holds (an empty list holds). Malformed conditions
 /// are reported whatever the data, so a typo is never hidden by a short-circuit.
-pub fn all_hold(conditions: &[StepCondition], context: &Value) -> Result<bool, ConditionError> {
+/// `now` is the time the `is_timestamp*` operators and relative arguments
+/// ("7 days ago") are measured from.
+pub fn all_hold(conditions: &[StepCondition], context: &Value, now: Timestamp) -> Result<bool, ConditionError> {
     let parsed = conditions.iter().map(|c| checked(c).map(|(op, arg)| (c, op, arg))).collect::<Result<Vec<_>, _>>()?;
-    Ok(parsed.into_iter().all(|(c, op, argument)| holds(op, lookup(context, &c.variable), argument)))
+    Ok(parsed.into_iter().all(|(c, op, argument)| holds(op, lookup(context, &c.variable), argument, now)))
 }
 
 /// The value at a dot path; numeric segments index arrays. `None` when any
@@ -151,9 +181,39 @@ fn message_holds(op: Operator, value: Option<&Value>, case: &str) -> bool {
     }
 }
 
-fn holds(op: Operator, value: Option<&Value>, argument: Option<&Value>) -> bool {
+fn holds(op: Operator, value: Option<&Value>, argument: Option<&Value>, now: Timestamp) -> bool {
     if let Some(case) = argument.and_then(Value::as_str).and_then(|a| a.strip_prefix("$message.")) {
         return message_holds(op, value, case);
+    }
+    let time = value.and_then(timestamp_of);
+    let bound = |a: &Value| timestamp_argument(a, now);
+    fn pair(a: Option<&Value>) -> Option<(&Value, &Value)> {
+        match a {
+            Some(Value::Array(items)) if items.len() == 2 => Some((&items[0], &items[1])),
+            _ => None,
+        }
+    }
+    match op {
+        Operator::ContainsAll => return value.is_some_and(|v| argument.is_some_and(|a| contains_all(v, a))),
+        Operator::NotContainsAll => return !value.is_some_and(|v| argument.is_some_and(|a| contains_all(v, a))),
+        Operator::IsBetween => {
+            return match (value.and_then(Number::of), pair(argument).and_then(|(lo, hi)| Some((Number::of(lo)?, Number::of(hi)?)))) {
+                (Some(v), Some((lo, hi))) => v.cmp(lo).is_some_and(|o| o != Ordering::Less) && v.cmp(hi).is_some_and(|o| o != Ordering::Greater),
+                _ => false,
+            }
+        }
+        Operator::IsTimestamp => return time.is_some(),
+        Operator::IsTimestampBefore => return matches!((time, argument.and_then(bound)), (Some(t), Some(b)) if t < b),
+        Operator::IsTimestampOnOrAfter => return matches!((time, argument.and_then(bound)), (Some(t), Some(b)) if t >= b),
+        Operator::IsTimestampBetween => {
+            return match (time, pair(argument).and_then(|(start, end)| Some((bound(start)?, bound(end)?)))) {
+                (Some(t), Some((start, end))) => start <= t && t <= end,
+                _ => false,
+            }
+        }
+        Operator::IsTimestampBeforeNow => return time.is_some_and(|t| t < now),
+        Operator::IsTimestampOnOrAfterNow => return time.is_some_and(|t| t >= now),
+        _ => {}
     }
     // A missing variable (or argument) makes a comparison false, and so its
     // negation (not_equal_to, not_contains) true.
@@ -175,6 +235,50 @@ fn holds(op: Operator, value: Option<&Value>, argument: Option<&Value>) -> bool 
         Operator::NotEmpty => !is_empty(value),
         Operator::Exists => exists(value),
         Operator::NotExists => !exists(value),
+        // Handled above.
+        _ => false,
+    }
+}
+
+/// Every item of `argument` (a list, or one value) is in the list `value`.
+fn contains_all(value: &Value, argument: &Value) -> bool {
+    let Value::Array(items) = value else { return false };
+    let wanted: Vec<&Value> = match argument {
+        Value::Array(a) => a.iter().collect(),
+        one => vec![one],
+    };
+    wanted.iter().all(|w| items.iter().any(|i| loose_eq(i, w)))
+}
+
+/// A time a value holds: an RFC 3339 timestamp, or a date (midnight UTC).
+fn timestamp_of(value: &Value) -> Option<Timestamp> {
+    let text = value.as_str()?.trim();
+    text.parse::<Timestamp>().ok().or_else(|| text.parse::<jiff::civil::Date>().ok()?.to_zoned(jiff::tz::TimeZone::UTC).ok().map(|z| z.timestamp()))
+}
+
+/// A timestamp argument: absolute (RFC 3339 or a date) or relative to `now`,
+/// as Knock writes them: "7 days ago", "3 hours from now" (minutes, hours,
+/// days or weeks; a day is exactly 24 hours).
+fn timestamp_argument(argument: &Value, now: Timestamp) -> Option<Timestamp> {
+    if let Some(t) = timestamp_of(argument) {
+        return Some(t);
+    }
+    let text = argument.as_str()?.trim().to_ascii_lowercase();
+    let (amount, rest) = text.split_once(' ')?;
+    let amount: i64 = amount.parse().ok().filter(|n: &i64| *n >= 0)?;
+    let (unit, direction) = rest.trim().split_once(' ')?;
+    let seconds = match unit.trim_end_matches('s') {
+        "minute" => 60,
+        "hour" => 3600,
+        "day" => 86_400,
+        "week" => 604_800,
+        _ => return None,
+    };
+    let span = jiff::SignedDuration::from_secs(amount.checked_mul(seconds)?);
+    match direction.trim() {
+        "ago" => now.checked_sub(span).ok(),
+        "from now" => now.checked_add(span).ok(),
+        _ => None,
     }
 }
 
@@ -324,12 +428,12 @@ mod tests {
 
     /// Evaluates a single condition against [`context`].
     fn check(variable: &str, operator: &str, argument: Option<Value>) -> bool {
-        all_hold(&[cond(variable, operator, argument)], &context()).expect("valid condition")
+        all_hold(&[cond(variable, operator, argument)], &context(), Timestamp::now()).expect("valid condition")
     }
 
     #[test]
     fn empty_list_holds() {
-        assert_eq!(all_hold(&[], &context()), Ok(true));
+        assert_eq!(all_hold(&[], &context(), Timestamp::now()), Ok(true));
     }
 
     #[test]
@@ -447,9 +551,9 @@ mod tests {
     #[test]
     fn all_conditions_must_hold() {
         let both = [cond("data.severity", "equal_to", Some(json!("high"))), cond("data.count", "greater_than", Some(json!(3)))];
-        assert_eq!(all_hold(&both, &context()), Ok(true));
+        assert_eq!(all_hold(&both, &context(), Timestamp::now()), Ok(true));
         let one_fails = [cond("data.severity", "equal_to", Some(json!("high"))), cond("data.count", "greater_than", Some(json!(30)))];
-        assert_eq!(all_hold(&one_fails, &context()), Ok(false));
+        assert_eq!(all_hold(&one_fails, &context(), Timestamp::now()), Ok(false));
     }
 
     #[test]
@@ -457,7 +561,7 @@ mod tests {
         let unknown = cond("data.x", "equals", Some(json!(1)));
         let expected = ConditionError::UnknownOperator { variable: "data.x".into(), operator: "equals".into() };
         assert_eq!(check_operators(std::slice::from_ref(&unknown)), Err(expected.clone()));
-        assert_eq!(all_hold(&[unknown], &context()), Err(expected.clone()));
+        assert_eq!(all_hold(&[unknown], &context(), Timestamp::now()), Err(expected.clone()));
         assert_eq!(expected.to_string(), "condition on `data.x`: unknown operator `equals`");
 
         let no_arg = cond("data.count", "greater_than", None);
@@ -467,7 +571,7 @@ mod tests {
 
         // Reported even when an earlier condition is false.
         let later_typo = [cond("data.severity", "equal_to", Some(json!("low"))), cond("data.x", "bogus", None)];
-        assert!(matches!(all_hold(&later_typo, &context()), Err(ConditionError::UnknownOperator { .. })));
+        assert!(matches!(all_hold(&later_typo, &context(), Timestamp::now()), Err(ConditionError::UnknownOperator { .. })));
 
         let fine = [cond("data.x", "exists", None), cond("data.x", "equal_to", Some(json!(1)))];
         assert_eq!(check_operators(&fine), Ok(()));
@@ -480,7 +584,7 @@ mod tests {
             "hook": {"delivery_status": "undelivered", "engagement_status": []},
             "maybe": {"delivery_status": "skipped", "engagement_status": []},
         }});
-        let holds = |variable: &str, operator: &str, case: &str| all_hold(&[cond(variable, operator, Some(json!(format!("$message.{case}"))))], &ctx).unwrap();
+        let holds = |variable: &str, operator: &str, case: &str| all_hold(&[cond(variable, operator, Some(json!(format!("$message.{case}"))))], &ctx, Timestamp::now()).unwrap();
         assert!(holds("refs.in_app.engagement_status", "contains", "seen"));
         assert!(!holds("refs.in_app.engagement_status", "not_contains", "seen"));
         assert!(holds("refs.in_app.engagement_status", "not_contains", "read"));
@@ -494,5 +598,38 @@ mod tests {
         // A step with no message (not reached, or aged out): false, negations included.
         assert!(!holds("refs.later.engagement_status", "not_contains", "seen"));
         assert!(!holds("refs.later.delivery_status", "less_than", "sent"));
+    }
+
+    #[test]
+    fn knocks_other_operators() {
+        let now: Timestamp = "2026-06-15T12:00:00Z".parse().unwrap();
+        let ctx = json!({"data": {"tags": ["a", "b", "c"], "n": 5, "at": "2026-06-10T00:00:00Z", "day": "2026-06-20", "word": "soon"}});
+        let check = |variable: &str, operator: &str, argument: Option<Value>| all_hold(&[cond(variable, operator, argument)], &ctx, now).expect("valid");
+        assert!(check("data.tags", "contains_all", Some(json!(["a", "c"]))));
+        assert!(!check("data.tags", "contains_all", Some(json!(["a", "z"]))));
+        assert!(check("data.tags", "not_contains_all", Some(json!(["a", "z"]))));
+        assert!(check("data.tags", "contains_all", Some(json!("b"))));
+        assert!(check("data.n", "is_between", Some(json!([5, 10]))), "inclusive");
+        assert!(!check("data.n", "is_between", Some(json!([6, 10]))));
+        assert!(check("data.at", "is_timestamp", None) && check("data.day", "is_timestamp", None) && !check("data.word", "is_timestamp", None));
+        assert!(check("data.at", "is_timestamp_before_now", None) && !check("data.at", "is_timestamp_on_or_after_now", None));
+        assert!(check("data.day", "is_timestamp_on_or_after_now", None));
+        assert!(check("data.at", "is_timestamp_before", Some(json!("3 days ago"))), "June 10 is before June 12");
+        assert!(!check("data.at", "is_timestamp_before", Some(json!("7 days ago"))));
+        assert!(check("data.at", "is_timestamp_on_or_after", Some(json!("1 week ago"))));
+        assert!(check("data.day", "is_timestamp_before", Some(json!("2 weeks from now"))));
+        assert!(check("data.at", "is_timestamp_before", Some(json!("2026-06-11T00:00:00Z"))));
+        assert!(check("data.at", "is_timestamp_between", Some(json!(["2026-06-01", "2026-06-30T00:00:00Z"]))));
+        assert!(!check("data.at", "is_timestamp_between", Some(json!(["2026-06-11", "2026-06-30"]))));
+        // Unreadable times and arguments make the condition false, never an error.
+        for bad in [json!("soon"), json!("7 fortnights ago"), json!("-3 days ago"), json!(7), json!("99999999999999 weeks ago")] {
+            assert!(!check("data.at", "is_timestamp_before", Some(bad.clone())), "{bad}");
+        }
+        assert!(!check("data.word", "is_timestamp_before", Some(json!("1 day from now"))));
+        assert_eq!(
+            check_operators(&[cond("data.at", "is_timestamp_before", None)]),
+            Err(ConditionError::MissingArgument { variable: "data.at".into(), operator: "is_timestamp_before".into() })
+        );
+        assert!(check_operators(&[cond("data.at", "is_timestamp_before_now", None)]).is_ok());
     }
 }

@@ -236,7 +236,7 @@ pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn Ch
         if step.conditions.iter().any(|c| c.variable.starts_with("refs.")) {
             context["refs"] = crate::core::history::refs(&status.steps, recipient.messages);
         }
-        match conditions::all_hold(&step.conditions, &context) {
+        match conditions::all_hold(&step.conditions, &context, now) {
             Ok(true) => {}
             Ok(false) => {
                 push_step(status, &step.step_ref, StepState::Skipped, "ConditionNotMet", None, now);
