@@ -13,8 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use api_support::Herald;
-use herald::resources::{Cancellation, Channel, TriggerRun, User};
-use kube::api::PostParams;
+use herald::resources::{Cancellation, TriggerRun, User};
 use kube::ResourceExt;
 use receivers::{HttpReceiver, Reply};
 use serde_json::{json, Value};
@@ -126,15 +125,6 @@ async fn the_official_knock_node_sdk_works_against_herald() {
     assert_eq!(step(&summary, "wrong key")["code"], "authentication_required");
 }
 
-async fn channel(h: &Herald, name: &str, url: &str, max_attempts: i32) {
-    let channel: Channel = serde_json::from_value(json!({
-        "apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": name},
-        "spec": {"type": "http", "url": url, "retry": {"maxAttempts": max_attempts, "initialBackoffMs": 10}},
-    }))
-    .unwrap();
-    h.api::<Channel>().create(&PostParams::default(), &channel).await.expect("creating a Channel");
-}
-
 /// The ids of a list of messages (or a list of ids, as messages.mjs prints some).
 fn ids(messages: &Value) -> Vec<&str> {
     let list = messages.as_array().unwrap_or_else(|| panic!("not a list: {messages}"));
@@ -144,13 +134,12 @@ fn ids(messages: &Value) -> Vec<&str> {
 #[tokio::test]
 async fn the_knock_node_sdk_reads_messages_back_from_the_history_store() {
     ensure_sdk();
-    let url = common::database().await;
-    let h = Herald::start_with(move |s| s.database_url = Some(url)).await;
+    let h = Herald::start_with_history().await;
     let receiver = HttpReceiver::start().await;
     receiver.always("/hook", Reply::status(200));
     receiver.always("/down", Reply::status(500));
-    channel(&h, "sdk-hook", &receiver.url("/hook"), 1).await;
-    channel(&h, "sdk-down", &receiver.url("/down"), 2).await;
+    h.http_channel("sdk-hook", &receiver.url("/hook"), 1).await;
+    h.http_channel("sdk-down", &receiver.url("/down"), 2).await;
     let body = r#"{"to": "{{ recipient.id }}", "n": {{ data.n }}}"#;
     h.workflow("sdk-notify", json!({"steps": [{"ref": "hook", "type": "channel", "channel": "sdk-hook", "template": {"body": body}}]})).await;
     h.workflow("sdk-alarm", json!({"steps": [{"ref": "alarm", "type": "channel", "channel": "sdk-down", "template": {"body": "{}"}}]})).await;

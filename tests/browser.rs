@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use api_support::Herald;
 use common::wait_for;
-use herald::resources::{Channel, TriggerRun, User};
+use herald::resources::{Channel, User};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
@@ -180,25 +180,11 @@ impl Browser {
     }
 }
 
-async fn apply<K>(h: &Herald, value: Value)
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-    <K as kube::Resource>::DynamicType: Default,
-{
-    let object: K = serde_json::from_value(value).unwrap();
-    h.api::<K>().create(&PostParams::default(), &object).await.expect("creating an object");
-}
-
 async fn trigger(h: &Herald, body: Value) {
     let a = h.call("POST", "/v1/workflows/comment/trigger", Some(body)).await;
     assert_eq!(a.status, 200, "{a:?}");
     let run = a.body["workflow_run_id"].as_str().unwrap().to_string();
-    wait_for("the run to finish", Duration::from_secs(60), || async {
-        let runs = h.api::<TriggerRun>().list(&Default::default()).await.ok()?;
-        let r = runs.items.into_iter().find(|r| r.status.as_ref().and_then(|s| s.workflow_run_id.as_deref()) == Some(run.as_str()))?;
-        r.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|_| ())
-    })
-    .await;
+    h.wait_finished(&run).await;
 }
 
 /// The feed's counts through herald's API (with the secret key, as a server would read them).
@@ -274,9 +260,9 @@ async fn knocks_react_feed_components_update_live_against_herald_in_chromium() {
     .await;
 
     // An in-app Channel, the reader and an actor, a workflow with an in-app step.
-    apply::<Channel>(&h, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "feed"}, "spec": {"type": "in_app_feed"}})).await;
+    h.create::<Channel>(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "feed"}, "spec": {"type": "in_app_feed"}})).await;
     for (id, name) in [("jane", "Jane Doe"), ("u1", "User One")] {
-        apply::<User>(&h, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id}, "spec": {"id": id, "name": name}})).await;
+        h.create::<User>(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id}, "spec": {"id": id, "name": name}})).await;
     }
     h.cached(&["jane", "u1"]).await;
     wait_for("the Channel in herald's cache", Duration::from_secs(20), || async { h.op.as_ref().unwrap().context.stores.channels.get(&h.ns.name, "feed").map(|_| ()) }).await;

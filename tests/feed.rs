@@ -10,27 +10,16 @@ use std::time::Duration;
 
 use api_support::Herald;
 use common::wait_for;
-use herald::resources::{Channel, TriggerRun, User, Workflow};
-use kube::api::PostParams;
+use herald::resources::{Channel, User, Workflow};
 use receivers::HttpReceiver;
 use serde_json::{json, Value};
 
-async fn apply<K>(h: &Herald, value: Value)
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-    <K as kube::Resource>::DynamicType: Default,
-{
-    let object: K = serde_json::from_value(value).unwrap();
-    h.api::<K>().create(&PostParams::default(), &object).await.expect("creating an object");
-}
-
 /// herald with a history store, an in-app Channel `feed`, users and a workflow `comment` with one in-app step.
 async fn feed_herald() -> Herald {
-    let url = common::database().await;
-    let h = Herald::start_with(move |s| s.database_url = Some(url)).await;
-    apply::<Channel>(&h, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "feed"}, "spec": {"type": "in_app_feed"}})).await;
+    let h = Herald::start_with_history().await;
+    h.create::<Channel>(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "feed"}, "spec": {"type": "in_app_feed"}})).await;
     for (name, id, display) in [("jane", "jane", "Jane Doe"), ("u1", "u1", "User One"), ("u2", "u2", "User Two")] {
-        apply::<User>(&h, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": name}, "spec": {"id": id, "name": display, "properties": {"avatar": "https://img.example/a.png"}}})).await;
+        h.create::<User>(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": name}, "spec": {"id": id, "name": display, "properties": {"avatar": "https://img.example/a.png"}}})).await;
     }
     h.cached(&["jane", "u1", "u2"]).await;
     wait_for("the Channel in herald's cache", Duration::from_secs(20), || async { h.op.as_ref().unwrap().context.stores.channels.get(&h.ns.name, "feed").map(|_| ()) }).await;
@@ -47,12 +36,7 @@ async fn trigger(h: &Herald, body: Value) -> String {
     let a = h.call("POST", "/v1/workflows/comment/trigger", Some(body)).await;
     assert_eq!(a.status, 200, "{a:?}");
     let run = a.body["workflow_run_id"].as_str().unwrap().to_string();
-    wait_for("the run to finish", Duration::from_secs(60), || async {
-        let runs = h.api::<TriggerRun>().list(&Default::default()).await.ok()?;
-        let r = runs.items.into_iter().find(|r| r.status.as_ref().and_then(|s| s.workflow_run_id.as_deref()) == Some(run.as_str()))?;
-        r.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|_| ())
-    })
-    .await;
+    h.wait_finished(&run).await;
     run
 }
 
@@ -157,14 +141,11 @@ async fn in_app_messages_reach_the_feed_with_counts_filters_and_engagement() {
 #[tokio::test]
 async fn without_a_history_store_in_app_steps_are_not_ready() {
     let h = Herald::start().await;
-    apply::<Channel>(&h, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "feed"}, "spec": {"type": "in_app_feed"}})).await;
+    h.create::<Channel>(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "feed"}, "spec": {"type": "in_app_feed"}})).await;
     wait_for("the Channel in herald's cache", Duration::from_secs(20), || async { h.op.as_ref().unwrap().context.stores.channels.get(&h.ns.name, "feed").map(|_| ()) }).await;
-    apply::<Workflow>(
-        &h,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "comment"},
-               "spec": {"key": "comment", "steps": [{"ref": "in_app", "type": "channel", "channel": "feed", "template": {"markdownBody": "hi"}}]}}),
-    )
-    .await;
+    h.create::<Workflow>(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "comment"},
+               "spec": {"key": "comment", "steps": [{"ref": "in_app", "type": "channel", "channel": "feed", "template": {"markdownBody": "hi"}}]}}))
+        .await;
     let ready = wait_for("the Workflow's Ready condition", Duration::from_secs(30), || async {
         let w = h.api::<Workflow>().get("comment").await.ok()?;
         w.status?.conditions.into_iter().find(|c| c.type_ == "Ready")
@@ -181,7 +162,7 @@ async fn without_a_history_store_in_app_steps_are_not_ready() {
 async fn a_later_step_sees_whether_the_in_app_message_was_seen() {
     let h = feed_herald().await;
     let receiver = HttpReceiver::start().await;
-    apply::<Channel>(&h, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/hook")}}))
+    h.create::<Channel>(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/hook")}}))
         .await;
     wait_for("the hooks Channel in herald's cache", Duration::from_secs(20), || async { h.op.as_ref().unwrap().context.stores.channels.get(&h.ns.name, "hooks").map(|_| ()) })
         .await;
@@ -206,12 +187,7 @@ async fn a_later_step_sees_whether_the_in_app_message_was_seen() {
     .await;
     let a = h.call("PUT", &format!("/v1/messages/{}/seen", item["id"].as_str().unwrap()), None).await;
     assert_eq!(a.status, 200, "{a:?}");
-    wait_for("the run to finish", Duration::from_secs(60), || async {
-        let runs = h.api::<TriggerRun>().list(&Default::default()).await.ok()?;
-        let r = runs.items.into_iter().find(|r| r.status.as_ref().and_then(|s| s.workflow_run_id.as_deref()) == Some(run.as_str()))?;
-        r.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|_| ())
-    })
-    .await;
+    h.wait_finished(&run).await;
     let bodies: Vec<String> = receiver.received().iter().map(|r| String::from_utf8_lossy(&r.body).to_string()).collect();
     assert_eq!(bodies, vec!["{\"to\": \"u2\"}".to_string()], "only the recipient who had not seen it");
 }
@@ -220,12 +196,9 @@ async fn a_later_step_sees_whether_the_in_app_message_was_seen() {
 #[tokio::test]
 async fn a_user_who_opted_out_of_in_app_gets_no_feed_message() {
     let h = feed_herald().await;
-    apply::<User>(
-        &h,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "quiet"},
-               "spec": {"id": "quiet", "name": "Quiet", "preferences": {"default": {"channel_types": {"in_app_feed": false}}}}}),
-    )
-    .await;
+    h.create::<User>(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "quiet"},
+               "spec": {"id": "quiet", "name": "Quiet", "preferences": {"default": {"channel_types": {"in_app_feed": false}}}}}))
+        .await;
     h.cached(&["quiet"]).await;
     let run = trigger(&h, json!({"recipients": ["u1", "quiet"], "actor": "jane", "data": {"page": "p1", "text": "hi"}})).await;
     assert_eq!(counts(&feed(&h, "u1", "").await), (1, 1, 1));

@@ -10,41 +10,16 @@ use std::time::Duration;
 
 use api_support::Herald;
 use common::wait_for;
-use herald::resources::{Channel, TriggerRun};
+use herald::resources::TriggerRun;
 use kube::api::PostParams;
 use receivers::{HttpReceiver, Reply};
 use serde_json::{json, Value};
-
-/// herald with a history store in a database of its own.
-async fn herald_with_history() -> Herald {
-    let url = common::database().await;
-    Herald::start_with(move |s| s.database_url = Some(url)).await
-}
-
-async fn channel(h: &Herald, name: &str, url: &str, max_attempts: i32) {
-    let channel: Channel = serde_json::from_value(json!({
-        "apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": name},
-        "spec": {"type": "http", "url": url, "retry": {"maxAttempts": max_attempts, "initialBackoffMs": 10}},
-    }))
-    .unwrap();
-    h.api::<Channel>().create(&PostParams::default(), &channel).await.expect("creating a Channel");
-}
 
 /// Triggers `workflow` through the API; the workflow run id.
 async fn trigger(h: &Herald, workflow: &str, body: Value) -> String {
     let a = h.call("POST", &format!("/v1/workflows/{workflow}/trigger"), Some(body)).await;
     assert_eq!(a.status, 200, "{a:?}");
     a.body["workflow_run_id"].as_str().unwrap().to_string()
-}
-
-/// Waits until the run with this id is finished in the cluster.
-async fn finished(h: &Herald, run_id: &str) {
-    wait_for("the run to finish", Duration::from_secs(60), || async {
-        let runs = h.api::<TriggerRun>().list(&Default::default()).await.ok()?;
-        let run = runs.items.into_iter().find(|r| r.status.as_ref().and_then(|s| s.workflow_run_id.as_deref()) == Some(run_id))?;
-        run.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|_| ())
-    })
-    .await;
 }
 
 /// Lists messages until `count` are there (the writer batches, so they land a moment after the run).
@@ -59,12 +34,12 @@ async fn messages(h: &Herald, query: &str, count: usize) -> Value {
 
 #[tokio::test]
 async fn messages_are_recorded_with_statuses_and_attempts() {
-    let h = herald_with_history().await;
+    let h = Herald::start_with_history().await;
     let receiver = HttpReceiver::start().await;
     receiver.script("/flaky", vec![Reply::status(503), Reply::status(200)]);
     receiver.always("/down", Reply::status(500));
-    channel(&h, "flaky", &receiver.url("/flaky"), 3).await;
-    channel(&h, "down", &receiver.url("/down"), 2).await;
+    h.http_channel("flaky", &receiver.url("/flaky"), 3).await;
+    h.http_channel("down", &receiver.url("/down"), 2).await;
     h.workflow(
         "alert",
         json!({"steps": [
@@ -74,13 +49,13 @@ async fn messages_are_recorded_with_statuses_and_attempts() {
     )
     .await;
     // A Channel that is not ready (not an http URL): its messages are never attempted.
-    channel(&h, "broken", "ftp://example.invalid/hook", 2).await;
+    h.http_channel("broken", "ftp://example.invalid/hook", 2).await;
     h.workflow("ghost", json!({"steps": [{"ref": "nowhere", "type": "channel", "channel": "broken", "template": {"body": "{}"}}]})).await;
 
     let run = trigger(&h, "alert", json!({"recipients": [{"id": "u1", "name": "U1"}], "data": {"n": 7}, "tenant": "acme", "actor": "boss"})).await;
-    finished(&h, &run).await;
+    h.wait_finished(&run).await;
     let ghost = trigger(&h, "ghost", json!({"recipients": [{"id": "u2", "name": "U2"}]})).await;
-    finished(&h, &ghost).await;
+    h.wait_finished(&ghost).await;
 
     // Both of u1's channel steps are messages: the first sent after a retry, the second undelivered.
     let body = messages(&h, &format!("workflow_run_id={run}"), 2).await;
@@ -190,7 +165,7 @@ fn users(count: usize) -> Vec<Value> {
 async fn finished_runs_are_archived_and_still_readable() {
     let h = herald_archiving(common::database().await, 1).await;
     let receiver = HttpReceiver::start().await;
-    channel(&h, "hooks", &receiver.url("/hook"), 1).await;
+    h.http_channel("hooks", &receiver.url("/hook"), 1).await;
     h.workflow("ping", json!({"steps": [{"ref": "hook", "type": "channel", "channel": "hooks", "template": {"body": "{\"to\": \"{{ recipient.id }}\"}"}}]})).await;
 
     // A small run (records inline) and one with pages (more than 10 recipients).
@@ -253,7 +228,7 @@ async fn idempotency_keys_hold_after_the_run_left_the_cluster() {
     let first = send("key-1".into(), body.clone()).await;
     assert_eq!(first.status, 200, "{first:?}");
     let run = first.body["workflow_run_id"].as_str().unwrap().to_string();
-    finished(&h, &run).await;
+    h.wait_finished(&run).await;
     gone(&h, &run, Duration::from_secs(60)).await;
 
     // The same key after the run left: the same run, replayed; nothing new in the cluster.
@@ -329,7 +304,7 @@ async fn postgresql_down_mid_run_loses_nothing() {
     let h = herald_archiving(pg.url(), 1).await;
     let receiver = HttpReceiver::start().await;
     receiver.slow("/hook", Duration::from_millis(100));
-    channel(&h, "hooks", &receiver.url("/hook"), 1).await;
+    h.http_channel("hooks", &receiver.url("/hook"), 1).await;
     h.workflow("ping", json!({"steps": [{"ref": "hook", "type": "channel", "channel": "hooks", "template": {"body": "{}"}}]})).await;
     let run = trigger(&h, "ping", json!({"recipients": users(30)})).await;
 
@@ -337,7 +312,7 @@ async fn postgresql_down_mid_run_loses_nothing() {
     wait_for("deliveries to start", Duration::from_secs(30), || async { (receiver.count() >= 3).then_some(()) }).await;
     pg.script("stop");
     // The run goes on and finishes; history reads say the store is down; the run stays in the cluster.
-    finished(&h, &run).await;
+    h.wait_finished(&run).await;
     assert_eq!(receiver.count(), 30);
     let a = h.call("GET", "/v1/messages", None).await;
     a.assert_error(503, "service_unavailable");
@@ -368,10 +343,10 @@ async fn herald_starts_and_runs_while_postgresql_is_down() {
     pg.script("stop");
     let h = herald_archiving(pg.url(), 1).await;
     let receiver = HttpReceiver::start().await;
-    channel(&h, "hooks", &receiver.url("/hook"), 1).await;
+    h.http_channel("hooks", &receiver.url("/hook"), 1).await;
     h.workflow("ping", json!({"steps": [{"ref": "hook", "type": "channel", "channel": "hooks", "template": {"body": "{}"}}]})).await;
     let run = trigger(&h, "ping", json!({"recipients": users(3)})).await;
-    finished(&h, &run).await;
+    h.wait_finished(&run).await;
     assert_eq!(receiver.count(), 3);
     h.call("GET", "/v1/messages", None).await.assert_error(503, "service_unavailable");
 

@@ -438,23 +438,6 @@ pub fn document() -> Value {
             vec![("post", op("Change the engagement status of every matching feed message of some users", "Feeds", None, (200, None), WRITE))],
         ),
         path_item(
-            "/v1/users/{user_id}/feeds/{channel_id}",
-            vec![("get", op("A user's in-app feed of one channel, newest first, with counts", "Feeds", None, (200, Some(schema_ref("Feed"))), READ))],
-        ),
-        path_item("/v1/users/{user_id}/feeds/{channel_id}/settings", vec![("get", op("Feed settings (no branding)", "Feeds", None, (200, None), READ))]),
-        path_item(
-            "/v1/messages/{message_id}/{status}",
-            vec![
-                ("put", op("Set a message's engagement status (seen, read, archived, interacted)", "Feeds", None, (200, Some(schema_ref("Message"))), READ)),
-                ("delete", op("Remove a message's engagement status (seen, read, archived)", "Feeds", None, (200, Some(schema_ref("Message"))), READ)),
-            ],
-        ),
-        path_item("/v1/messages/batch/{action}", vec![("post", op("Change the engagement status of several messages", "Feeds", None, (200, None), WRITE))]),
-        path_item(
-            "/v1/channels/{channel_id}/messages/bulk/{action}",
-            vec![("post", op("Change the engagement status of every matching feed message of some users", "Feeds", None, (200, None), WRITE))],
-        ),
-        path_item(
             "/v1/objects/{collection}/{id}/messages",
             vec![("get", Op { extra_params: message_filters(), ..op("List an object's messages, newest first", "Messages", None, (200, Some(schema_ref("MessageList"))), READ) })],
         ),

@@ -204,6 +204,41 @@ impl Herald {
         self.api::<K>().list(&ListParams::default()).await.unwrap().items.iter().map(|o| kube::ResourceExt::name_any(o)).collect()
     }
 
+    /// Starts herald with a history store in a fresh database of its own.
+    pub async fn start_with_history() -> Herald {
+        let url = common::database().await;
+        Herald::start_with(move |s| s.database_url = Some(url)).await
+    }
+
+    /// Creates a namespaced object from its JSON.
+    pub async fn create<K>(&self, value: Value)
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        let object: K = serde_json::from_value(value).unwrap();
+        self.api::<K>().create(&PostParams::default(), &object).await.expect("creating an object");
+    }
+
+    /// Creates an http Channel with quick retries.
+    pub async fn http_channel(&self, name: &str, url: &str, max_attempts: i32) {
+        self.create::<herald::resources::Channel>(json!({
+            "apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": name},
+            "spec": {"type": "http", "url": url, "retry": {"maxAttempts": max_attempts, "initialBackoffMs": 10}},
+        }))
+        .await;
+    }
+
+    /// Waits until the TriggerRun with this workflow run id is finished in the cluster.
+    pub async fn wait_finished(&self, run_id: &str) {
+        wait_for("the run to finish", Duration::from_secs(60), || async {
+            let runs = self.api::<herald::resources::TriggerRun>().list(&ListParams::default()).await.ok()?;
+            let run = runs.items.into_iter().find(|r| r.status.as_ref().and_then(|s| s.workflow_run_id.as_deref()) == Some(run_id))?;
+            run.status.as_ref().and_then(|s| s.completion_time.as_ref()).map(|_| ())
+        })
+        .await;
+    }
+
     /// The metrics text.
     pub async fn metrics(&self) -> String {
         self.raw("GET", "/metrics", &[], None).await.text
