@@ -14,6 +14,7 @@ use kube::Client;
 use tokio::sync::Semaphore;
 
 use crate::core::execution::{DeliveryOutcome, Message};
+use crate::core::functions::{FetchCall, FetchFailure, FetchOutcome};
 use crate::core::status::AttemptRecord;
 use crate::core::truncate;
 use crate::delivery::config::{self, ChannelProblem, SmtpServer};
@@ -27,6 +28,12 @@ use crate::resources::channel::{Channel, ChannelType};
 
 /// The longest message kept on a recipient's step.
 const MAX_STEP_MESSAGE: usize = 400;
+/// A fetch step's attempts, each within the timeout (Knock's: 15 s), with backoff between them.
+pub const FETCH_ATTEMPTS: u32 = 3;
+pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+const FETCH_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+/// The largest fetch answer read (what is kept for later steps is smaller still).
+const MAX_FETCH_BODY: usize = 1024 * 1024;
 
 /// Sends messages through Channels.
 pub struct Deliverer {
@@ -158,6 +165,60 @@ impl Deliverer {
             Err(e) => {
                 tracing::info!(channel = %message.channel, key = %message.idempotency_key, attempts, error = %e, "delivery failed");
                 DeliveryOutcome { history, ..outcome_of_error(&message.channel, &e, attempts) }
+            }
+        })
+    }
+
+    /// Makes a fetch step's request: up to [`FETCH_ATTEMPTS`] attempts of at
+    /// most [`FETCH_TIMEOUT`] each, retrying 5xx answers and timeouts with
+    /// backoff; the answer must be JSON (or empty). The egress policy and the
+    /// delivery slots apply as for deliveries.
+    pub async fn fetch(&self, namespace: &str, call: &FetchCall) -> Result<FetchOutcome, Fenced> {
+        let fail = |reason: &str, message: String, attempts: u32, status_code: Option<i32>| FetchOutcome {
+            result: Err(FetchFailure { reason: reason.into(), message: truncate(&message, MAX_STEP_MESSAGE) }),
+            attempts: attempts as i32,
+            status_code,
+        };
+        let request = match http::fetch_request(call) {
+            Ok(r) => r,
+            Err(e) => return Ok(fail(e.reason(), e.to_string(), 0, None)),
+        };
+        let signing_key = match &call.secret {
+            None => None,
+            Some(name) => match self.secrets.get(namespace, name).await {
+                Ok(Some(secret)) => match secret.get(config::SIGNING_KEY) {
+                    Some(key) => Some(key.to_vec()),
+                    None => return Ok(fail("SecretKeyMissing", format!("Secret `{name}` has no `{}`", config::SIGNING_KEY), 0, None)),
+                },
+                Ok(None) => return Ok(fail("SecretNotFound", format!("Secret `{name}` does not exist"), 0, None)),
+                Err(e) => return Ok(fail("SecretUnreadable", format!("reading Secret `{name}`: {e}"), 0, None)),
+            },
+        };
+        let policy = RetryPolicy { max_attempts: FETCH_ATTEMPTS, initial_backoff: FETCH_BACKOFF };
+        let body = std::sync::Mutex::new(Vec::new());
+        let (result, attempts, _) = self
+            .attempts(&policy, |_| async {
+                let client = self.http.as_ref().map_err(|e| DeliveryError::Transient(Failure::new(None, e.clone())))?;
+                let (code, bytes) = http::fetch(client, &request, signing_key.as_deref(), FETCH_TIMEOUT, MAX_FETCH_BODY).await?;
+                *body.lock().unwrap_or_else(|p| p.into_inner()) = bytes;
+                Ok(Sent { status: Some(code), summary: String::new() })
+            })
+            .await?;
+        let body = body.into_inner().unwrap_or_else(|p| p.into_inner());
+        Ok(match result {
+            Ok(sent) if body.iter().all(u8::is_ascii_whitespace) => FetchOutcome { result: Ok(None), attempts: attempts as i32, status_code: sent.status },
+            Ok(sent) => match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(answer) => FetchOutcome { result: Ok(Some(answer)), attempts: attempts as i32, status_code: sent.status },
+                Err(e) => fail("InvalidResponse", format!("the answer from {} is not JSON: {e}", request.preview), attempts, sent.status),
+            },
+            Err(e) => {
+                let reason = match &e {
+                    DeliveryError::Rejected(_) | DeliveryError::Transient(_) if e.status_code().is_some() => "HttpStatus",
+                    DeliveryError::Transient(_) => "RequestFailed",
+                    other => other.reason(),
+                };
+                let reason = e.status_code().map(|c| format!("{reason}{c}")).unwrap_or_else(|| reason.to_string());
+                fail(&reason, format!("{} after {attempts} attempt(s): {e}", request.preview), attempts, e.status_code())
             }
         })
     }

@@ -104,10 +104,8 @@ pub async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Act
     let mut status =
         WorkflowStatus { key: Some(workflow.key()), steps: Some(workflow.spec.steps.len() as i32), observed_generation: generation, conditions: current.conditions.clone() };
     // In-app steps store their messages: without a history store they cannot run.
-    let feed_steps: Vec<&str> = workflow
-        .spec
-        .steps
-        .iter()
+    let feed_steps: Vec<&str> = crate::core::path::all_steps(&workflow.spec.steps)
+        .into_iter()
         .filter(|s| s.channel.as_deref().and_then(|c| ctx.stores.channels.get(&namespace, c)).is_some_and(|c| c.spec.channel_type == ChannelType::InAppFeed))
         .map(|s| s.step_ref.as_str())
         .collect();
@@ -115,6 +113,11 @@ pub async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Act
         Ok(_) if !feed_steps.is_empty() && ctx.history.is_none() => {
             let message = format!("in_app_feed steps ({}) need the history store: start herald with --database-url", feed_steps.join(", "));
             conditions::set(&mut status.conditions, "Ready", conditions::FALSE, crate::controller::in_app::STORE_REQUIRED, &message, generation)
+        }
+        // Once-only workflows remember who ran them in the store.
+        Ok(_) if workflow.spec.trigger_frequency != crate::resources::workflow::TriggerFrequency::EveryTrigger && ctx.history.is_none() => {
+            let message = "triggerFrequency other than everyTrigger needs the history store: start herald with --database-url";
+            conditions::set(&mut status.conditions, "Ready", conditions::FALSE, crate::controller::in_app::STORE_REQUIRED, message, generation)
         }
         Ok(_) => conditions::set(&mut status.conditions, "Ready", conditions::TRUE, "Compiled", "data schema and templates compile", generation),
         Err(message) => conditions::set(&mut status.conditions, "Ready", conditions::FALSE, "InvalidWorkflow", message, generation),

@@ -10,7 +10,7 @@ use std::cmp::Ordering;
 use jiff::Timestamp;
 use serde_json::Value;
 
-use crate::resources::workflow::StepCondition;
+use crate::resources::workflow::{ConditionItem, Conditions, StepCondition};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConditionError {
@@ -18,6 +18,23 @@ pub enum ConditionError {
     UnknownOperator { variable: String, operator: String },
     #[error("condition on `{variable}`: operator `{operator}` needs an argument")]
     MissingArgument { variable: String, operator: String },
+    #[error("condition groups nest one level deep: a group inside a group may hold only conditions")]
+    TooDeep,
+}
+
+/// Audience membership, for `is_audience_member` (the controller's directory answers it).
+pub trait AudienceMembers {
+    /// Whether the user `id` is a member of the audience `audience`.
+    fn is_member(&self, audience: &str, id: &str) -> bool;
+}
+
+/// No audiences: every membership test is false.
+pub struct NoAudiences;
+
+impl AudienceMembers for NoAudiences {
+    fn is_member(&self, _: &str, _: &str) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +60,8 @@ enum Operator {
     IsTimestampBetween,
     IsTimestampBeforeNow,
     IsTimestampOnOrAfterNow,
+    IsAudienceMember,
+    IsNotAudienceMember,
 }
 
 impl Operator {
@@ -69,6 +88,8 @@ impl Operator {
             "is_timestamp_between" => Operator::IsTimestampBetween,
             "is_timestamp_before_now" => Operator::IsTimestampBeforeNow,
             "is_timestamp_on_or_after_now" => Operator::IsTimestampOnOrAfterNow,
+            "is_audience_member" => Operator::IsAudienceMember,
+            "is_not_audience_member" => Operator::IsNotAudienceMember,
             _ => return None,
         })
     }
@@ -103,13 +124,56 @@ pub fn check_operators(conditions: &[StepCondition]) -> Result<(), ConditionErro
     conditions.iter().try_for_each(|c| checked(c).map(|_| ()))
 }
 
+/// Checks a condition list or group: every operator known with its argument,
+/// and groups nested at most one level.
+pub fn check(conditions: &Conditions) -> Result<(), ConditionError> {
+    fn items(list: &[ConditionItem], depth: usize) -> Result<(), ConditionError> {
+        for item in list {
+            match item {
+                ConditionItem::Condition(c) => checked(c).map(|_| ())?,
+                ConditionItem::All(_) | ConditionItem::Any(_) if depth >= 1 => return Err(ConditionError::TooDeep),
+                ConditionItem::All(g) => items(&g.all, depth + 1)?,
+                ConditionItem::Any(g) => items(&g.any, depth + 1)?,
+            }
+        }
+        Ok(())
+    }
+    match conditions {
+        Conditions::List(list) => items(list, 0),
+        Conditions::All(g) => items(&g.all, 0),
+        Conditions::Any(g) => items(&g.any, 0),
+    }
+}
+
 /// True when every condition holds (an empty list holds). Malformed conditions
 /// are reported whatever the data, so a typo is never hidden by a short-circuit.
 /// `now` is the time the `is_timestamp*` operators and relative arguments
 /// ("7 days ago") are measured from.
 pub fn all_hold(conditions: &[StepCondition], context: &Value, now: Timestamp) -> Result<bool, ConditionError> {
     let parsed = conditions.iter().map(|c| checked(c).map(|(op, arg)| (c, op, arg))).collect::<Result<Vec<_>, _>>()?;
-    Ok(parsed.into_iter().all(|(c, op, argument)| holds(op, lookup(context, &c.variable), argument, now)))
+    Ok(parsed.into_iter().all(|(c, op, argument)| holds(op, lookup(context, &c.variable), argument, now, &NoAudiences)))
+}
+
+/// Whether a condition list (all must hold), `{all}` or `{any}` group holds.
+/// An empty list or `all` holds; an empty `any` does not. Checked first (see [`check`]).
+pub fn hold(conditions: &Conditions, context: &Value, now: Timestamp, audiences: &dyn AudienceMembers) -> Result<bool, ConditionError> {
+    check(conditions)?;
+    let one = |c: &StepCondition| -> bool {
+        let (op, argument) = checked(c).expect("checked above");
+        holds(op, lookup(context, &c.variable), argument, now, audiences)
+    };
+    fn item(i: &ConditionItem, one: &dyn Fn(&StepCondition) -> bool) -> bool {
+        match i {
+            ConditionItem::Condition(c) => one(c),
+            ConditionItem::All(g) => g.all.iter().all(|i| item(i, one)),
+            ConditionItem::Any(g) => g.any.iter().any(|i| item(i, one)),
+        }
+    }
+    Ok(match conditions {
+        Conditions::List(list) => list.iter().all(|i| item(i, &one)),
+        Conditions::All(g) => g.all.iter().all(|i| item(i, &one)),
+        Conditions::Any(g) => g.any.iter().any(|i| item(i, &one)),
+    })
 }
 
 /// The value at a dot path; numeric segments index arrays. `None` when any
@@ -181,7 +245,7 @@ fn message_holds(op: Operator, value: Option<&Value>, case: &str) -> bool {
     }
 }
 
-fn holds(op: Operator, value: Option<&Value>, argument: Option<&Value>, now: Timestamp) -> bool {
+fn holds(op: Operator, value: Option<&Value>, argument: Option<&Value>, now: Timestamp, audiences: &dyn AudienceMembers) -> bool {
     if let Some(case) = argument.and_then(Value::as_str).and_then(|a| a.strip_prefix("$message.")) {
         return message_holds(op, value, case);
     }
@@ -194,6 +258,12 @@ fn holds(op: Operator, value: Option<&Value>, argument: Option<&Value>, now: Tim
         }
     }
     match op {
+        Operator::IsAudienceMember | Operator::IsNotAudienceMember => {
+            // The variable names a user: an id, or an entity with an `id` (`recipient`).
+            let id = value.and_then(|v| v.as_str().or_else(|| v.get("id").and_then(Value::as_str)));
+            let member = matches!((id, argument.and_then(Value::as_str)), (Some(id), Some(audience)) if audiences.is_member(audience, id));
+            return member == (op == Operator::IsAudienceMember);
+        }
         Operator::ContainsAll => return value.is_some_and(|v| argument.is_some_and(|a| contains_all(v, a))),
         Operator::NotContainsAll => return !value.is_some_and(|v| argument.is_some_and(|a| contains_all(v, a))),
         Operator::IsBetween => {
@@ -631,5 +701,55 @@ mod tests {
             Err(ConditionError::MissingArgument { variable: "data.at".into(), operator: "is_timestamp_before".into() })
         );
         assert!(check_operators(&[cond("data.at", "is_timestamp_before_now", None)]).is_ok());
+    }
+
+    #[test]
+    fn groups_nest_one_level() {
+        use crate::resources::workflow::Conditions;
+        let groups: Conditions = serde_json::from_value(json!({"any": [
+            {"variable": "data.severity", "operator": "equal_to", "argument": "critical"},
+            {"all": [{"variable": "data.severity", "operator": "equal_to", "argument": "high"}, {"variable": "recipient.oncall", "operator": "equal_to", "argument": true}]}
+        ]}))
+        .unwrap();
+        let now = Timestamp::now();
+        let holds = |severity: &str, oncall: bool| hold(&groups, &json!({"data": {"severity": severity}, "recipient": {"oncall": oncall}}), now, &NoAudiences).unwrap();
+        assert!(holds("critical", false));
+        assert!(holds("high", true));
+        assert!(!holds("high", false));
+        assert!(!holds("low", true));
+        // A flat list is all-of, as before.
+        let list: Conditions = serde_json::from_value(json!([{"variable": "data.a", "operator": "exists"}, {"variable": "data.b", "operator": "exists"}])).unwrap();
+        assert!(hold(&list, &json!({"data": {"a": 1, "b": 2}}), now, &NoAudiences).unwrap());
+        assert!(!hold(&list, &json!({"data": {"a": 1}}), now, &NoAudiences).unwrap());
+        // Empty any never holds; empty all always does.
+        assert!(!hold(&serde_json::from_value(json!({"any": []})).unwrap(), &json!({}), now, &NoAudiences).unwrap());
+        assert!(hold(&serde_json::from_value(json!({"all": []})).unwrap(), &json!({}), now, &NoAudiences).unwrap());
+        let deep: Conditions = serde_json::from_value(json!({"all": [{"any": [{"all": [{"variable": "data.a", "operator": "exists"}]}]}]})).unwrap();
+        assert_eq!(super::check(&deep), Err(ConditionError::TooDeep));
+        let typo: Conditions = serde_json::from_value(json!({"all": [{"any": [{"variable": "data.a", "operator": "equals", "argument": 1}]}]})).unwrap();
+        assert!(matches!(super::check(&typo), Err(ConditionError::UnknownOperator { .. })));
+    }
+
+    #[test]
+    fn audience_membership() {
+        struct Pros;
+        impl AudienceMembers for Pros {
+            fn is_member(&self, audience: &str, id: &str) -> bool {
+                audience == "pros" && id == "u1"
+            }
+        }
+        let c = |op: &str| crate::resources::workflow::Conditions::from(vec![StepCondition { variable: "recipient".into(), operator: op.into(), argument: Some(json!("pros")) }]);
+        let now = Timestamp::now();
+        for (id, member) in [("u1", true), ("u2", false)] {
+            let context = json!({"recipient": {"id": id}});
+            assert_eq!(hold(&c("is_audience_member"), &context, now, &Pros).unwrap(), member);
+            assert_eq!(hold(&c("is_not_audience_member"), &context, now, &Pros).unwrap(), !member);
+        }
+        let by_id = crate::resources::workflow::Conditions::from(vec![StepCondition {
+            variable: "recipient.id".into(),
+            operator: "is_audience_member".into(),
+            argument: Some(json!("pros")),
+        }]);
+        assert!(hold(&by_id, &json!({"recipient": {"id": "u1"}}), now, &Pros).unwrap());
     }
 }

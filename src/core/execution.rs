@@ -1,23 +1,29 @@
 //! Taking one recipient through a workflow's steps.
 //!
 //! [`advance`] is a pure state machine over a recipient's status: it runs
-//! conditions, preferences, delays and template rendering, and stops when a
-//! message must be delivered (the caller delivers and reports back with
-//! [`record_delivery`]), when a delay is pending, or when the recipient is done.
-//! Because every outcome is written into the status before the next step, a
-//! restart resumes exactly where the last saved status left off.
+//! conditions, preferences, delays, branches, send windows and template
+//! rendering, and stops when something outside must be done: a message
+//! delivered ([`Next::Deliver`], reported back with [`record_delivery`]), or a
+//! function step's call (fetch, throttle, batch, trigger-workflow, the trigger
+//! frequency check; see [`super::functions`]), when a wait is pending, or when
+//! the recipient is done. Because every outcome is written into the status
+//! before the next step, a restart resumes exactly where the last saved status
+//! left off.
 
 use jiff::Timestamp;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use super::conditions;
+use super::conditions::{self, AudienceMembers};
 use super::expansion::{ObjectRecord, UserRecord};
+use super::functions::{self, BatchCall, FetchCall, FrequencyCheck, ThrottleCall, TriggerCall};
 use super::model::{JsonObject, PreferenceSet, RecipientKey};
+use super::path::{self, Position};
 use super::preferences::{self, PreferenceDecision, PreferenceQuery};
 use super::status::{AttemptRecord, RecipientState, RecipientStatus, StepState, StepStatus};
-use super::templates::{parse_duration, CompiledTemplates, TemplateError};
-use crate::resources::workflow::{Step, StepType};
+use super::templates::{CompiledTemplates, TemplateError};
+use super::windows;
+use crate::resources::workflow::{Conditions, Step, StepType, TriggerFrequency};
 
 /// A tenant as the core sees it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -39,6 +45,13 @@ pub struct RunContext<'a> {
     /// The actor as templates see it (`{id, ...properties}`), if any.
     pub actor: Option<Value>,
     pub tenant: Option<&'a TenantRecord>,
+    /// The Workflow's own conditions, checked before any step.
+    pub conditions: &'a Conditions,
+    pub trigger_frequency: TriggerFrequency,
+    /// The run's cancellation key (a batch activity carries it).
+    pub cancellation_key: Option<&'a str>,
+    /// For `is_audience_member` conditions.
+    pub audiences: &'a (dyn AudienceMembers + Sync),
 }
 
 /// The recipient a step is decided for.
@@ -84,8 +97,18 @@ pub enum Next {
     Done,
     /// Deliver this message, then call [`record_delivery`].
     Deliver(Message),
-    /// Come back at this time (a delay).
+    /// Come back at this time (a delay, a batch window, a send window).
     WaitUntil(Timestamp),
+    /// Check the workflow's trigger frequency, then call [`functions::record_frequency`].
+    CheckFrequency(FrequencyCheck),
+    /// Make the request, then call [`functions::record_fetch`].
+    Fetch(FetchCall),
+    /// Ask the throttle, then call [`functions::record_throttle`].
+    Throttle(ThrottleCall),
+    /// Visit the batch, then call [`functions::record_batch`].
+    Batch(BatchCall),
+    /// Start the run, then call [`functions::record_trigger`].
+    TriggerWorkflow(TriggerCall),
 }
 
 /// The result of a delivery.
@@ -133,7 +156,15 @@ pub fn recipient_view(recipient: &RecipientContext) -> Value {
     Value::Object(view)
 }
 
-/// The whole context of a recipient's templates and conditions.
+/// The whole context of a recipient's templates and conditions, with what
+/// earlier steps added (fetched data, a closed batch): see [`functions::apply_context`].
+pub fn step_context(run: &RunContext, recipient: &RecipientContext, status: &RecipientStatus) -> Value {
+    let mut context = template_context(run, recipient);
+    functions::apply_context(&mut context, status.context.as_ref());
+    context
+}
+
+/// The context of a recipient's templates and conditions, as the trigger gave it.
 pub fn template_context(run: &RunContext, recipient: &RecipientContext) -> Value {
     let tenant = run.tenant.map(|t| {
         let mut v = t.properties.clone();
@@ -174,7 +205,7 @@ fn now_string(now: Timestamp) -> String {
     now.to_string()
 }
 
-fn finish(status: &mut RecipientStatus, state: RecipientState, reason: &str, message: Option<String>) -> Next {
+pub(super) fn finish(status: &mut RecipientStatus, state: RecipientState, reason: &str, message: Option<String>) -> Next {
     status.state = state;
     status.reason = Some(reason.to_string());
     status.message = message;
@@ -182,30 +213,44 @@ fn finish(status: &mut RecipientStatus, state: RecipientState, reason: &str, mes
     Next::Done
 }
 
-fn push_step(status: &mut RecipientStatus, step_ref: &str, state: StepState, reason: &str, message: Option<String>, now: Timestamp) {
-    status.steps.push(StepStatus {
-        step_ref: step_ref.to_string(),
-        state,
-        reason: Some(reason.to_string()),
-        message,
-        attempts: None,
-        status_code: None,
-        time: Some(now_string(now)),
-        attempt_history: Vec::new(),
-        omitted_attempts: None,
-    });
+pub(super) fn push_step(status: &mut RecipientStatus, step_ref: &str, state: StepState, reason: &str, message: Option<String>, now: Timestamp) {
+    status.steps.push(StepStatus { step_ref: step_ref.to_string(), state, reason: Some(reason.to_string()), message, time: Some(now_string(now)), ..Default::default() });
 }
 
-/// Advances a recipient as far as it can go without delivering (see the module docs).
-/// `cancelled` stops an unfinished recipient before its next step.
+/// Records a waiting step (a delay, a batch window, a send window) and
+/// returns the wait.
+pub(super) fn wait(status: &mut RecipientStatus, step_ref: &str, reason: &str, until: Timestamp, now: Timestamp) -> Next {
+    match status.steps.last_mut() {
+        // Still waiting on the same step (a batch window that moved): one record.
+        Some(last) if last.state == StepState::Waiting && last.step_ref == step_ref => {
+            last.reason = Some(reason.to_string());
+            last.message = Some(format!("until {until}"));
+        }
+        _ => push_step(status, step_ref, StepState::Waiting, reason, Some(format!("until {until}")), now),
+    }
+    status.wake_at = Some(until.to_string());
+    status.state = RecipientState::Waiting;
+    Next::WaitUntil(until)
+}
+
+/// Fails the recipient at a step.
+pub(super) fn fail_step(status: &mut RecipientStatus, step_ref: &str, reason: &str, message: String, now: Timestamp) -> Next {
+    push_step(status, step_ref, StepState::Failed, reason, Some(message.clone()), now);
+    finish(status, RecipientState::Failed, "StepFailed", Some(format!("step `{step_ref}`: {message}")))
+}
+
+/// Advances a recipient as far as it can go without calling out (see the
+/// module docs). `cancelled` stops an unfinished recipient before its next step.
 pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn ChannelTypes, status: &mut RecipientStatus, cancelled: bool, now: Timestamp) -> Next {
     if status.state.is_finished() {
         return Next::Done;
     }
+    let waiting = status.steps.last().filter(|s| s.state == StepState::Waiting).and_then(|s| path::find(run.steps, &s.step_ref));
     // A cancel stops what is left to do; a recipient whose every step is done
-    // (its last delivery just came back) is concluded, not cancelled.
-    let waiting = status.steps.last().is_some_and(|s| s.state == StepState::Waiting);
-    if cancelled && (waiting || status.steps.len() < run.steps.len()) {
+    // (its last delivery just came back) is concluded, not cancelled. A batch's
+    // carrier goes on: a cancel removes only its own activity (Knock's rule).
+    let carrying = waiting.is_some_and(|s| s.step_type == StepType::Batch);
+    if cancelled && !carrying && (waiting.is_some() || matches!(path::position(run.steps, &status.steps), Position::Next(_))) {
         if let Some(last) = status.steps.last_mut() {
             if last.state == StepState::Waiting {
                 last.state = StepState::Cancelled;
@@ -214,29 +259,59 @@ pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn Ch
         }
         return finish(status, RecipientState::Cancelled, "Cancelled", Some("cancelled by cancellation key".into()));
     }
-    // Resume a pending delay.
-    if let Some(last) = status.steps.last_mut() {
-        if last.state == StepState::Waiting {
-            let wake = status.wake_at.as_deref().and_then(|w| w.parse::<Timestamp>().ok()).unwrap_or(now);
-            if wake > now {
-                status.state = RecipientState::Waiting;
-                return Next::WaitUntil(wake);
+    let mut context = step_context(run, recipient, status);
+    // Resume a pending wait.
+    if let Some(step) = waiting {
+        let wake = status.wake_at.as_deref().and_then(|w| w.parse::<Timestamp>().ok()).unwrap_or(now);
+        if wake > now {
+            status.state = RecipientState::Waiting;
+            return Next::WaitUntil(wake);
+        }
+        status.wake_at = None;
+        match step.step_type {
+            // The carrier asks the batch whether it closed.
+            StepType::Batch => {
+                status.state = RecipientState::Running;
+                return match functions::batch_call(run, recipient, step, &context, true, now) {
+                    Ok(call) => Next::Batch(call),
+                    Err(refusal) => refusal.apply(status, step, now).unwrap_or(Next::WaitUntil(now)),
+                };
             }
-            last.state = StepState::Completed;
-            last.reason = Some("DelayElapsed".into());
-            last.time = Some(now_string(now));
-            status.wake_at = None;
+            // A send window opened: the step runs again from the start.
+            StepType::Channel => {
+                status.steps.pop();
+            }
+            _ => {
+                let last = status.steps.last_mut().expect("a waiting step");
+                last.state = StepState::Completed;
+                last.reason = Some("DelayElapsed".into());
+                last.time = Some(now_string(now));
+            }
         }
     }
-    let mut context = template_context(run, recipient);
+    if status.steps.is_empty() && status.state == RecipientState::Queued {
+        // The workflow's own conditions, then its trigger frequency, before any step.
+        match conditions::hold(run.conditions, &context, now, run.audiences) {
+            Ok(true) => {}
+            Ok(false) => return finish(status, RecipientState::Skipped, "ConditionNotMet", Some("the workflow's conditions do not hold".into())),
+            Err(e) => return finish(status, RecipientState::Failed, "InvalidCondition", Some(format!("workflow conditions: {e}"))),
+        }
+        if run.trigger_frequency != TriggerFrequency::EveryTrigger {
+            return Next::CheckFrequency(functions::frequency_check(run));
+        }
+    }
     status.state = RecipientState::Running;
-    while status.steps.len() < run.steps.len() {
-        let step = &run.steps[status.steps.len()];
+    loop {
+        let step = match path::position(run.steps, &status.steps) {
+            Position::Next(step) => step,
+            Position::End => return conclude(run, status),
+            Position::Terminated => return conclude(run, status),
+        };
         // Message-status conditions see the earlier steps as they are now.
-        if step.conditions.iter().any(|c| c.variable.starts_with("refs.")) {
+        if step.conditions.leaves().iter().any(|c| c.variable.starts_with("refs.")) {
             context["refs"] = crate::core::history::refs(&status.steps, recipient.messages);
         }
-        match conditions::all_hold(&step.conditions, &context, now) {
+        match conditions::hold(&step.conditions, &context, now, run.audiences) {
             Ok(true) => {}
             Ok(false) => {
                 push_step(status, &step.step_ref, StepState::Skipped, "ConditionNotMet", None, now);
@@ -247,20 +322,18 @@ pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn Ch
                 return finish(status, RecipientState::Failed, "StepFailed", Some(format!("step `{}`: {e}", step.step_ref)));
             }
         }
+        let zone = windows::recipient_zone(&context["recipient"]);
         match step.step_type {
-            StepType::Delay => match delay_until(run, step, &context, now) {
-                Ok(wake) if wake > now => {
-                    push_step(status, &step.step_ref, StepState::Waiting, "Delaying", Some(format!("until {wake}")), now);
-                    status.wake_at = Some(wake.to_string());
-                    status.state = RecipientState::Waiting;
-                    return Next::WaitUntil(wake);
-                }
+            StepType::Delay => match delay_until(run, step, &context, &zone, now) {
+                Ok(wake) if wake > now => return wait(status, &step.step_ref, "Delaying", wake, now),
                 Ok(_) => push_step(status, &step.step_ref, StepState::Completed, "DelayElapsed", None, now),
                 Err(DelayError::OverBudget(e)) => {
                     let message = e.to_string();
                     push_step(status, &step.step_ref, StepState::Failed, RENDER_BUDGET_EXCEEDED, Some(message.clone()), now);
                     return finish(status, RecipientState::Failed, "StepFailed", Some(message));
                 }
+                // Knock skips a delay whose window from the data is missing or invalid.
+                Err(DelayError::InvalidWindow(message)) => push_step(status, &step.step_ref, StepState::Skipped, functions::INVALID_WINDOW, Some(message), now),
                 Err(DelayError::Invalid(message)) => {
                     push_step(status, &step.step_ref, StepState::Failed, "InvalidDelay", Some(message.clone()), now);
                     return finish(status, RecipientState::Failed, "StepFailed", Some(format!("step `{}`: {message}", step.step_ref)));
@@ -281,6 +354,11 @@ pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn Ch
                         continue;
                     }
                 }
+                match windows::next_send_time(&step.send_windows, now, &zone) {
+                    Ok(at) if at > now => return wait(status, &step.step_ref, "OutsideSendWindow", at, now),
+                    Ok(_) => {}
+                    Err(message) => return fail_step(status, &step.step_ref, "InvalidSendWindow", message, now),
+                }
                 match render_message(run, recipient, step, &channel, channel_type, &context) {
                     Ok(message) => return Next::Deliver(message),
                     Err(e) => {
@@ -291,15 +369,53 @@ pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn Ch
                     }
                 }
             }
+            StepType::Branch => {
+                let mut taken = None;
+                for branch in &step.branches {
+                    match conditions::hold(&branch.conditions, &context, now, run.audiences) {
+                        Ok(true) => {
+                            taken = Some(branch);
+                            break;
+                        }
+                        Ok(false) => {}
+                        Err(e) => return fail_step(status, &step.step_ref, "InvalidCondition", format!("branch `{}`: {e}", branch.name), now),
+                    }
+                }
+                match taken {
+                    Some(branch) => {
+                        push_step(status, &step.step_ref, StepState::Completed, "BranchTaken", Some(format!("took branch `{}`", branch.name)), now);
+                        if let Some(record) = status.steps.last_mut() {
+                            record.branch = Some(branch.name.clone());
+                        }
+                    }
+                    None => push_step(status, &step.step_ref, StepState::Skipped, "NoBranchMatched", None, now),
+                }
+            }
+            StepType::Fetch | StepType::Throttle | StepType::Batch | StepType::TriggerWorkflow => {
+                let call = match step.step_type {
+                    StepType::Fetch => functions::fetch_call(run, recipient, step, &context).map(Next::Fetch),
+                    StepType::Throttle => functions::throttle_call(run, recipient, step, &context, now).map(Next::Throttle),
+                    StepType::Batch => functions::batch_call(run, recipient, step, &context, false, now).map(Next::Batch),
+                    _ => functions::trigger_call(run, recipient, step, &context).map(Next::TriggerWorkflow),
+                };
+                match call {
+                    Ok(next) => return next,
+                    Err(refusal) => {
+                        if let Some(next) = refusal.apply(status, step, now) {
+                            return next;
+                        }
+                    }
+                }
+            }
         }
     }
-    conclude(run, status)
 }
 
 /// The end of the steps: Completed if anything was sent (or there was nothing
 /// to send), Skipped when every channel step was skipped.
 fn conclude(run: &RunContext, status: &mut RecipientStatus) -> Next {
-    let channel_steps: Vec<&StepStatus> = run.steps.iter().zip(&status.steps).filter(|(step, _)| step.step_type == StepType::Channel).map(|(_, s)| s).collect();
+    let is_channel = |record: &&StepStatus| path::find(run.steps, &record.step_ref).is_some_and(|step| step.step_type == StepType::Channel);
+    let channel_steps: Vec<&StepStatus> = status.steps.iter().filter(is_channel).collect();
     let all_skipped = !channel_steps.is_empty() && channel_steps.iter().all(|s| s.state == StepState::Skipped);
     if all_skipped {
         let opted_out = channel_steps.iter().all(|s| s.reason.as_deref() == Some("PreferenceOptOut"));
@@ -322,7 +438,7 @@ pub fn record_delivery(status: &mut RecipientStatus, message: &Message, outcome:
         time: Some(now_string(now)),
         // One successful attempt says nothing the step does not; keep pages small.
         attempt_history: if outcome.ok && outcome.attempts <= 1 { Vec::new() } else { outcome.history.clone() },
-        omitted_attempts: None,
+        ..Default::default()
     });
     if !outcome.ok {
         finish(status, RecipientState::Failed, "DeliveryFailed", Some(format!("step `{}`: {}", message.step_ref, outcome.message)));
@@ -336,6 +452,8 @@ pub const RENDER_BUDGET_EXCEEDED: &str = "RenderBudgetExceeded";
 /// Why a delay has no wake time.
 enum DelayError {
     Invalid(String),
+    /// A window from the data that is missing or invalid: the step is skipped.
+    InvalidWindow(String),
     OverBudget(TemplateError),
 }
 
@@ -345,11 +463,13 @@ impl From<String> for DelayError {
     }
 }
 
-fn delay_until(run: &RunContext, step: &Step, context: &Value, now: Timestamp) -> Result<Timestamp, DelayError> {
+fn delay_until(run: &RunContext, step: &Step, context: &Value, zone: &jiff::tz::TimeZone, now: Timestamp) -> Result<Timestamp, DelayError> {
     let delay = step.delay.as_ref().ok_or("delay step has no `delay`".to_string())?;
+    if let Some(path) = &delay.window_from {
+        return functions::window_from(context, path, zone, now).map_err(DelayError::InvalidWindow);
+    }
     if let Some(duration) = &delay.duration {
-        let d = parse_duration(duration)?;
-        let span = jiff::SignedDuration::try_from(d).map_err(|e| e.to_string())?;
+        let span = windows::duration(duration)?;
         return Ok(now.checked_add(span).map_err(|e| e.to_string())?);
     }
     if delay.until.is_some() {
@@ -360,7 +480,7 @@ fn delay_until(run: &RunContext, step: &Step, context: &Value, now: Timestamp) -
         };
         return Ok(rendered.trim().parse::<Timestamp>().map_err(|e| format!("delay.until rendered `{rendered}`, not an RFC 3339 time: {e}"))?);
     }
-    Err("delay needs `duration` or `until`".to_string().into())
+    Err("delay needs `duration`, `until` or `windowFrom`".to_string().into())
 }
 
 const TEMPLATE_FIELDS: [&str; 11] = ["method", "url", "body", "text", "blocks", "from", "to", "subject", "html", "markdownBody", "actionUrl"];
@@ -404,7 +524,7 @@ fn render_message(run: &RunContext, recipient: &RecipientContext, step: &Step, c
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::workflow::{Delay, StepCondition, StepTemplate};
+    use crate::resources::workflow::{Delay, DurationValue, StepCondition, StepTemplate};
     use std::collections::BTreeMap;
 
     struct Channels;
@@ -425,7 +545,12 @@ mod tests {
     }
 
     fn delay_step(r: &str, duration: &str) -> Step {
-        Step { step_ref: r.into(), step_type: StepType::Delay, delay: Some(Delay { duration: Some(duration.into()), until: None }), ..Default::default() }
+        Step {
+            step_ref: r.into(),
+            step_type: StepType::Delay,
+            delay: Some(Delay { duration: Some(DurationValue::Text(duration.into())), ..Default::default() }),
+            ..Default::default()
+        }
     }
 
     struct Fixture {
@@ -434,6 +559,7 @@ mod tests {
         data: JsonObject,
         user: UserRecord,
         key: RecipientKey,
+        conditions: Conditions,
     }
 
     impl Fixture {
@@ -442,7 +568,7 @@ mod tests {
             let mut user = UserRecord { id: "u1".into(), ..Default::default() };
             user.properties.insert("name".into(), json!("Ada"));
             user.properties.insert("email".into(), json!("ada@example.com"));
-            Fixture { steps, templates, data: json!({"n": 1, "who": "all"}).as_object().unwrap().clone(), user, key: RecipientKey::user("u1") }
+            Fixture { steps, templates, data: json!({"n": 1, "who": "all"}).as_object().unwrap().clone(), user, key: RecipientKey::user("u1"), conditions: Conditions::default() }
         }
 
         fn run(&self) -> RunContext<'_> {
@@ -456,6 +582,10 @@ mod tests {
                 data: &self.data,
                 actor: Some(json!({"id": "actor"})),
                 tenant: None,
+                conditions: &self.conditions,
+                trigger_frequency: TriggerFrequency::EveryTrigger,
+                cancellation_key: None,
+                audiences: &conditions::NoAudiences,
             }
         }
 
@@ -550,7 +680,7 @@ mod tests {
     #[test]
     fn conditions_and_preferences_skip_steps() {
         let mut gated = channel_step("gated", "x");
-        gated.conditions = vec![StepCondition { variable: "data.n".into(), operator: "greater_than".into(), argument: Some(json!(5)) }];
+        gated.conditions = vec![StepCondition { variable: "data.n".into(), operator: "greater_than".into(), argument: Some(json!(5)) }].into();
         let mut f = Fixture::new(vec![gated, channel_step("b", "y")]);
         let set = PreferenceSet { channel_types: BTreeMap::from([("http".to_string(), false)]), ..Default::default() };
         f.user.preferences.insert("default".into(), set);
@@ -576,7 +706,7 @@ mod tests {
     #[test]
     fn a_render_over_budget_fails_the_step_naming_the_field() {
         let loops = "{% for a in (1..data.n) %}{% for b in (1..data.n) %}{% for c in (1..data.n) %}{% endfor %}{% endfor %}{% endfor %}";
-        let until = Step { delay: Some(Delay { duration: None, until: Some(format!("{loops}2030-01-01T00:00:00Z")) }), ..delay_step("wait", "1s") };
+        let until = Step { delay: Some(Delay { until: Some(format!("{loops}2030-01-01T00:00:00Z")), ..Default::default() }), ..delay_step("wait", "1s") };
         for (steps, field) in [(vec![channel_step("notify", loops)], "notify` template.body"), (vec![until], "wait` delay.until")] {
             let mut f = Fixture::new(steps);
             f.data.insert("n".into(), json!(100));
@@ -619,5 +749,152 @@ mod tests {
         let recipient = RecipientContext { key: &f.key, recipient_run_id: Uuid::nil(), user: Some(&user), object: None, trigger_data: None, subscription: None, messages: None };
         assert_eq!(preference_sets(&recipient, Some(&tenant)), vec![&tenant_specific, &tenant_defaults, &default]);
         assert_eq!(preference_sets(&recipient, None), vec![&default]);
+    }
+
+    fn branch_step(branches: Vec<crate::resources::workflow::Branch>) -> Step {
+        Step { step_ref: "route".into(), step_type: StepType::Branch, branches, ..Default::default() }
+    }
+
+    fn when(variable: &str, argument: Value) -> Conditions {
+        vec![StepCondition { variable: variable.into(), operator: "equal_to".into(), argument: Some(argument) }].into()
+    }
+
+    #[test]
+    fn a_branch_runs_the_first_matching_branch_and_records_it() {
+        use crate::resources::workflow::Branch;
+        let steps = vec![
+            branch_step(vec![
+                Branch { name: "urgent".into(), conditions: when("data.severity", json!("critical")), terminates: true, steps: vec![channel_step("page", "P")] },
+                Branch { name: "default".into(), steps: vec![channel_step("mail", "M")], ..Default::default() },
+            ]),
+            channel_step("after", "A"),
+        ];
+        for (severity, path) in [("critical", vec!["route", "page"]), ("low", vec!["route", "mail", "after"])] {
+            let mut f = Fixture::new(steps.clone());
+            f.data.insert("severity".into(), json!(severity));
+            let mut status = RecipientStatus::default();
+            loop {
+                match advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, Timestamp::now()) {
+                    Next::Deliver(m) => record_delivery(&mut status, &m, &ok(), Timestamp::now()),
+                    Next::Done => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(status.steps.iter().map(|s| s.step_ref.as_str()).collect::<Vec<_>>(), path, "{severity}");
+            assert_eq!(status.steps[0].branch.as_deref(), Some(if severity == "critical" { "urgent" } else { "default" }));
+            assert_eq!(status.state, RecipientState::Completed);
+        }
+    }
+
+    #[test]
+    fn workflow_conditions_skip_the_recipient_before_any_step() {
+        let mut f = Fixture::new(vec![channel_step("a", "x")]);
+        f.conditions = Conditions::Any(crate::resources::workflow::AnyOf {
+            any: vec![crate::resources::workflow::ConditionItem::Condition(StepCondition {
+                variable: "recipient.plan".into(),
+                operator: "equal_to".into(),
+                argument: Some(json!("pro")),
+            })],
+        });
+        let mut status = RecipientStatus::default();
+        assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, Timestamp::now()), Next::Done);
+        assert_eq!((status.state, status.reason.as_deref(), status.steps.len()), (RecipientState::Skipped, Some("ConditionNotMet"), 0));
+        f.user.properties.insert("plan".into(), json!("pro"));
+        let mut status = RecipientStatus::default();
+        assert!(matches!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, Timestamp::now()), Next::Deliver(_)));
+    }
+
+    #[test]
+    fn a_once_only_workflow_asks_before_its_first_step() {
+        let f = Fixture::new(vec![channel_step("a", "x")]);
+        let run = RunContext { trigger_frequency: TriggerFrequency::OncePerRecipient, ..f.run() };
+        let mut status = RecipientStatus::default();
+        let Next::CheckFrequency(check) = advance(&run, &f.recipient(None), &Channels, &mut status, false, Timestamp::now()) else { panic!("no check") };
+        functions::record_frequency(&mut status, &check, Ok(true));
+        assert!(matches!(advance(&run, &f.recipient(None), &Channels, &mut status, false, Timestamp::now()), Next::Deliver(_)));
+    }
+
+    #[test]
+    fn a_message_outside_its_send_window_waits_for_the_opening() {
+        use crate::resources::workflow::SendWindow;
+        let mut step = channel_step("a", "x");
+        step.send_windows = vec![SendWindow { day: "monday".into(), window_type: "send".into(), from: Some("09:00".into()), until: Some("17:00".into()) }];
+        let f = Fixture::new(vec![step]);
+        let monday_early: Timestamp = "2026-03-02T07:00:00Z".parse().unwrap();
+        let mut status = RecipientStatus::default();
+        let opening: Timestamp = "2026-03-02T09:00:00Z".parse().unwrap();
+        assert_eq!(advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, monday_early), Next::WaitUntil(opening));
+        assert_eq!((status.state, status.steps[0].reason.as_deref()), (RecipientState::Waiting, Some("OutsideSendWindow")));
+        // At the opening the step runs from the start: one record, the delivery's.
+        let Next::Deliver(m) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, opening) else { panic!("not delivered") };
+        record_delivery(&mut status, &m, &ok(), opening);
+        assert_eq!(status.steps.len(), 1);
+        assert_eq!(status.steps[0].reason.as_deref(), Some("Delivered"));
+    }
+
+    #[test]
+    fn a_window_from_the_data_waits_or_skips() {
+        let step = Step { delay: Some(Delay { window_from: Some("data.until".into()), ..Default::default() }), ..delay_step("wait", "1s") };
+        let now: Timestamp = "2026-03-02T10:00:00Z".parse().unwrap();
+        for (value, expected) in
+            [(json!("2026-03-02T11:00:00Z"), Some("Delaying")), (json!({"unit": "minutes", "value": 5}), Some("Delaying")), (json!("soon"), None), (Value::Null, None)]
+        {
+            let mut f = Fixture::new(vec![step.clone(), channel_step("a", "x")]);
+            f.data.insert("until".into(), value.clone());
+            let mut status = RecipientStatus::default();
+            let next = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now);
+            match expected {
+                Some(reason) => {
+                    assert!(matches!(next, Next::WaitUntil(_)), "{value}");
+                    assert_eq!(status.steps[0].reason.as_deref(), Some(reason));
+                }
+                // Missing or invalid: the step is skipped and the run goes on.
+                None => {
+                    assert!(matches!(next, Next::Deliver(_)), "{value}");
+                    assert_eq!((status.steps[0].state, status.steps[0].reason.as_deref()), (StepState::Skipped, Some(functions::INVALID_WINDOW)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn function_steps_become_calls() {
+        use crate::resources::workflow::{BatchStep, ThrottleStep, TriggerWorkflowStep};
+        let throttle = Step {
+            step_ref: "limit".into(),
+            step_type: StepType::Throttle,
+            throttle: Some(ThrottleStep { window: Some("1h".into()), limit: 2, key: Some("{{ data.who }}".into()), ..Default::default() }),
+            ..Default::default()
+        };
+        let batch = Step {
+            step_ref: "digest".into(),
+            step_type: StepType::Batch,
+            batch: Some(BatchStep { window: Some("30s".into()), key: Some("{{ data.n }}".into()), ..Default::default() }),
+            ..Default::default()
+        };
+        let trigger = Step {
+            step_ref: "next".into(),
+            step_type: StepType::TriggerWorkflow,
+            trigger_workflow: Some(TriggerWorkflowStep { workflow: "escalation".into(), data: Some("{\"from\": \"{{ recipient.id }}\"}".into()), ..Default::default() }),
+            ..Default::default()
+        };
+        let f = Fixture::new(vec![throttle, batch, trigger]);
+        let now = Timestamp::now();
+        let mut status = RecipientStatus::default();
+        let Next::Throttle(call) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now) else { panic!("no throttle") };
+        assert_eq!((call.key.as_str(), call.limit, call.window), ("all", 2, functions::Window::For(jiff::SignedDuration::from_hours(1))));
+        functions::record_throttle(&mut status, &call, &functions::ThrottleOutcome::Admitted, now);
+        let Next::Batch(call) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, now) else { panic!("no batch") };
+        assert_eq!((call.key.as_str(), call.carrier, call.render_limit), ("1", false, 10));
+        functions::record_batch(&mut status, &call, &functions::BatchOutcome::Opened { closes_at: now + jiff::SignedDuration::from_secs(30) }, now);
+        // The carrier wakes at the close and asks again, as the carrier.
+        let later = now + jiff::SignedDuration::from_secs(31);
+        let Next::Batch(call) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, later) else { panic!("no wake") };
+        assert!(call.carrier);
+        functions::record_batch(&mut status, &call, &functions::BatchOutcome::Closed { summary: Map::new() }, later);
+        let Next::TriggerWorkflow(call) = advance(&f.run(), &f.recipient(None), &Channels, &mut status, false, later) else { panic!("no trigger") };
+        assert_eq!((call.workflow.as_str(), call.data.get("from"), call.actor.as_deref()), ("escalation", Some(&json!("u1")), Some("actor")));
+        let again = functions::trigger_call(&f.run(), &f.recipient(None), &f.steps[2], &json!({"data": {}, "recipient": {"id": "u1"}})).unwrap();
+        assert_eq!(call.name, again.name, "the child run's name is the step's own");
     }
 }

@@ -77,6 +77,12 @@ impl Directory {
     }
 }
 
+impl crate::core::conditions::AudienceMembers for Directory {
+    fn is_member(&self, audience: &str, id: &str) -> bool {
+        self.audience(audience).is_some_and(|members| members.iter().any(|m| matches!(m, RecipientKey::User(u) if u == id)))
+    }
+}
+
 /// Parses an audience's members or an object's subscriber reference list.
 pub fn parse_reference(value: &serde_json::Value) -> Result<RecipientKey, IdentifierError> {
     parse_recipient(value).map(|input| input.key().clone())

@@ -5,13 +5,16 @@ pub mod conditions;
 pub mod execution;
 pub mod expansion;
 pub mod feed;
+pub mod functions;
 pub mod history;
 pub mod ids;
 pub mod model;
+pub mod path;
 pub mod preferences;
 pub mod status;
 pub mod templates;
 pub mod validation;
+pub mod windows;
 
 /// `s` cut to at most `max` characters (on a char boundary), marked with `…`:
 /// messages in conditions, Events and step status must stay small.

@@ -46,6 +46,12 @@ pub struct RecipientTotals {
     pub cancelled: i64,
     /// Recipients that failed (not found, delivery or template errors).
     pub failed: i64,
+    /// Recipients whose run joined another run's batch.
+    #[serde(default)]
+    pub batched: i64,
+    /// Recipients stopped by a throttle step.
+    #[serde(default)]
+    pub throttled: i64,
 }
 
 /// One recipient's workflow run.
@@ -73,9 +79,16 @@ pub struct RecipientStatus {
     /// Delays: when the recipient resumes (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_at: Option<String>,
-    /// The outcome of each step reached so far.
+    /// The outcome of each step reached so far, in the order they ran (a branch's
+    /// steps follow the branch step that took it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepStatus>,
+    /// What earlier steps added for later ones: `data` merged by fetch steps, and a
+    /// closed batch's `activities`, `actors`, `total_activities` and `total_actors`
+    /// (at most 32 KiB as stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::resources::schema::free_form_object")]
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// A recipient's run state (Knock's recipient run states, with herald's names).
@@ -89,11 +102,18 @@ pub enum RecipientState {
     Skipped,
     Cancelled,
     Failed,
+    /// Joined another run's batch, which sends for it.
+    Batched,
+    /// Stopped by a throttle step.
+    Throttled,
 }
 
 impl RecipientState {
     pub fn is_finished(self) -> bool {
-        matches!(self, RecipientState::Completed | RecipientState::Skipped | RecipientState::Cancelled | RecipientState::Failed)
+        matches!(
+            self,
+            RecipientState::Completed | RecipientState::Skipped | RecipientState::Cancelled | RecipientState::Failed | RecipientState::Batched | RecipientState::Throttled
+        )
     }
 }
 
@@ -130,6 +150,12 @@ pub struct StepStatus {
     /// last listed), so that the page stays small.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub omitted_attempts: Option<i32>,
+    /// Branch steps: the branch taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Trigger-workflow steps: the TriggerRun started; batch steps: the run that carries the batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 /// One delivery attempt.
@@ -183,6 +209,8 @@ pub fn totals<'a>(recipients: impl IntoIterator<Item = &'a RecipientStatus>) -> 
             RecipientState::Skipped => &mut t.skipped,
             RecipientState::Cancelled => &mut t.cancelled,
             RecipientState::Failed => &mut t.failed,
+            RecipientState::Batched => &mut t.batched,
+            RecipientState::Throttled => &mut t.throttled,
         } += 1;
     }
     t
@@ -191,11 +219,16 @@ pub fn totals<'a>(recipients: impl IntoIterator<Item = &'a RecipientStatus>) -> 
 /// How a finished run ended: its state, the `Succeeded` condition's status
 /// and reason, and a message. None while recipients are unfinished.
 pub fn run_outcome(t: &RecipientTotals) -> Option<(RunState, bool, &'static str, String)> {
-    let finished = t.completed + t.skipped + t.cancelled + t.failed;
+    let finished = t.completed + t.skipped + t.cancelled + t.failed + t.batched + t.throttled;
     if finished < t.recipients {
         return None;
     }
-    let summary = format!("{} recipients: {} completed, {} skipped, {} cancelled, {} failed", t.recipients, t.completed, t.skipped, t.cancelled, t.failed);
+    let mut summary = format!("{} recipients: {} completed, {} skipped, {} cancelled, {} failed", t.recipients, t.completed, t.skipped, t.cancelled, t.failed);
+    for (n, what) in [(t.batched, "batched"), (t.throttled, "throttled")] {
+        if n > 0 {
+            summary.push_str(&format!(", {n} {what}"));
+        }
+    }
     Some(if t.failed > 0 {
         (RunState::Failed, false, "RecipientsFailed", summary)
     } else if t.recipients > 0 && t.cancelled == t.recipients {
@@ -215,6 +248,10 @@ pub const PAGE_BUDGET: usize = 1024 * 1024;
 /// that [`minimal_bound`] holds whatever a record says.
 const MAX_REASON_BYTES: usize = 40;
 const MAX_TIME_BYTES: usize = 40;
+/// Branch names and run names in step records are cut to this.
+const MAX_NAME_BYTES: usize = 64;
+/// The most a recipient's `context` (fetched data, a batch's activities) may take as stored.
+pub const MAX_CONTEXT_BYTES: usize = 32 * 1024;
 /// The recipient's message at [`Detail::Minimal`].
 const MINIMAL_MESSAGE_BYTES: usize = 128;
 
@@ -327,6 +364,8 @@ fn compact_step(step: &StepStatus, limits: &Limits) -> StepStatus {
         attempts: step.attempts,
         status_code: step.status_code,
         time: clip_opt(&step.time, MAX_TIME_BYTES),
+        branch: clip_opt(&step.branch, MAX_NAME_BYTES),
+        run: clip_opt(&step.run, MAX_NAME_BYTES),
         attempt_history: kept
             .map(|(_, a)| AttemptRecord {
                 attempt: a.attempt,
@@ -356,6 +395,8 @@ pub fn compact(recipient: &RecipientStatus, detail: Detail) -> RecipientStatus {
         via: recipient.via.clone(),
         wake_at: clip_opt(&recipient.wake_at, MAX_TIME_BYTES),
         steps: recipient.steps.iter().map(|s| compact_step(s, &limits)).collect(),
+        // Later steps render with it: kept whole (it is bounded when recorded).
+        context: recipient.context.clone(),
     }
 }
 
@@ -387,6 +428,8 @@ fn widest_minimal_step(step_ref: &str) -> StepStatus {
         time: Some("x".repeat(MAX_TIME_BYTES)),
         attempt_history: Vec::new(),
         omitted_attempts: Some(i32::MIN),
+        branch: Some("x".repeat(MAX_NAME_BYTES)),
+        run: Some("x".repeat(MAX_NAME_BYTES)),
     }
 }
 
@@ -402,6 +445,7 @@ fn widest_minimal(recipient: &RecipientStatus) -> RecipientStatus {
         via: recipient.via.clone(),
         wake_at: Some("x".repeat(MAX_TIME_BYTES)),
         steps: Vec::new(),
+        context: None,
     }
 }
 
@@ -412,13 +456,23 @@ pub fn minimal_bound(recipient: &RecipientStatus, step_refs: &[&str]) -> usize {
     stored_size(&RecipientStatus { steps, ..widest_minimal(recipient) })
 }
 
+/// What a workflow's steps can add to a record beyond their step records:
+/// with fetch or batch steps, a `context` of up to [`MAX_CONTEXT_BYTES`].
+pub fn context_bound(adds_context: bool) -> usize {
+    if adds_context {
+        r#","context":"#.len() + MAX_CONTEXT_BYTES
+    } else {
+        0
+    }
+}
+
 /// Splits a run's recipients (in order) into pages of at most `max`, so
 /// that the page saved at [`Detail::Minimal`] always fits `budget`, however
 /// much its deliveries recorded: each record counts at its
 /// [`minimal_bound`] for steps with these refs. Many steps (or long ids)
 /// make pages smaller. Every page holds at least one recipient.
-pub fn plan_pages(recipients: &[RecipientStatus], step_refs: &[&str], max: usize, budget: usize) -> Vec<Range<usize>> {
-    let bounds = minimal_bounds(recipients, step_refs);
+pub fn plan_pages(recipients: &[RecipientStatus], step_refs: &[&str], extra: usize, max: usize, budget: usize) -> Vec<Range<usize>> {
+    let bounds = minimal_bounds(recipients, step_refs, extra);
     let mut pages = Vec::new();
     let mut start = 0;
     let mut size = 2; // []
@@ -437,12 +491,13 @@ pub fn plan_pages(recipients: &[RecipientStatus], step_refs: &[&str], max: usize
 }
 
 /// Each record's [`minimal_bound`] in a list (with its comma).
-fn minimal_bounds<'a>(recipients: &'a [RecipientStatus], step_refs: &[&str]) -> impl Iterator<Item = usize> + 'a {
+/// `extra`: what else a record may hold ([`context_bound`]).
+fn minimal_bounds<'a>(recipients: &'a [RecipientStatus], step_refs: &[&str], extra: usize) -> impl Iterator<Item = usize> + 'a {
     // The steps are the same for every recipient: measured once. `steps`
     // is a record's last field, so it adds `,"steps":[...]` to the rest.
     let steps: Vec<StepStatus> = step_refs.iter().map(|r| widest_minimal_step(r)).collect();
     let steps_size = if steps.is_empty() { 0 } else { r#","steps":"#.len() + stored_size(&steps) };
-    recipients.iter().map(move |r| stored_size(&widest_minimal(r)) + steps_size + 1)
+    recipients.iter().map(move |r| stored_size(&widest_minimal(r)) + steps_size + extra + 1)
 }
 
 /// Recipients a run keeps inline, in its own status, at most: a small run
@@ -467,13 +522,14 @@ pub enum Layout {
 /// planned), and the run's other content (`run_size`: its spec and status
 /// without records, as stored) leaves that budget room under
 /// [`PAGE_BUDGET`]; in pages of at most `page_max` otherwise.
-pub fn plan_layout(recipients: &[RecipientStatus], step_refs: &[&str], run_size: usize, page_max: usize) -> Layout {
-    let inline =
-        recipients.len() <= INLINE_RECIPIENTS && run_size.saturating_add(INLINE_BUDGET) <= PAGE_BUDGET && 2 + minimal_bounds(recipients, step_refs).sum::<usize>() <= INLINE_BUDGET;
+pub fn plan_layout(recipients: &[RecipientStatus], step_refs: &[&str], extra: usize, run_size: usize, page_max: usize) -> Layout {
+    let inline = recipients.len() <= INLINE_RECIPIENTS
+        && run_size.saturating_add(INLINE_BUDGET) <= PAGE_BUDGET
+        && 2 + minimal_bounds(recipients, step_refs, extra).sum::<usize>() <= INLINE_BUDGET;
     if inline {
         Layout::Inline
     } else {
-        Layout::Pages(plan_pages(recipients, step_refs, page_max, PAGE_BUDGET))
+        Layout::Pages(plan_pages(recipients, step_refs, extra, page_max, PAGE_BUDGET))
     }
 }
 
@@ -538,8 +594,11 @@ mod tests {
                     time: Some("2026-01-02T03:04:05.123456789Z".into()),
                     attempt_history: attempts(crate::resources::channel::MAX_ATTEMPTS, &widest(200)),
                     omitted_attempts: None,
+                    branch: Some(widest(MAX_NAME_BYTES / 6)),
+                    run: Some(widest(MAX_NAME_BYTES / 6)),
                 })
                 .collect(),
+            context: None,
         }
     }
 
@@ -593,7 +652,7 @@ mod tests {
         let worst = worst_record(&refs);
         assert!(stored_size(&worst) > PAGE_BUDGET, "one such record in full is larger than a page may be");
         let recipients = vec![worst; 60];
-        let pages = plan_pages(&recipients, &step_refs, 500, PAGE_BUDGET);
+        let pages = plan_pages(&recipients, &step_refs, 0, 500, PAGE_BUDGET);
         assert!(pages.len() > 1 && pages.iter().all(|p| !p.is_empty()) && pages.last().unwrap().end == 60);
         assert!(pages[0].len() >= 10, "{} recipients a page", pages[0].len());
         for page in &pages {
@@ -623,7 +682,7 @@ mod tests {
         r.steps[0].message = Some(message);
         r.steps[0].attempt_history = attempts(3, "HTTP 503 from POST https://hooks.example.com/notify: busy");
         let recipients = vec![r; 1200];
-        let pages = plan_pages(&recipients, &["notify"], 500, PAGE_BUDGET);
+        let pages = plan_pages(&recipients, &["notify"], 0, 500, PAGE_BUDGET);
         assert_eq!(pages, vec![0..500, 500..1000, 1000..1200]);
         let (saved, detail) = fit_page(&recipients[0..500], PAGE_BUDGET);
         assert_eq!(detail, Detail::Full);
@@ -637,10 +696,10 @@ mod tests {
         assert!(stored_size(&compact(&r, Detail::Minimal)) <= bound);
         // Exactly n records fit a budget of n bounds (and commas, brackets).
         let budget = 2 + 3 * (bound + 1);
-        assert_eq!(plan_pages(&vec![r.clone(); 7], &["a", "b"], 500, budget), vec![0..3, 3..6, 6..7]);
-        assert_eq!(plan_pages(&vec![r.clone(); 7], &["a", "b"], 2, PAGE_BUDGET), vec![0..2, 2..4, 4..6, 6..7]);
-        assert_eq!(plan_pages(&[r], &["a", "b"], 500, 10), vec![0..1], "a page holds at least one recipient");
-        assert!(plan_pages(&[], &["a"], 500, PAGE_BUDGET).is_empty());
+        assert_eq!(plan_pages(&vec![r.clone(); 7], &["a", "b"], 0, 500, budget), vec![0..3, 3..6, 6..7]);
+        assert_eq!(plan_pages(&vec![r.clone(); 7], &["a", "b"], 0, 2, PAGE_BUDGET), vec![0..2, 2..4, 4..6, 6..7]);
+        assert_eq!(plan_pages(&[r], &["a", "b"], 0, 500, 10), vec![0..1], "a page holds at least one recipient");
+        assert!(plan_pages(&[], &["a"], 0, 500, PAGE_BUDGET).is_empty());
         // The widest states are the ones the bound assumes.
         for state in [RecipientState::Queued, RecipientState::Running, RecipientState::Waiting, RecipientState::Skipped, RecipientState::Cancelled, RecipientState::Failed] {
             assert!(stored_size(&state) <= stored_size(&RecipientState::Completed));
@@ -658,17 +717,17 @@ mod tests {
         one.via = Some("direct".into());
         let refs = ["notify"];
         let one_page = |n: usize| Layout::Pages(std::iter::once(0..n).collect());
-        assert_eq!(plan_layout(std::slice::from_ref(&one), &refs, 2048, 500), Layout::Inline);
-        assert_eq!(plan_layout(&vec![one.clone(); INLINE_RECIPIENTS], &refs, 2048, 500), Layout::Inline);
+        assert_eq!(plan_layout(std::slice::from_ref(&one), &refs, 0, 2048, 500), Layout::Inline);
+        assert_eq!(plan_layout(&vec![one.clone(); INLINE_RECIPIENTS], &refs, 0, 2048, 500), Layout::Inline);
         // One more recipient, or a run whose spec and workflow leave no room: pages.
-        assert_eq!(plan_layout(&vec![one.clone(); INLINE_RECIPIENTS + 1], &refs, 2048, 500), one_page(INLINE_RECIPIENTS + 1));
-        assert_eq!(plan_layout(std::slice::from_ref(&one), &refs, PAGE_BUDGET - INLINE_BUDGET + 1, 500), one_page(1));
+        assert_eq!(plan_layout(&vec![one.clone(); INLINE_RECIPIENTS + 1], &refs, 0, 2048, 500), one_page(INLINE_RECIPIENTS + 1));
+        assert_eq!(plan_layout(std::slice::from_ref(&one), &refs, 0, PAGE_BUDGET - INLINE_BUDGET + 1, 500), one_page(1));
         // Records that could outgrow the budget (the widest ids and steps the limits allow): pages.
         use crate::resources::workflow::{MAX_STEPS, MAX_STEP_REF_CHARS};
         let long: Vec<String> = (0..MAX_STEPS).map(|i| format!("{i:02}{}", widest(MAX_STEP_REF_CHARS - 2))).collect();
         let long_refs: Vec<&str> = long.iter().map(String::as_str).collect();
         let worst = worst_record(&long);
-        assert!(matches!(plan_layout(&vec![worst; 3], &long_refs, 2048, 500), Layout::Pages(_)));
+        assert!(matches!(plan_layout(&vec![worst; 3], &long_refs, 0, 2048, 500), Layout::Pages(_)));
         // Whatever inline records recorded, saved at the budget they fit it.
         let mut busy = one.clone();
         busy.steps[0].message = Some(widest(1 << 16));

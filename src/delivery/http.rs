@@ -137,10 +137,14 @@ fn idempotency_header(message: &Message) -> Result<HeaderValue, DeliveryError> {
 
 /// The rendered `headers` of an http step, checked.
 fn template_headers(message: &Message) -> Result<HeaderMap, DeliveryError> {
+    let Some(Value::Object(rendered)) = message.fields.get("headers") else { return Ok(HeaderMap::new()) };
+    checked_headers(rendered.iter().map(|(name, value)| (name.as_str(), value.as_str().unwrap_or_default())))
+}
+
+/// Rendered headers, checked: valid names and values, none of herald's own.
+fn checked_headers<'a>(rendered: impl Iterator<Item = (&'a str, &'a str)>) -> Result<HeaderMap, DeliveryError> {
     let mut headers = HeaderMap::new();
-    let Some(Value::Object(rendered)) = message.fields.get("headers") else { return Ok(headers) };
     for (name, value) in rendered {
-        let value = value.as_str().unwrap_or_default();
         if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
             return Err(DeliveryError::InvalidMessage(format!("header `{name}` is set by herald and cannot be templated")));
         }
@@ -168,6 +172,29 @@ pub fn http_request(message: &Message, channel_url: Option<&str>) -> Result<Webh
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     }
     Ok(WebhookRequest { preview: format!("{method} {url}; body: {}", preview(&body, SENT_PREVIEW_CHARS)), method, url, headers, body: body.into_bytes() })
+}
+
+/// The request of a fetch step: its method, URL (with the query parameters
+/// added), headers and body; a JSON body goes as `application/json`.
+pub fn fetch_request(call: &crate::core::functions::FetchCall) -> Result<WebhookRequest, DeliveryError> {
+    let method = Method::from_bytes(call.method.as_bytes()).map_err(|_| DeliveryError::InvalidMessage(format!("method `{}` is not an HTTP method", call.method)))?;
+    let mut url = parse_webhook_url(&call.url).map_err(|e| DeliveryError::InvalidMessage(format!("fetch.url: {e}")))?;
+    if !call.query.is_empty() {
+        url.query_pairs_mut().extend_pairs(call.query.iter());
+    }
+    let mut headers = checked_headers(call.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+    let key = HeaderValue::from_str(&call.idempotency_key)
+        .map_err(|_| DeliveryError::InvalidMessage(format!("the idempotency key `{}` is not a valid header value", call.idempotency_key)))?;
+    headers.insert(IDEMPOTENCY_HEADER, key);
+    if !headers.contains_key(reqwest::header::ACCEPT) {
+        headers.insert(reqwest::header::ACCEPT, HeaderValue::from_static("application/json"));
+    }
+    let body = call.body.clone().unwrap_or_default();
+    if !body.is_empty() && !headers.contains_key(CONTENT_TYPE) {
+        let content_type = if serde_json::from_str::<Value>(&body).is_ok() { "application/json" } else { "text/plain; charset=utf-8" };
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    Ok(WebhookRequest { preview: format!("{method} {url}"), method, url, headers, body: body.into_bytes() })
 }
 
 /// The request of a `chat` step: a Slack-compatible incoming-webhook POST of
@@ -205,6 +232,34 @@ pub fn chat_request(message: &Message, channel_url: Option<&str>) -> Result<Webh
 /// every attempt, so receivers can drop duplicates) and, with a signing key,
 /// a fresh timestamp and signature; classifies the answer.
 pub async fn send(client: &HttpClient, request: &WebhookRequest, signing_key: Option<&[u8]>, timeout: Duration) -> Result<Sent, DeliveryError> {
+    let response = exchange(client, request, signing_key, timeout).await?;
+    let status = response.status();
+    Ok(Sent { status: Some(i32::from(status.as_u16())), summary: format!("HTTP {} from {}", status.as_u16(), request.preview) })
+}
+
+/// One attempt of a fetch step: like [`send`], and the answer's body, at most
+/// `max_body` bytes (a longer one fails, for good).
+pub async fn fetch(client: &HttpClient, request: &WebhookRequest, signing_key: Option<&[u8]>, timeout: Duration, max_body: usize) -> Result<(i32, Vec<u8>), DeliveryError> {
+    let mut response = exchange(client, request, signing_key, timeout).await?;
+    let code = i32::from(response.status().as_u16());
+    let mut body = Vec::new();
+    loop {
+        match tokio::time::timeout(timeout, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                body.extend_from_slice(&chunk);
+                if body.len() > max_body {
+                    return Err(DeliveryError::Rejected(Failure::new(Some(code), format!("the answer is larger than {max_body} bytes"))));
+                }
+            }
+            Ok(Ok(None)) => return Ok((code, body)),
+            Ok(Err(e)) => return Err(classify_error(&e, timeout)),
+            Err(_) => return Err(DeliveryError::Transient(Failure::new(Some(code), format!("the answer's body did not arrive within {}s", timeout.as_secs())))),
+        }
+    }
+}
+
+/// Sends one attempt; a 2xx answer is returned, anything else classified.
+async fn exchange(client: &HttpClient, request: &WebhookRequest, signing_key: Option<&[u8]>, timeout: Duration) -> Result<reqwest::Response, DeliveryError> {
     check_literal(&client.egress, &request.url)?;
     let mut headers = request.headers.clone();
     if let Some(signing_key) = signing_key {
@@ -221,7 +276,7 @@ pub async fn send(client: &HttpClient, request: &WebhookRequest, signing_key: Op
     };
     let status = response.status();
     if status.is_success() {
-        return Ok(Sent { status: Some(i32::from(status.as_u16())), summary: format!("HTTP {} from {}", status.as_u16(), request.preview) });
+        return Ok(response);
     }
     let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| parse_retry_after(v, SystemTime::now()));
     let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);

@@ -140,6 +140,13 @@ pub struct WorkflowSnapshot {
     /// The Workflow's steps then.
     #[serde(default)]
     pub steps: Vec<crate::resources::workflow::Step>,
+    /// The Workflow's conditions then.
+    #[serde(default, skip_serializing_if = "crate::resources::workflow::Conditions::is_empty")]
+    #[schemars(schema_with = "crate::resources::schema::any_value")]
+    pub conditions: crate::resources::workflow::Conditions,
+    /// The Workflow's triggerFrequency then.
+    #[serde(default)]
+    pub trigger_frequency: crate::resources::workflow::TriggerFrequency,
 }
 
 impl WorkflowSnapshot {
@@ -150,6 +157,8 @@ impl WorkflowSnapshot {
             categories: workflow.spec.categories.clone(),
             override_preferences: workflow.spec.override_preferences,
             steps: workflow.spec.steps.clone(),
+            conditions: workflow.spec.conditions.clone(),
+            trigger_frequency: workflow.spec.trigger_frequency,
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod feed;
 pub mod idempotency;
 pub mod messages;
+pub mod once;
 pub mod retention;
 pub mod runs;
 
@@ -20,7 +21,11 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
 /// The migrations, in order: (version, name, SQL). Never edit a shipped one; add the next.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "history", include_str!("migrations/0001_history.sql")), (2, "feed", include_str!("migrations/0002_feed.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "history", include_str!("migrations/0001_history.sql")),
+    (2, "feed", include_str!("migrations/0002_feed.sql")),
+    (3, "trigger_frequency", include_str!("migrations/0003_trigger_frequency.sql")),
+];
 
 /// An arbitrary, fixed key for `pg_advisory_xact_lock`: herald's migrations.
 const MIGRATION_LOCK: i64 = 0x6865_7261_6c64;

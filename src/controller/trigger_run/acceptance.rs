@@ -28,6 +28,7 @@ use crate::core::status::{self as run_status, Layout, RecipientState, RecipientS
 use crate::core::validation;
 use crate::resources::recipient_page::{encode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION, WORKFLOW_RUN_ID_LABEL};
 use crate::resources::workflow::OnInvalid;
+use crate::resources::workflow::StepType;
 use crate::resources::{RecipientPage, RecipientPageSpec, TriggerRun, TriggerRunStatus, WorkflowSnapshot};
 
 /// What a trigger says, parsed and checked.
@@ -268,10 +269,13 @@ impl Reconciler<'_> {
             .collect();
 
         let snapshot = WorkflowSnapshot::of(&workflow);
-        let step_refs: Vec<&str> = workflow.spec.steps.iter().map(|s| s.step_ref.as_str()).collect();
+        let tree = crate::core::path::all_steps(&workflow.spec.steps);
+        let step_refs: Vec<&str> = tree.iter().map(|s| s.step_ref.as_str()).collect();
+        // Fetch and batch steps keep data for later steps in the record.
+        let extra = run_status::context_bound(tree.iter().any(|s| matches!(s.step_type, StepType::Fetch | StepType::Batch)));
         // What the run's object holds besides inline records: they share its size limit.
         let run_size = run_status::stored_size(&self.run.metadata) + run_status::stored_size(&self.run.spec) + run_status::stored_size(&snapshot);
-        let pages = match run_status::plan_layout(&recipients, &step_refs, run_size, PAGE_SIZE) {
+        let pages = match run_status::plan_layout(&recipients, &step_refs, extra, run_size, PAGE_SIZE) {
             // Inline: nothing is written yet but the recipient run ids (the
             // API's index); the run's status goes out at the first checkpoint,
             // or with the outcome.

@@ -26,6 +26,7 @@ use crate::controller::{conditions, directory, Context, Error};
 use crate::core::execution::{self, ChannelTypes, Next, RecipientContext, RunContext};
 use crate::core::expansion;
 use crate::core::expansion::Directory;
+use crate::core::functions;
 use crate::core::history::{MessageRecord, MessageSource};
 use crate::core::model::{JsonObject, RecipientInput, RecipientKey};
 use crate::core::status::{self as run_status, RecipientState, RecipientStatus, RunState};
@@ -140,6 +141,10 @@ impl Reconciler<'_> {
             data: &trigger.data,
             actor,
             tenant: tenant.as_ref(),
+            conditions: &snapshot.conditions,
+            trigger_frequency: snapshot.trigger_frequency,
+            cancellation_key: self.run.spec.cancellation_key.as_deref(),
+            audiences: &directory,
         };
         // Each recipient checks the watch cache before every step (`drive`); a
         // run just accepted (`directory` given) also reads what the apiserver
@@ -308,7 +313,8 @@ impl Reconciler<'_> {
         cancelled: bool,
     ) -> Result<Option<Timestamp>, Fenced> {
         // Message-status conditions (`refs.<step>...`) read the recipient's stored messages.
-        let history = self.ctx.history.as_ref().filter(|_| run.steps.iter().any(|s| s.conditions.iter().any(|c| c.variable.starts_with("refs."))));
+        let refs_conditions = crate::core::path::all_steps(run.steps).iter().any(|s| s.conditions.leaves().iter().any(|c| c.variable.starts_with("refs.")));
+        let history = self.ctx.history.as_ref().filter(|_| refs_conditions);
         loop {
             // A Cancellation stored while the run is in progress stops the recipient before its next step.
             let cancelled = cancelled || self.cancellation().covers(recipient.key);
@@ -356,6 +362,38 @@ impl Reconciler<'_> {
                     }
                     execution::record_delivery(status, &message, &outcome, Timestamp::now());
                 }
+                Next::CheckFrequency(check) => {
+                    let first = self.check_frequency(recipient, &check).await;
+                    functions::record_frequency(status, &check, first);
+                }
+                Next::Fetch(call) => {
+                    let outcome = self.ctx.deliverer.fetch(&self.namespace, &call).await?;
+                    let step = crate::core::path::find(run.steps, &call.step_ref).expect("the call's step is in the run");
+                    let data = execution::step_context(run, recipient, status)["data"].clone();
+                    functions::record_fetch(status, step, &outcome, &data, Timestamp::now());
+                }
+                Next::TriggerWorkflow(call) => {
+                    let outcome = self.trigger_workflow(&call).await;
+                    functions::record_trigger(status, &call, &outcome, Timestamp::now());
+                }
+                Next::Throttle(call) => {
+                    let outcome = self.throttle(&call).await;
+                    match outcome {
+                        Ok(outcome) => functions::record_throttle(status, &call, &outcome, Timestamp::now()),
+                        // The throttle's state could not be read or written: try again later, exactly.
+                        Err(e) => {
+                            tracing::warn!(error = %e, step = %call.step_ref, "throttle unavailable; retrying");
+                            return Ok(Some(Timestamp::now() + SignedDuration::from_secs(1)));
+                        }
+                    }
+                }
+                Next::Batch(call) => match self.batch(&call).await {
+                    Ok(outcome) => functions::record_batch(status, &call, &outcome, Timestamp::now()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, step = %call.step_ref, "batch unavailable; retrying");
+                        return Ok(Some(Timestamp::now() + SignedDuration::from_secs(1)));
+                    }
+                },
             }
         }
     }

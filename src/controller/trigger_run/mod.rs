@@ -11,6 +11,7 @@
 
 mod acceptance;
 mod drive;
+mod functions;
 mod records;
 mod retention;
 

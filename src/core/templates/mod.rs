@@ -139,6 +139,105 @@ fn parser(count_loops: bool) -> Result<liquid::Parser, liquid::Error> {
 }
 
 /// The Liquid fields of a channel step's template, with their field names.
+/// A step's Liquid fields by name (`template.body`, `fetch.url`, `batch.key`, ...),
+/// after checking its other settings (durations, windows, branches).
+fn step_sources(step: &Step) -> Result<Vec<(String, &str)>, TemplateError> {
+    let step_ref = step.step_ref.as_str();
+    let err = |field: &str, message: String| TemplateError::new(step_ref, field, message);
+    let duration = |field: &str, d: &Option<crate::resources::workflow::DurationValue>| -> Result<(), TemplateError> {
+        match d {
+            Some(d) => crate::core::windows::duration(d).map(|_| ()).map_err(|e| err(field, e)),
+            None => Ok(()),
+        }
+    };
+    fn opt<'s>(name: &str, source: &'s Option<String>) -> Option<(String, &'s str)> {
+        source.as_deref().map(|s| (name.to_string(), s))
+    }
+    let mut sources: Vec<(String, &str)> = Vec::new();
+    match step.step_type {
+        StepType::Channel => {
+            crate::core::windows::check_send_windows(&step.send_windows).map_err(|e| err("sendWindows", e))?;
+            if let Some(t) = &step.template {
+                sources = template_fields(t);
+            }
+        }
+        StepType::Delay => {
+            if let Some(delay) = &step.delay {
+                duration("delay.duration", &delay.duration)?;
+                sources.extend(opt("delay.until", &delay.until));
+            }
+        }
+        StepType::Batch => {
+            let batch = step.batch.as_ref().ok_or_else(|| err("batch", "a batch step needs `batch`".into()))?;
+            if batch.window.is_none() && batch.window_from.is_none() {
+                return Err(err("batch.window", "a batch step needs `window` or `windowFrom`".into()));
+            }
+            duration("batch.window", &batch.window)?;
+            duration("batch.maxWindow", &batch.max_window)?;
+            if batch.window_type == crate::resources::workflow::WindowType::Sliding && batch.max_window.is_none() {
+                return Err(err("batch.maxWindow", "a sliding window needs `maxWindow`".into()));
+            }
+            if batch.max_activities.is_some_and(|n| !(2..=1000).contains(&n)) {
+                return Err(err("batch.maxActivities", "must be 2 to 1000".into()));
+            }
+            if batch.render_limit.is_some_and(|n| !(1..=100).contains(&n)) {
+                return Err(err("batch.renderLimit", "must be 1 to 100".into()));
+            }
+            sources.extend(opt("batch.key", &batch.key));
+        }
+        StepType::Throttle => {
+            let throttle = step.throttle.as_ref().ok_or_else(|| err("throttle", "a throttle step needs `throttle`".into()))?;
+            if throttle.window.is_none() && throttle.window_from.is_none() {
+                return Err(err("throttle.window", "a throttle step needs `window` or `windowFrom`".into()));
+            }
+            duration("throttle.window", &throttle.window)?;
+            if throttle.limit == 0 {
+                return Err(err("throttle.limit", "must be at least 1".into()));
+            }
+            sources.extend(opt("throttle.key", &throttle.key));
+        }
+        StepType::Fetch => {
+            let fetch = step.fetch.as_ref().ok_or_else(|| err("fetch", "a fetch step needs `fetch`".into()))?;
+            sources.push(("fetch.url".into(), fetch.url.as_str()));
+            if let Some(m) = &fetch.method {
+                sources.push(("fetch.method".into(), m.as_str()));
+            }
+            if let Some(b) = &fetch.body {
+                sources.push(("fetch.body".into(), b.as_str()));
+            }
+            sources.extend(fetch.headers.iter().map(|(k, v)| (format!("fetch.headers.{k}"), v.as_str())));
+            sources.extend(fetch.query.iter().map(|(k, v)| (format!("fetch.query.{k}"), v.as_str())));
+        }
+        StepType::Branch => {
+            if step.branches.is_empty() {
+                return Err(err("branches", "a branch step needs at least one branch".into()));
+            }
+            let mut names = std::collections::BTreeSet::new();
+            for (i, branch) in step.branches.iter().enumerate() {
+                if branch.name.is_empty() || !names.insert(branch.name.as_str()) {
+                    return Err(err(&format!("branches[{i}].name"), "each branch needs a name, unique within the step".into()));
+                }
+                conditions::check(&branch.conditions).map_err(|e| err(&format!("branches[{i}].conditions"), e.to_string()))?;
+                // A branch without conditions always matches: any after it could never run.
+                if branch.conditions.is_empty() && i + 1 < step.branches.len() {
+                    return Err(err(&format!("branches[{i}].conditions"), format!("branch `{}` has no conditions (a default branch) but is not the last", branch.name)));
+                }
+            }
+        }
+        StepType::TriggerWorkflow => {
+            let t = step.trigger_workflow.as_ref().ok_or_else(|| err("triggerWorkflow", "a trigger_workflow step needs `triggerWorkflow`".into()))?;
+            if t.workflow.is_empty() {
+                return Err(err("triggerWorkflow.workflow", "names no workflow".into()));
+            }
+            sources.extend(opt("triggerWorkflow.data", &t.data));
+            sources.extend(opt("triggerWorkflow.actor", &t.actor));
+            sources.extend(opt("triggerWorkflow.tenant", &t.tenant));
+            sources.extend(opt("triggerWorkflow.cancellationKey", &t.cancellation_key));
+        }
+    }
+    Ok(sources)
+}
+
 fn template_fields(t: &StepTemplate) -> Vec<(String, &str)> {
     let mut fields: Vec<(String, &str)> = [
         ("template.method", &t.method),
@@ -173,32 +272,17 @@ impl CompiledTemplates {
         let as_written = parser(false).map_err(parser_error)?;
         let counting = parser(true).map_err(parser_error)?;
         let mut compiled: BTreeMap<String, BTreeMap<String, Field>> = BTreeMap::new();
-        for step in steps {
+        if crate::core::path::depth(steps) > crate::core::path::MAX_BRANCH_DEPTH {
+            return Err(TemplateError::new("", "branches", format!("branches nest more than {} deep", crate::core::path::MAX_BRANCH_DEPTH)));
+        }
+        for step in crate::core::path::all_steps(steps) {
             let step_ref = step.step_ref.as_str();
             // Templates are looked up by ref, so a duplicate would silently shadow a step.
             if compiled.contains_key(step_ref) {
-                return Err(TemplateError::new(step_ref, "ref", "duplicate step ref"));
+                return Err(TemplateError::new(step_ref, "ref", "duplicate step ref (refs are unique across the workflow, branches included)"));
             }
-            conditions::check_operators(&step.conditions).map_err(|e| TemplateError::new(step_ref, "conditions", e.to_string()))?;
-
-            let mut sources: Vec<(String, &str)> = Vec::new();
-            match step.step_type {
-                StepType::Channel => {
-                    if let Some(t) = &step.template {
-                        sources = template_fields(t);
-                    }
-                }
-                StepType::Delay => {
-                    if let Some(delay) = &step.delay {
-                        if let Some(d) = &delay.duration {
-                            parse_duration(d).map_err(|e| TemplateError::new(step_ref, "delay.duration", e))?;
-                        }
-                        if let Some(until) = &delay.until {
-                            sources.push(("delay.until".into(), until.as_str()));
-                        }
-                    }
-                }
-            }
+            conditions::check(&step.conditions).map_err(|e| TemplateError::new(step_ref, "conditions", e.to_string()))?;
+            let sources = step_sources(step)?;
 
             let mut fields = BTreeMap::new();
             for (field, source) in sources {
@@ -235,12 +319,18 @@ impl CompiledTemplates {
     /// Renders every header template of a step: header name → value. Empty
     /// when the step has no headers.
     pub fn render_headers(&self, step_ref: &str, context: &Value) -> Result<BTreeMap<String, String>, TemplateError> {
-        let fields = self.fields(step_ref, "template.headers")?;
-        // Converted once for every header.
-        let globals = globals(step_ref, "template.headers", context)?;
+        self.render_map(step_ref, "template.headers", context)
+    }
+
+    /// Renders every field named `<prefix>.<name>` (headers, query parameters): name → value.
+    pub fn render_map(&self, step_ref: &str, prefix: &str, context: &Value) -> Result<BTreeMap<String, String>, TemplateError> {
+        let fields = self.fields(step_ref, prefix)?;
+        // Converted once for every field.
+        let globals = globals(step_ref, prefix, context)?;
+        let prefix = format!("{prefix}.");
         fields
             .iter()
-            .filter_map(|(field, template)| field.strip_prefix("template.headers.").map(|name| (field, name, template)))
+            .filter_map(|(field, template)| field.strip_prefix(prefix.as_str()).map(|name| (field, name, template)))
             .map(|(field, name, template)| {
                 template.render(&globals, context, self.budget).map(|value| (name.to_string(), value)).map_err(|e| TemplateError::from_render(step_ref, field, e))
             })
@@ -633,7 +723,7 @@ mod tests {
         Step {
             step_ref: step_ref.into(),
             step_type: StepType::Delay,
-            delay: Some(Delay { duration: duration.map(Into::into), until: until.map(Into::into) }),
+            delay: Some(Delay { duration: duration.map(Into::into), until: until.map(Into::into), window_from: None }),
             ..Default::default()
         }
     }
@@ -940,7 +1030,7 @@ mod tests {
         assert_eq!((err.step.as_str(), err.field.as_str()), ("wait", "delay.duration"));
 
         let mut step = channel_step("s", StepTemplate::default());
-        step.conditions = vec![StepCondition { variable: "data.x".into(), operator: "equals".into(), argument: Some(json!(1)) }];
+        step.conditions = vec![StepCondition { variable: "data.x".into(), operator: "equals".into(), argument: Some(json!(1)) }].into();
         let err = CompiledTemplates::compile(&[step]).expect_err("bad operator");
         assert_eq!((err.step.as_str(), err.field.as_str()), ("s", "conditions"));
         assert!(err.message.contains("unknown operator `equals`"), "{err}");

@@ -53,7 +53,7 @@ fn knock_status(state: RecipientState) -> &'static str {
     match state {
         RecipientState::Queued => "queued",
         RecipientState::Running | RecipientState::Waiting => "processing",
-        RecipientState::Completed | RecipientState::Skipped | RecipientState::Failed => "completed",
+        RecipientState::Completed | RecipientState::Skipped | RecipientState::Failed | RecipientState::Batched | RecipientState::Throttled => "completed",
         RecipientState::Cancelled => "cancelled",
     }
 }
