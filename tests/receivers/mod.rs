@@ -21,6 +21,8 @@ use axum::response::{IntoResponse, Response};
 pub struct Received {
     pub method: String,
     pub path: String,
+    /// The query string, if any.
+    pub query: String,
     /// Header names lowercased.
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
@@ -105,6 +107,7 @@ async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, heade
     inner.received.lock().unwrap().push(Received {
         method: method.to_string(),
         path,
+        query: uri.query().unwrap_or_default().to_string(),
         headers: headers.iter().map(|(k, v)| (k.as_str().to_ascii_lowercase(), v.to_str().unwrap_or_default().to_string())).collect(),
         body: body.to_vec(),
         at: SystemTime::now(),
