@@ -233,3 +233,28 @@ async fn workflow_conditions_skip_recipients_and_bad_shapes_are_named() {
         assert!(message.contains(says), "{key}: {message}");
     }
 }
+
+#[tokio::test]
+async fn once_per_recipient_runs_a_workflow_once_for_each_recipient() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    let mut settings = herald::settings::Settings::for_namespace(&ns.name);
+    settings.database_url = Some(common::database().await);
+    let _op = common::operator_with(&client, settings).await;
+    channel(&ns, &receiver).await;
+    user(&ns, "ann", json!({})).await;
+    user(&ns, "bob", json!({})).await;
+    workflow(&ns, "welcome", json!({"triggerFrequency": "oncePerRecipient", "steps": [hook("hello", "/hello", &receiver, "{{ recipient.id }}")]})).await;
+    let first = trigger(&ns, json!({"workflow": "welcome", "recipients": ["ann"]})).await;
+    assert_eq!(finished(&ns, &first).await["ann"].state, RecipientState::Completed);
+    // Two more at once: ann has had hers; bob gets his once.
+    let (a, b) = tokio::join!(trigger(&ns, json!({"workflow": "welcome", "recipients": ["ann", "bob"]})), trigger(&ns, json!({"workflow": "welcome", "recipients": ["bob"]})));
+    let (a, b) = (finished(&ns, &a).await, finished(&ns, &b).await);
+    assert_eq!((a["ann"].state, a["ann"].reason.as_deref()), (RecipientState::Skipped, Some("TriggerFrequency")));
+    let bob = [a["bob"].state, b["bob"].state];
+    assert_eq!(bob.iter().filter(|s| **s == RecipientState::Completed).count(), 1, "{bob:?}");
+    let mut bodies: Vec<String> = receiver.received_at("/hello").iter().map(|r| String::from_utf8_lossy(&r.body).to_string()).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["ann", "bob"]);
+}
