@@ -93,7 +93,6 @@ pub struct BatchGroup {
     /// The recipient: a user id (`u1`) or `collection:id` for an object.
     pub recipient: String,
     /// The rendered batch key (empty without one). Long keys are kept as a prefix and a hash.
-    #[serde(default)]
     pub key: String,
 }
 
@@ -202,7 +201,6 @@ pub struct Activity {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub data_omitted: bool,
     /// When it joined (RFC 3339); set by [`visit`].
-    #[serde(default)]
     pub inserted_at: String,
     /// The trigger's cancellation key, in [`stored_key`] form.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,6 +284,11 @@ pub struct BatchState {
     pub previous: Option<String>,
 }
 
+/// How long after a batch opened a run that asks again is looked for in the
+/// batch it replaced: a run asks again after a lost status write, within
+/// moments of its first ask, which came before this batch opened.
+pub const PREVIOUS_CHECKED_FOR: Duration = Duration::from_secs(600);
+
 fn parse_time(s: &str) -> Option<Timestamp> {
     s.parse().ok()
 }
@@ -317,7 +320,14 @@ impl BatchState {
             || self.activities.iter().any(|a| a.recipient_run_id == recipient_run_id)
     }
 
-    fn is_carrier(&self, recipient_run_id: &str) -> bool {
+    /// The archive of the batch this one replaced, while a run that joined it may still ask again.
+    pub fn previous_to_check(&self, now: Timestamp) -> Option<&str> {
+        let opened = parse_time(&self.opened_at)?;
+        self.previous.as_deref().filter(|_| now < add(opened, PREVIOUS_CHECKED_FOR))
+    }
+
+    /// Whether `recipient_run_id` carries this batch.
+    pub fn is_carrier(&self, recipient_run_id: &str) -> bool {
         self.carrier.as_ref().is_some_and(|c| c.recipient_run_id == recipient_run_id)
     }
 
@@ -344,6 +354,10 @@ pub struct Visit {
     /// The cancellation keys cancelled for this workflow and recipient: their
     /// activities are left out of the summary.
     pub cancelled_keys: BTreeSet<String>,
+    /// The run was told `Open` or `Wait` before (its status says it carries a
+    /// batch): if the group's current batch is another one, the store looks
+    /// for this run's archived batch instead of treating it as a new arrival.
+    pub carrying: bool,
 }
 
 impl Visit {
@@ -657,6 +671,7 @@ mod tests {
                 ..Activity::default()
             },
             cancelled_keys: BTreeSet::new(),
+            carrying: false,
         }
     }
 
