@@ -125,7 +125,9 @@ impl BatchStore {
         let api: Api<Lenient<Batch>> = Api::namespaced(self.client.clone(), namespace);
         Ok(match api.get_opt(name).await? {
             None => Read { state: None, group: None, resource_version: None },
-            Some(Lenient::Valid(batch)) => Read { state: Some(batch.spec.state.clone()), group: Some(batch.spec.group.clone()), resource_version: batch.metadata.resource_version.clone() },
+            Some(Lenient::Valid(batch)) => {
+                Read { state: Some(batch.spec.state.clone()), group: Some(batch.spec.group.clone()), resource_version: batch.metadata.resource_version.clone() }
+            }
             Some(Lenient::Invalid { metadata, error }) => {
                 tracing::warn!(%namespace, %name, %error, "a Batch herald cannot read; it is replaced by the next visit");
                 Read { state: None, group: None, resource_version: metadata.resource_version.clone() }
@@ -241,7 +243,14 @@ impl BatchStore {
     }
 
     /// Creates the group's object (no resourceVersion) or replaces it at `resource_version`.
-    async fn write(&self, namespace: &str, group: &BatchGroup, name: &str, state: BatchState, resource_version: Option<String>) -> Result<(Option<BatchState>, Option<String>), kube::Error> {
+    async fn write(
+        &self,
+        namespace: &str,
+        group: &BatchGroup,
+        name: &str,
+        state: BatchState,
+        resource_version: Option<String>,
+    ) -> Result<(Option<BatchState>, Option<String>), kube::Error> {
         let mut batch = Batch::new(name, BatchSpec { group: group.clone(), state });
         batch.metadata.labels = Some(group.labels());
         let api = self.api(namespace);

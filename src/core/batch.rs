@@ -99,7 +99,12 @@ pub struct BatchGroup {
 impl BatchGroup {
     /// A group; long parts are bounded (prefix and hash) so that they can be stored.
     pub fn new(workflow: &str, step_ref: &str, recipient: &str, key: &str) -> Self {
-        BatchGroup { workflow: bounded(workflow, MAX_KEY_BYTES), step_ref: bounded(step_ref, MAX_ID_BYTES), recipient: bounded(recipient, MAX_KEY_BYTES), key: bounded(key, MAX_KEY_BYTES) }
+        BatchGroup {
+            workflow: bounded(workflow, MAX_KEY_BYTES),
+            step_ref: bounded(step_ref, MAX_ID_BYTES),
+            recipient: bounded(recipient, MAX_KEY_BYTES),
+            key: bounded(key, MAX_KEY_BYTES),
+        }
     }
 
     /// 16 hex digits identifying the group (64 bits: names of different groups
@@ -962,6 +967,17 @@ mod tests {
         state.closes_at = "not a time".into();
         assert!(state.is_closed(t(0)));
         assert_eq!(visit(Some(&state), &arrival(1, s), t(1)).0, BatchDecision::Open { closes_at: t(31) });
+    }
+
+    #[test]
+    fn a_replaced_batch_is_checked_for_runs_asking_again_for_a_while() {
+        let s = fixed(30);
+        let old = visit(None, &arrival(0, s), t(0)).1.unwrap();
+        let new = visit(Some(&old), &arrival(1, s), t(30)).1.unwrap();
+        let archive = group().archive_name("rr-0");
+        assert_eq!(new.previous_to_check(t(31)), Some(archive.as_str()));
+        assert_eq!(new.previous_to_check(t(30 + PREVIOUS_CHECKED_FOR.as_secs() as i64)), None);
+        assert_eq!(old.previous_to_check(t(1)), None);
     }
 
     #[test]
