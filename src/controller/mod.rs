@@ -1,6 +1,7 @@
 //! The reconcilers: thin layers that read resources, call the core, and write
 //! status. They share one [`Context`].
 
+pub mod batch;
 pub mod channel;
 pub mod conditions;
 pub mod cpu;

@@ -1,6 +1,7 @@
 //! The pure core: herald's decisions, with no Kubernetes or HTTP types, so
 //! they can be tested without a cluster.
 
+pub mod batch;
 pub mod conditions;
 pub mod execution;
 pub mod expansion;

@@ -2,6 +2,7 @@
 //! A namespace plays the part of a Knock environment.
 
 pub mod audience;
+pub mod batch;
 pub mod cancellation;
 pub mod channel;
 pub mod object;
@@ -13,6 +14,7 @@ pub mod user;
 pub mod workflow;
 
 pub use audience::{Audience, AudienceSpec};
+pub use batch::{Batch, BatchSpec};
 pub use cancellation::{Cancellation, CancellationSpec};
 pub use channel::{Channel, ChannelSpec, ChannelStatus, ChannelType};
 pub use object::{Object, ObjectSpec, Subscription};

@@ -88,6 +88,7 @@ The herald CRDs (crds/), which the operator reads to wait until they are establi
 */}}
 {{- define "herald.crdNames" -}}
 - audiences.herald.dev
+- batches.herald.dev
 - cancellations.herald.dev
 - channels.herald.dev
 - objects.herald.dev
@@ -105,6 +106,7 @@ What herald does in the namespaces it watches, and nothing more:
 - creates TriggerRuns and Cancellations (the API) and deletes them (TTL, retention);
 - patches a small TriggerRun's metadata once (the recipient run ids the API finds its inline records by);
 - creates and updates RecipientPages (server-side apply) and deletes them with their run;
+- creates, replaces (optimistic concurrency) and deletes Batches (batch steps);
 - creates, updates and deletes Users, Objects and Tenants (inline identify, the API);
 - publishes Events (kube-runtime's Recorder: events.k8s.io/v1; core events for older clients);
 - reads the Secrets Channels name (get only; API keys live in the key
@@ -123,6 +125,9 @@ What herald does in the namespaces it watches, and nothing more:
 - apiGroups: [herald.dev]
   resources: [recipientpages]
   verbs: [get, list, watch, create, patch, delete, deletecollection]
+- apiGroups: [herald.dev]
+  resources: [batches]
+  verbs: [get, list, watch, create, update, delete]
 - apiGroups: [herald.dev]
   resources: [users, objects, tenants]
   verbs: [get, list, watch, create, update, patch, delete]
