@@ -66,6 +66,9 @@ pub struct RecipientContext<'a> {
     /// The stored statuses of this recipient's earlier messages, by step ref
     /// (for `refs.<step>` conditions); None when none were read.
     pub messages: Option<&'a crate::core::history::StoredStatuses>,
+    /// A batch this recipient carries may have closed before its window's end
+    /// (it filled up): look now rather than at the window's end.
+    pub poll_batch: bool,
 }
 
 /// Resolves a channel step's channel name to its type name (`http`, `chat`, `email`),
@@ -263,7 +266,8 @@ pub fn advance(run: &RunContext, recipient: &RecipientContext, channels: &dyn Ch
     // Resume a pending wait.
     if let Some(step) = waiting {
         let wake = status.wake_at.as_deref().and_then(|w| w.parse::<Timestamp>().ok()).unwrap_or(now);
-        if wake > now {
+        let polled = recipient.poll_batch && step.step_type == StepType::Batch;
+        if wake > now && !polled {
             status.state = RecipientState::Waiting;
             return Next::WaitUntil(wake);
         }
@@ -590,7 +594,7 @@ mod tests {
         }
 
         fn recipient<'a>(&'a self, trigger_data: Option<&'a JsonObject>) -> RecipientContext<'a> {
-            RecipientContext { key: &self.key, recipient_run_id: Uuid::nil(), user: Some(&self.user), object: None, trigger_data, subscription: None, messages: None }
+            RecipientContext { key: &self.key, recipient_run_id: Uuid::nil(), user: Some(&self.user), object: None, trigger_data, subscription: None, messages: None, poll_batch: false }
         }
     }
 
@@ -746,7 +750,7 @@ mod tests {
         user.preferences.insert("default".into(), default.clone());
         let tenant_defaults = PreferenceSet { channel_types: BTreeMap::from([("email".into(), false)]), ..Default::default() };
         let tenant = TenantRecord { id: "acme".into(), properties: JsonObject::new(), preference_set: Some(tenant_defaults.clone()) };
-        let recipient = RecipientContext { key: &f.key, recipient_run_id: Uuid::nil(), user: Some(&user), object: None, trigger_data: None, subscription: None, messages: None };
+        let recipient = RecipientContext { key: &f.key, recipient_run_id: Uuid::nil(), user: Some(&user), object: None, trigger_data: None, subscription: None, messages: None, poll_batch: false };
         assert_eq!(preference_sets(&recipient, Some(&tenant)), vec![&tenant_specific, &tenant_defaults, &default]);
         assert_eq!(preference_sets(&recipient, None), vec![&default]);
     }

@@ -151,6 +151,8 @@ impl Reconciler<'_> {
         // stores now, which the cache may not have yet.
         let cancelled = if directory_given { self.stored_cancellation().await? } else { Cancelled::None };
 
+        // A batch that filled up early woke this run: its carriers look once.
+        let poll_batch = self.run.annotations().contains_key(super::functions::WAKE_ANNOTATION);
         let mut next_wake: Option<Timestamp> = None;
         // Every unfinished recipient of every page, in order, at most
         // --run-concurrency at once: a slow recipient holds up no other page.
@@ -187,6 +189,7 @@ impl Reconciler<'_> {
                         trigger_data,
                         subscription: via.as_ref().and_then(|v| expansion::subscription(directory, v, &recipient_key)),
                         messages: None,
+                        poll_batch,
                     };
                     let wake = self.drive(run_context, &recipient, channels, &mut recipient_status, is_cancelled).await;
                     (p, i, recipient_status, wake)
@@ -315,6 +318,8 @@ impl Reconciler<'_> {
         // Message-status conditions (`refs.<step>...`) read the recipient's stored messages.
         let refs_conditions = crate::core::path::all_steps(run.steps).iter().any(|s| s.conditions.leaves().iter().any(|c| c.variable.starts_with("refs.")));
         let history = self.ctx.history.as_ref().filter(|_| refs_conditions);
+        // Set once this recipient looked at its batch: one look per reconcile.
+        let mut polled = false;
         loop {
             // A Cancellation stored while the run is in progress stops the recipient before its next step.
             let cancelled = cancelled || self.cancellation().covers(recipient.key);
@@ -333,7 +338,7 @@ impl Reconciler<'_> {
                 },
                 None => None,
             };
-            let recipient = &RecipientContext { messages: stored.as_ref(), ..*recipient };
+            let recipient = &RecipientContext { messages: stored.as_ref(), poll_batch: recipient.poll_batch && !polled, ..*recipient };
             // Rendering is CPU-bound (up to its budget per field): not on an async worker.
             match crate::controller::cpu::off_the_async_workers(|| execution::advance(run, recipient, channels, status, cancelled, Timestamp::now())) {
                 Next::Done => return Ok(None),
@@ -387,7 +392,10 @@ impl Reconciler<'_> {
                         }
                     }
                 }
-                Next::Batch(call) => match self.batch(&call).await {
+                Next::Batch(call) => match {
+                    polled |= call.carrier;
+                    self.batch(&call).await
+                } {
                     Ok(outcome) => functions::record_batch(status, &call, &outcome, Timestamp::now()),
                     Err(e) => {
                         tracing::warn!(error = %e, step = %call.step_ref, "batch unavailable; retrying");

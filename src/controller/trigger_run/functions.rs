@@ -5,20 +5,24 @@
 //! deliverer's ([`crate::controller::delivery::Deliverer::fetch`]).
 
 use kube::api::PostParams;
-use kube::Api;
+use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
 use super::{Reconciler, RUN_LABEL};
 use crate::controller::workflow::find_by_key;
 use crate::controller::Error;
 use crate::core::execution::RecipientContext;
-use crate::core::functions::{BatchCall, BatchOutcome, FrequencyCheck, ThrottleCall, ThrottleOutcome, TriggerCall, TriggerOutcome};
+use crate::core::batch::{self as core_batch, BatchDecision};
+use crate::core::functions::{self, BatchCall, BatchOutcome, FrequencyCheck, ThrottleCall, ThrottleOutcome, TriggerCall, TriggerOutcome};
 use crate::core::ids;
 use crate::core::model::RecipientKey;
 use crate::resources::{TriggerRun, TriggerRunSpec};
 
 /// The label naming the run whose trigger-workflow step started a run.
 pub const PARENT_RUN_LABEL: &str = "herald.dev/parent-run";
+/// Set on a run whose batch closed before its window ended (maxActivities):
+/// its waiting carriers look at their batches at once.
+pub const WAKE_ANNOTATION: &str = "herald.dev/batch-wake";
 
 impl Reconciler<'_> {
     /// Whether this recipient run is the workflow's first for the recipient.
@@ -71,9 +75,67 @@ impl Reconciler<'_> {
         Err(Error::Stale("throttle steps are not available yet".into()))
     }
 
-    /// Visits the step's batch.
+    /// Visits the step's batch (see [`crate::controller::batch`]).
     pub(super) async fn batch(&self, call: &BatchCall) -> Result<BatchOutcome, Error> {
-        let _ = call;
-        Err(Error::Stale("batch steps are not available yet".into()))
+        let std = |d: jiff::SignedDuration| d.unsigned_abs();
+        let window = match call.window {
+            functions::BatchWindow::Fixed(d) => core_batch::BatchWindow::Fixed(std(d)),
+            functions::BatchWindow::Sliding { window, max } => core_batch::BatchWindow::Sliding { window: std(window), max: std(max) },
+            functions::BatchWindow::Until(t) => core_batch::BatchWindow::Until(t),
+        };
+        let actor_id = call.actor.get("id").and_then(Value::as_str).map(str::to_string);
+        let visit = core_batch::Visit {
+            group: core_batch::BatchGroup::new(&call.workflow, &call.step_ref, &call.recipient.to_string(), &call.key),
+            settings: core_batch::BatchSettings { window, max_activities: call.max_activities, render_limit: call.render_limit, flush_leading: call.flush_leading },
+            activity: core_batch::Activity {
+                recipient_run_id: call.recipient_run_id.to_string(),
+                workflow_run_id: call.workflow_run_id.to_string(),
+                trigger_run: self.name.clone(),
+                actor_id,
+                actor: (!call.actor.is_null()).then(|| call.actor.clone()),
+                data: Some(call.data.clone()),
+                cancellation_key: call.cancellation_key.clone(),
+                ..Default::default()
+            },
+            cancelled_keys: self.cancelled_keys(&call.workflow, &call.recipient),
+            carrying: call.carrier,
+        };
+        let decision = crate::controller::batch::visit(&self.ctx.client, &self.namespace, &visit, jiff::Timestamp::now()).await?;
+        Ok(match decision {
+            BatchDecision::Open { closes_at } => BatchOutcome::Opened { closes_at },
+            BatchDecision::Wait { closes_at } => BatchOutcome::Wait { closes_at },
+            BatchDecision::FlushLeading => BatchOutcome::Continue,
+            BatchDecision::Closed(summary) if summary.is_empty() => BatchOutcome::Empty,
+            BatchDecision::Closed(summary) => BatchOutcome::Closed { summary: summary.variables() },
+            BatchDecision::Joined { carrier_run, wake_carrier, .. } => {
+                if wake_carrier {
+                    self.wake(&carrier_run).await;
+                }
+                BatchOutcome::Joined { carrier: carrier_run }
+            }
+        })
+    }
+
+    /// The cancellation keys of this workflow's live Cancellations that cover the recipient.
+    fn cancelled_keys(&self, workflow: &str, recipient: &RecipientKey) -> std::collections::BTreeSet<String> {
+        self.ctx
+            .stores
+            .cancellations
+            .state()
+            .iter()
+            .filter(|c| c.namespace().as_deref() == Some(self.namespace.as_str()) && c.spec.workflow == workflow)
+            .filter(|c| c.spec.recipients.is_empty() || c.spec.recipients.iter().any(|r| crate::core::expansion::parse_reference(r).is_ok_and(|k| &k == recipient)))
+            .map(|c| c.spec.cancellation_key.clone())
+            .collect()
+    }
+
+    /// Tells a batch's carrier its batch closed early: an annotation on its
+    /// run wakes it (a reconcile), and asks its waiting carriers to look.
+    async fn wake(&self, run: &str) {
+        let api: Api<TriggerRun> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let patch = json!({"metadata": {"annotations": {WAKE_ANNOTATION: jiff::Timestamp::now().to_string()}}});
+        if let Err(e) = api.patch(run, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await {
+            tracing::warn!(error = %e, %run, "could not wake a batch's carrier; it looks again at its window's end");
+        }
     }
 }
