@@ -11,6 +11,7 @@ pub mod model;
 pub mod preferences;
 pub mod status;
 pub mod templates;
+pub mod throttle;
 pub mod validation;
 
 /// `s` cut to at most `max` characters (on a char boundary), marked with `…`:
