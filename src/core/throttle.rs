@@ -29,6 +29,11 @@ use super::model::RecipientKey;
 /// The longest window Knock allows.
 pub const MAX_WINDOW: SignedDuration = SignedDuration::from_hours(31 * 24);
 
+/// The highest limit herald takes: the admitted run ids are kept in the
+/// Throttle resource (about 40 bytes each), which must stay well under etcd's
+/// 1.5 MiB request limit. Knock documents no upper limit.
+pub const MAX_LIMIT: u32 = 10_000;
+
 /// Knock: the key must be shorter than this after JSON and URL encoding.
 pub const MAX_KEY_LEN: usize = 64;
 
@@ -69,10 +74,7 @@ impl ThrottleGroup {
     /// Labels for selection with kubectl (`-l herald.dev/workflow=deploy`);
     /// values that do not fit a label are shortened and hashed.
     pub fn labels(&self) -> std::collections::BTreeMap<String, String> {
-        [(WORKFLOW_LABEL, &self.workflow), (STEP_LABEL, &self.step_ref), (RECIPIENT_LABEL, &self.recipient)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), label_value(v)))
-            .collect()
+        [(WORKFLOW_LABEL, &self.workflow), (STEP_LABEL, &self.step_ref), (RECIPIENT_LABEL, &self.recipient)].into_iter().map(|(k, v)| (k.to_string(), label_value(v))).collect()
     }
 }
 
@@ -112,6 +114,8 @@ pub enum ThrottleDecision {
 pub enum ThrottleError {
     #[error("throttle limit must be at least 1")]
     ZeroLimit,
+    #[error("throttle limit {0} is above the 10000 herald allows")]
+    LimitTooHigh(u32),
     #[error("throttle window must be longer than zero, got {0}")]
     EmptyWindow(String),
     #[error("throttle window ends at {end}, which is not after now ({now})")]
@@ -159,6 +163,9 @@ impl ThrottleRequest {
     pub fn check(&self, now: Timestamp) -> Result<Timestamp, ThrottleError> {
         if self.limit == 0 {
             return Err(ThrottleError::ZeroLimit);
+        }
+        if self.limit > MAX_LIMIT {
+            return Err(ThrottleError::LimitTooHigh(self.limit));
         }
         let encoded = encoded_key_len(&self.group.key);
         if encoded >= MAX_KEY_LEN {
@@ -349,6 +356,8 @@ mod tests {
         let now = t("2024-05-01T10:00:00Z");
         let check = |req: ThrottleRequest| decide(None, &req, now).unwrap_err();
         assert_eq!(check(request(0, hour())), ThrottleError::ZeroLimit);
+        assert_eq!(check(request(MAX_LIMIT + 1, hour())), ThrottleError::LimitTooHigh(MAX_LIMIT + 1));
+        assert!(decide(None, &request(MAX_LIMIT, hour()), now).is_ok());
         assert!(matches!(check(request(1, ThrottleWindow::For(SignedDuration::ZERO))), ThrottleError::EmptyWindow(_)));
         assert!(matches!(check(request(1, ThrottleWindow::For(SignedDuration::from_secs(-5)))), ThrottleError::EmptyWindow(_)));
         let too_long = check(request(1, ThrottleWindow::For(MAX_WINDOW + SignedDuration::from_secs(1))));

@@ -40,8 +40,8 @@ pub struct ThrottleSpec {
     pub step_ref: String,
     /// The recipient: `user:<id>` or `object:<collection>:<id>`.
     pub recipient: String,
-    /// The step's rendered throttle key; empty when the step has none.
-    #[serde(default)]
+    /// The step's rendered throttle key; absent when the step has none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
     /// The step's limit (runs per window) when herald last wrote this throttle.
     pub limit: i32,
