@@ -4,13 +4,25 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::json;
 
-use crate::resources::{Audience, Batch, Cancellation, Channel, Object, RecipientPage, Tenant, TriggerRun, User, Workflow};
+use crate::resources::{Audience, Batch, Cancellation, Channel, Object, RecipientPage, Tenant, Throttle, TriggerRun, User, Workflow};
 
 /// Every CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
     let mut trigger_run = TriggerRun::crd();
     make_spec_immutable(&mut trigger_run);
-    vec![Workflow::crd(), trigger_run, RecipientPage::crd(), User::crd(), Object::crd(), Tenant::crd(), Audience::crd(), Channel::crd(), Cancellation::crd(), Batch::crd()]
+    vec![
+        Workflow::crd(),
+        trigger_run,
+        RecipientPage::crd(),
+        User::crd(),
+        Object::crd(),
+        Tenant::crd(),
+        Audience::crd(),
+        Channel::crd(),
+        Cancellation::crd(),
+        Batch::crd(),
+        Throttle::crd(),
+    ]
 }
 
 /// A CEL rule that refuses spec changes (honoured by Kubernetes 1.25+; the

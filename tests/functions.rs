@@ -258,3 +258,85 @@ async fn once_per_recipient_runs_a_workflow_once_for_each_recipient() {
     bodies.sort();
     assert_eq!(bodies, ["ann", "bob"]);
 }
+
+#[tokio::test]
+async fn a_throttle_lets_exactly_its_limit_through_under_concurrent_triggers() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    let _op = common::operator(&client, &ns.name).await;
+    channel(&ns, &receiver).await;
+    user(&ns, "ann", json!({})).await;
+    workflow(
+        &ns,
+        "page",
+        json!({"steps": [
+            {"ref": "limit", "type": "throttle", "throttle": {"window": "1h", "limit": 2, "key": "{{ data.alert_id }}"}},
+            hook("send", "/page", &receiver, "{{ data.alert_id }} {{ data.n }}")
+        ]}),
+    )
+    .await;
+    let names = futures::future::join_all((0..30).map(|n| {
+        let ns = &ns;
+        async move { trigger(ns, json!({"workflow": "page", "recipients": ["ann"], "data": {"alert_id": if n % 3 == 0 { "b" } else { "a" }, "n": n}})).await }
+    }))
+    .await;
+    let mut states = HashMap::<(String, String), usize>::new();
+    for name in &names {
+        let ann = finished(&ns, name).await["ann"].clone();
+        *states.entry((format!("{:?}", ann.state), ann.reason.unwrap_or_default())).or_default() += 1;
+    }
+    assert_eq!(states.get(&("Completed".into(), "WorkflowCompleted".into())), Some(&4), "{states:?}");
+    assert_eq!(states.get(&("Throttled".into(), "Throttled".into())), Some(&26), "{states:?}");
+    let sent: Vec<String> = receiver.received_at("/page").iter().map(|r| String::from_utf8_lossy(&r.body).split(' ').next().unwrap().to_string()).collect();
+    assert_eq!((sent.iter().filter(|k| *k == "a").count(), sent.iter().filter(|k| *k == "b").count()), (2, 2), "{sent:?}");
+}
+
+#[tokio::test]
+async fn a_batch_gathers_triggers_into_one_delivery() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    let _op = common::operator(&client, &ns.name).await;
+    channel(&ns, &receiver).await;
+    user(&ns, "ann", json!({})).await;
+    user(&ns, "bob", json!({})).await;
+    workflow(
+        &ns,
+        "comments",
+        json!({"steps": [
+            {"ref": "digest", "type": "batch", "batch": {"window": "4s", "key": "{{ data.project }}", "renderLimit": 3}},
+            hook("send", "/digest", &receiver, "{{ total_activities }} new on {{ data.project }} by {{ total_actors }}: {% for a in activities %}{{ a.text }};{% endfor %}")
+        ]}),
+    )
+    .await;
+    let names = futures::future::join_all((0..40).map(|n| {
+        let ns = &ns;
+        async move {
+            trigger(
+                ns,
+                json!({"workflow": "comments", "recipients": ["ann"], "actor": if n % 2 == 0 { "ann" } else { "bob" }, "data": {"project": "one", "text": format!("c{n}")}}),
+            )
+            .await
+        }
+    }))
+    .await;
+    let mut carried = 0;
+    let mut batched = 0;
+    for name in &names {
+        let ann = finished(&ns, name).await["ann"].clone();
+        match ann.state {
+            RecipientState::Completed => carried += 1,
+            RecipientState::Batched => {
+                batched += 1;
+                assert!(ann.steps[0].run.is_some(), "{ann:?}");
+            }
+            other => panic!("{other:?}: {ann:?}"),
+        }
+    }
+    assert_eq!((carried, batched), (1, 39));
+    let bodies: Vec<String> = receiver.received_at("/digest").iter().map(|r| String::from_utf8_lossy(&r.body).to_string()).collect();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert!(bodies[0].starts_with("40 new on one by 2: "), "{}", bodies[0]);
+    assert_eq!(bodies[0].matches(';').count(), 3, "renderLimit activities: {}", bodies[0]);
+}

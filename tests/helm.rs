@@ -229,6 +229,7 @@ fn namespace_grants() -> BTreeSet<Grant> {
         ("herald.dev", &["cancellations"], &["get", "list", "watch", "create", "delete"]),
         ("herald.dev", &["recipientpages"], &["get", "list", "watch", "create", "patch", "delete", "deletecollection"]),
         ("herald.dev", &["batches"], &["get", "list", "watch", "create", "update", "delete"]),
+        ("herald.dev", &["throttles"], &["get", "list", "watch", "create", "update", "patch", "delete"]),
         ("herald.dev", &["users", "objects", "tenants"], &["get", "list", "watch", "create", "update", "patch", "delete"]),
         ("herald.dev", &["workflows/status", "triggerruns/status", "recipientpages/status", "channels/status"], &["get", "patch", "update"]),
         ("events.k8s.io", &["events"], &["create", "patch"]),

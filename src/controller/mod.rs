@@ -10,6 +10,7 @@ pub mod directory;
 pub mod identify;
 pub mod in_app;
 pub mod lenient;
+pub mod throttle;
 pub mod trigger_run;
 pub mod workflow;
 
@@ -44,6 +45,9 @@ pub enum Error {
     /// The history store could not take a finished run (it stays in the cluster; retried).
     #[error("history store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// A throttle step's settings or resolved values are invalid (Knock logs it and skips the step; not retried).
+    #[error("{0}")]
+    Throttle(#[from] crate::core::throttle::ThrottleError),
 }
 
 impl Error {
@@ -56,6 +60,7 @@ impl Error {
             Error::Stale(_) => "stale",
             Error::Fenced => "fenced",
             Error::Store(_) => "store",
+            Error::Throttle(_) => "throttle",
         }
     }
 }

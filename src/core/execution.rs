@@ -594,7 +594,16 @@ mod tests {
         }
 
         fn recipient<'a>(&'a self, trigger_data: Option<&'a JsonObject>) -> RecipientContext<'a> {
-            RecipientContext { key: &self.key, recipient_run_id: Uuid::nil(), user: Some(&self.user), object: None, trigger_data, subscription: None, messages: None, poll_batch: false }
+            RecipientContext {
+                key: &self.key,
+                recipient_run_id: Uuid::nil(),
+                user: Some(&self.user),
+                object: None,
+                trigger_data,
+                subscription: None,
+                messages: None,
+                poll_batch: false,
+            }
         }
     }
 
@@ -750,7 +759,16 @@ mod tests {
         user.preferences.insert("default".into(), default.clone());
         let tenant_defaults = PreferenceSet { channel_types: BTreeMap::from([("email".into(), false)]), ..Default::default() };
         let tenant = TenantRecord { id: "acme".into(), properties: JsonObject::new(), preference_set: Some(tenant_defaults.clone()) };
-        let recipient = RecipientContext { key: &f.key, recipient_run_id: Uuid::nil(), user: Some(&user), object: None, trigger_data: None, subscription: None, messages: None, poll_batch: false };
+        let recipient = RecipientContext {
+            key: &f.key,
+            recipient_run_id: Uuid::nil(),
+            user: Some(&user),
+            object: None,
+            trigger_data: None,
+            subscription: None,
+            messages: None,
+            poll_batch: false,
+        };
         assert_eq!(preference_sets(&recipient, Some(&tenant)), vec![&tenant_specific, &tenant_defaults, &default]);
         assert_eq!(preference_sets(&recipient, None), vec![&default]);
     }

@@ -316,6 +316,11 @@ pub enum ThrottleOutcome {
     Throttled { window_end: Timestamp },
 }
 
+/// The throttle refused the request itself (a window or key out of its bounds): the step is skipped.
+pub fn skip_throttle(status: &mut RecipientStatus, call: &ThrottleCall, now: Timestamp) {
+    push_step(status, &call.step_ref, StepState::Skipped, INVALID_WINDOW, Some("the throttle's window, limit or key is out of bounds".into()), now);
+}
+
 pub fn record_throttle(status: &mut RecipientStatus, call: &ThrottleCall, outcome: &ThrottleOutcome, now: Timestamp) {
     match outcome {
         ThrottleOutcome::Admitted => push_step(status, &call.step_ref, StepState::Completed, "Admitted", None, now),

@@ -14,6 +14,7 @@ pub mod path;
 pub mod preferences;
 pub mod status;
 pub mod templates;
+pub mod throttle;
 pub mod validation;
 pub mod windows;
 

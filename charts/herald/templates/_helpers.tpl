@@ -94,6 +94,7 @@ The herald CRDs (crds/), which the operator reads to wait until they are establi
 - objects.herald.dev
 - recipientpages.herald.dev
 - tenants.herald.dev
+- throttles.herald.dev
 - triggerruns.herald.dev
 - users.herald.dev
 - workflows.herald.dev
@@ -107,6 +108,7 @@ What herald does in the namespaces it watches, and nothing more:
 - patches a small TriggerRun's metadata once (the recipient run ids the API finds its inline records by);
 - creates and updates RecipientPages (server-side apply) and deletes them with their run;
 - creates, replaces (optimistic concurrency) and deletes Batches (batch steps);
+- creates, replaces and deletes Throttles (throttle steps' windows; conditional writes);
 - creates, updates and deletes Users, Objects and Tenants (inline identify, the API);
 - publishes Events (kube-runtime's Recorder: events.k8s.io/v1; core events for older clients);
 - reads the Secrets Channels name (get only; API keys live in the key
@@ -128,6 +130,8 @@ What herald does in the namespaces it watches, and nothing more:
 - apiGroups: [herald.dev]
   resources: [batches]
   verbs: [get, list, watch, create, update, delete]
+  resources: [throttles]
+  verbs: [get, list, watch, create, update, patch, delete]
 - apiGroups: [herald.dev]
   resources: [users, objects, tenants]
   verbs: [get, list, watch, create, update, patch, delete]

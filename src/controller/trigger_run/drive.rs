@@ -384,7 +384,8 @@ impl Reconciler<'_> {
                 Next::Throttle(call) => {
                     let outcome = self.throttle(&call).await;
                     match outcome {
-                        Ok(outcome) => functions::record_throttle(status, &call, &outcome, Timestamp::now()),
+                        Ok(Some(outcome)) => functions::record_throttle(status, &call, &outcome, Timestamp::now()),
+                        Ok(None) => functions::skip_throttle(status, &call, Timestamp::now()),
                         // The throttle's state could not be read or written: try again later, exactly.
                         Err(e) => {
                             tracing::warn!(error = %e, step = %call.step_ref, "throttle unavailable; retrying");
@@ -392,16 +393,17 @@ impl Reconciler<'_> {
                         }
                     }
                 }
-                Next::Batch(call) => match {
+                Next::Batch(call) => {
                     polled |= call.carrier;
-                    self.batch(&call).await
-                } {
-                    Ok(outcome) => functions::record_batch(status, &call, &outcome, Timestamp::now()),
-                    Err(e) => {
-                        tracing::warn!(error = %e, step = %call.step_ref, "batch unavailable; retrying");
-                        return Ok(Some(Timestamp::now() + SignedDuration::from_secs(1)));
+                    let visited = self.batch(&call).await;
+                    match visited {
+                        Ok(outcome) => functions::record_batch(status, &call, &outcome, Timestamp::now()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, step = %call.step_ref, "batch unavailable; retrying");
+                            return Ok(Some(Timestamp::now() + SignedDuration::from_secs(1)));
+                        }
                     }
-                },
+                }
             }
         }
     }

@@ -8,14 +8,15 @@ use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use serde_json::{json, Value};
 
-use super::{Reconciler, RUN_LABEL};
+use super::Reconciler;
 use crate::controller::workflow::find_by_key;
 use crate::controller::Error;
-use crate::core::execution::RecipientContext;
 use crate::core::batch::{self as core_batch, BatchDecision};
+use crate::core::execution::RecipientContext;
 use crate::core::functions::{self, BatchCall, BatchOutcome, FrequencyCheck, ThrottleCall, ThrottleOutcome, TriggerCall, TriggerOutcome};
 use crate::core::ids;
 use crate::core::model::RecipientKey;
+use crate::core::throttle as core_throttle;
 use crate::resources::{TriggerRun, TriggerRunSpec};
 
 /// The label naming the run whose trigger-workflow step started a run.
@@ -69,10 +70,29 @@ impl Reconciler<'_> {
         }
     }
 
-    /// Asks the step's throttle.
-    pub(super) async fn throttle(&self, call: &ThrottleCall) -> Result<ThrottleOutcome, Error> {
-        let _ = (call, RUN_LABEL);
-        Err(Error::Stale("throttle steps are not available yet".into()))
+    /// Asks the step's throttle (see [`crate::controller::throttle`]).
+    /// `Ok(None)`: the request itself is invalid (a window or key out of
+    /// bounds): the step is skipped, as Knock does.
+    pub(super) async fn throttle(&self, call: &ThrottleCall) -> Result<Option<ThrottleOutcome>, Error> {
+        let window = match call.window {
+            functions::Window::For(d) => core_throttle::ThrottleWindow::For(d),
+            functions::Window::Until(t) => core_throttle::ThrottleWindow::Until(t),
+        };
+        let request = core_throttle::ThrottleRequest {
+            group: core_throttle::ThrottleGroup::new(call.workflow.clone(), call.step_ref.clone(), &call.recipient, call.key.clone()),
+            window,
+            limit: call.limit,
+            recipient_run_id: call.recipient_run_id,
+        };
+        match crate::controller::throttle::pass(&self.ctx.client, &self.namespace, &request, jiff::Timestamp::now()).await {
+            Ok(core_throttle::ThrottleDecision::Admitted) => Ok(Some(ThrottleOutcome::Admitted)),
+            Ok(core_throttle::ThrottleDecision::Throttled { window_end }) => Ok(Some(ThrottleOutcome::Throttled { window_end })),
+            Err(Error::Throttle(e)) => {
+                tracing::info!(error = %e, step = %call.step_ref, "throttle step skipped");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Visits the step's batch (see [`crate::controller::batch`]).

@@ -304,8 +304,30 @@ where
         controllers.push(super::until_stopped(running, ready, shutdown.clone()));
     }
     let reporter = std::pin::pin!(report_queue_depth(ctx.clone(), stores));
-    // The reporter never ends; it stops with the controllers.
-    futures::future::select(std::pin::pin!(futures::future::join_all(controllers)), reporter).await;
+    let janitor = std::pin::pin!(sweep_step_state(ctx.clone()));
+    // The reporter and the janitor never end; they stop with the controllers.
+    futures::future::select(std::pin::pin!(futures::future::join_all(controllers)), futures::future::select(reporter, janitor)).await;
+}
+
+/// How often ended throttle windows and abandoned batches are deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Deletes throttle windows that ended and batches nobody will read again
+/// (the leader's job: it runs with the controllers).
+async fn sweep_step_state(ctx: Arc<Context>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let now = Timestamp::now();
+        for scope in scopes(&ctx.settings) {
+            let scope = scope.as_deref();
+            if let Err(e) = crate::controller::throttle::sweep(&ctx.client, scope, now).await {
+                tracing::warn!(error = %e, "sweeping throttle windows");
+            }
+            if let Err(e) = crate::controller::batch::sweep(&ctx.client, scope, now).await {
+                tracing::warn!(error = %e, "sweeping batches");
+            }
+        }
+    }
 }
 
 /// Keeps `herald_work_queue_depth` (the runs not finished yet: the work the
