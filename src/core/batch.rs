@@ -115,20 +115,7 @@ impl BatchGroup {
 
     /// The name of the group's current Batch: readable parts and the hash, a DNS-1123 subdomain.
     pub fn name(&self) -> String {
-        let readable: String = format!("{}-{}-{}", self.workflow, self.step_ref, self.recipient)
-            .chars()
-            .map(|c| {
-                let c = c.to_ascii_lowercase();
-                if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let mut readable = readable.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-");
-        readable.truncate(40);
-        let readable = readable.trim_end_matches('-');
+        let readable = super::ids::readable_part(&format!("{}-{}-{}", self.workflow, self.step_ref, self.recipient), 40);
         if readable.is_empty() {
             format!("batch-{}", self.hash())
         } else {

@@ -304,7 +304,7 @@ pub fn throttle_call(run: &RunContext, recipient: &RecipientContext, step: &Step
         recipient: recipient.key.clone(),
         key: rendered_key(run, step, "throttle.key", context)?,
         window,
-        limit: throttle.limit.max(1),
+        limit: u32::try_from(throttle.limit.max(1)).unwrap_or(1),
         recipient_run_id: recipient.recipient_run_id,
     })
 }
@@ -383,8 +383,8 @@ pub fn batch_call(run: &RunContext, recipient: &RecipientContext, step: &Step, c
         recipient: recipient.key.clone(),
         key: rendered_key(run, step, "batch.key", context)?,
         window,
-        max_activities: batch.max_activities.unwrap_or(DEFAULT_MAX_ACTIVITIES).clamp(2, 1000),
-        render_limit: batch.render_limit.unwrap_or(DEFAULT_RENDER_LIMIT).clamp(1, 100),
+        max_activities: batch.max_activities.map_or(DEFAULT_MAX_ACTIVITIES, |n| n.clamp(2, 1000) as u32),
+        render_limit: batch.render_limit.map_or(DEFAULT_RENDER_LIMIT, |n| n.clamp(1, 100) as u32),
         flush_leading: batch.mode == BatchMode::FlushLeading,
         carrier,
         recipient_run_id: recipient.recipient_run_id,

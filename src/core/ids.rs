@@ -46,25 +46,7 @@ pub fn resource_name(parts: &[&str]) -> String {
             return single.to_string();
         }
     }
-    let joined = parts.join("-");
-    let mut readable: String = joined
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    // Collapse runs of '-' and trim them, keeping names short and readable.
-    while readable.contains("--") {
-        readable = readable.replace("--", "-");
-    }
-    let readable = readable.trim_matches('-');
-    let readable: String = readable.chars().take(50).collect();
-    let readable = readable.trim_end_matches('-');
+    let readable = readable_part(&parts.join("-"), 50);
     // The hash covers the parts with a separator that cannot occur in one
     // part's position, so ("a-b", "c") and ("a", "b-c") differ.
     let hash = short_hash(&parts.join("\u{0}"), 8);
@@ -73,6 +55,15 @@ pub fn resource_name(parts: &[&str]) -> String {
     } else {
         format!("{readable}-{hash}")
     }
+}
+
+/// The readable part of a generated name: lowercased, other characters
+/// replaced by `-`, runs of `-` collapsed, at most `max` characters, no `-`
+/// at either end (empty when nothing readable is left).
+pub fn readable_part(text: &str, max: usize) -> String {
+    let mapped: String = text.chars().map(|c| c.to_ascii_lowercase()).map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' }).collect();
+    let collapsed = mapped.split('-').filter(|p| !p.is_empty()).collect::<Vec<_>>().join("-");
+    collapsed.chars().take(max).collect::<String>().trim_end_matches('-').to_string()
 }
 
 /// The metadata.name for a user, tenant, audience with this id.

@@ -428,8 +428,9 @@ fn widest_minimal_step(step_ref: &str) -> StepStatus {
         time: Some("x".repeat(MAX_TIME_BYTES)),
         attempt_history: Vec::new(),
         omitted_attempts: Some(i32::MIN),
-        branch: Some("x".repeat(MAX_NAME_BYTES)),
-        run: Some("x".repeat(MAX_NAME_BYTES)),
+        // Counted by [`extra_bound`], for the steps that record names.
+        branch: None,
+        run: None,
     }
 }
 
@@ -456,14 +457,14 @@ pub fn minimal_bound(recipient: &RecipientStatus, step_refs: &[&str]) -> usize {
     stored_size(&RecipientStatus { steps, ..widest_minimal(recipient) })
 }
 
-/// What a workflow's steps can add to a record beyond their step records:
-/// with fetch or batch steps, a `context` of up to [`MAX_CONTEXT_BYTES`].
-pub fn context_bound(adds_context: bool) -> usize {
-    if adds_context {
-        r#","context":"#.len() + MAX_CONTEXT_BYTES
-    } else {
-        0
-    }
+/// What a workflow's steps can add to a record beyond [`minimal_bound`]:
+/// with fetch or batch steps, a `context` of up to [`MAX_CONTEXT_BYTES`];
+/// and each branch, batch or trigger-workflow step (`named_steps`) may name
+/// a branch and a run on its record.
+pub fn extra_bound(adds_context: bool, named_steps: usize) -> usize {
+    let context = if adds_context { r#","context":"#.len() + MAX_CONTEXT_BYTES } else { 0 };
+    let names = r#","branch":"""#.len() + r#","run":"""#.len() + 2 * MAX_NAME_BYTES;
+    context + named_steps * names
 }
 
 /// Splits a run's recipients (in order) into pages of at most `max`, so
@@ -491,7 +492,7 @@ pub fn plan_pages(recipients: &[RecipientStatus], step_refs: &[&str], extra: usi
 }
 
 /// Each record's [`minimal_bound`] in a list (with its comma).
-/// `extra`: what else a record may hold ([`context_bound`]).
+/// `extra`: what else a record may hold ([`extra_bound`]).
 fn minimal_bounds<'a>(recipients: &'a [RecipientStatus], step_refs: &[&str], extra: usize) -> impl Iterator<Item = usize> + 'a {
     // The steps are the same for every recipient: measured once. `steps`
     // is a record's last field, so it adds `,"steps":[...]` to the rest.
@@ -594,8 +595,8 @@ mod tests {
                     time: Some("2026-01-02T03:04:05.123456789Z".into()),
                     attempt_history: attempts(crate::resources::channel::MAX_ATTEMPTS, &widest(200)),
                     omitted_attempts: None,
-                    branch: Some(widest(MAX_NAME_BYTES / 6)),
-                    run: Some(widest(MAX_NAME_BYTES / 6)),
+                    branch: None,
+                    run: None,
                 })
                 .collect(),
             context: None,
@@ -741,5 +742,17 @@ mod tests {
         assert_eq!(s.key(), crate::core::model::RecipientKey::user("u"));
         s.collection = Some("teams".into());
         assert_eq!(s.key(), crate::core::model::RecipientKey::object("teams", "u"));
+    }
+
+    #[test]
+    fn names_on_step_records_are_within_the_extra_bound() {
+        let mut r = worst_record(&["route".to_string(), "next".to_string()]);
+        for step in &mut r.steps {
+            step.branch = Some(widest(300));
+            step.run = Some(widest(300));
+        }
+        let minimal = compact(&r, Detail::Minimal);
+        assert!(stored_size(&minimal) <= minimal_bound(&r, &["route", "next"]) + extra_bound(false, 2));
+        assert!(stored_size(&minimal) > minimal_bound(&r, &["route", "next"]), "the names need the extra room");
     }
 }

@@ -324,11 +324,11 @@ pub struct BatchStep {
     /// A batch closes at once when it holds this many activities (2 to 1000; default 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 2, max = 1000))]
-    pub max_activities: Option<u32>,
+    pub max_activities: Option<i32>,
     /// How many activities templates see in `activities` (1 to 100; default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
-    pub render_limit: Option<u32>,
+    pub render_limit: Option<i32>,
     /// `accumulate` (the default) or `flushLeading`.
     #[serde(default)]
     pub mode: BatchMode,
@@ -348,14 +348,14 @@ pub struct ThrottleStep {
     pub window_from: Option<String>,
     /// Runs let through per window (default 1).
     #[serde(default = "default_limit")]
-    #[schemars(range(min = 1, max = 1000))]
-    pub limit: u32,
+    #[schemars(range(min = 1, max = 10000))]
+    pub limit: i32,
     /// The throttle key (Liquid), e.g. `{{ data.alert_id }}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
 }
 
-fn default_limit() -> u32 {
+fn default_limit() -> i32 {
     1
 }
 

@@ -130,6 +130,7 @@ What herald does in the namespaces it watches, and nothing more:
 - apiGroups: [herald.dev]
   resources: [batches]
   verbs: [get, list, watch, create, update, delete]
+- apiGroups: [herald.dev]
   resources: [throttles]
   verbs: [get, list, watch, create, update, patch, delete]
 - apiGroups: [herald.dev]

@@ -271,8 +271,9 @@ impl Reconciler<'_> {
         let snapshot = WorkflowSnapshot::of(&workflow);
         let tree = crate::core::path::all_steps(&workflow.spec.steps);
         let step_refs: Vec<&str> = tree.iter().map(|s| s.step_ref.as_str()).collect();
-        // Fetch and batch steps keep data for later steps in the record.
-        let extra = run_status::context_bound(tree.iter().any(|s| matches!(s.step_type, StepType::Fetch | StepType::Batch)));
+        // Fetch and batch steps keep data for later steps in the record; some steps record names.
+        let named = tree.iter().filter(|s| matches!(s.step_type, StepType::Branch | StepType::Batch | StepType::TriggerWorkflow)).count();
+        let extra = run_status::extra_bound(tree.iter().any(|s| matches!(s.step_type, StepType::Fetch | StepType::Batch)), named);
         // What the run's object holds besides inline records: they share its size limit.
         let run_size = run_status::stored_size(&self.run.metadata) + run_status::stored_size(&self.run.spec) + run_status::stored_size(&snapshot);
         let pages = match run_status::plan_layout(&recipients, &step_refs, extra, run_size, PAGE_SIZE) {
