@@ -5,7 +5,7 @@ use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use crate::core::execution::TenantRecord;
-use crate::core::expansion::{parse_reference, Directory, ObjectRecord, SubscriberRecord, UserRecord};
+use crate::core::expansion::{parse_reference, Directory, ObjectRecord, Selector, SubscriberRecord, UserRecord};
 use crate::resources::{Audience, Object, Tenant, User};
 
 use super::Stores;
@@ -76,12 +76,31 @@ pub fn build(stores: &Stores, namespace: &str) -> Directory {
             directory.insert_object(object_record(&object));
         }
     }
+    let users = stores.users.state();
     for audience in stores.audiences.state() {
         if in_ns(audience.namespace()) {
-            directory.insert_audience(audience.spec.key.clone(), audience_members(&audience));
+            let mut members = audience_members(&audience);
+            // A dynamic audience: the namespace's Users whose labels match, now.
+            if let Some(selector) = audience.spec.selector.as_ref().map(selector) {
+                members.extend(
+                    users
+                        .iter()
+                        .filter(|u| in_ns(u.namespace()) && selector.matches(u.metadata.labels.as_ref().unwrap_or(&Default::default())))
+                        .map(|u| crate::core::model::RecipientKey::user(u.spec.id.clone())),
+                );
+            }
+            directory.insert_audience(audience.spec.key.clone(), members);
         }
     }
     directory
+}
+
+/// A Kubernetes label selector as the core's [`Selector`].
+fn selector(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> Selector {
+    Selector {
+        match_labels: s.match_labels.clone().unwrap_or_default(),
+        match_expressions: s.match_expressions.iter().flatten().map(|e| (e.key.clone(), e.operator.clone(), e.values.clone().unwrap_or_default())).collect(),
+    }
 }
 
 /// The tenant with this id in the namespace.

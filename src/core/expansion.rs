@@ -83,6 +83,31 @@ impl crate::core::conditions::AudienceMembers for Directory {
     }
 }
 
+/// A label selector as the core sees it (Kubernetes' `LabelSelector`):
+/// every `match_labels` pair and every expression must hold; an empty
+/// selector matches everything.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Selector {
+    pub match_labels: std::collections::BTreeMap<String, String>,
+    /// (key, operator: In, NotIn, Exists, DoesNotExist, values)
+    pub match_expressions: Vec<(String, String, Vec<String>)>,
+}
+
+impl Selector {
+    /// Whether `labels` match. An unknown operator matches nothing, so a
+    /// typo never widens an audience to everyone.
+    pub fn matches(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|(key, op, values)| match op.as_str() {
+                "In" => labels.get(key).is_some_and(|v| values.contains(v)),
+                "NotIn" => labels.get(key).is_none_or(|v| !values.contains(v)),
+                "Exists" => labels.contains_key(key),
+                "DoesNotExist" => !labels.contains_key(key),
+                _ => false,
+            })
+    }
+}
+
 /// Parses an audience's members or an object's subscriber reference list.
 pub fn parse_reference(value: &serde_json::Value) -> Result<RecipientKey, IdentifierError> {
     parse_recipient(value).map(|input| input.key().clone())
@@ -316,5 +341,25 @@ mod tests {
         let via = Via::Object { collection: "projects".into(), id: "p1".into() };
         assert_eq!(subscription(&d, &via, &u("u1")).unwrap()["role"], "owner");
         assert!(subscription(&d, &Via::Direct, &u("u1")).is_none());
+    }
+
+    #[test]
+    fn label_selectors() {
+        use std::collections::BTreeMap;
+        let labels: BTreeMap<String, String> = [("plan".to_string(), "pro".to_string()), ("region".to_string(), "eu".to_string())].into();
+        let pro = Selector { match_labels: [("plan".to_string(), "pro".to_string())].into(), ..Default::default() };
+        assert!(pro.matches(&labels));
+        assert!(!pro.matches(&BTreeMap::new()));
+        let expr = |key: &str, op: &str, values: &[&str]| Selector {
+            match_expressions: vec![(key.into(), op.into(), values.iter().map(|v| v.to_string()).collect())],
+            ..Default::default()
+        };
+        assert!(expr("region", "In", &["eu", "us"]).matches(&labels));
+        assert!(!expr("region", "NotIn", &["eu"]).matches(&labels));
+        assert!(expr("tier", "NotIn", &["gold"]).matches(&labels));
+        assert!(expr("plan", "Exists", &[]).matches(&labels));
+        assert!(expr("tier", "DoesNotExist", &[]).matches(&labels));
+        assert!(!expr("plan", "Typo", &[]).matches(&labels), "an unknown operator matches nothing");
+        assert!(Selector::default().matches(&labels));
     }
 }

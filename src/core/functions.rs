@@ -73,9 +73,31 @@ pub fn apply_context(context: &mut Value, stored: Option<&Map<String, Value>>) {
         data.extend(fetched.clone());
     }
     if let (Some(Value::Object(batch)), Value::Object(top)) = (stored.get("batch"), context) {
+        if let (Some(Value::Array(activities)), Some(Value::Object(data))) = (batch.get("activities"), top.get_mut("data")) {
+            data.extend(merged_activity_data(activities));
+        }
         top.extend(batch.clone());
         top.insert("run".into(), json!({"total_activities": batch.get("total_activities"), "total_actors": batch.get("total_actors")}));
     }
+}
+
+/// Knock's `data` after a batch: the rendered activities' data merged in
+/// arrival order (the last value wins), scalars only, strings cut at 256
+/// characters. An activity's own keys (`id`, `inserted_at`, `actor`, ...) are not data.
+fn merged_activity_data(activities: &[Value]) -> Map<String, Value> {
+    const OWN: [&str; 5] = ["id", "inserted_at", "updated_at", "actor", "recipient"];
+    let mut merged = Map::new();
+    for activity in activities.iter().filter_map(Value::as_object) {
+        for (key, value) in activity.iter().filter(|(k, _)| !OWN.contains(&k.as_str())) {
+            let kept = match value {
+                Value::String(s) => Value::String(s.chars().take(256).collect()),
+                Value::Object(_) | Value::Array(_) => continue,
+                scalar => scalar.clone(),
+            };
+            merged.insert(key.clone(), kept);
+        }
+    }
+    merged
 }
 
 /// Stores `value` under `key` of the recipient's context, if the context still fits.
@@ -670,9 +692,11 @@ mod tests {
         let summary = json!({"total_activities": 3, "total_actors": 2, "activities": [{"n": 1}, {"n": 2}, {"n": 3}], "actors": [{"id": "a"}, {"id": "b"}]});
         record_batch(&mut status, &call, &BatchOutcome::Closed { summary: summary.as_object().unwrap().clone() }, now());
         assert_eq!((status.state, status.steps[0].state, status.steps[0].reason.as_deref()), (RecipientState::Running, StepState::Completed, Some("BatchClosed")));
-        let mut context = json!({"data": {}});
+        let mut context = json!({"data": {"own": true, "n": 0}});
         apply_context(&mut context, status.context.as_ref());
         assert_eq!((context["total_activities"].clone(), context["run"]["total_actors"].clone()), (json!(3), json!(2)));
+        // Knock's merged data: the last activity's values win.
+        assert_eq!(context["data"], json!({"own": true, "n": 3}));
         // A joiner ends Batched, naming the carrier.
         let mut status = RecipientStatus::default();
         record_batch(&mut status, &call, &BatchOutcome::Joined { carrier: "run-1".into() }, now());

@@ -15,6 +15,7 @@ use serde_json::Value;
     namespaced,
     category = "herald",
     printcolumn = r#"{"name":"Key","type":"string","jsonPath":".spec.key"}"#,
+    printcolumn = r#"{"name":"Selector","type":"string","priority":1,"jsonPath":".spec.selector"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -25,4 +26,9 @@ pub struct AudienceSpec {
     #[serde(default)]
     #[schemars(schema_with = "crate::resources::schema::recipient_list")]
     pub members: Vec<Value>,
+    /// A dynamic audience: every User in the namespace whose labels match
+    /// (`{matchLabels: {plan: pro}}`, and/or `matchExpressions`), evaluated
+    /// when a run expands the audience. Listed `members` are added to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }
