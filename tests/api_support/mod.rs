@@ -343,6 +343,58 @@ impl Proxy {
     }
 }
 
+/// A TCP proxy to the apiserver with a switch: while it is off, every
+/// connection is closed and new ones are dropped at once (an apiserver
+/// outage); switched on again, it forwards as before, on the same address.
+pub struct Switch {
+    pub url: String,
+    off: Arc<AtomicBool>,
+    /// Bumped on every switch-off: connections in flight watch it and close.
+    outages: tokio::sync::watch::Sender<u64>,
+}
+
+impl Switch {
+    pub async fn start() -> Switch {
+        let target = apiserver_url().await;
+        let target = target.trim_start_matches("https://").trim_end_matches('/').to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let off = Arc::new(AtomicBool::new(false));
+        let (outages, _) = tokio::sync::watch::channel(0u64);
+        let (flag, watch) = (off.clone(), outages.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if flag.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let mut outage = watch.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = outage.changed() => {}
+                    }
+                });
+            }
+        });
+        Switch { url, off, outages }
+    }
+
+    /// The apiserver becomes unreachable through this proxy.
+    pub fn off(&self) {
+        self.off.store(true, Ordering::SeqCst);
+        self.outages.send_modify(|n| *n += 1);
+    }
+
+    /// It is reachable again.
+    pub fn on(&self) {
+        self.off.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Headers of a JSON request with a bearer key.
 pub fn json_headers(key: &str) -> Vec<(String, String)> {
     vec![("authorization".into(), format!("Bearer {key}")), ("content-type".into(), "application/json".into())]
