@@ -229,6 +229,9 @@ pub struct Unreadable {
     pub error: String,
 }
 
+/// kubectl's annotation holding the whole object as last applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// Starts watch-fed stores for kind `K`; the tasks end with the runtime.
 /// Objects herald cannot read go to `unreadable` (dropped if the reporter lags).
 fn spawn_store<K>(client: &Client, settings: &Settings, unreadable: &tokio::sync::mpsc::Sender<Unreadable>) -> Cache<K>
@@ -240,7 +243,19 @@ where
     for scope in scopes(settings) {
         let (reader, writer) = reflector::store();
         let (ready, ready_rx) = tokio::sync::watch::channel(false);
-        let stream = watcher(scope_api::<Lenient<K>>(client, &scope), watcher::Config::default()).backoff(WatchBackoff::default()).reflect(writer);
+        let stream = watcher(scope_api::<Lenient<K>>(client, &scope), watcher::Config::default())
+            .backoff(WatchBackoff::default())
+            // Kept in memory for every object: drop what herald never reads
+            // (managedFields and kubectl's copy of the last applied object are
+            // often larger than the spec).
+            .modify(|object| {
+                let meta = object.meta_mut();
+                meta.managed_fields = None;
+                if let Some(annotations) = meta.annotations.as_mut() {
+                    annotations.remove(LAST_APPLIED);
+                }
+            })
+            .reflect(writer);
         let unreadable = unreadable.clone();
         tokio::spawn(async move {
             futures::pin_mut!(stream);
