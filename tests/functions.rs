@@ -178,6 +178,8 @@ async fn trigger_workflow_starts_one_child_run_and_records_it() {
     assert_eq!((step.state, step.reason.as_deref()), (StepState::Completed, Some("WorkflowTriggered")), "{step:?}");
     let child = step.run.clone().expect("the child run's name");
     finished(&ns, &child).await;
+    let uid = ns.api::<TriggerRun>().get(&child).await.unwrap().metadata.uid.unwrap();
+    assert!(step.message.as_deref().is_some_and(|m| m.contains(&uid)), "the step names the new workflow run id: {step:?}");
     wait_for("the escalation", Duration::from_secs(30), || async { (!receiver.received_at("/escalate").is_empty()).then_some(()) }).await;
     let bodies: Vec<String> = receiver.received_at("/escalate").iter().map(|r| String::from_utf8_lossy(&r.body).to_string()).collect();
     assert_eq!(bodies, ["escalated disk full for ann by ann"]);

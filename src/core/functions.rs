@@ -545,8 +545,11 @@ pub fn trigger_call(run: &RunContext, recipient: &RecipientContext, step: &Step,
 /// What starting the run came to.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TriggerOutcome {
-    /// Started (or found started by an earlier attempt).
-    Started,
+    /// Started (or found started by an earlier attempt): the new run's
+    /// workflow run id, when it could be read.
+    Started {
+        workflow_run_id: Option<String>,
+    },
     /// The target workflow is inactive: the step is skipped (Knock's rule).
     Skipped {
         reason: String,
@@ -560,8 +563,9 @@ pub enum TriggerOutcome {
 
 pub fn record_trigger(status: &mut RecipientStatus, call: &TriggerCall, outcome: &TriggerOutcome, now: Timestamp) {
     match outcome {
-        TriggerOutcome::Started => {
-            push_step(status, &call.step_ref, StepState::Completed, "WorkflowTriggered", Some(format!("started `{}` as TriggerRun {}", call.workflow, call.name)), now);
+        TriggerOutcome::Started { workflow_run_id } => {
+            let id = workflow_run_id.as_deref().map(|id| format!(", workflow run {id}")).unwrap_or_default();
+            push_step(status, &call.step_ref, StepState::Completed, "WorkflowTriggered", Some(format!("started `{}` as TriggerRun {}{id}", call.workflow, call.name)), now);
             if let Some(last) = status.steps.last_mut() {
                 last.run = Some(call.name.clone());
             }

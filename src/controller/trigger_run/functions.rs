@@ -62,9 +62,9 @@ impl Reconciler<'_> {
         run.metadata.labels = Some([(PARENT_RUN_LABEL.to_string(), ids::label_value(&self.name))].into());
         let api: Api<TriggerRun> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
         match api.create(&PostParams::default(), &run).await {
-            Ok(_) => TriggerOutcome::Started,
+            Ok(created) => TriggerOutcome::Started { workflow_run_id: created.uid() },
             // Created by an earlier attempt of this step (the name is the step's own).
-            Err(kube::Error::Api(e)) if e.code == 409 => TriggerOutcome::Started,
+            Err(kube::Error::Api(e)) if e.code == 409 => TriggerOutcome::Started { workflow_run_id: api.get(&call.name).await.ok().and_then(|r| r.uid()) },
             Err(kube::Error::Api(e)) if e.code == 400 || e.code == 422 => failed("InvalidTrigger", e.message),
             Err(e) => failed("TriggerFailed", e.to_string()),
         }
