@@ -748,7 +748,8 @@ mod tests {
             name: "escalation-abc".into(),
         };
         let mut status = RecipientStatus::default();
-        record_trigger(&mut status, &call, &TriggerOutcome::Started, now());
+        record_trigger(&mut status, &call, &TriggerOutcome::Started { workflow_run_id: Some("0f0e".into()) }, now());
+        assert!(status.steps[0].message.as_deref().is_some_and(|m| m.ends_with("workflow run 0f0e")));
         assert_eq!((status.steps[0].reason.as_deref(), status.steps[0].run.as_deref()), (Some("WorkflowTriggered"), Some("escalation-abc")));
         record_trigger(&mut status, &call, &TriggerOutcome::Skipped { reason: "WorkflowInactive".into(), message: String::new() }, now());
         assert_eq!(status.steps[1].state, StepState::Skipped);
