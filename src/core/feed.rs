@@ -17,16 +17,21 @@ pub const ACTION_BUTTONS: &str = "actionButtons";
 
 /// Markdown to HTML, with raw HTML escaped and unsafe URLs dropped.
 pub fn render_markdown(markdown: &str) -> String {
-    let events = Parser::new(markdown).map(|event| match event {
+    let mut html = String::new();
+    pulldown_cmark::html::push_html(&mut html, markdown_events(markdown));
+    html
+}
+
+/// The Markdown's events made safe: raw HTML as text, unsafe URLs dropped
+/// (also the templates' `from_markdown` filter, which writes them capped).
+pub fn markdown_events(markdown: &str) -> impl Iterator<Item = Event<'_>> {
+    Parser::new(markdown).map(|event| match event {
         // Raw HTML is shown, never interpreted.
         Event::Html(html) | Event::InlineHtml(html) => Event::Text(html),
         Event::Start(Tag::Link { link_type, dest_url, title, id }) => Event::Start(Tag::Link { link_type, dest_url: safe_url(dest_url), title, id }),
         Event::Start(Tag::Image { link_type, dest_url, title, id }) => Event::Start(Tag::Image { link_type, dest_url: safe_url(dest_url), title, id }),
         other => other,
-    });
-    let mut html = String::new();
-    pulldown_cmark::html::push_html(&mut html, events);
-    html
+    })
 }
 
 /// `url` when it is http(s), mailto or relative; `#` otherwise (`javascript:`, `data:`, ...).

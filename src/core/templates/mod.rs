@@ -30,6 +30,7 @@ use super::truncate;
 
 pub mod budget;
 mod capped;
+mod knock_filters;
 pub mod limits;
 mod markup;
 use crate::resources::workflow::{Step, StepTemplate, StepType};
@@ -82,8 +83,12 @@ impl liquid_core::Filter for JsonFilter {
         // A whole context can be serialized: that is work the deadline must see.
         budget::check_time_liquid()?;
         // liquid's Value serializes untagged: objects, arrays, strings, numbers, booleans, nil as null.
-        let text = serde_json::to_string(&input.to_value()).map_err(|e| liquid_core::Error::with_msg(format!("json: {e}")))?;
-        Ok(LiquidValue::scalar(text))
+        // Escaping can make the text several times the value's size: written capped, as output is.
+        let mut out = limits::CappedOutput::default();
+        if let Err(e) = serde_json::to_writer(&mut out, &input.to_value()) {
+            return Err(liquid_core::Error::with_msg(if out.overflowed { format!("json: {}", limits::too_large("the JSON text")) } else { format!("json: {e}") }));
+        }
+        Ok(LiquidValue::scalar(String::from_utf8(out.bytes).map_err(|_| liquid_core::Error::with_msg("json: not UTF-8"))?))
     }
 }
 
@@ -129,7 +134,7 @@ impl fmt::Debug for CompiledTemplates {
 /// liquid with herald's `json` filter and [`capped`] values; with
 /// `count_loops`, also the loop counting of [`budget`].
 fn parser(count_loops: bool) -> Result<liquid::Parser, liquid::Error> {
-    let builder = capped::register(liquid::ParserBuilder::with_stdlib().filter(JsonFilterParser));
+    let builder = knock_filters::register(capped::register(liquid::ParserBuilder::with_stdlib().filter(JsonFilterParser)));
     let builder = if count_loops {
         builder.tag(budget::TickTag).block(budget::Ticked(liquid_lib::stdlib::ForBlock)).block(budget::Ticked(liquid_lib::stdlib::TableRowBlock))
     } else {
@@ -1062,6 +1067,10 @@ mod tests {
         let body = t.render("s", "template.body", &ctx).unwrap().unwrap();
         let parsed: Value = serde_json::from_str(&body).expect(&body);
         assert_eq!(parsed["text"], "say \"hi\"\\\n</script>");
+        // Escaping grows text (a control character is 6 bytes): the JSON is capped like output.
+        let ctx = json!({"data": {"text": "\u{1}".repeat(200_000)}});
+        let err = t.render("s", "template.body", &ctx).unwrap_err();
+        assert!(err.message.contains("json: the JSON text passes 1024 KiB"), "{err}");
     }
 
     #[test]
