@@ -43,7 +43,22 @@ struct Slot {
     previous: Option<(String, Arc<HashSet<String>>)>,
 }
 
-type Slots = std::sync::Mutex<HashMap<String, Weak<tokio::sync::Mutex<Slot>>>>;
+/// A visit waiting for its group's writer, and where its answer goes.
+struct Pending {
+    visit: Visit,
+    now: Timestamp,
+    answer: tokio::sync::oneshot::Sender<Result<BatchDecision, String>>,
+}
+
+/// One group in this process: its slot (held by the one visitor writing) and
+/// the visits queued for the next write.
+#[derive(Default)]
+struct Group {
+    slot: tokio::sync::Mutex<Slot>,
+    queue: std::sync::Mutex<Vec<Pending>>,
+}
+
+type Slots = std::sync::Mutex<HashMap<String, Weak<Group>>>;
 
 /// The lock table of this process, shared by the free functions.
 static SHARED: LazyLock<Arc<Slots>> = LazyLock::new(Arc::default);
@@ -101,24 +116,21 @@ impl BatchStore {
         Api::namespaced(self.client.clone(), namespace)
     }
 
-    /// The group's slot, locked: visitors of one group in this process queue here.
-    async fn lock(&self, namespace: &str, name: &str) -> tokio::sync::OwnedMutexGuard<Slot> {
+    /// The group's entry in this process's table.
+    fn group(&self, namespace: &str, name: &str) -> Arc<Group> {
         let key = format!("{namespace}/{name}");
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            match slots.get(&key).and_then(Weak::upgrade) {
-                Some(slot) => slot,
-                None => {
-                    if slots.len() >= 1024 {
-                        slots.retain(|_, s| s.strong_count() > 0);
-                    }
-                    let slot = Arc::new(tokio::sync::Mutex::new(Slot::default()));
-                    slots.insert(key, Arc::downgrade(&slot));
-                    slot
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match slots.get(&key).and_then(Weak::upgrade) {
+            Some(group) => group,
+            None => {
+                if slots.len() >= 1024 {
+                    slots.retain(|_, s| s.strong_count() > 0);
                 }
+                let group = Arc::new(Group::default());
+                slots.insert(key, Arc::downgrade(&group));
+                group
             }
-        };
-        slot.lock_owned().await
+        }
     }
 
     async fn read(&self, namespace: &str, name: &str) -> Result<Read, Error> {
@@ -139,10 +151,125 @@ impl BatchStore {
     /// (and ends), continues at once (flush-leading), waits, or continues
     /// with the closed batch's summary. Asking again gives the same answer
     /// and changes nothing.
+    ///
+    /// Visitors of one group in this process commit together: each queues
+    /// its visit, and whoever holds the group's slot next decides every
+    /// queued visit in arrival order and writes the result once, so a burst
+    /// of joiners costs a few writes of the (growing) object, not one each.
     pub async fn visit(&self, namespace: &str, visit: &Visit, now: Timestamp) -> Result<BatchDecision, Error> {
+        use tokio::sync::oneshot::error::TryRecvError;
+        let name = visit.group.name();
+        let group = self.group(namespace, &name);
+        loop {
+            let (answer, mut answered) = tokio::sync::oneshot::channel();
+            group.queue.lock().unwrap_or_else(|e| e.into_inner()).push(Pending { visit: visit.clone(), now, answer });
+            let mut slot = group.slot.lock().await;
+            match answered.try_recv() {
+                // Decided with others by the writer before us.
+                Ok(decision) => return decision.map_err(Error::Stale),
+                // That writer was cancelled before it answered: ask again.
+                Err(TryRecvError::Closed) => continue,
+                Err(TryRecvError::Empty) => {}
+            }
+            let pending = std::mem::take(&mut *group.queue.lock().unwrap_or_else(|e| e.into_inner()));
+            self.visit_all(&mut slot, namespace, &name, pending).await;
+            return match answered.try_recv() {
+                Ok(decision) => decision.map_err(Error::Stale),
+                Err(_) => Err(Error::Stale(format!("Batch {namespace}/{name}: the visit was not decided"))),
+            };
+        }
+    }
+
+    /// Decides queued visits, in order: runs of ordinary ones together (one
+    /// write), the others (a carrier whose batch was replaced, a run to look
+    /// for in the previous batch, a close that archives) one at a time.
+    async fn visit_all(&self, slot: &mut Slot, namespace: &str, name: &str, mut pending: Vec<Pending>) {
+        while !pending.is_empty() {
+            let decided = match self.visit_together(slot, namespace, name, &pending).await {
+                Ok(decisions) if !decisions.is_empty() => decisions,
+                Ok(_) => {
+                    let first = pending.remove(0);
+                    let decision = self.visit_one(slot, namespace, &first.visit, first.now).await.map_err(|e| e.to_string());
+                    let _ = first.answer.send(decision);
+                    continue;
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for p in pending.drain(..) {
+                        let _ = p.answer.send(Err(message.clone()));
+                    }
+                    return;
+                }
+            };
+            for (p, decision) in pending.drain(..decided.len()).zip(decided) {
+                let _ = p.answer.send(Ok(decision));
+            }
+        }
+    }
+
+    /// Decides the longest run of ordinary visits from the front of
+    /// `pending` against one read, and writes once. Empty when the first
+    /// visit needs [`Self::visit_one`].
+    async fn visit_together(&self, slot: &mut Slot, namespace: &str, name: &str, pending: &[Pending]) -> Result<Vec<BatchDecision>, Error> {
+        let group = &pending[0].visit.group;
+        for attempt in 0..MAX_ATTEMPTS {
+            let (from_cache, (current, resource_version)) = match slot.last.take() {
+                Some(last) => (true, last),
+                None => {
+                    let read = self.read(namespace, name).await?;
+                    if read.group.as_ref().is_some_and(|g| g != group) {
+                        return Err(Error::Stale(format!("Batch {namespace}/{name} belongs to another group (a name collision); not touching it")));
+                    }
+                    (false, (read.state, read.resource_version))
+                }
+            };
+            let mut state = current.clone();
+            let mut decisions = Vec::new();
+            let mut changed = false;
+            for p in pending {
+                let me = p.visit.activity.recipient_run_id.as_str();
+                let known = state.as_ref().is_some_and(|s| s.contains(me));
+                if !known && (p.visit.carrying || state.as_ref().and_then(|s| s.previous_to_check(p.now)).is_some()) {
+                    break;
+                }
+                let (decision, next) = rules::visit(state.as_ref(), &p.visit, p.now);
+                if let Some(next) = next {
+                    if state.as_ref().is_some_and(|c| rules::needs_archive(c, &next)) {
+                        break;
+                    }
+                    state = Some(next);
+                    changed = true;
+                }
+                decisions.push(decision);
+            }
+            if decisions.is_empty() || !changed {
+                if from_cache && !decisions.is_empty() {
+                    // Answers that write nothing come from a fresh read.
+                    continue;
+                }
+                slot.last = Some((current, resource_version));
+                return Ok(decisions);
+            }
+            let Some(next) = state else { return Ok(Vec::new()) };
+            match self.write(namespace, group, name, next, resource_version).await {
+                Ok(written) => {
+                    slot.last = Some(written);
+                    return Ok(decisions);
+                }
+                Err(e) if is_conflict(&e) || is_not_found(&e) => {
+                    tracing::debug!(%namespace, %name, attempt, visits = decisions.len(), "batch write lost; reading again");
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=(5 * u64::from(attempt + 1)).min(100)))).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Stale(format!("Batch {namespace}/{name} kept changing; gave up after {MAX_ATTEMPTS} attempts")))
+    }
+
+    /// One visit on its own (see [`Self::visit`]).
+    async fn visit_one(&self, slot: &mut Slot, namespace: &str, visit: &Visit, now: Timestamp) -> Result<BatchDecision, Error> {
         let name = visit.group.name();
         let me = visit.activity.recipient_run_id.as_str();
-        let mut slot = self.lock(namespace, &name).await;
         for attempt in 0..MAX_ATTEMPTS {
             let (from_cache, (current, resource_version)) = match slot.last.take() {
                 Some(last) => (true, last),
@@ -162,7 +289,7 @@ impl BatchStore {
                     return self.carried(namespace, visit, now).await;
                 }
                 if let Some(previous) = current.as_ref().and_then(|s| s.previous_to_check(now)) {
-                    if let Some(decision) = self.in_previous(&mut slot, namespace, previous, visit, now).await? {
+                    if let Some(decision) = self.in_previous(slot, namespace, previous, visit, now).await? {
                         slot.last = Some((current, resource_version));
                         return Ok(decision);
                     }
@@ -269,7 +396,8 @@ impl BatchStore {
     /// object if that is still its batch and closed. Idempotent.
     pub async fn finish(&self, namespace: &str, group: &BatchGroup, carrier_recipient_run_id: &str) -> Result<(), Error> {
         let name = group.name();
-        let mut slot = self.lock(namespace, &name).await;
+        let entry = self.group(namespace, &name);
+        let mut slot = entry.slot.lock().await;
         slot.last = None;
         match self.api(namespace).delete(&group.archive_name(carrier_recipient_run_id), &DeleteParams::default()).await {
             Ok(_) => {}
