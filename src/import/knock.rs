@@ -1256,3 +1256,306 @@ pub fn to_yaml(workflow: &Workflow) -> Result<String, serde_yaml::Error> {
     }
     serde_yaml::to_string(&value)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn run(json: Value) -> Imported {
+        run_with(json, &Options::default())
+    }
+
+    fn run_with(json: Value, options: &Options) -> Imported {
+        convert(&Source { key: "wf".into(), json, problems: Vec::new() }, &BTreeMap::new(), options)
+    }
+
+    fn one_step(step: Value) -> (Step, Vec<String>) {
+        let imported = run(json!({"steps": [step]}));
+        let problems = imported.problems.iter().map(|p| p.to_string()).collect();
+        (imported.workflow.spec.steps.into_iter().next().unwrap_or_default(), problems)
+    }
+
+    #[test]
+    fn workflow_fields_map() {
+        let imported = run(json!({
+            "name": "New comment", "categories": ["a"], "trigger_frequency": "once_per_recipient_per_tenant",
+            "settings": {"override_preferences": true},
+            "trigger_data_json_schema": {"type": "object"},
+            "conditions": {"all": [{"variable": "recipient.plan", "operator": "equal_to", "argument": "pro"}]},
+            "steps": [],
+            "__readonly": {"key": "new_comment", "active": false, "valid": true}
+        }));
+        assert!(imported.problems.is_empty(), "{:?}", imported.problems);
+        let wf = imported.workflow;
+        assert_eq!(wf.metadata.name.as_deref(), Some(crate::core::ids::name_for_id("wf").as_str()));
+        assert_eq!(wf.spec.key.as_deref(), Some("wf"));
+        assert!(!wf.spec.active);
+        assert!(wf.spec.override_preferences);
+        assert_eq!(wf.spec.categories, vec!["a".to_string()]);
+        assert_eq!(wf.spec.trigger_frequency, TriggerFrequency::OncePerRecipientPerTenant);
+        assert_eq!(wf.spec.data_schema, Some(json!({"type": "object"}).as_object().unwrap().clone()));
+        assert_eq!(serde_json::to_value(&wf.spec.conditions).unwrap(), json!({"all": [{"variable": "recipient.plan", "operator": "equal_to", "argument": "pro"}]}));
+    }
+
+    #[test]
+    fn arguments_are_decoded_as_knock_decodes_them() {
+        let (step, problems) = one_step(json!({"ref": "d", "type": "delay", "settings": {"delay_for": {"unit": "seconds", "value": 5}},
+        "conditions": {"any": [
+            {"variable": "data.n", "operator": "greater_than", "argument": "5"},
+            {"variable": "data.b", "operator": "equal_to", "argument": "true"},
+            {"variable": "data.s", "operator": "equal_to", "argument": "pro"},
+            {"variable": "data.l", "operator": "contains_all", "argument": "[\"a\",\"b\"]"},
+            {"all": [{"variable": "refs.x.engagement_status", "operator": "contains", "argument": "$message.seen"}, {"variable": "data.e", "operator": "exists"}]}
+        ]}}));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            serde_json::to_value(&step.conditions).unwrap(),
+            json!({"any": [
+                {"variable": "data.n", "operator": "greater_than", "argument": 5},
+                {"variable": "data.b", "operator": "equal_to", "argument": true},
+                {"variable": "data.s", "operator": "equal_to", "argument": "pro"},
+                {"variable": "data.l", "operator": "contains_all", "argument": ["a", "b"]},
+                {"all": [{"variable": "refs.x.engagement_status", "operator": "contains", "argument": "$message.seen"}, {"variable": "data.e", "operator": "exists"}]}
+            ]})
+        );
+    }
+
+    #[test]
+    fn dynamic_arguments_and_vars_are_problems() {
+        let (_, problems) = one_step(json!({"ref": "d", "type": "delay", "settings": {"delay_for": {"unit": "seconds", "value": 5}},
+            "conditions": {"all": [{"variable": "data.plan", "operator": "equal_to", "argument": "recipient.plan"}, {"variable": "vars.flag", "operator": "exists"}]}}));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("step `d`: condition on `data.plan`: the argument `recipient.plan`"), "{problems:?}");
+        assert!(problems[1].contains("`vars.flag`"), "{problems:?}");
+    }
+
+    #[test]
+    fn delay_maps_duration_and_field_path() {
+        let (step, problems) = one_step(json!({"ref": "d", "type": "delay", "settings": {"delay_for": {"unit": "minutes", "value": 5}}}));
+        assert!(problems.is_empty());
+        assert_eq!(step.delay.unwrap().duration, Some(DurationValue::Unit { unit: "minutes".into(), value: 5 }));
+        let (step, problems) = one_step(json!({"ref": "d", "type": "delay", "settings": {"delay_until_field_path": "data.remind_at"}}));
+        assert!(problems.is_empty());
+        assert_eq!(step.delay.unwrap().window_from.as_deref(), Some("data.remind_at"));
+        let (_, problems) = one_step(json!({"ref": "d", "type": "delay", "settings": {"delay_for": {"unit": "minutes", "value": 5}, "delay_until_field_path": "data.at"}}));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn batch_settings_map() {
+        let (step, problems) = one_step(json!({"ref": "b", "type": "batch", "settings": {
+            "batch_key": "page_id", "batch_order": "asc", "batch_window": {"unit": "seconds", "value": 30},
+            "batch_window_type": "sliding", "batch_window_extension_limit": {"unit": "minutes", "value": 10},
+            "batch_items_max_limit": 50, "batch_items_render_limit": 20, "batch_execution_mode": "flush_leading"}}));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            step.batch.unwrap(),
+            BatchStep {
+                window: Some(DurationValue::Unit { unit: "seconds".into(), value: 30 }),
+                window_from: None,
+                key: Some("{{ data.page_id }}".into()),
+                window_type: WindowType::Sliding,
+                max_window: Some(DurationValue::Unit { unit: "minutes".into(), value: 10 }),
+                max_activities: Some(50),
+                render_limit: Some(20),
+                mode: BatchMode::FlushLeading,
+            }
+        );
+        let (step, problems) =
+            one_step(json!({"ref": "b", "type": "batch", "settings": {"batch_key": "{{ data.a }}-{{ actor.id }}", "batch_until_field_path": "data.until", "batch_order": "desc"}}));
+        assert_eq!(problems, vec!["workflow `wf` step `b`: `batch_order: desc` (render the newest activities): herald renders the oldest (asc kept)".to_string()]);
+        let batch = step.batch.unwrap();
+        assert_eq!(batch.key.as_deref(), Some("{{ data.a }}-{{ actor.id }}"));
+        assert_eq!(batch.window_from.as_deref(), Some("data.until"));
+    }
+
+    #[test]
+    fn throttle_settings_map() {
+        let (step, problems) =
+            one_step(json!({"ref": "t", "type": "throttle", "settings": {"throttle_window": {"unit": "hours", "value": 1}, "throttle_limit": 3, "throttle_key": "alert_id"}}));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            step.throttle.unwrap(),
+            ThrottleStep { window: Some(DurationValue::Unit { unit: "hours".into(), value: 1 }), window_from: None, limit: 3, key: Some("{{ data.alert_id }}".into()) }
+        );
+    }
+
+    #[test]
+    fn fetch_settings_map() {
+        let (step, problems) = one_step(json!({"ref": "f", "type": "http_fetch", "settings": {
+            "method": "post", "url": "https://x.example/{{ data.id }}", "body": "{\"a\": 1}", "response_path": "build",
+            "headers": [{"key": "Accept", "value": "application/json"}], "query_params": [{"key": "q", "value": "{{ data.q }}"}]}}));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(step.step_type, StepType::Fetch);
+        let fetch = step.fetch.unwrap();
+        assert_eq!(fetch.method.as_deref(), Some("POST"));
+        assert_eq!(fetch.url, "https://x.example/{{ data.id }}");
+        assert_eq!(fetch.headers, BTreeMap::from([("Accept".to_string(), "application/json".to_string())]));
+        assert_eq!(fetch.query, BTreeMap::from([("q".to_string(), "{{ data.q }}".to_string())]));
+        assert_eq!(fetch.body.as_deref(), Some("{\"a\": 1}"));
+        assert_eq!(fetch.response_path.as_deref(), Some("build"));
+        let (_, problems) = one_step(json!({"ref": "f", "type": "http_fetch", "settings": {"method": "get", "url": "https://x.example", "headers": "{{ data.headers }}"}}));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("`headers` is a template"));
+    }
+
+    #[test]
+    fn channel_templates_map_per_type() {
+        let options = Options { channels: BTreeMap::from([("postmark".to_string(), "mail".to_string())]), ..Default::default() };
+        let imported = run_with(
+            json!({"steps": [
+                {"ref": "email_1", "type": "channel", "channel_key": "postmark", "template": {"subject": "Hi", "html_body": "<p>{{ data.x }}</p>", "text_body": "{{ data.x }}"}},
+                {"ref": "chat_1", "type": "channel", "channel_key": "slack", "template": {"json_body": "{\"blocks\": [{\"type\": \"divider\"}]}", "summary": "s"}},
+                {"ref": "chat_2", "type": "channel", "channel_key": "slack", "channel_type": "chat", "template": {"markdown_body": "hello {{ data.x }}"}},
+                {"ref": "webhook_1", "type": "channel", "channel_key": "hooks", "template": {"method": "put", "url": "https://h.example/a", "headers": [{"key": "X-A", "value": "{{ data.a }}"}], "query_params": [{"key": "k", "value": "{{ data.k }}"}], "body": "{}"}},
+                {"ref": "in_app_feed_1", "type": "channel", "channel_key": "feed", "template": {"markdown_body": "**hi**", "action_url": "https://a.example"}}
+            ]}),
+            &options,
+        );
+        assert!(imported.problems.is_empty(), "{:?}", imported.problems);
+        let steps = imported.workflow.spec.steps;
+        assert_eq!(steps[0].channel.as_deref(), Some("mail"));
+        let email = steps[0].template.clone().unwrap();
+        assert_eq!((email.subject.as_deref(), email.html.as_deref(), email.text.as_deref()), (Some("Hi"), Some("<p>{{ data.x }}</p>"), Some("{{ data.x }}")));
+        let chat = steps[1].template.clone().unwrap();
+        assert_eq!((chat.blocks.as_deref(), chat.text.as_deref()), (Some("[{\"type\": \"divider\"}]"), Some("s")));
+        assert_eq!(steps[2].template.clone().unwrap().text.as_deref(), Some("hello {{ data.x }}"));
+        let http = steps[3].template.clone().unwrap();
+        assert_eq!(http.method.as_deref(), Some("PUT"));
+        assert_eq!(http.url.as_deref(), Some("{% capture knock_query_0 %}{{ data.k }}{% endcapture %}https://h.example/a?k={{ knock_query_0 | url_encode }}"));
+        assert_eq!(http.headers.get("X-A").map(String::as_str), Some("{{ data.a }}"));
+        assert_eq!(http.body.as_deref(), Some("{}"));
+        let feed = steps[4].template.clone().unwrap();
+        assert_eq!((feed.markdown_body.as_deref(), feed.action_url.as_deref()), (Some("**hi**"), Some("https://a.example")));
+    }
+
+    #[test]
+    fn channels_herald_lacks_are_refused() {
+        let imported = run(json!({"steps": [
+            {"ref": "sms_1", "type": "channel", "channel_key": "twilio", "template": {"text_body": "hi"}},
+            {"ref": "p", "type": "channel", "channel_key": "apns", "template": {"title": "t", "text_body": "hi"}},
+            {"ref": "x", "type": "channel", "channel_key": "mystery", "template": {"markdown_body": "hi"}},
+            {"ref": "c", "type": "channel", "channel_key": "slack", "channel_type": "chat", "template": {"markdown_body": "**bold**"}},
+            {"ref": "g", "type": "channel", "channel_group_key": "all", "template": {}}
+        ]}));
+        let problems: Vec<String> = imported.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert!(problems[0].contains("`sms` channel"));
+        assert!(problems[1].contains("`push` channel"));
+        assert!(problems[2].contains("--channel-type mystery="));
+        assert!(problems[3].contains("mrkdwn"));
+        assert!(problems[4].contains("channel groups"));
+        // Lossy: the refused steps are gone, the chat step kept as written.
+        let refs: Vec<&str> = imported.workflow.spec.steps.iter().map(|s| s.step_ref.as_str()).collect();
+        assert_eq!(refs, vec!["c"]);
+        // --channel-type settles what the template does not say.
+        let options = Options { channel_types: BTreeMap::from([("mystery".to_string(), "in_app_feed".to_string())]), ..Default::default() };
+        let imported = run_with(json!({"steps": [{"ref": "x", "type": "channel", "channel_key": "mystery", "template": {"markdown_body": "hi"}}]}), &options);
+        assert!(imported.problems.is_empty(), "{:?}", imported.problems);
+        assert_eq!(imported.workflow.spec.steps[0].template.clone().unwrap().markdown_body.as_deref(), Some("hi"));
+    }
+
+    #[test]
+    fn liquid_herald_cannot_run_is_reported() {
+        let (step, problems) = one_step(json!({"ref": "email_1", "type": "channel", "channel_key": "mail", "template": {
+            "subject": "{{ vars.app_name }} news",
+            "html_body": "{% t %}Hello{% endt %} {{ recipient.name }}{% render 'footer' %}{{> header }}",
+            "text_body": "{{ data.amount | rounded_currency: \"GBP\" }}"}}));
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[0].contains("template.subject: `vars.app_name`"), "{problems:?}");
+        assert!(problems[1].contains("template.html: uses partials (`render 'footer'`, `> header`)"), "{problems:?}");
+        assert!(problems[2].contains("template.html: uses translations"), "{problems:?}");
+        assert!(problems[3].contains("template.text: the Liquid filter `rounded_currency` is not one herald has"), "{problems:?}");
+        let template = step.template.unwrap();
+        assert_eq!(template.html.as_deref(), Some("Hello {{ recipient.name }}"));
+        assert_eq!(template.text, None);
+    }
+
+    #[test]
+    fn trigger_workflow_maps_and_knock_defaults_are_herald_defaults() {
+        let (step, problems) = one_step(json!({"ref": "t", "type": "trigger_workflow", "settings": {
+            "workflow_key": "other", "recipients": "{{ recipient.id }}", "actor": "{{actor.id}}", "tenant": "{{ tenant.id }}", "data": "{{ data | json }}", "cancellation_key": "{{ data.k }}"}}));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            step.trigger_workflow.unwrap(),
+            TriggerWorkflowStep { workflow: "other".into(), data: None, actor: None, tenant: None, cancellation_key: Some("{{ data.k }}".into()) }
+        );
+        let (_, problems) = one_step(json!({"ref": "t", "type": "trigger_workflow", "settings": {"workflow_key": "other", "recipients": "{{ data.users }}"}}));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("`recipients: {{ data.users }}`"));
+        assert!(problems[1].contains("cancellation key"));
+    }
+
+    #[test]
+    fn branches_nest_and_keep_their_steps() {
+        let (step, problems) = one_step(json!({"ref": "b1", "type": "branch", "branches": [
+            {"name": "A", "terminates": true, "conditions": {"all": [{"variable": "data.a", "operator": "equal_to", "argument": "1"}]},
+             "steps": [{"ref": "b2", "type": "branch", "branches": [
+                 {"name": "B", "terminates": false, "conditions": {"any": [{"variable": "data.b", "operator": "exists"}]}, "steps": [{"ref": "d", "type": "delay", "settings": {"delay_for": {"unit": "seconds", "value": 1}}}]},
+                 {"name": "Default", "terminates": false, "steps": []}]}]},
+            {"name": "Default", "terminates": false, "steps": [{"ref": "w", "type": "wait_for_event", "settings": {}}]}
+        ]}));
+        assert_eq!(problems, vec!["workflow `wf` step `w`: step type `wait_for_event`: herald has no such step (step dropped)".to_string()]);
+        assert_eq!(step.branches.len(), 2);
+        assert!(step.branches[0].terminates);
+        assert_eq!(step.branches[0].steps[0].branches[0].steps[0].step_ref, "d");
+        assert!(step.branches[1].steps.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_are_reported_not_dropped_silently() {
+        let (_, problems) = one_step(json!({"ref": "d", "type": "delay", "settings": {"delay_for": {"unit": "seconds", "value": 5}, "delay_mode": "x"}, "new_knock_thing": true}));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("delay setting `delay_mode`")));
+        assert!(problems.iter().any(|p| p.contains("step field `new_knock_thing`")));
+    }
+
+    #[test]
+    fn at_paths_stay_inside_the_workflow_directory() {
+        let root = std::env::temp_dir().join(format!("herald-knock-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("wf/email_1")).unwrap();
+        std::fs::write(root.join("wf/email_1/html_body.html"), "<p>hi</p>").unwrap();
+        std::fs::write(root.join("outside.txt"), "secret").unwrap();
+        let wf = root.join("wf");
+        assert_eq!(resolve(&wf, &wf, "email_1/html_body.html").unwrap(), wf.join("email_1/html_body.html"));
+        assert_eq!(resolve(&wf, &wf, "email_1/../email_1/html_body.html").unwrap(), wf.join("email_1/html_body.html"));
+        assert!(resolve(&wf, &wf, "../outside.txt").unwrap_err().contains("outside"));
+        assert!(resolve(&wf, &wf, "/etc/passwd").unwrap_err().contains("not a relative path"));
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(root.join("outside.txt"), wf.join("link.txt")).unwrap();
+            assert!(resolve(&wf, &wf, "link.txt").unwrap_err().contains("outside"));
+        }
+        std::fs::write(
+            wf.join(WORKFLOW_JSON),
+            r#"{"steps": [{"ref": "email_1", "type": "channel", "channel_key": "m", "template": {"subject": "s", "html_body@": "email_1/html_body.html", "text_body@": "../outside.txt", "subject@": "x.txt"}}]}"#,
+        )
+        .unwrap();
+        let source = read_workflow(&wf).unwrap();
+        assert_eq!(source.key, "wf");
+        assert_eq!(source.json.pointer("/steps/0/template/html_body"), Some(&json!("<p>hi</p>")));
+        // The inline `subject` wins over `subject@`; the escaping path is a problem.
+        assert_eq!(source.json.pointer("/steps/0/template/subject"), Some(&json!("s")));
+        assert_eq!(source.problems.len(), 1, "{:?}", source.problems);
+        assert_eq!(source.problems[0].step.as_deref(), Some("email_1"));
+        assert!(source.problems[0].what.contains("`template.text_body@`: `../outside.txt` points outside"), "{:?}", source.problems);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(key_template("page_id"), "{{ data.page_id }}");
+        assert_eq!(key_template("{{ data.a }}"), "{{ data.a }}");
+        assert_eq!(blocks_of(" {\n \"blocks\": [1, {% if x %}2{% endif %}]\n}\n").as_deref(), Some("[1, {% if x %}2{% endif %}]"));
+        assert_eq!(blocks_of("[1]").as_deref(), Some("[1]"));
+        assert_eq!(blocks_of("{\"text\": \"x\", \"blocks\": []}"), None);
+        assert_eq!(with_query("https://a/b", &[("x y".into(), "1 2".into()), ("z".into(), "3".into())]), "https://a/b?x+y=1+2&z=3");
+        assert_eq!(markdown_differs_in_slack("plain {{ data.x | default: '*' }}"), None);
+        assert!(markdown_differs_in_slack("[a](b)").is_some());
+        assert_eq!(missing_variable("workflow.key"), None);
+        assert!(missing_variable("workflow.id").is_some());
+        assert!(missing_variable("timestamp").is_some());
+        assert_eq!(unknown_filter("liquid: Unknown filter with: requested filter=pluralize available filters=abs"), Some("pluralize"));
+    }
+}
