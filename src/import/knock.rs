@@ -1007,12 +1007,12 @@ impl Converter<'_> {
                 partials.push(inner.to_string());
             }
             if !m.tag || !m.inner.trim_start().starts_with("comment") {
-                for filter in filters(&m.inner) {
+                for filter in filters(m.inner) {
                     if filter == "t" {
                         translated = true;
                     }
                 }
-                for var in variables(&m.inner) {
+                for var in variables(m.inner) {
                     if let Some(missing) = missing_variable(&var) {
                         self.problem(format!("{field}: {missing}"));
                     }
