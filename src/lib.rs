@@ -6,6 +6,7 @@ pub mod core;
 pub mod crds;
 pub mod delivery;
 pub mod http;
+pub mod import;
 pub mod leader;
 pub mod metrics;
 pub mod operator;
