@@ -894,9 +894,9 @@ impl Converter<'_> {
         }
     }
 
-    fn count(&mut self, what: &str, n: &Value) -> Option<u32> {
+    fn count(&mut self, what: &str, n: &Value) -> Option<i32> {
         match n.as_u64().or_else(|| n.as_str().and_then(|s| s.trim().parse().ok())) {
-            Some(n) if n <= u32::MAX as u64 => Some(n as u32),
+            Some(n) if n <= i32::MAX as u64 => Some(n as i32),
             _ => {
                 self.problem(format!("`{what}` is not a whole number (dropped)"));
                 None
