@@ -36,6 +36,14 @@ use crate::resources::TriggerRunSpec;
 pub const MAX_PER_REQUEST: usize = 100;
 /// The label on Schedules the API creates: their workflow.
 pub const WORKFLOW_LABEL: &str = "herald.dev/workflow";
+/// The annotation on Schedules the API creates: when, to the nanosecond
+/// (creationTimestamp has whole seconds; lists are newest first).
+pub const INSERTED_AT_ANNOTATION: &str = "herald.dev/inserted-at";
+
+/// When a Schedule was created: the API's annotation, else its creationTimestamp.
+fn inserted_at(schedule: &Schedule) -> Option<Timestamp> {
+    schedule.annotations().get(INSERTED_AT_ANNOTATION).and_then(|t| t.parse().ok()).or_else(|| schedule.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
 
 /// One schedule as the API sees it: a Schedule and one of its recipients.
 struct Entry {
@@ -120,7 +128,7 @@ fn schedule_json(api: &Api, namespace: &str, entry: &Entry) -> Value {
         "repeats": schedule.spec.repeats.iter().map(rule_json).collect::<Vec<_>>(),
         "last_occurrence_at": last,
         "next_occurrence_at": next,
-        "inserted_at": created_at(&schedule.metadata),
+        "inserted_at": inserted_at(schedule).map(|t| t.to_string()).or_else(|| created_at(&schedule.metadata)),
         "updated_at": updated_at(&schedule.metadata),
     })
 }
@@ -223,7 +231,7 @@ pub async fn create(State(api): State<Arc<Api>>, caller: Caller, JsonBody(body):
         let mut schedule = Schedule::new(&generated_name(&workflow), spec);
         schedule.metadata.labels =
             Some(BTreeMap::from([(CREATED_BY_LABEL.to_string(), "herald-api".to_string()), (WORKFLOW_LABEL.to_string(), crate::core::ids::label_value(&workflow))]));
-        schedule.metadata.annotations = Some(BTreeMap::from([(CALLER_ANNOTATION.to_string(), caller.name())]));
+        schedule.metadata.annotations = Some(BTreeMap::from([(CALLER_ANNOTATION.to_string(), caller.name()), (INSERTED_AT_ANNOTATION.to_string(), Timestamp::now().to_string())]));
         let created = schedules.create(&pp, &schedule).await?;
         api.ctx.metrics.write("Schedule");
         let entry = entries_of(&created).into_iter().next().ok_or_else(|| ApiError::Internal("the stored Schedule has no recipient".into()))?;
@@ -441,7 +449,7 @@ async fn list_page(api: &Api, namespace: &str, q: Query) -> Result<Json<Value>, 
         .filter(|e| q.recipients.is_empty() || q.recipients.contains(&e.key))
         .collect();
     // Newest first, as Knock lists them; the id breaks ties.
-    entries.sort_by(|a, b| b.schedule.metadata.creation_timestamp.as_ref().map(|t| t.0).cmp(&a.schedule.metadata.creation_timestamp.as_ref().map(|t| t.0)).then(a.id.cmp(&b.id)));
+    entries.sort_by(|a, b| inserted_at(&b.schedule).cmp(&inserted_at(&a.schedule)).then(a.id.cmp(&b.id)));
     let position = |cursor: &str| entries.iter().position(|e| e.id == cursor).ok_or_else(|| ApiError::invalid("after", "unknown cursor"));
     let (start, end) = match (&q.after, &q.before) {
         (Some(after), _) => {
