@@ -4,7 +4,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::json;
 
-use crate::resources::{Audience, Batch, Cancellation, Channel, Object, RecipientPage, Tenant, Throttle, TriggerRun, User, Workflow};
+use crate::resources::{Audience, Batch, Cancellation, Channel, Object, RecipientPage, Schedule, Tenant, Throttle, TriggerRun, User, Workflow};
 
 /// Every CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
@@ -22,6 +22,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         Cancellation::crd(),
         Batch::crd(),
         Throttle::crd(),
+        Schedule::crd(),
     ]
 }
 

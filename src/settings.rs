@@ -159,6 +159,24 @@ pub struct Settings {
     /// it, 503 with Retry-After (clients reconnect, possibly to another replica).
     #[arg(long, env = "HERALD_MAX_SOCKETS", default_value_t = 10_000)]
     pub max_sockets: usize,
+
+    /// Schedules: the time zone of recipients without a (valid) `timezone`, per namespace:
+    /// comma-separated `namespace=Zone` entries and at most one bare `Zone` for the other
+    /// namespaces (IANA names, e.g. `team-a=Europe/Paris,America/New_York`). Default: UTC.
+    #[arg(long, env = "HERALD_DEFAULT_TIMEZONE", value_delimiter = ',', value_parser = parse_zone_entry)]
+    pub default_timezone: Vec<String>,
+
+    /// Schedules: the clock they read (tests run it faster than real time); None is the real clock.
+    #[arg(skip)]
+    pub schedule_clock: Option<crate::core::schedule::Clock>,
+}
+
+/// An entry of `--default-timezone`: `Zone` or `namespace=Zone`, with a zone jiff knows.
+fn parse_zone_entry(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    let zone = value.split_once('=').map_or(value, |(_, z)| z);
+    jiff::tz::TimeZone::get(zone).map_err(|_| format!("`{zone}` is not an IANA time zone (e.g. Europe/Paris)"))?;
+    Ok(value.to_string())
 }
 
 /// An origin of `--cors-allowed-origins`: `scheme://host[:port]` (lowercased, as browsers send it), `*`, or nothing.
@@ -217,6 +235,8 @@ impl Settings {
             egress_allow_cidrs: CidrList::default(),
             cors_allowed_origins: Vec::new(),
             max_sockets: 10_000,
+            default_timezone: Vec::new(),
+            schedule_clock: None,
         }
     }
 
@@ -260,6 +280,17 @@ impl Settings {
     /// Retry-After rather than a 408.
     pub fn api_wait(&self) -> Duration {
         (self.request_timeout() * 3 / 4).min(Duration::from_secs(10))
+    }
+
+    /// The default time zone of recipients in `namespace` (`--default-timezone`), if set.
+    pub fn default_timezone(&self, namespace: &str) -> Option<&str> {
+        let entries = || self.default_timezone.iter().map(|e| e.split_once('=').map_or((None, e.as_str()), |(ns, z)| (Some(ns), z)));
+        entries().find(|(ns, _)| *ns == Some(namespace)).or_else(|| entries().find(|(ns, _)| ns.is_none())).map(|(_, zone)| zone)
+    }
+
+    /// The time schedules read.
+    pub fn schedule_now(&self) -> jiff::Timestamp {
+        self.schedule_clock.map_or_else(jiff::Timestamp::now, |c| c.now())
     }
 
     pub fn workflow_grace(&self) -> Duration {
@@ -308,5 +339,14 @@ mod tests {
         for bad in ["app.example.com", "https://app.example.com/", "https://app.example.com/path", "ftp://x"] {
             assert!(Cli::try_parse_from(["herald", "--cors-allowed-origins", bad]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn default_time_zones_per_namespace() {
+        let cli = Cli::try_parse_from(["herald", "--default-timezone", "team-a=Europe/Paris,America/New_York"]).unwrap();
+        assert_eq!(cli.settings.default_timezone("team-a"), Some("Europe/Paris"));
+        assert_eq!(cli.settings.default_timezone("team-b"), Some("America/New_York"));
+        assert_eq!(Settings::for_namespace("n").default_timezone("n"), None);
+        assert!(Cli::try_parse_from(["herald", "--default-timezone", "team-a=Mars/Olympus"]).is_err());
     }
 }

@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use api_support::Herald;
-use herald::resources::{Cancellation, TriggerRun, User};
+use herald::resources::{Cancellation, Schedule, TriggerRun, User};
 use kube::ResourceExt;
 use receivers::{HttpReceiver, Reply};
 use serde_json::{json, Value};
@@ -224,4 +224,77 @@ async fn the_knock_node_sdk_reads_messages_back_from_the_history_store() {
     // Errors reach the SDK as its own classes.
     assert_eq!(s["missing"], json!({"status": 404, "code": "resource_missing", "expected_class": true, "fields": []}));
     assert_eq!(s["engagement"], json!({"status": 422, "code": "invalid_params", "expected_class": true, "fields": ["engagement_status[]"]}));
+}
+
+#[tokio::test]
+async fn the_knock_node_sdk_manages_schedules() {
+    ensure_sdk();
+    let h = Herald::start().await;
+    h.workflow("sdk-sched", api_support::delay_workflow("0s")).await;
+
+    let s = run_script(&h, "schedules.mjs").await;
+
+    // Create: one schedule per recipient, in Knock's shape; the inline recipient was identified.
+    let created = s["created"].as_array().unwrap();
+    assert_eq!(created.len(), 2, "{s:#}");
+    for (schedule, recipient) in created.iter().zip(["sch-1", "sch-2"]) {
+        assert_eq!(schedule["__typename"], "Schedule");
+        assert_eq!(schedule["workflow"], "sdk-sched");
+        assert_eq!(schedule["recipient"]["id"], recipient);
+        assert_eq!(schedule["recipient"]["__typename"], "User");
+        assert_eq!(schedule["tenant"], "sdk-tenant");
+        assert_eq!(schedule["data"], json!({"digest": true}));
+        assert_eq!(
+            schedule["repeats"],
+            json!([{"__typename": "ScheduleRepeat", "frequency": "weekly", "interval": 1, "days": ["mon", "wed"], "day_of_month": null, "hours": 9, "minutes": 30}])
+        );
+        assert_eq!(schedule["last_occurrence_at"], Value::Null);
+        assert!(schedule["inserted_at"].as_str().is_some() && schedule["updated_at"].as_str().is_some(), "{schedule:#}");
+    }
+    // Next occurrence: Monday or Wednesday 09:30 in each recipient's zone.
+    for (schedule, zone) in created.iter().zip(["America/New_York", "Europe/Paris"]) {
+        let next: jiff::Timestamp = schedule["next_occurrence_at"].as_str().unwrap().parse().unwrap();
+        let local = next.to_zoned(jiff::tz::TimeZone::get(zone).unwrap());
+        assert_eq!((local.hour(), local.minute()), (9, 30), "{schedule:#}");
+        assert!(matches!(local.weekday(), jiff::civil::Weekday::Monday | jiff::civil::Weekday::Wednesday), "{schedule:#}");
+    }
+    let users = h.api::<User>().list(&Default::default()).await.unwrap().items;
+    assert_eq!(users.iter().find(|u| u.spec.id == "sch-2").and_then(|u| u.spec.timezone.as_deref()), Some("Europe/Paris"));
+
+    // Listing: pages of two, followed to the end; newest first.
+    let all: Vec<&str> = s["all"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(all.len(), 3, "{s:#}");
+    assert_eq!(s["first_page"].as_array().unwrap().len(), 2);
+    assert_eq!(s["first_has_next"], true);
+    assert_eq!(all[0], s["once"]["id"], "newest first");
+    assert_eq!(s["other_workflow"], 0);
+
+    // Update: what the SDK got back and what the cluster holds.
+    assert_eq!(s["updated"][0]["repeats"][0]["frequency"], "daily");
+    assert_eq!(s["updated"][0]["data"], json!({"digest": false}));
+    assert_eq!(s["updated"][0]["id"], created[0]["id"]);
+    let schedules = h.api::<Schedule>().list(&Default::default()).await.unwrap().items;
+    assert_eq!(schedules.len(), 2, "one deleted");
+    let sch1 = schedules.iter().find(|x| x.spec.recipients == vec![json!("sch-1")] && x.spec.scheduled_at.is_none()).expect("sch-1's recurring Schedule");
+    assert_eq!(sch1.spec.repeats[0].frequency, herald::resources::schedule::Frequency::Daily);
+    assert_eq!(sch1.spec.repeats[0].hours, Some(18));
+
+    // A user's schedules; the one-off fired once, and its run carries the schedule.
+    assert_eq!(s["sch2"].as_array().unwrap().len(), 1);
+    assert_eq!(s["sch2"][0]["id"], created[1]["id"]);
+    assert_eq!(s["fired"]["last_occurrence_at"], s["once_at"]);
+    assert_eq!(s["fired"]["next_occurrence_at"], Value::Null);
+    let runs = h.api::<TriggerRun>().list(&Default::default()).await.unwrap().items;
+    assert_eq!(runs.len(), 1, "{runs:#?}");
+    assert_eq!(runs[0].spec.schedule.as_ref().map(|r| r.id.as_str()), s["once"]["id"].as_str());
+    assert_eq!(runs[0].spec.data, Some(json!({"once": true}).as_object().unwrap().clone()));
+
+    // Delete answers the deleted schedule; it is gone from the list.
+    assert_eq!(s["deleted"][0]["id"], created[1]["id"]);
+    let remaining: Vec<&str> = s["after_delete"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(remaining.len(), 2);
+    assert!(!remaining.contains(&created[1]["id"].as_str().unwrap()));
+
+    assert_eq!(s["missing"], json!({"status": 404, "code": "workflow_missing"}));
+    assert_eq!(s["unknown_id"], json!({"status": 404, "code": "resource_missing"}));
 }

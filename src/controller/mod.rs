@@ -10,6 +10,7 @@ pub mod directory;
 pub mod identify;
 pub mod in_app;
 pub mod lenient;
+pub mod schedule;
 pub mod throttle;
 pub mod trigger_run;
 pub mod workflow;
@@ -469,7 +470,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let workflows = run_simple(ctx.clone(), shutdown.clone(), "workflow", workflow::reconcile);
     let runs = trigger_run::run(ctx.clone(), shutdown.clone());
     let channels = run_simple(ctx.clone(), shutdown.clone(), "channel", channel::reconcile);
-    futures::join!(workflows, runs, channels);
+    let schedules = run_simple(ctx.clone(), shutdown.clone(), "schedule", schedule::reconcile);
+    futures::join!(workflows, runs, channels, schedules);
 }
 
 #[cfg(test)]

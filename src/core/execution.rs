@@ -52,6 +52,8 @@ pub struct RunContext<'a> {
     pub cancellation_key: Option<&'a str>,
     /// For `is_audience_member` conditions.
     pub audiences: &'a (dyn AudienceMembers + Sync),
+    /// A run a Schedule created: `recipient.schedule` (`{id, last_occurrence_at, next_occurrence_at}`).
+    pub schedule: Option<Value>,
 }
 
 /// The recipient a step is decided for.
@@ -174,9 +176,13 @@ pub fn template_context(run: &RunContext, recipient: &RecipientContext) -> Value
         v.insert("id".into(), json!(t.id));
         Value::Object(v)
     });
+    let mut recipient_view = recipient_view(recipient);
+    if let (Some(schedule), Value::Object(view)) = (&run.schedule, &mut recipient_view) {
+        view.insert("schedule".into(), schedule.clone());
+    }
     json!({
         "data": merged_data(run.data, recipient.trigger_data),
-        "recipient": recipient_view(recipient),
+        "recipient": recipient_view,
         "actor": run.actor.clone().unwrap_or(Value::Null),
         "tenant": tenant.unwrap_or(Value::Null),
         "workflow": {"key": run.workflow_key, "categories": run.categories},
@@ -590,6 +596,7 @@ mod tests {
                 trigger_frequency: TriggerFrequency::EveryTrigger,
                 cancellation_key: None,
                 audiences: &conditions::NoAudiences,
+                schedule: None,
             }
         }
 

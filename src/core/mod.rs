@@ -12,6 +12,7 @@ pub mod ids;
 pub mod model;
 pub mod path;
 pub mod preferences;
+pub mod schedule;
 pub mod status;
 pub mod templates;
 pub mod throttle;

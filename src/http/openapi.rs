@@ -269,6 +269,40 @@ fn schemas() -> Value {
     );
     schemas
         .insert("MessageList".into(), json!({"type": "object", "properties": {"items": {"type": "array", "items": schema_ref("Message")}, "page_info": schema_ref("PageInfo")}}));
+    let rule = json!({"type": "object", "required": ["frequency"], "properties": {
+        "__typename": {"type": "string"}, "frequency": {"type": "string", "enum": ["hourly", "daily", "weekly", "monthly"]},
+        "interval": {"type": "integer", "minimum": 1}, "days": {"description": "[mon … sun], or \"weekdays\" / \"weekends\""},
+        "day_of_month": {"type": "integer", "nullable": true, "minimum": 1, "maximum": 31},
+        "hours": {"type": "integer", "nullable": true, "minimum": 0, "maximum": 23}, "minutes": {"type": "integer", "nullable": true, "minimum": 0, "maximum": 59}}});
+    schemas.insert("ScheduleRepeatRule".into(), rule);
+    let timing = json!({
+        "repeats": {"type": "array", "items": schema_ref("ScheduleRepeatRule")}, "scheduled_at": {"type": "string", "format": "date-time", "nullable": true},
+        "ending_at": {"type": "string", "format": "date-time", "nullable": true}, "data": {"type": "object", "nullable": true},
+        "actor": {"nullable": true}, "tenant": {"nullable": true}});
+    let mut create = timing.clone();
+    create["workflow"] = json!({"type": "string"});
+    create["recipients"] = json!({"type": "array", "minItems": 1, "maxItems": 100, "items": schema_ref("Recipient")});
+    schemas.insert("ScheduleCreateRequest".into(), json!({"type": "object", "required": ["workflow", "recipients"], "properties": create}));
+    let mut update = timing;
+    update["schedule_ids"] = json!({"type": "array", "minItems": 1, "maxItems": 100, "items": {"type": "string"}});
+    schemas.insert("ScheduleUpdateRequest".into(), json!({"type": "object", "required": ["schedule_ids"], "properties": update}));
+    schemas.insert(
+        "ScheduleDeleteRequest".into(),
+        json!({"type": "object", "required": ["schedule_ids"], "properties": {"schedule_ids": {"type": "array", "minItems": 1, "maxItems": 100, "items": {"type": "string"}}}}),
+    );
+    schemas.insert(
+        "Schedule".into(),
+        json!({"type": "object", "properties": {
+            "__typename": {"type": "string"}, "id": {"type": "string", "format": "uuid"}, "workflow": {"type": "string"},
+            "recipient": {"type": "object"}, "actor": {"nullable": true}, "tenant": {"type": "string", "nullable": true}, "data": {"type": "object"},
+            "repeats": {"type": "array", "items": schema_ref("ScheduleRepeatRule")},
+            "last_occurrence_at": {"type": "string", "nullable": true}, "next_occurrence_at": {"type": "string", "nullable": true},
+            "inserted_at": {"type": "string"}, "updated_at": {"type": "string"}}}),
+    );
+    schemas.insert(
+        "ScheduleList".into(),
+        json!({"type": "object", "properties": {"entries": {"type": "array", "items": schema_ref("Schedule")}, "page_info": schema_ref("PageInfo")}}),
+    );
     schemas.insert(
         "PageInfo".into(),
         json!({"type": "object", "properties": {
@@ -278,6 +312,17 @@ fn schemas() -> Value {
             "page_size": {"type": "integer"}}}),
     );
     Value::Object(schemas)
+}
+
+fn schedule_filters(workflow_required: bool) -> Vec<Value> {
+    vec![
+        json!({"name": "workflow", "in": "query", "required": workflow_required, "schema": {"type": "string"}, "description": "The workflow key"}),
+        json!({"name": "tenant", "in": "query", "required": false, "schema": {"type": "string"}, "description": "Only this tenant's schedules"}),
+        json!({"name": "recipients[]", "in": "query", "required": false, "schema": {"type": "array", "items": {"type": "string"}}, "description": "Only these recipients"}),
+        json!({"name": "page_size", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 50, "default": 50}}),
+        json!({"name": "after", "in": "query", "required": false, "schema": {"type": "string"}, "description": "A page_info.after cursor"}),
+        json!({"name": "before", "in": "query", "required": false, "schema": {"type": "string"}, "description": "A page_info.before cursor"}),
+    ]
 }
 
 /// The document.
@@ -392,6 +437,46 @@ pub fn document() -> Value {
                 ("get", op("Get a tenant", "Tenants", None, (200, Some(schema_ref("Tenant"))), READ)),
                 ("delete", op("Delete a tenant", "Tenants", None, (204, None), READ)),
             ],
+        ),
+        path_item(
+            "/v1/schedules",
+            vec![
+                (
+                    "post",
+                    op(
+                        "Create schedules: one per recipient",
+                        "Schedules",
+                        Some("ScheduleCreateRequest"),
+                        (200, Some(json!({"type": "array", "items": schema_ref("Schedule")}))),
+                        WRITE,
+                    ),
+                ),
+                (
+                    "put",
+                    op(
+                        "Update schedules by id (the same values for each)",
+                        "Schedules",
+                        Some("ScheduleUpdateRequest"),
+                        (200, Some(json!({"type": "array", "items": schema_ref("Schedule")}))),
+                        WRITE,
+                    ),
+                ),
+                ("delete", op("Delete schedules by id", "Schedules", Some("ScheduleDeleteRequest"), (200, Some(json!({"type": "array", "items": schema_ref("Schedule")}))), WRITE)),
+                (
+                    "get",
+                    Op {
+                        extra_params: schedule_filters(true),
+                        ..op("List a workflow's schedules, newest first", "Schedules", None, (200, Some(schema_ref("ScheduleList"))), READ)
+                    },
+                ),
+            ],
+        ),
+        path_item(
+            "/v1/users/{user_id}/schedules",
+            vec![(
+                "get",
+                Op { extra_params: schedule_filters(false), ..op("List a user's schedules, newest first", "Schedules", None, (200, Some(schema_ref("ScheduleList"))), READ) },
+            )],
         ),
         path_item(
             "/v1/workflow_runs/{id}",

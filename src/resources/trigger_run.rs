@@ -63,6 +63,10 @@ pub struct TriggerRunSpec {
     /// The idempotency key this run was created with, if any (set by the HTTP API).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Set by herald on the runs a Schedule creates: the schedule and occurrence,
+    /// visible to templates as `recipient.schedule` (`id`, `last_occurrence_at`, `next_occurrence_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<crate::resources::schedule::ScheduleRef>,
     /// Seconds to keep the run after it finishes; default: the operator's (7 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]

@@ -93,6 +93,7 @@ The herald CRDs (crds/), which the operator reads to wait until they are establi
 - channels.herald.dev
 - objects.herald.dev
 - recipientpages.herald.dev
+- schedules.herald.dev
 - tenants.herald.dev
 - throttles.herald.dev
 - triggerruns.herald.dev
@@ -103,12 +104,13 @@ The herald CRDs (crds/), which the operator reads to wait until they are establi
 {{/*
 What herald does in the namespaces it watches, and nothing more:
 - reads every herald kind (watch caches, the API);
-- writes status of Workflows, TriggerRuns, RecipientPages and Channels (server-side apply);
+- writes status of Workflows, TriggerRuns, RecipientPages, Channels and Schedules (server-side apply);
 - creates TriggerRuns and Cancellations (the API) and deletes them (TTL, retention);
 - patches a small TriggerRun's metadata once (the recipient run ids the API finds its inline records by);
 - creates and updates RecipientPages (server-side apply) and deletes them with their run;
 - creates, replaces (optimistic concurrency) and deletes Batches (batch steps);
 - creates, replaces and deletes Throttles (throttle steps' windows; conditional writes);
+- creates, updates and deletes Schedules (the schedules API) and writes their status (the schedule controller);
 - creates, updates and deletes Users, Objects and Tenants (inline identify, the API);
 - publishes Events (kube-runtime's Recorder: events.k8s.io/v1; core events for older clients);
 - reads the Secrets Channels name (get only; API keys live in the key
@@ -134,10 +136,13 @@ What herald does in the namespaces it watches, and nothing more:
   resources: [throttles]
   verbs: [get, list, watch, create, update, patch, delete]
 - apiGroups: [herald.dev]
+  resources: [schedules]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [herald.dev]
   resources: [users, objects, tenants]
   verbs: [get, list, watch, create, update, patch, delete]
 - apiGroups: [herald.dev]
-  resources: [workflows/status, triggerruns/status, recipientpages/status, channels/status]
+  resources: [workflows/status, triggerruns/status, recipientpages/status, channels/status, schedules/status]
   verbs: [get, patch, update]
 - apiGroups: [events.k8s.io]
   resources: [events]

@@ -145,6 +145,12 @@ impl Reconciler<'_> {
             trigger_frequency: snapshot.trigger_frequency,
             cancellation_key: self.run.spec.cancellation_key.as_deref(),
             audiences: &directory,
+            schedule: self
+                .run
+                .spec
+                .schedule
+                .as_ref()
+                .map(|s| serde_json::json!({"id": s.id, "last_occurrence_at": s.last_occurrence_at, "next_occurrence_at": s.next_occurrence_at})),
         };
         // Each recipient checks the watch cache before every step (`drive`); a
         // run just accepted (`directory` given) also reads what the apiserver

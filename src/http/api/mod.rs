@@ -11,6 +11,7 @@ pub mod messages;
 pub mod objects;
 pub mod ratelimit;
 pub mod runs;
+pub mod schedules;
 pub mod tenants;
 pub mod triggers;
 pub mod users;
@@ -91,6 +92,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/objects/{collection}/{id}", put(objects::put).get(objects::get).delete(objects::delete))
         .route("/v1/objects/{collection}/{id}/subscriptions", post(objects::subscribe).delete(objects::unsubscribe))
         .route("/v1/tenants/{id}", put(tenants::put).get(tenants::get).delete(tenants::delete))
+        .route("/v1/schedules", post(schedules::create).put(schedules::update).delete(schedules::delete).get(schedules::list))
+        .route("/v1/users/{user_id}/schedules", get(schedules::for_user))
         .route("/v1/workflow_runs/{id}", get(runs::workflow_run))
         .route("/v1/workflow_recipient_runs/{id}", get(runs::recipient_run))
         .route("/v1/messages", get(messages::list))
@@ -127,6 +130,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("put", "/v1/tenants/{id}"),
     ("get", "/v1/tenants/{id}"),
     ("delete", "/v1/tenants/{id}"),
+    ("post", "/v1/schedules"),
+    ("put", "/v1/schedules"),
+    ("delete", "/v1/schedules"),
+    ("get", "/v1/schedules"),
+    ("get", "/v1/users/{user_id}/schedules"),
     ("get", "/v1/workflow_runs/{id}"),
     ("get", "/v1/workflow_recipient_runs/{id}"),
     ("get", "/v1/messages"),

@@ -36,7 +36,7 @@ pub const CREATED_BY_LABEL: &str = "app.kubernetes.io/created-by";
 pub const CALLER_ANNOTATION: &str = "herald.dev/api-caller";
 
 /// A name for a new resource: a readable prefix from `key` and a random suffix.
-fn generated_name(key: &str) -> String {
+pub(super) fn generated_name(key: &str) -> String {
     let mut prefix = String::new();
     for c in key.chars().map(|c| c.to_ascii_lowercase()) {
         let c = if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '-' };
@@ -65,7 +65,7 @@ fn check_key_ids(field: &str, key: &RecipientKey) -> Vec<FieldError> {
 }
 
 /// Reads a recipients list: at most 1,000 entries, each a valid recipient.
-fn read_recipients(f: &mut Fields, field: &str, values: &[Value]) {
+pub(super) fn read_recipients(f: &mut Fields, field: &str, values: &[Value]) {
     if values.len() > MAX_RECIPIENTS {
         f.error(format!("/{field}"), format!("{} recipients listed; at most {MAX_RECIPIENTS} are allowed (use an Object or an Audience to reach more)", values.len()));
         return;
@@ -84,7 +84,7 @@ fn read_recipients(f: &mut Fields, field: &str, values: &[Value]) {
 }
 
 /// Reads the optional actor and tenant.
-fn read_actor_and_tenant(f: &mut Fields) -> (Option<Value>, Option<Value>) {
+pub(super) fn read_actor_and_tenant(f: &mut Fields) -> (Option<Value>, Option<Value>) {
     let actor = f.take("actor");
     if let Some(value) = &actor {
         match parse_recipient(value) {
@@ -154,7 +154,7 @@ fn inline_parts(spec: &TriggerRunSpec) -> (Vec<InlineRecipient>, Option<TenantIn
 /// Inline recipients, actor and tenant write Users, Objects and Tenants: the
 /// caller needs the same permission as the write routes (`update`), not
 /// only `create` on triggerruns.
-async fn authorize_inline(api: &Api, caller: &Caller, spec: &TriggerRunSpec) -> Result<(), ApiError> {
+pub(super) async fn authorize_inline(api: &Api, caller: &Caller, spec: &TriggerRunSpec) -> Result<(), ApiError> {
     let (recipients, tenant) = inline_parts(spec);
     if recipients.iter().any(|r| !r.key.is_object()) {
         api.allow(caller, "update", "users").await?;
@@ -171,7 +171,7 @@ async fn authorize_inline(api: &Api, caller: &Caller, spec: &TriggerRunSpec) -> 
 /// Identifies the trigger's inline recipients, actor and tenant before the run
 /// is stored (Knock's order), with the caller's permission checked by
 /// [`authorize_inline`]. The controller then finds them as they are and writes nothing.
-async fn identify_inline(api: &Api, namespace: &str, spec: &TriggerRunSpec) -> Result<(), ApiError> {
+pub(super) async fn identify_inline(api: &Api, namespace: &str, spec: &TriggerRunSpec) -> Result<(), ApiError> {
     /// Identify writes in flight at once for one trigger.
     const CONCURRENCY: usize = 16;
     let (recipients, tenant) = inline_parts(spec);
