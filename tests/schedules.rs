@@ -192,3 +192,44 @@ async fn racing_killed_and_restarted_operators_fire_each_occurrence_once() {
     names.dedup();
     assert_eq!(names.len(), status.last_runs.len(), "lastRuns lists a run twice");
 }
+
+/// The real binary, killed with SIGKILL while an occurrence is due: the next
+/// leader finds that occurrence's run (or creates it, once) and nothing fires twice.
+#[tokio::test]
+async fn a_leader_killed_as_an_occurrence_fires_leaves_exactly_one_run() {
+    let client = common::client().await;
+    let ns = common::TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    let lease = ["--leader-election-lease-seconds", "2"];
+    common::create::<herald::resources::Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hook"}, "spec": {"type": "http", "url": receiver.url("/hook")}})).await;
+    common::create::<herald::resources::User>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "u1"}, "spec": {"id": "u1"}})).await;
+    common::create::<herald::resources::Workflow>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "ping"}, "spec": {"steps": [{"ref": "hook", "type": "channel", "channel": "hook", "template": {"body": "ping"}}]}}),
+    )
+    .await;
+    let mut first = common::HeraldProcess::start(&ns.name, &lease);
+    // Whole seconds: the status keeps times to the second.
+    let at = Timestamp::from_second(Timestamp::now().as_second() + 3).unwrap();
+    common::create::<Schedule>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Schedule", "metadata": {"name": "once"}, "spec": {"workflow": "ping", "recipients": ["u1"], "scheduledAt": at.to_string()}}))
+        .await;
+    // Killed the moment the occurrence's run exists (its status and the delivery may not).
+    let runs = ns.api::<TriggerRun>();
+    let selector = ListParams::default().labels(&format!("{SCHEDULE_LABEL}=once"));
+    wait_for("the occurrence's run", Duration::from_secs(30), || async { (!runs.list(&selector).await.ok()?.items.is_empty()).then_some(()) }).await;
+    first.kill9();
+    let _second = common::HeraldProcess::start(&ns.name, &lease);
+    wait_for("the delivery", Duration::from_secs(60), || async { (receiver.count() >= 1).then_some(()) }).await;
+    // The next leader has reconciled the Schedule (it shows the occurrence as its last).
+    let schedules = ns.api::<Schedule>();
+    wait_for("the schedule's status to show the occurrence", Duration::from_secs(30), || async {
+        let s = schedules.get("once").await.ok()?;
+        let status = serde_json::to_value(s.status?).ok()?;
+        status.get("lastOccurrenceAt").and_then(Value::as_str).filter(|t| t.parse::<Timestamp>().ok() == Some(at)).map(|_| ())
+    })
+    .await;
+    assert_eq!(runs.list(&selector).await.unwrap().items.len(), 1, "one run for the occurrence");
+    // A delivery the killed leader made but did not record is made again, with the same Idempotency-Key.
+    let keys: std::collections::BTreeSet<String> = receiver.received().iter().filter_map(|r| r.header("idempotency-key").map(str::to_string)).collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+}

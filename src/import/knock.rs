@@ -1461,12 +1461,12 @@ mod tests {
         let (step, problems) = one_step(json!({"ref": "email_1", "type": "channel", "channel_key": "mail", "template": {
             "subject": "{{ vars.app_name }} news",
             "html_body": "{% t %}Hello{% endt %} {{ recipient.name }}{% render 'footer' %}{{> header }}",
-            "text_body": "{{ data.amount | rounded_currency: \"GBP\" }}"}}));
+            "text_body": "{{ data.amount | no_such_filter }}"}}));
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems[0].contains("template.subject: `vars.app_name`"), "{problems:?}");
         assert!(problems[1].contains("template.html: uses partials (`render 'footer'`, `> header`)"), "{problems:?}");
         assert!(problems[2].contains("template.html: uses translations"), "{problems:?}");
-        assert!(problems[3].contains("template.text: the Liquid filter `rounded_currency` is not one herald has"), "{problems:?}");
+        assert!(problems[3].contains("template.text: the Liquid filter `no_such_filter` is not one herald has"), "{problems:?}");
         let template = step.template.unwrap();
         assert_eq!(template.html.as_deref(), Some("Hello {{ recipient.name }}"));
         assert_eq!(template.text, None);
