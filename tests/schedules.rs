@@ -201,7 +201,11 @@ async fn a_leader_killed_as_an_occurrence_fires_leaves_exactly_one_run() {
     let ns = common::TestNamespace::new(&client).await;
     let receiver = HttpReceiver::start().await;
     let lease = ["--leader-election-lease-seconds", "2"];
-    common::create::<herald::resources::Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hook"}, "spec": {"type": "http", "url": receiver.url("/hook")}})).await;
+    common::create::<herald::resources::Channel>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hook"}, "spec": {"type": "http", "url": receiver.url("/hook")}}),
+    )
+    .await;
     common::create::<herald::resources::User>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "u1"}, "spec": {"id": "u1"}})).await;
     common::create::<herald::resources::Workflow>(
         &ns,
