@@ -338,9 +338,9 @@ pub enum ThrottleOutcome {
     Throttled { window_end: Timestamp },
 }
 
-/// The throttle refused the request itself (a window or key out of its bounds): the step is skipped.
-pub fn skip_throttle(status: &mut RecipientStatus, call: &ThrottleCall, now: Timestamp) {
-    push_step(status, &call.step_ref, StepState::Skipped, INVALID_WINDOW, Some("the throttle's window, limit or key is out of bounds".into()), now);
+/// The throttle refused the request itself (`why`: a window, limit or key out of its bounds): the step is skipped.
+pub fn skip_throttle(status: &mut RecipientStatus, call: &ThrottleCall, why: String, now: Timestamp) {
+    push_step(status, &call.step_ref, StepState::Skipped, INVALID_WINDOW, Some(why), now);
 }
 
 pub fn record_throttle(status: &mut RecipientStatus, call: &ThrottleCall, outcome: &ThrottleOutcome, now: Timestamp) {

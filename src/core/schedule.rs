@@ -29,7 +29,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::windows::weekday;
+pub use super::windows::parse_days;
 
 /// How often a rule fires.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -193,39 +193,7 @@ fn months_between(a: Date, b: Date) -> i64 {
 /// daylight-saving change moves forward by the gap, a repeated one is taken
 /// the first time (jiff's "compatible" disambiguation, as RFC 5545 does).
 fn local(date: Date, time: Time, zone: &TimeZone) -> Option<Timestamp> {
-    date.to_datetime(time).to_zoned(zone.clone()).ok().map(|z| z.timestamp())
-}
-
-/// `days`: a list of days (`mon` … `sun`, full names too), `weekdays` or
-/// `weekends` (a string, or alone in the list); None for every day.
-pub fn parse_days(days: Option<&Value>) -> Result<Option<Vec<Weekday>>, String> {
-    use Weekday::*;
-    let shorthand = |s: &str| match s {
-        "weekdays" => Some(vec![Monday, Tuesday, Wednesday, Thursday, Friday]),
-        "weekends" => Some(vec![Saturday, Sunday]),
-        _ => None,
-    };
-    match days {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => shorthand(s).map(Some).ok_or_else(|| format!("days must be a list of days, `weekdays` or `weekends`, not `{s}`")),
-        Some(Value::Array(items)) if items.is_empty() => Ok(None),
-        Some(Value::Array(items)) => {
-            if let [Value::String(s)] = items.as_slice() {
-                if let Some(days) = shorthand(s) {
-                    return Ok(Some(days));
-                }
-            }
-            let mut out = Vec::new();
-            for item in items {
-                let day = item.as_str().filter(|s| s.len() == 3 || s.len() >= 6).and_then(weekday).ok_or_else(|| format!("unknown day {item} (mon … sun)"))?;
-                if !out.contains(&day) {
-                    out.push(day);
-                }
-            }
-            Ok(Some(out))
-        }
-        Some(other) => Err(format!("days must be a list of days, `weekdays` or `weekends`, not {other}")),
-    }
+    super::windows::local(date, time, zone).ok()
 }
 
 /// A schedule's timing: its rules, start and end.

@@ -101,7 +101,7 @@ impl WindowRule {
         if !(0..24).contains(&hours) || !(0..60).contains(&minutes) {
             return Err(format!("window rule time {hours}:{minutes:02} is out of range"));
         }
-        let days = weekdays(self.days.as_ref())?;
+        let days = parse_days(self.days.as_ref())?;
         let hourly = match self.frequency.as_str() {
             "hourly" => true,
             "daily" | "weekly" | "monthly" => false,
@@ -133,20 +133,41 @@ impl WindowRule {
 }
 
 /// A local date and time in `zone` as an instant (a time skipped by a
-/// daylight-saving change moves forward, as clocks do).
-fn local(date: Date, time: Time, zone: &TimeZone) -> Result<Timestamp, String> {
+/// daylight-saving change moves forward, as clocks do; a repeated one is
+/// taken the first time: jiff's "compatible" disambiguation, as RFC 5545 does).
+pub fn local(date: Date, time: Time, zone: &TimeZone) -> Result<Timestamp, String> {
     date.to_datetime(time).to_zoned(zone.clone()).map(|z| z.timestamp()).map_err(|e| e.to_string())
 }
 
-/// `days`: a list (`[mon, tue]`, full names too), `weekdays` or `weekends`; None for every day.
-fn weekdays(days: Option<&Value>) -> Result<Option<Vec<Weekday>>, String> {
+/// `days`: a list of days (`mon` … `sun`, full names too), `weekdays` or
+/// `weekends` (a string, or alone in the list); None for every day.
+pub fn parse_days(days: Option<&Value>) -> Result<Option<Vec<Weekday>>, String> {
     use Weekday::*;
+    let shorthand = |s: &str| match s {
+        "weekdays" => Some(vec![Monday, Tuesday, Wednesday, Thursday, Friday]),
+        "weekends" => Some(vec![Saturday, Sunday]),
+        _ => None,
+    };
     match days {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s == "weekdays" => Ok(Some(vec![Monday, Tuesday, Wednesday, Thursday, Friday])),
-        Some(Value::String(s)) if s == "weekends" => Ok(Some(vec![Saturday, Sunday])),
-        Some(Value::Array(items)) => items.iter().map(|d| d.as_str().and_then(weekday).ok_or_else(|| format!("unknown day `{d}`"))).collect::<Result<_, _>>().map(Some),
-        Some(other) => Err(format!("days must be a list of days, `weekdays` or `weekends`, not `{other}`")),
+        Some(Value::String(s)) => shorthand(s).map(Some).ok_or_else(|| format!("days must be a list of days, `weekdays` or `weekends`, not `{s}`")),
+        Some(Value::Array(items)) if items.is_empty() => Ok(None),
+        Some(Value::Array(items)) => {
+            if let [Value::String(s)] = items.as_slice() {
+                if let Some(days) = shorthand(s) {
+                    return Ok(Some(days));
+                }
+            }
+            let mut out = Vec::new();
+            for item in items {
+                let day = item.as_str().filter(|s| s.len() == 3 || s.len() >= 6).and_then(weekday).ok_or_else(|| format!("unknown day {item} (mon … sun)"))?;
+                if !out.contains(&day) {
+                    out.push(day);
+                }
+            }
+            Ok(Some(out))
+        }
+        Some(other) => Err(format!("days must be a list of days, `weekdays` or `weekends`, not {other}")),
     }
 }
 

@@ -390,8 +390,8 @@ impl Reconciler<'_> {
                 Next::Throttle(call) => {
                     let outcome = self.throttle(&call).await;
                     match outcome {
-                        Ok(Some(outcome)) => functions::record_throttle(status, &call, &outcome, Timestamp::now()),
-                        Ok(None) => functions::skip_throttle(status, &call, Timestamp::now()),
+                        Ok(Ok(outcome)) => functions::record_throttle(status, &call, &outcome, Timestamp::now()),
+                        Ok(Err(why)) => functions::skip_throttle(status, &call, why, Timestamp::now()),
                         // The throttle's state could not be read or written: try again later, exactly.
                         Err(e) => {
                             tracing::warn!(error = %e, step = %call.step_ref, "throttle unavailable; retrying");

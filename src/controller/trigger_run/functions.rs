@@ -71,9 +71,9 @@ impl Reconciler<'_> {
     }
 
     /// Asks the step's throttle (see [`crate::controller::throttle`]).
-    /// `Ok(None)`: the request itself is invalid (a window or key out of
+    /// `Ok(Err(why))`: the request itself is invalid (a window or key out of
     /// bounds): the step is skipped, as Knock does.
-    pub(super) async fn throttle(&self, call: &ThrottleCall) -> Result<Option<ThrottleOutcome>, Error> {
+    pub(super) async fn throttle(&self, call: &ThrottleCall) -> Result<Result<ThrottleOutcome, String>, Error> {
         let window = match call.window {
             functions::Window::For(d) => core_throttle::ThrottleWindow::For(d),
             functions::Window::Until(t) => core_throttle::ThrottleWindow::Until(t),
@@ -85,12 +85,9 @@ impl Reconciler<'_> {
             recipient_run_id: call.recipient_run_id,
         };
         match crate::controller::throttle::pass(&self.ctx.client, &self.namespace, &request, jiff::Timestamp::now()).await {
-            Ok(core_throttle::ThrottleDecision::Admitted) => Ok(Some(ThrottleOutcome::Admitted)),
-            Ok(core_throttle::ThrottleDecision::Throttled { window_end }) => Ok(Some(ThrottleOutcome::Throttled { window_end })),
-            Err(Error::Throttle(e)) => {
-                tracing::info!(error = %e, step = %call.step_ref, "throttle step skipped");
-                Ok(None)
-            }
+            Ok(core_throttle::ThrottleDecision::Admitted) => Ok(Ok(ThrottleOutcome::Admitted)),
+            Ok(core_throttle::ThrottleDecision::Throttled { window_end }) => Ok(Ok(ThrottleOutcome::Throttled { window_end })),
+            Err(Error::Throttle(e)) => Ok(Err(e.to_string())),
             Err(e) => Err(e),
         }
     }
