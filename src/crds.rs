@@ -4,12 +4,14 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use serde_json::json;
 
-use crate::resources::{Audience, Batch, Cancellation, Channel, Object, RecipientPage, Schedule, Tenant, Throttle, TriggerRun, User, Workflow};
+use crate::resources::{Audience, Batch, Cancellation, Channel, MemberSlice, Object, RecipientPage, Schedule, Tenant, Throttle, TriggerRun, User, Workflow};
 
 /// Every CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
     let mut trigger_run = TriggerRun::crd();
     make_spec_immutable(&mut trigger_run);
+    let mut member_slice = MemberSlice::crd();
+    one_target(&mut member_slice);
     vec![
         Workflow::crd(),
         trigger_run,
@@ -18,12 +20,24 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         Object::crd(),
         Tenant::crd(),
         Audience::crd(),
+        member_slice,
         Channel::crd(),
         Cancellation::crd(),
         Batch::crd(),
         Throttle::crd(),
         Schedule::crd(),
     ]
+}
+
+/// A CEL rule: a MemberSlice names exactly one Object or Audience.
+fn one_target(crd: &mut CustomResourceDefinition) {
+    for version in &mut crd.spec.versions {
+        let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) else { continue };
+        if let Some(spec) = schema.properties.as_mut().and_then(|p| p.get_mut("spec")) {
+            let rule = json!({"rule": "has(self.object) != has(self.audience)", "message": "a MemberSlice names exactly one of object and audience"});
+            spec.x_kubernetes_validations = Some(vec![serde_json::from_value(rule).expect("static CEL rule")]);
+        }
+    }
 }
 
 /// A CEL rule that refuses spec changes (honoured by Kubernetes 1.25+; the

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use api_support::{delay_workflow, json_headers, resource_counts, Herald, Proxy};
 use common::{wait_for, TestNamespace};
-use herald::resources::{Audience, Cancellation, Object, Tenant, TriggerRun, User};
-use kube::api::PostParams;
+use herald::resources::{Audience, Cancellation, MemberSlice, Object, Tenant, TriggerRun, User};
+use kube::api::{ListParams, PostParams};
 use kube::ResourceExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -488,13 +488,31 @@ async fn objects_and_subscriptions() {
     assert_eq!(subs.len(), 3);
     assert!(subs.iter().all(|s| s["__typename"] == "Subscription" && s["properties"]["role"] == "watcher" && s["object"]["id"] == "p1"));
     assert!(subs.iter().any(|s| s["recipient"] == json!({"__typename": "Object", "id": "t1", "collection": "teams"})));
-    let object = h.api::<Object>().list(&Default::default()).await.unwrap().items.remove(0);
-    assert_eq!(object.spec.subscribers.len(), 3);
+    // The API's subscriptions live in the object's MemberSlices, not in the Object.
+    let slice_members = |h: &Herald| {
+        let api = h.api::<MemberSlice>();
+        async move {
+            let slices = api.list(&ListParams::default().labels("herald.dev/object=projects.p1")).await.unwrap().items;
+            slices.iter().flat_map(|s| s.spec.members.clone()).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(slice_members(&h).await.len(), 3);
+    assert!(h.api::<Object>().get("projects-p1").await.unwrap().spec.subscribers.is_empty());
     assert!(h.api::<User>().list(&Default::default()).await.unwrap().items.iter().any(|u| u.spec.id == "u2" && u.spec.name.as_deref() == Some("Two")));
     // Subscribing again updates the properties, not the count.
     let a = h.call("POST", "/v1/objects/projects/p1/subscriptions", Some(json!({"recipients": ["u1"], "properties": {"role": "owner"}}))).await;
     assert_eq!(a.body[0]["properties"]["role"], "owner");
-    assert_eq!(h.api::<Object>().get("projects-p1").await.unwrap().spec.subscribers.len(), 3);
+    let members = slice_members(&h).await;
+    assert_eq!(members.len(), 3);
+    assert_eq!(members.iter().find(|m| m.recipient == json!("u1")).unwrap().properties["role"], "owner");
+    // Listed back, in pages.
+    let listed = h.call("GET", "/v1/objects/projects/p1/subscriptions?page_size=2", None).await;
+    assert_eq!(listed.status, 200, "{listed:?}");
+    assert_eq!(listed.body["entries"].as_array().unwrap().len(), 2);
+    let after = listed.body["page_info"]["after"].as_str().unwrap().to_string();
+    let rest = h.call("GET", &format!("/v1/objects/projects/p1/subscriptions?page_size=2&after={after}"), None).await;
+    assert_eq!(rest.body["entries"].as_array().unwrap().len(), 1);
+    assert!(rest.body["page_info"]["after"].is_null());
     // Errors.
     h.call("POST", "/v1/objects/projects/p1/subscriptions", Some(json!({"recipients": [{"id": "p1", "collection": "projects"}]}))).await.assert_error(422, "invalid_params");
     h.call("POST", "/v1/objects/projects/p1/subscriptions", Some(json!({"recipients": []}))).await.assert_error(422, "invalid_params");
@@ -505,9 +523,9 @@ async fn objects_and_subscriptions() {
     let a = h.call("DELETE", "/v1/objects/projects/p1/subscriptions", Some(json!({"recipients": ["u1", {"id": "t1", "collection": "teams"}, "never"]}))).await;
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body.as_array().unwrap().len(), 2);
-    let object = h.api::<Object>().get("projects-p1").await.unwrap();
-    assert_eq!(object.spec.subscribers.len(), 1);
-    assert_eq!(object.spec.subscribers[0].recipient, json!("u2"));
+    let members = slice_members(&h).await;
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].recipient, json!("u2"));
 
     assert_eq!(h.call("DELETE", "/v1/objects/projects/p1", None).await.status, 204);
     h.call("GET", "/v1/objects/projects/p1", None).await.assert_error(404, "resource_missing");

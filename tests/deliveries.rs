@@ -636,7 +636,7 @@ async fn a_page_of_500_recipients_retried_20_times_each_still_fits() {
     workflow(&ns, "flood", json!([{"ref": "notify", "type": "channel", "channel": "hooks", "template": {"body": "{}"}}])).await;
     let ids: Vec<String> = (0..N).map(|i| format!("user-{i:03}")).collect();
     create_users(&ns, &ids).await;
-    wait_for("the users in herald's cache", Duration::from_secs(30), || async { (op.context.stores.users.state().len() == N).then_some(()) }).await;
+    wait_for("the users in herald's cache", Duration::from_secs(30), || async { (op.context.stores.users.len(&ns.name) == N).then_some(()) }).await;
 
     let name = trigger(&ns, json!({"workflow": "flood", "recipients": ids})).await;
     let run = finished(&ns, &name, Duration::from_secs(120)).await;

@@ -33,7 +33,7 @@ async fn user(ns: &TestNamespace, op: &Operator, id: &str, spec: Value) {
     let mut spec = spec;
     spec["id"] = json!(id);
     create::<User>(ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id.replace('_', "-")}, "spec": spec})).await;
-    wait_for(&format!("User {id} in herald's cache"), Duration::from_secs(20), || async { herald::controller::identify::find_user(&op.context.stores, &ns.name, id).map(|_| ()) })
+    wait_for(&format!("User {id} in herald's cache"), Duration::from_secs(20), || async { herald::controller::directory::user(&op.context.stores, &ns.name, id).map(|_| ()) })
         .await;
 }
 
@@ -175,8 +175,8 @@ async fn the_api_does_not_echo_what_a_receiver_answered() {
     h.cached(&["user_1"]).await;
     let wait_for_data = || async {
         let stores = &h.op.as_ref().unwrap().context.stores;
-        let user = herald::controller::identify::find_user(stores, &h.ns.name, "user_1")?;
-        user.spec.channel_data.get("hooks").map(|_| ())
+        let user = herald::controller::directory::user(stores, &h.ns.name, "user_1")?;
+        user.channel_data.get("hooks").map(|_| ())
     };
     wait_for("user_1's channel_data in herald's cache", Duration::from_secs(20), wait_for_data).await;
 

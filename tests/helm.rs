@@ -231,6 +231,7 @@ fn namespace_grants() -> BTreeSet<Grant> {
         ("herald.dev", &["batches"], &["get", "list", "watch", "create", "update", "delete"]),
         ("herald.dev", &["throttles"], &["get", "list", "watch", "create", "update", "patch", "delete"]),
         ("herald.dev", &["schedules"], &["get", "list", "watch", "create", "update", "patch", "delete"]),
+        ("herald.dev", &["memberslices"], &["get", "list", "watch", "create", "update", "delete"]),
         ("herald.dev", &["users", "objects", "tenants"], &["get", "list", "watch", "create", "update", "patch", "delete"]),
         ("herald.dev", &["workflows/status", "triggerruns/status", "recipientpages/status", "channels/status", "schedules/status"], &["get", "patch", "update"]),
         ("events.k8s.io", &["events"], &["create", "patch"]),

@@ -1,18 +1,35 @@
-//! Builds the core's view of users, objects, audiences and tenants from the
-//! watch caches, one namespace at a time.
+//! What herald keeps of Users, Objects, Tenants, Audiences and MemberSlices
+//! (their [`Indexed`] records), and the core's [`Directory`] over those
+//! indexes for one namespace: lookups by id, nothing copied per run.
 
-use kube::ResourceExt;
-use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::core::execution::TenantRecord;
-use crate::core::expansion::{parse_reference, Directory, ObjectRecord, Selector, SubscriberRecord, UserRecord};
-use crate::resources::{Audience, Object, Tenant, User};
+use serde_json::json;
 
+use super::index::Indexed;
 use super::Stores;
+use crate::core::execution::TenantRecord;
+use crate::core::expansion::{parse_reference, Directory, Members, MemoryDirectory, ObjectRecord, Selector, SubscriberRecord, UserRecord};
+use crate::core::model::RecipientKey;
+use crate::resources::{Audience, MemberSlice, MemberTarget, Object, Subscription, Tenant, User, UserSpec};
+
+/// What herald keeps of a User: its record, and its labels for dynamic audiences.
+pub struct UserEntry {
+    pub record: Arc<UserRecord>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What herald keeps of an Audience.
+pub struct AudienceEntry {
+    /// Members listed in the Audience itself.
+    pub members: Arc<Members>,
+    /// A dynamic audience's selector over the namespace's Users.
+    pub selector: Option<Selector>,
+}
 
 /// A user's record: the typed fields join the free-form properties, as Knock shows them.
-pub fn user_record(user: &User) -> UserRecord {
-    let spec = &user.spec;
+pub fn user_record(spec: &UserSpec) -> UserRecord {
     let mut properties = spec.properties.clone();
     for (key, value) in [("name", &spec.name), ("email", &spec.email), ("phone_number", &spec.phone_number), ("timezone", &spec.timezone)] {
         if let Some(v) = value {
@@ -28,8 +45,13 @@ pub fn user_record(user: &User) -> UserRecord {
     }
 }
 
-/// An object's record; subscriptions that do not name a recipient
-/// (malformed entries) are left out.
+/// Subscriptions as the core reads them; entries that do not name a
+/// recipient (malformed) are left out.
+fn subscriber_records(subscriptions: &[Subscription]) -> Vec<SubscriberRecord> {
+    subscriptions.iter().filter_map(|s| parse_reference(&s.recipient).ok().map(|recipient| SubscriberRecord { recipient, properties: s.properties.clone() })).collect()
+}
+
+/// An object's record.
 pub fn object_record(object: &Object) -> ObjectRecord {
     let spec = &object.spec;
     ObjectRecord {
@@ -38,11 +60,7 @@ pub fn object_record(object: &Object) -> ObjectRecord {
         properties: spec.properties.clone(),
         channel_data: spec.channel_data.clone(),
         preferences: spec.preferences.clone(),
-        subscribers: spec
-            .subscribers
-            .iter()
-            .filter_map(|s| parse_reference(&s.recipient).ok().map(|recipient| SubscriberRecord { recipient, properties: s.properties.clone() }))
-            .collect(),
+        subscribers: Arc::new(Members::listed(subscriber_records(&spec.subscribers))),
     }
 }
 
@@ -58,41 +76,46 @@ pub fn tenant_record(tenant: &Tenant) -> TenantRecord {
     TenantRecord { id: tenant.spec.id.clone(), properties, preference_set: tenant.spec.settings.preference_set.clone() }
 }
 
-fn audience_members(audience: &Audience) -> Vec<crate::core::model::RecipientKey> {
-    audience.spec.members.iter().filter_map(|m: &Value| parse_reference(m).ok()).collect()
+impl Indexed for User {
+    type Key = String;
+    type Record = UserEntry;
+    fn index(&self) -> Option<(String, UserEntry)> {
+        let labels = self.metadata.labels.clone().unwrap_or_default();
+        Some((self.spec.id.clone(), UserEntry { record: Arc::new(user_record(&self.spec)), labels }))
+    }
 }
 
-/// Everything one namespace holds, for expansion and execution.
-pub fn build(stores: &Stores, namespace: &str) -> Directory {
-    let mut directory = Directory::default();
-    let in_ns = |ns: Option<String>| ns.as_deref() == Some(namespace);
-    for user in stores.users.state() {
-        if in_ns(user.namespace()) {
-            directory.insert_user(user_record(&user));
-        }
+impl Indexed for Object {
+    type Key = (String, String);
+    type Record = ObjectRecord;
+    fn index(&self) -> Option<(Self::Key, ObjectRecord)> {
+        Some(((self.spec.collection.clone(), self.spec.id.clone()), object_record(self)))
     }
-    for object in stores.objects.state() {
-        if in_ns(object.namespace()) {
-            directory.insert_object(object_record(&object));
-        }
+}
+
+impl Indexed for Tenant {
+    type Key = String;
+    type Record = TenantRecord;
+    fn index(&self) -> Option<(String, TenantRecord)> {
+        Some((self.spec.id.clone(), tenant_record(self)))
     }
-    let users = stores.users.state();
-    for audience in stores.audiences.state() {
-        if in_ns(audience.namespace()) {
-            let mut members = audience_members(&audience);
-            // A dynamic audience: the namespace's Users whose labels match, now.
-            if let Some(selector) = audience.spec.selector.as_ref().map(selector) {
-                members.extend(
-                    users
-                        .iter()
-                        .filter(|u| in_ns(u.namespace()) && selector.matches(u.metadata.labels.as_ref().unwrap_or(&Default::default())))
-                        .map(|u| crate::core::model::RecipientKey::user(u.spec.id.clone())),
-                );
-            }
-            directory.insert_audience(audience.spec.key.clone(), members);
-        }
+}
+
+impl Indexed for Audience {
+    type Key = String;
+    type Record = AudienceEntry;
+    fn index(&self) -> Option<(String, AudienceEntry)> {
+        let members = self.spec.members.iter().filter_map(|m| parse_reference(m).ok()).map(|recipient| SubscriberRecord { recipient, properties: Default::default() }).collect();
+        Some((self.spec.key.clone(), AudienceEntry { members: Arc::new(Members::listed(members)), selector: self.spec.selector.as_ref().map(selector) }))
     }
-    directory
+}
+
+impl Indexed for MemberSlice {
+    type Key = MemberTarget;
+    type Record = Members;
+    fn index(&self) -> Option<(MemberTarget, Members)> {
+        Some((self.spec.target()?, Members::sorted(subscriber_records(&self.spec.members))))
+    }
 }
 
 /// A Kubernetes label selector as the core's [`Selector`].
@@ -105,5 +128,96 @@ fn selector(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -
 
 /// The tenant with this id in the namespace.
 pub fn tenant(stores: &Stores, namespace: &str, id: &str) -> Option<TenantRecord> {
-    stores.tenants.state().iter().find(|t| t.namespace().as_deref() == Some(namespace) && t.spec.id == id).map(|t| tenant_record(t))
+    stores.tenants.get(namespace, &id.to_string()).map(|t| (*t).clone())
+}
+
+/// The user with this id in the namespace.
+pub fn user(stores: &Stores, namespace: &str, id: &str) -> Option<Arc<UserRecord>> {
+    stores.users.get(namespace, &id.to_string()).map(|u| u.record.clone())
+}
+
+/// The object with this collection and id in the namespace.
+pub fn object(stores: &Stores, namespace: &str, collection: &str, id: &str) -> Option<Arc<ObjectRecord>> {
+    stores.objects.get(namespace, &(collection.to_string(), id.to_string()))
+}
+
+/// One namespace's directory, read from the indexes when asked, with what a
+/// run identified itself (`overlay`) taking precedence: the watch may not
+/// have delivered those yet.
+pub struct LiveDirectory {
+    stores: Stores,
+    namespace: String,
+    pub overlay: MemoryDirectory,
+}
+
+impl LiveDirectory {
+    pub fn new(stores: &Stores, namespace: &str) -> Self {
+        LiveDirectory { stores: stores.clone(), namespace: namespace.to_string(), overlay: MemoryDirectory::default() }
+    }
+
+    fn slices(&self, target: MemberTarget) -> Vec<Arc<Members>> {
+        self.stores.member_slices.all(&self.namespace, &target)
+    }
+
+    /// The Users a selector picks, in id order (expansion is deterministic).
+    fn selected(&self, selector: &Selector) -> Members {
+        let mut picked = Vec::new();
+        self.stores.users.for_each(&self.namespace, |id, user| {
+            if selector.matches(&user.labels) {
+                picked.push(SubscriberRecord { recipient: RecipientKey::user(id.clone()), properties: Default::default() });
+            }
+        });
+        Members::sorted(picked)
+    }
+}
+
+impl Directory for LiveDirectory {
+    fn user(&self, id: &str) -> Option<Arc<UserRecord>> {
+        self.overlay.user(id).or_else(|| user(&self.stores, &self.namespace, id))
+    }
+
+    fn object(&self, collection: &str, id: &str) -> Option<Arc<ObjectRecord>> {
+        self.overlay.object(collection, id).or_else(|| object(&self.stores, &self.namespace, collection, id))
+    }
+
+    fn subscribers(&self, collection: &str, id: &str) -> Vec<Arc<Members>> {
+        let own = self.object(collection, id).map(|o| o.subscribers.clone());
+        own.into_iter().chain(self.slices(MemberTarget::Object { collection: collection.into(), id: id.into() })).collect()
+    }
+
+    /// The Audience's own members, then the Users its selector picks, then its
+    /// MemberSlices. Members added through the API alone (slices, no
+    /// Audience resource) are an audience too, as in Knock.
+    fn audience(&self, key: &str) -> Option<Vec<Arc<Members>>> {
+        let entry = self.stores.audiences.get(&self.namespace, &key.to_string());
+        let slices = self.slices(MemberTarget::Audience(key.into()));
+        if entry.is_none() && slices.is_empty() {
+            return None;
+        }
+        let mut chunks = Vec::new();
+        if let Some(entry) = entry {
+            chunks.push(entry.members.clone());
+            if let Some(selector) = &entry.selector {
+                chunks.push(Arc::new(self.selected(selector)));
+            }
+        }
+        chunks.extend(slices);
+        Some(chunks)
+    }
+
+    /// Without building the audience: the user's labels against the selector.
+    fn is_audience_member(&self, key: &str, id: &str) -> bool {
+        let user = RecipientKey::user(id);
+        if let Some(entry) = self.stores.audiences.get(&self.namespace, &key.to_string()) {
+            if entry.members.contains(&user) {
+                return true;
+            }
+            if let Some(selector) = &entry.selector {
+                if self.stores.users.get(&self.namespace, &id.to_string()).is_some_and(|u| selector.matches(&u.labels)) {
+                    return true;
+                }
+            }
+        }
+        self.slices(MemberTarget::Audience(key.into())).iter().any(|s| s.contains(&user))
+    }
 }

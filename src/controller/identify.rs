@@ -100,7 +100,7 @@ impl<'a> Target<'a, User> {
     pub fn user(stores: &Stores, namespace: &str, id: &'a str) -> Self {
         Target {
             what: format!("user `{id}`"),
-            cached: find_user(stores, namespace, id).map(|u| u.name_any()),
+            cached: user_name(stores, namespace, id),
             derived: user_names(id),
             is_it: Box::new(move |u: &User| u.spec.id == id),
             fresh: Box::new(move |name| User::new(name, UserSpec { id: id.to_string(), ..Default::default() })),
@@ -112,7 +112,7 @@ impl<'a> Target<'a, Object> {
     pub fn object(stores: &Stores, namespace: &str, collection: &'a str, id: &'a str) -> Self {
         Target {
             what: format!("object `{collection}/{id}`"),
-            cached: find_object(stores, namespace, collection, id).map(|o| o.name_any()),
+            cached: object_name(stores, namespace, collection, id),
             derived: object_names(collection, id),
             is_it: Box::new(move |o: &Object| o.spec.collection == collection && o.spec.id == id),
             fresh: Box::new(move |name| Object::new(name, ObjectSpec { collection: collection.to_string(), id: id.to_string(), ..Default::default() })),
@@ -124,7 +124,7 @@ impl<'a> Target<'a, Tenant> {
     pub fn tenant(stores: &Stores, namespace: &str, id: &'a str) -> Self {
         Target {
             what: format!("tenant `{id}`"),
-            cached: find_tenant(stores, namespace, id).map(|t| t.name_any()),
+            cached: tenant_name(stores, namespace, id),
             derived: tenant_names(id),
             is_it: Box::new(move |t: &Tenant| t.spec.id == id),
             fresh: Box::new(move |name| Tenant::new(name, TenantSpec { id: id.to_string(), ..Default::default() })),
@@ -235,19 +235,19 @@ fn take_string(map: &mut JsonObject, key: &str) -> Option<String> {
     }
 }
 
-/// The existing User with this id, from the cache.
-pub fn find_user(stores: &Stores, namespace: &str, id: &str) -> Option<std::sync::Arc<User>> {
-    stores.users.find(|u| u.namespace().as_deref() == Some(namespace) && u.spec.id == id)
+/// The name of the User with this id, from the index.
+fn user_name(stores: &Stores, namespace: &str, id: &str) -> Option<String> {
+    stores.users.named(namespace, &id.to_string()).map(|(name, _)| name)
 }
 
-/// The existing Object, from the cache.
-pub fn find_object(stores: &Stores, namespace: &str, collection: &str, id: &str) -> Option<std::sync::Arc<Object>> {
-    stores.objects.find(|o| o.namespace().as_deref() == Some(namespace) && o.spec.collection == collection && o.spec.id == id)
+/// The name of the Object, from the index.
+fn object_name(stores: &Stores, namespace: &str, collection: &str, id: &str) -> Option<String> {
+    stores.objects.named(namespace, &(collection.to_string(), id.to_string())).map(|(name, _)| name)
 }
 
-/// The existing Tenant, from the cache.
-pub fn find_tenant(stores: &Stores, namespace: &str, id: &str) -> Option<std::sync::Arc<Tenant>> {
-    stores.tenants.find(|t| t.namespace().as_deref() == Some(namespace) && t.spec.id == id)
+/// The name of the Tenant with this id, from the index.
+fn tenant_name(stores: &Stores, namespace: &str, id: &str) -> Option<String> {
+    stores.tenants.named(namespace, &id.to_string()).map(|(name, _)| name)
 }
 
 /// Merges Knock-shaped user properties into a user spec: the typed fields
@@ -347,7 +347,7 @@ pub async fn identify_tenant(client: &Client, stores: &Stores, namespace: &str, 
 }
 
 /// The actor as templates see it: `{id, collection?, ...properties}`.
-pub fn actor_view(directory: &crate::core::expansion::Directory, key: &RecipientKey) -> Value {
+pub fn actor_view(directory: &dyn crate::core::expansion::Directory, key: &RecipientKey) -> Value {
     let mut view = match key {
         RecipientKey::User(id) => directory.user(id).map(|u| u.properties.clone()).unwrap_or_default(),
         RecipientKey::Object { collection, id } => directory.object(collection, id).map(|o| o.properties.clone()).unwrap_or_default(),

@@ -9,7 +9,9 @@ pub mod delivery;
 pub mod directory;
 pub mod identify;
 pub mod in_app;
+pub mod index;
 pub mod lenient;
+pub mod membership;
 pub mod schedule;
 pub mod throttle;
 pub mod trigger_run;
@@ -24,8 +26,9 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
+use self::index::Index;
 use self::lenient::Lenient;
-use crate::resources::{Audience, Cancellation, Channel, Object, Tenant, User, Workflow};
+use crate::resources::{Audience, Cancellation, Channel, MemberSlice, Object, Tenant, User, Workflow};
 use crate::settings::Settings;
 
 /// Errors of the reconcilers; each goes to the error policy, which retries with backoff.
@@ -66,14 +69,17 @@ impl Error {
     }
 }
 
-/// In-memory caches of the resources the reconcilers read, fed by watches.
+/// In-memory caches of the resources the reconcilers read, fed by watches:
+/// the few, small kinds whole; the many (users, objects, memberships) as
+/// indexes of their records by id ([`index`]).
 #[derive(Clone)]
 pub struct Stores {
     pub workflows: Cache<Workflow>,
-    pub users: Cache<User>,
-    pub objects: Cache<Object>,
-    pub tenants: Cache<Tenant>,
-    pub audiences: Cache<Audience>,
+    pub users: Index<User>,
+    pub objects: Index<Object>,
+    pub tenants: Index<Tenant>,
+    pub audiences: Index<Audience>,
+    pub member_slices: Index<MemberSlice>,
     pub channels: Cache<Channel>,
     pub cancellations: Cache<Cancellation>,
 }
@@ -292,10 +298,11 @@ impl Stores {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let stores = Stores {
             workflows: spawn_store(client, settings, &tx),
-            users: spawn_store(client, settings, &tx),
-            objects: spawn_store(client, settings, &tx),
-            tenants: spawn_store(client, settings, &tx),
-            audiences: spawn_store(client, settings, &tx),
+            users: Index::start(client, settings, &tx),
+            objects: Index::start(client, settings, &tx),
+            tenants: Index::start(client, settings, &tx),
+            audiences: Index::start(client, settings, &tx),
+            member_slices: Index::start(client, settings, &tx),
             channels: spawn_store(client, settings, &tx),
             cancellations: spawn_store(client, settings, &tx),
         };
@@ -309,18 +316,20 @@ impl Stores {
         self.objects.wait_until_ready().await?;
         self.tenants.wait_until_ready().await?;
         self.audiences.wait_until_ready().await?;
+        self.member_slices.wait_until_ready().await?;
         self.channels.wait_until_ready().await?;
         self.cancellations.wait_until_ready().await
     }
 
     /// Objects herald cannot read, per kind.
-    pub fn invalid_counts(&self) -> [(&'static str, usize); 7] {
+    pub fn invalid_counts(&self) -> [(&'static str, usize); 8] {
         [
             ("Workflow", self.workflows.invalid_count()),
             ("User", self.users.invalid_count()),
             ("Object", self.objects.invalid_count()),
             ("Tenant", self.tenants.invalid_count()),
             ("Audience", self.audiences.invalid_count()),
+            ("MemberSlice", self.member_slices.invalid_count()),
             ("Channel", self.channels.invalid_count()),
             ("Cancellation", self.cancellations.invalid_count()),
         ]

@@ -19,7 +19,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
 
-use super::{conditions, Context, Error, MANAGER};
+use super::{conditions, directory, Context, Error, MANAGER};
 use crate::core::ids;
 use crate::core::model::{parse_recipient, RecipientInput, RecipientKey};
 use crate::core::schedule::{self as rules, Plan};
@@ -100,12 +100,10 @@ pub fn recipient_reference(key: &RecipientKey) -> Value {
 /// The recipient's `timezone` (a User's field, an Object's property), from the watch caches.
 pub fn recipient_timezone(ctx: &Context, namespace: &str, key: &RecipientKey) -> Option<String> {
     match key {
-        RecipientKey::User(id) => ctx.stores.users.find(|u| u.namespace().as_deref() == Some(namespace) && u.spec.id == *id).and_then(|u| u.spec.timezone.clone()),
-        RecipientKey::Object { collection, id } => ctx
-            .stores
-            .objects
-            .find(|o| o.namespace().as_deref() == Some(namespace) && o.spec.id == *id && o.spec.collection == *collection)
-            .and_then(|o| o.spec.properties.get("timezone").and_then(Value::as_str).map(str::to_string)),
+        RecipientKey::User(id) => directory::user(&ctx.stores, namespace, id).and_then(|u| u.properties.get("timezone").and_then(Value::as_str).map(str::to_string)),
+        RecipientKey::Object { collection, id } => {
+            directory::object(&ctx.stores, namespace, collection, id).and_then(|o| o.properties.get("timezone").and_then(Value::as_str).map(str::to_string))
+        }
     }
 }
 

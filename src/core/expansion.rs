@@ -6,8 +6,15 @@
 //! nested at most two levels (object → object → users); the actor is never
 //! notified through an object's subscriptions (but is when listed directly);
 //! a recipient reached several ways runs once, as first reached.
+//!
+//! The core reads users, objects and memberships through the [`Directory`]
+//! trait: the controller answers from its watch-fed indexes (nothing copied
+//! per run), tests and overlays from a [`MemoryDirectory`]. Memberships come
+//! in [`Members`] chunks (an object's own list, then each MemberSlice), so
+//! an audience of any size is read in place, a chunk at a time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use super::model::{parse_recipient, IdentifierError, JsonObject, PreferenceSet, RecipientKey};
 
@@ -30,56 +37,142 @@ pub struct ObjectRecord {
     pub properties: JsonObject,
     pub channel_data: JsonObject,
     pub preferences: BTreeMap<String, PreferenceSet>,
-    pub subscribers: Vec<SubscriberRecord>,
+    /// The subscribers listed in the object itself (MemberSlices hold the rest).
+    pub subscribers: Arc<Members>,
 }
 
-/// One subscription of an object.
+/// One subscription of an object, or one audience member.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SubscriberRecord {
     pub recipient: RecipientKey,
     pub properties: JsonObject,
 }
 
-/// The users, objects and audiences of one namespace, looked up by id.
-#[derive(Clone, Debug, Default)]
-pub struct Directory {
-    users: HashMap<String, UserRecord>,
-    objects: HashMap<(String, String), ObjectRecord>,
-    audiences: HashMap<String, Vec<RecipientKey>>,
+/// A chunk of an object's subscribers or an audience's members: a list as
+/// written (kept in its order), or a MemberSlice (sorted by recipient, one
+/// entry each, so that lookups are binary searches).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Members {
+    list: Vec<SubscriberRecord>,
+    sorted: bool,
 }
 
-impl Directory {
-    pub fn insert_user(&mut self, user: UserRecord) {
-        self.users.insert(user.id.clone(), user);
-    }
-    pub fn insert_object(&mut self, object: ObjectRecord) {
-        self.objects.insert((object.collection.clone(), object.id.clone()), object);
-    }
-    pub fn insert_audience(&mut self, key: String, members: Vec<RecipientKey>) {
-        self.audiences.insert(key, members);
-    }
-    pub fn user(&self, id: &str) -> Option<&UserRecord> {
-        self.users.get(id)
-    }
-    pub fn object(&self, collection: &str, id: &str) -> Option<&ObjectRecord> {
-        self.objects.get(&(collection.to_string(), id.to_string()))
-    }
-    pub fn audience(&self, key: &str) -> Option<&[RecipientKey]> {
-        self.audiences.get(key).map(Vec::as_slice)
+impl Members {
+    /// A list in the order it was written.
+    pub fn listed(list: Vec<SubscriberRecord>) -> Self {
+        Members { list, sorted: false }
     }
 
-    /// True when the recipient exists.
+    /// A list sorted by recipient; a recipient listed twice keeps its first entry.
+    pub fn sorted(mut list: Vec<SubscriberRecord>) -> Self {
+        list.sort_by(|a, b| a.recipient.cmp(&b.recipient));
+        list.dedup_by(|later, first| later.recipient == first.recipient);
+        list.shrink_to_fit();
+        Members { list, sorted: true }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &SubscriberRecord> {
+        self.list.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The entry for `key`, if it is a member.
+    pub fn get(&self, key: &RecipientKey) -> Option<&SubscriberRecord> {
+        if self.sorted {
+            self.list.binary_search_by(|s| s.recipient.cmp(key)).ok().map(|i| &self.list[i])
+        } else {
+            self.list.iter().find(|s| &s.recipient == key)
+        }
+    }
+
     pub fn contains(&self, key: &RecipientKey) -> bool {
+        self.get(key).is_some()
+    }
+}
+
+/// Where the core looks up users, objects and memberships of one namespace.
+pub trait Directory: Sync {
+    fn user(&self, id: &str) -> Option<Arc<UserRecord>>;
+    fn object(&self, collection: &str, id: &str) -> Option<Arc<ObjectRecord>>;
+    /// An object's subscribers: its own list first, then its MemberSlices in name order.
+    fn subscribers(&self, collection: &str, id: &str) -> Vec<Arc<Members>>;
+    /// An audience's members in chunks, or None when there is no such audience.
+    fn audience(&self, key: &str) -> Option<Vec<Arc<Members>>>;
+
+    /// True when the recipient exists.
+    fn contains(&self, key: &RecipientKey) -> bool {
         match key {
-            RecipientKey::User(id) => self.users.contains_key(id),
+            RecipientKey::User(id) => self.user(id).is_some(),
             RecipientKey::Object { collection, id } => self.object(collection, id).is_some(),
         }
     }
+
+    /// Whether user `id` is a member of audience `key`.
+    fn is_audience_member(&self, key: &str, id: &str) -> bool {
+        let user = RecipientKey::user(id);
+        self.audience(key).is_some_and(|chunks| chunks.iter().any(|c| c.contains(&user)))
+    }
 }
 
-impl crate::core::conditions::AudienceMembers for Directory {
+/// A directory held in memory: unit tests, and what a run identified
+/// before the watch caches have it.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryDirectory {
+    users: HashMap<String, Arc<UserRecord>>,
+    objects: HashMap<(String, String), Arc<ObjectRecord>>,
+    audiences: HashMap<String, Arc<Members>>,
+}
+
+impl MemoryDirectory {
+    pub fn insert_user(&mut self, user: UserRecord) {
+        self.users.insert(user.id.clone(), Arc::new(user));
+    }
+    pub fn insert_object(&mut self, object: ObjectRecord) {
+        self.objects.insert((object.collection.clone(), object.id.clone()), Arc::new(object));
+    }
+    pub fn insert_audience(&mut self, key: String, members: Vec<RecipientKey>) {
+        let list = members.into_iter().map(|recipient| SubscriberRecord { recipient, properties: JsonObject::new() }).collect();
+        self.audiences.insert(key, Arc::new(Members::listed(list)));
+    }
+    pub fn has_user(&self, id: &str) -> bool {
+        self.users.contains_key(id)
+    }
+    pub fn has_object(&self, collection: &str, id: &str) -> bool {
+        self.objects.contains_key(&(collection.to_string(), id.to_string()))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.objects.is_empty() && self.audiences.is_empty()
+    }
+}
+
+impl Directory for MemoryDirectory {
+    fn user(&self, id: &str) -> Option<Arc<UserRecord>> {
+        self.users.get(id).cloned()
+    }
+    fn object(&self, collection: &str, id: &str) -> Option<Arc<ObjectRecord>> {
+        self.objects.get(&(collection.to_string(), id.to_string())).cloned()
+    }
+    fn subscribers(&self, collection: &str, id: &str) -> Vec<Arc<Members>> {
+        self.object(collection, id).map(|o| vec![o.subscribers.clone()]).unwrap_or_default()
+    }
+    fn audience(&self, key: &str) -> Option<Vec<Arc<Members>>> {
+        self.audiences.get(key).map(|m| vec![m.clone()])
+    }
+}
+
+/// `is_audience_member` in conditions, for any directory.
+pub struct AudienceView<'a>(pub &'a dyn Directory);
+
+impl crate::core::conditions::AudienceMembers for AudienceView<'_> {
     fn is_member(&self, audience: &str, id: &str) -> bool {
-        self.audience(audience).is_some_and(|members| members.iter().any(|m| matches!(m, RecipientKey::User(u) if u == id)))
+        self.0.is_audience_member(audience, id)
     }
 }
 
@@ -165,16 +258,17 @@ pub struct Expansion {
 const MAX_DEPTH: usize = 2;
 
 /// Expands direct recipients and audiences (see the module docs).
-pub fn expand(direct: &[RecipientKey], audiences: &[String], actor: Option<&RecipientKey>, directory: &Directory) -> Expansion {
+pub fn expand(direct: &[RecipientKey], audiences: &[String], actor: Option<&RecipientKey>, directory: &dyn Directory) -> Expansion {
     let mut walk = Walk { directory, actor, seen: HashSet::new(), out: Expansion::default() };
     for key in direct {
         walk.reach(key, Via::Direct, 0);
     }
     for audience in audiences {
         match directory.audience(audience) {
-            Some(members) => {
-                for member in members {
-                    walk.reach(member, Via::Audience(audience.clone()), 0);
+            Some(chunks) => {
+                let via = Via::Audience(audience.clone());
+                for member in chunks.iter().flat_map(|c| c.iter()) {
+                    walk.reach(&member.recipient, via.clone(), 0);
                 }
             }
             None => walk.out.missing_audiences.push(audience.clone()),
@@ -184,7 +278,7 @@ pub fn expand(direct: &[RecipientKey], audiences: &[String], actor: Option<&Reci
 }
 
 struct Walk<'a> {
-    directory: &'a Directory,
+    directory: &'a dyn Directory,
     actor: Option<&'a RecipientKey>,
     seen: HashSet<RecipientKey>,
     out: Expansion,
@@ -200,12 +294,11 @@ impl Walk<'_> {
         // Fan out even when the object was already reached directly: the
         // subscribers are de-duplicated by `seen` and the depth bounds cycles.
         if let RecipientKey::Object { collection, id } = key {
-            if depth >= MAX_DEPTH {
+            if depth >= MAX_DEPTH || !self.directory.contains(key) {
                 return;
             }
-            let Some(object) = self.directory.object(collection, id) else { return };
             let via = Via::Object { collection: collection.clone(), id: id.clone() };
-            for subscriber in &object.subscribers {
+            for subscriber in self.directory.subscribers(collection, id).iter().flat_map(|c| c.iter()) {
                 if Some(&subscriber.recipient) == self.actor {
                     continue;
                 }
@@ -219,9 +312,9 @@ impl Walk<'_> {
 }
 
 /// Properties of the subscription through which `key` was reached, if any.
-pub fn subscription<'a>(directory: &'a Directory, via: &Via, key: &RecipientKey) -> Option<&'a JsonObject> {
+pub fn subscription(directory: &dyn Directory, via: &Via, key: &RecipientKey) -> Option<JsonObject> {
     let Via::Object { collection, id } = via else { return None };
-    directory.object(collection, id)?.subscribers.iter().find(|s| &s.recipient == key).map(|s| &s.properties)
+    directory.subscribers(collection, id).iter().find_map(|c| c.get(key).map(|s| s.properties.clone()))
 }
 
 #[cfg(test)]
@@ -237,7 +330,7 @@ mod tests {
         ObjectRecord {
             collection: collection.into(),
             id: id.into(),
-            subscribers: subs.iter().map(|k| SubscriberRecord { recipient: k.clone(), properties: JsonObject::new() }).collect(),
+            subscribers: Arc::new(Members::listed(subs.iter().map(|k| SubscriberRecord { recipient: k.clone(), properties: JsonObject::new() }).collect())),
             ..Default::default()
         }
     }
@@ -250,8 +343,8 @@ mod tests {
         RecipientKey::user(id)
     }
 
-    fn directory() -> Directory {
-        let mut d = Directory::default();
+    fn directory() -> MemoryDirectory {
+        let mut d = MemoryDirectory::default();
         for id in ["u1", "u2", "u3", "u4", "actor"] {
             d.insert_user(user(id));
         }
@@ -301,7 +394,7 @@ mod tests {
 
     #[test]
     fn cycles_terminate() {
-        let mut d = Directory::default();
+        let mut d = MemoryDirectory::default();
         d.insert_user(user("u1"));
         d.insert_object(object("a", "1", &[RecipientKey::object("b", "1")]));
         d.insert_object(object("b", "1", &[RecipientKey::object("a", "1"), u("u1")]));
@@ -311,7 +404,7 @@ mod tests {
 
     #[test]
     fn ten_thousand_subscribers_expand_once_each() {
-        let mut d = Directory::default();
+        let mut d = MemoryDirectory::default();
         let subs: Vec<RecipientKey> = (0..10_000).map(|i| u(&format!("user_{i}"))).collect();
         for s in &subs {
             d.insert_user(user(s.id()));
@@ -325,6 +418,52 @@ mod tests {
         assert_eq!(e.recipients.len(), 10_002);
     }
 
+    /// A directory whose object and audience memberships come in slices, as the controller's does.
+    struct Sliced {
+        users: MemoryDirectory,
+        slices: Vec<Arc<Members>>,
+    }
+
+    impl Directory for Sliced {
+        fn user(&self, id: &str) -> Option<Arc<UserRecord>> {
+            self.users.user(id)
+        }
+        fn object(&self, collection: &str, id: &str) -> Option<Arc<ObjectRecord>> {
+            (collection == "big" && id == "o").then(|| Arc::new(object("big", "o", &[u("first")])))
+        }
+        fn subscribers(&self, collection: &str, id: &str) -> Vec<Arc<Members>> {
+            let own = self.object(collection, id).map(|o| o.subscribers.clone());
+            own.into_iter().chain(self.slices.iter().cloned()).collect()
+        }
+        fn audience(&self, key: &str) -> Option<Vec<Arc<Members>>> {
+            (key == "big").then(|| self.slices.clone())
+        }
+    }
+
+    #[test]
+    fn slices_expand_in_order_once_each_and_answer_lookups() {
+        let mut users = MemoryDirectory::default();
+        let record = |id: String| SubscriberRecord { recipient: u(&id), properties: JsonObject::new() };
+        users.insert_user(user("first"));
+        for i in 0..3000 {
+            users.insert_user(user(&format!("u{i:04}")));
+        }
+        // Three slices; "u0500" is in two of them (a writer race) and "first" is also inline.
+        let slices = vec![
+            Arc::new(Members::sorted((0..1000).rev().map(|i| record(format!("u{i:04}"))).chain([record("first".into())]).collect())),
+            Arc::new(Members::sorted((1000..2000).map(|i| record(format!("u{i:04}"))).chain([record("u0500".into())]).collect())),
+            Arc::new(Members::sorted((2000..3000).map(|i| record(format!("u{i:04}"))).collect())),
+        ];
+        let d = Sliced { users, slices };
+        let e = expand(&[RecipientKey::object("big", "o")], &[], None, &d);
+        assert_eq!(e.recipients.len(), 1 + 1 + 3000, "the object, `first` and each member once");
+        assert_eq!(keys(&e)[..4], ["big/o", "first", "u0000", "u0001"], "each slice is read in recipient order");
+        let e = expand(&[], &["big".into()], None, &d);
+        assert_eq!(e.recipients.len(), 3001);
+        assert!(d.is_audience_member("big", "u2999") && d.is_audience_member("big", "u0000"));
+        assert!(!d.is_audience_member("big", "u3000") && !d.is_audience_member("other", "u0000"));
+    }
+
     #[test]
     fn via_labels_round_trip() {
         for via in [Via::Direct, Via::Object { collection: "c".into(), id: "a/b".into() }, Via::Audience("x.y".into())] {
@@ -334,9 +473,9 @@ mod tests {
 
     #[test]
     fn subscription_properties_are_found() {
-        let mut d = Directory::default();
+        let mut d = MemoryDirectory::default();
         let mut o = object("projects", "p1", &[]);
-        o.subscribers.push(SubscriberRecord { recipient: u("u1"), properties: json!({"role": "owner"}).as_object().unwrap().clone() });
+        o.subscribers = Arc::new(Members::listed(vec![SubscriberRecord { recipient: u("u1"), properties: json!({"role": "owner"}).as_object().unwrap().clone() }]));
         d.insert_object(o);
         let via = Via::Object { collection: "projects".into(), id: "p1".into() };
         assert_eq!(subscription(&d, &via, &u("u1")).unwrap()["role"], "owner");

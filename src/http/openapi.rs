@@ -304,6 +304,22 @@ fn schemas() -> Value {
         json!({"type": "object", "properties": {"entries": {"type": "array", "items": schema_ref("Schedule")}, "page_info": schema_ref("PageInfo")}}),
     );
     schemas.insert(
+        "SubscriptionList".into(),
+        json!({"type": "object", "properties": {"entries": {"type": "array", "items": schema_ref("Subscription")}, "page_info": schema_ref("PageInfo")}}),
+    );
+    schemas.insert(
+        "AudienceMembersRequest".into(),
+        json!({"type": "object", "required": ["members"], "properties": {"members": {"type": "array", "maxItems": 1000, "items": {"type": "object", "required": ["user"], "properties": {
+            "user": {"type": "object", "required": ["id"], "description": "The user: `{id}`, or with properties to identify it"},
+            "tenant": {"type": "string"}}}}}}),
+    );
+    schemas.insert(
+        "AudienceMemberList".into(),
+        json!({"type": "object", "properties": {"entries": {"type": "array", "items": {"type": "object", "properties": {
+            "__typename": {"type": "string"}, "user_id": {"type": "string"}, "user": {"type": "object"}, "tenant": {"type": "string", "nullable": true},
+            "added_at": {"type": "string", "nullable": true, "description": "Not kept by herald: null"}}}}, "page_info": schema_ref("PageInfo")}}),
+    );
+    schemas.insert(
         "PageInfo".into(),
         json!({"type": "object", "properties": {
             "__typename": {"type": "string"},
@@ -428,6 +444,15 @@ pub fn document() -> Value {
                         WRITE,
                     ),
                 ),
+                ("get", op("List an object's subscriptions (page_size, after)", "Objects", None, (200, Some(schema_ref("SubscriptionList"))), READ)),
+            ],
+        ),
+        path_item(
+            "/v1/audiences/{key}/members",
+            vec![
+                ("post", op("Add members to an audience (up to 1,000 a call; members live in MemberSlices)", "Audiences", Some("AudienceMembersRequest"), (204, None), WRITE)),
+                ("delete", op("Remove members from an audience", "Audiences", Some("AudienceMembersRequest"), (204, None), WRITE)),
+                ("get", op("List an audience's members (page_size, after)", "Audiences", None, (200, Some(schema_ref("AudienceMemberList"))), READ)),
             ],
         ),
         path_item(

@@ -186,8 +186,8 @@ impl Herald {
             wait_for(&format!("{r} in herald's cache"), Duration::from_secs(20), || async {
                 let stores = &op.context.stores;
                 let found = match r.split_once('/') {
-                    Some((collection, id)) => herald::controller::identify::find_object(stores, &ns, collection, id).is_some(),
-                    None => herald::controller::identify::find_user(stores, &ns, r).is_some(),
+                    Some((collection, id)) => herald::controller::directory::object(stores, &ns, collection, id).is_some(),
+                    None => herald::controller::directory::user(stores, &ns, r).is_some(),
                 };
                 found.then_some(())
             })

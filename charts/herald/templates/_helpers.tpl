@@ -91,6 +91,7 @@ The herald CRDs (crds/), which the operator reads to wait until they are establi
 - batches.herald.dev
 - cancellations.herald.dev
 - channels.herald.dev
+- memberslices.herald.dev
 - objects.herald.dev
 - recipientpages.herald.dev
 - schedules.herald.dev
@@ -112,6 +113,7 @@ What herald does in the namespaces it watches, and nothing more:
 - creates, replaces and deletes Throttles (throttle steps' windows; conditional writes);
 - creates, updates and deletes Schedules (the schedules API) and writes their status (the schedule controller);
 - creates, updates and deletes Users, Objects and Tenants (inline identify, the API);
+- creates, replaces and deletes MemberSlices (subscriptions and audience members, the API);
 - publishes Events (kube-runtime's Recorder: events.k8s.io/v1; core events for older clients);
 - reads the Secrets Channels name (get only; API keys live in the key
   namespace, see herald.apiKeyNamespace and the api-keys Role).
@@ -138,6 +140,9 @@ What herald does in the namespaces it watches, and nothing more:
 - apiGroups: [herald.dev]
   resources: [schedules]
   verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [herald.dev]
+  resources: [memberslices]
+  verbs: [get, list, watch, create, update, delete]
 - apiGroups: [herald.dev]
   resources: [users, objects, tenants]
   verbs: [get, list, watch, create, update, patch, delete]

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::records::{Holder, Page};
 use super::{page_name, run_id, Reconciler, MAX_RECIPIENTS, PAGE_SIZE, RUN_LABEL};
+use crate::controller::directory::LiveDirectory;
 use crate::controller::identify::{self, IdentifyError, Recipient, Written};
 use crate::controller::workflow::find_by_key;
 use crate::controller::{conditions, directory, Context, Error, MANAGER};
@@ -86,7 +87,7 @@ pub(super) fn parse_trigger(run: &TriggerRun) -> Result<Trigger, Refusal> {
 /// Overlays what the trigger's inline recipients and actor say onto the
 /// directory, so they are visible even before the watch cache has the
 /// identified resources.
-pub(super) fn overlay_inline(directory: &mut Directory, trigger: &Trigger) {
+pub(super) fn overlay_inline(directory: &mut LiveDirectory, trigger: &Trigger) {
     let inline = trigger.recipients.iter().chain(trigger.actor.iter());
     for input in inline {
         let RecipientInput::Inline(inline) = input else { continue };
@@ -97,15 +98,15 @@ pub(super) fn overlay_inline(directory: &mut Directory, trigger: &Trigger) {
             RecipientKey::User(id) => {
                 let mut spec = crate::resources::UserSpec { id: id.clone(), ..Default::default() };
                 identify::merge_user(&mut spec, &inline.properties, &inline.channel_data, &inline.preferences);
-                directory.insert_user(directory::user_record(&crate::resources::User::new("inline", spec)));
+                directory.overlay.insert_user(directory::user_record(&spec));
             }
-            RecipientKey::Object { collection, id } => directory.insert_object(expansion::ObjectRecord {
+            RecipientKey::Object { collection, id } => directory.overlay.insert_object(expansion::ObjectRecord {
                 collection: collection.clone(),
                 id: id.clone(),
                 properties: inline.properties.clone(),
                 channel_data: inline.channel_data.clone(),
                 preferences: inline.preferences.clone(),
-                subscribers: Vec::new(),
+                subscribers: Default::default(),
             }),
         }
     }
@@ -144,7 +145,7 @@ impl Reconciler<'_> {
     /// Accepts a pending run: checks it, identifies inline recipients, expands
     /// the recipients and writes the pages. Returns the pages, or the action to
     /// take when the run is not (yet) accepted.
-    pub(super) async fn accept(&self, mut status: TriggerRunStatus) -> Result<Result<(TriggerRunStatus, Vec<Page>, Directory), Action>, Error> {
+    pub(super) async fn accept(&self, mut status: TriggerRunStatus) -> Result<Result<(TriggerRunStatus, Vec<Page>, LiveDirectory), Action>, Error> {
         let generation = self.run.metadata.generation;
         let key = &self.run.spec.workflow;
         let Some(workflow) = find_by_key(self.ctx, &self.namespace, key) else {
@@ -183,7 +184,7 @@ impl Reconciler<'_> {
         }
 
         // Identify inline recipients, actor and tenant before the workflow runs for them.
-        let mut directory = directory::build(&self.ctx.stores, &self.namespace);
+        let mut directory = LiveDirectory::new(&self.ctx.stores, &self.namespace);
         let overwrite = self.ctx.settings.identify_overwrite(&self.namespace);
         let mut refused = Vec::new();
         for input in trigger.recipients.iter().chain(trigger.actor.iter()) {
@@ -201,13 +202,13 @@ impl Reconciler<'_> {
                         if u.written == Written::Refused {
                             refused.push(format!("User `{}`", u.object.name_any()));
                         }
-                        directory.insert_user(directory::user_record(&u.object));
+                        directory.overlay.insert_user(directory::user_record(&u.object.spec));
                     }
                     Recipient::Object(o) => {
                         if o.written == Written::Refused {
                             refused.push(format!("Object `{}`", o.object.name_any()));
                         }
-                        directory.insert_object(directory::object_record(&o.object));
+                        directory.overlay.insert_object(directory::object_record(&o.object));
                     }
                 }
             }
@@ -334,7 +335,7 @@ impl Reconciler<'_> {
     /// the API just before the trigger must not be RecipientNotFound.
     /// Returns whether any was found. Bounded, so a trigger naming thousands
     /// of unknown ids costs a bounded number of reads.
-    async fn fetch_missing(&self, expanded: &expansion::Expansion, directory: &mut Directory) -> Result<bool, Error> {
+    async fn fetch_missing(&self, expanded: &expansion::Expansion, directory: &mut LiveDirectory) -> Result<bool, Error> {
         const MAX_READS: usize = 100;
         let mut found = false;
         for reached in expanded.recipients.iter().filter(|r| !r.found).take(MAX_READS) {
@@ -344,14 +345,14 @@ impl Reconciler<'_> {
                 RecipientKey::User(id) => {
                     let target = identify::Target::user(&self.ctx.stores, &self.namespace, id);
                     if let Some(user) = not_unreadable(identify::locate(&Api::namespaced(self.ctx.client.clone(), &self.namespace), &target).await)? {
-                        directory.insert_user(directory::user_record(&user));
+                        directory.overlay.insert_user(directory::user_record(&user.spec));
                         found = true;
                     }
                 }
                 RecipientKey::Object { collection, id } => {
                     let target = identify::Target::object(&self.ctx.stores, &self.namespace, collection, id);
                     if let Some(object) = not_unreadable(identify::locate(&Api::namespaced(self.ctx.client.clone(), &self.namespace), &target).await)? {
-                        directory.insert_object(directory::object_record(&object));
+                        directory.overlay.insert_object(directory::object_record(&object));
                         found = true;
                     }
                 }

@@ -19,13 +19,14 @@ use super::acceptance::{overlay_inline, parse_trigger, tenant_record};
 use super::records::Page;
 use super::{run_id, until, Reconciler, CHECKPOINT_EVERY, CHECKPOINT_INTERVAL};
 use crate::controller::delivery::Fenced;
+use crate::controller::directory::LiveDirectory;
 use crate::controller::identify;
 use crate::controller::lenient::Lenient;
 use crate::controller::workflow::find_by_key;
-use crate::controller::{conditions, directory, Context, Error};
+use crate::controller::{conditions, Context, Error};
 use crate::core::execution::{self, ChannelTypes, Next, RecipientContext, RunContext};
 use crate::core::expansion;
-use crate::core::expansion::Directory;
+use crate::core::expansion::{AudienceView, Directory};
 use crate::core::functions;
 use crate::core::history::{MessageRecord, MessageSource};
 use crate::core::model::{JsonObject, RecipientInput, RecipientKey};
@@ -88,7 +89,7 @@ impl Reconciler<'_> {
     /// saving each page that changed, then the run's totals.
     /// `directory`: the one acceptance built (it may hold what the watch
     /// cache does not have yet); later reconciles build it from the cache.
-    pub(super) async fn execute(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>, directory: Option<Directory>) -> Result<Action, Error> {
+    pub(super) async fn execute(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>, directory: Option<LiveDirectory>) -> Result<Action, Error> {
         let generation = self.run.metadata.generation;
         let key = &self.run.spec.workflow;
         let Some(workflow) = find_by_key(self.ctx, &self.namespace, key) else {
@@ -118,7 +119,7 @@ impl Reconciler<'_> {
         };
 
         let directory_given = directory.is_some();
-        let mut directory = directory.unwrap_or_else(|| directory::build(&self.ctx.stores, &self.namespace));
+        let mut directory = directory.unwrap_or_else(|| LiveDirectory::new(&self.ctx.stores, &self.namespace));
         overlay_inline(&mut directory, &trigger);
         let trigger_data: HashMap<RecipientKey, &JsonObject> = trigger
             .recipients
@@ -144,7 +145,7 @@ impl Reconciler<'_> {
             conditions: &snapshot.conditions,
             trigger_frequency: snapshot.trigger_frequency,
             cancellation_key: self.run.spec.cancellation_key.as_deref(),
-            audiences: &directory,
+            audiences: &AudienceView(&directory),
             schedule: self
                 .run
                 .spec
@@ -181,19 +182,22 @@ impl Reconciler<'_> {
                 let trigger_data = trigger_data.get(&recipient_key).copied();
                 async move {
                     let via = recipient_status.via.as_deref().and_then(expansion::Via::parse);
+                    let user = match &recipient_key {
+                        RecipientKey::User(id) => directory.user(id),
+                        RecipientKey::Object { .. } => None,
+                    };
+                    let object = match &recipient_key {
+                        RecipientKey::Object { collection, id } => directory.object(collection, id),
+                        RecipientKey::User(_) => None,
+                    };
+                    let subscription = via.as_ref().and_then(|v| expansion::subscription(directory, v, &recipient_key));
                     let recipient = RecipientContext {
                         key: &recipient_key,
                         recipient_run_id: Uuid::parse_str(&recipient_status.recipient_run_id).unwrap_or_default(),
-                        user: match &recipient_key {
-                            RecipientKey::User(id) => directory.user(id),
-                            RecipientKey::Object { .. } => None,
-                        },
-                        object: match &recipient_key {
-                            RecipientKey::Object { collection, id } => directory.object(collection, id),
-                            RecipientKey::User(_) => None,
-                        },
+                        user: user.as_deref(),
+                        object: object.as_deref(),
                         trigger_data,
-                        subscription: via.as_ref().and_then(|v| expansion::subscription(directory, v, &recipient_key)),
+                        subscription: subscription.as_ref(),
                         messages: None,
                         poll_batch,
                     };

@@ -202,6 +202,26 @@ impl From<crate::controller::identify::IdentifyError> for ApiError {
     }
 }
 
+/// Errors writing memberships: a slice that kept changing is a 409 (retry).
+impl From<std::sync::Arc<crate::controller::membership::MembershipError>> for ApiError {
+    fn from(e: std::sync::Arc<crate::controller::membership::MembershipError>) -> Self {
+        use crate::controller::membership::MembershipError;
+        match &*e {
+            MembershipError::Kube(k) => ApiError::from(clone_kube_error(k)),
+            MembershipError::Contended { .. } => ApiError::Conflict(e.to_string()),
+            MembershipError::Dropped => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// kube's error is not Clone; an error shared by combined calls is rebuilt for each.
+fn clone_kube_error(e: &kube::Error) -> kube::Error {
+    match e {
+        kube::Error::Api(s) => kube::Error::Api(s.clone()),
+        other => kube::Error::Service(other.to_string().into()),
+    }
+}
+
 /// Errors of the history store: unreachable is 503 (retry), anything else 500.
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {

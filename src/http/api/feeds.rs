@@ -165,11 +165,11 @@ fn read_query(mut filter: FeedFilter, pairs: &[(String, String)]) -> Result<Feed
 /// An actor as feed items show it: the user's properties when herald knows the user.
 fn actor_json(api: &Api, namespace: &str, key: &RecipientKey) -> Value {
     match key {
-        RecipientKey::User(id) => match crate::controller::identify::find_user(&api.ctx.stores, namespace, id) {
+        RecipientKey::User(id) => match crate::controller::directory::user(&api.ctx.stores, namespace, id) {
             Some(user) => {
-                let avatar = user.spec.properties.get("avatar").cloned().unwrap_or(Value::Null);
-                json!({"__typename": "User", "id": id, "name": user.spec.name, "email": user.spec.email, "avatar": avatar,
-                       "phone_number": user.spec.phone_number, "timezone": user.spec.timezone, "created_at": null, "updated_at": null})
+                let field = |key: &str| user.properties.get(key).cloned().unwrap_or(Value::Null);
+                json!({"__typename": "User", "id": id, "name": field("name"), "email": field("email"), "avatar": field("avatar"),
+                       "phone_number": field("phone_number"), "timezone": field("timezone"), "created_at": null, "updated_at": null})
             }
             None => {
                 json!({"__typename": "User", "id": id, "name": null, "email": null, "avatar": null, "phone_number": null, "timezone": null, "created_at": null, "updated_at": null})

@@ -2,6 +2,7 @@
 //! accepted write becomes (or changes) a herald resource that kubectl can see;
 //! a 2xx is sent only once the Kubernetes API has stored it.
 
+pub mod audiences;
 pub mod auth;
 pub mod errors;
 pub mod feeds;
@@ -45,6 +46,8 @@ pub struct Api {
     pub limiter: Option<RateLimiter>,
     /// Runs and recipient runs by id (the run routes).
     pub index: index::RunIndex,
+    /// Writes object subscriptions and audience members (combined per target).
+    pub membership: crate::controller::membership::Membership,
 }
 
 impl Api {
@@ -53,7 +56,8 @@ impl Api {
         let auth = Authenticator::start(ctx.client.clone(), &ctx.settings);
         let limiter = RateLimiter::new(ctx.settings.rate_limit_per_second, ctx.settings.rate_limit_burst);
         let index = index::RunIndex::start(&ctx.client, &ctx.settings);
-        Arc::new(Api { ctx, auth, limiter, index })
+        let membership = crate::controller::membership::Membership::new(ctx.client.clone(), ctx.stores.clone());
+        Arc::new(Api { ctx, auth, limiter, index, membership })
     }
 
     /// The caller may do `verb` on `resource` in its namespace.
@@ -90,7 +94,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/users/{user_id}/preferences/{set}", put(users::put_preferences).get(users::get_preferences))
         .route("/v1/users/{user_id}/channel_data/{channel}", put(users::put_channel_data).get(users::get_channel_data).delete(users::delete_channel_data))
         .route("/v1/objects/{collection}/{id}", put(objects::put).get(objects::get).delete(objects::delete))
-        .route("/v1/objects/{collection}/{id}/subscriptions", post(objects::subscribe).delete(objects::unsubscribe))
+        .route("/v1/objects/{collection}/{id}/subscriptions", post(objects::subscribe).delete(objects::unsubscribe).get(objects::subscriptions))
+        .route("/v1/audiences/{key}/members", post(audiences::add).delete(audiences::remove).get(audiences::list))
         .route("/v1/tenants/{id}", put(tenants::put).get(tenants::get).delete(tenants::delete))
         .route("/v1/schedules", post(schedules::create).put(schedules::update).delete(schedules::delete).get(schedules::list))
         .route("/v1/users/{user_id}/schedules", get(schedules::for_user))
@@ -127,6 +132,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/objects/{collection}/{id}"),
     ("post", "/v1/objects/{collection}/{id}/subscriptions"),
     ("delete", "/v1/objects/{collection}/{id}/subscriptions"),
+    ("get", "/v1/objects/{collection}/{id}/subscriptions"),
+    ("post", "/v1/audiences/{key}/members"),
+    ("delete", "/v1/audiences/{key}/members"),
+    ("get", "/v1/audiences/{key}/members"),
     ("put", "/v1/tenants/{id}"),
     ("get", "/v1/tenants/{id}"),
     ("delete", "/v1/tenants/{id}"),

@@ -1,7 +1,8 @@
 //! Objects: `PUT/GET/DELETE /v1/objects/{collection}/{id}` and their
 //! subscriptions (`POST/DELETE /v1/objects/{collection}/{id}/subscriptions`
-//! with `{"recipients": [...], "properties": {...}}`).
+//! with `{"recipients": [...], "properties": {...}}`, and `GET` to list them).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -11,10 +12,13 @@ use serde_json::{json, Value};
 
 use super::auth::Caller;
 use super::errors::ApiError;
-use super::{check_id, check_ids, created_at, delete_located, updated_at, Api, Fields, JsonBody, Params};
+use super::{check_id, check_ids, created_at, delete_located, updated_at, Api, Fields, JsonBody, Params, QueryParams};
+use crate::controller::directory::LiveDirectory;
 use crate::controller::identify::{self, Located, Overwrite, Target};
-use crate::core::model::{parse_recipient, RecipientInput, RecipientKey};
-use crate::resources::{Object, ObjectSpec, Subscription};
+use crate::controller::membership::{Change, MAX_PROPERTIES_BYTES};
+use crate::core::expansion::Directory;
+use crate::core::model::{parse_recipient, JsonObject, RecipientInput, RecipientKey};
+use crate::resources::{MemberTarget, Object, ObjectSpec, Subscription};
 
 async fn find(api: &Api, namespace: &str, collection: &str, id: &str) -> Result<Located<Object>, ApiError> {
     api.caches_ready().await?;
@@ -109,14 +113,6 @@ pub async fn delete(State(api): State<Arc<Api>>, caller: Caller, Params((collect
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A subscriber reference as an Object stores it.
-fn reference(key: &RecipientKey) -> Value {
-    match key {
-        RecipientKey::User(id) => Value::String(id.clone()),
-        RecipientKey::Object { collection, id } => json!({"id": id, "collection": collection}),
-    }
-}
-
 fn recipient_json(key: &RecipientKey) -> Value {
     match key {
         RecipientKey::User(id) => json!({"__typename": "User", "id": id}),
@@ -128,12 +124,12 @@ fn subscription_key(s: &Subscription) -> Option<RecipientKey> {
     parse_recipient(&s.recipient).ok().map(|r| r.key().clone())
 }
 
-fn subscription_json(object: &Object, s: &Subscription) -> Value {
+fn subscription_json(object: &Object, key: &RecipientKey, properties: &JsonObject) -> Value {
     json!({
         "__typename": "Subscription",
         "object": object_json(object),
-        "recipient": subscription_key(s).map(|k| recipient_json(&k)).unwrap_or(s.recipient.clone()),
-        "properties": s.properties,
+        "recipient": recipient_json(key),
+        "properties": properties,
         "inserted_at": created_at(&object.metadata),
         "updated_at": updated_at(&object.metadata),
     })
@@ -184,16 +180,29 @@ fn read_subscribers(f: &mut Fields, this: &RecipientKey, inline: bool) -> Vec<Re
     out
 }
 
+/// A membership's properties: an object of at most [`MAX_PROPERTIES_BYTES`] of JSON.
+pub fn read_member_properties(f: &mut Fields, field: &str) -> JsonObject {
+    let properties = f.object(field).unwrap_or_default();
+    if serde_json::to_vec(&properties).map(|v| v.len()).unwrap_or(0) > MAX_PROPERTIES_BYTES {
+        f.error(format!("/{field}"), format!("must take at most {MAX_PROPERTIES_BYTES} bytes of JSON (a subscription carries a few properties, not documents)"));
+    }
+    properties
+}
+
 /// `POST /v1/objects/{collection}/{id}/subscriptions`: subscribes recipients
-/// (inline ones are identified first); an existing subscription gets the new
-/// properties. Returns the subscriptions.
+/// (inline ones are identified first; the object is created if missing); an
+/// existing subscription gets the new properties. Subscribers listed in the
+/// Object itself stay there; the API adds new ones to the object's
+/// MemberSlices, so an object's subscribers have no size limit. Concurrent
+/// calls for one object are combined into one write ([`Membership`]).
+/// Returns the subscriptions.
 pub async fn subscribe(State(api): State<Arc<Api>>, caller: Caller, Params((collection, id)): Params<(String, String)>, JsonBody(body): JsonBody) -> Result<Json<Value>, ApiError> {
     api.allow(&caller, "update", "objects").await?;
     check_ids(&[("collection", &collection), ("id", &id)])?;
     let this = RecipientKey::object(collection.clone(), id.clone());
     let mut f = Fields::new(body)?;
     let subscribers = read_subscribers(&mut f, &this, true);
-    let properties = f.object("properties").unwrap_or_default();
+    let properties = read_member_properties(&mut f, "properties");
     f.deny_unknown(" (subscriptions take recipients and properties)");
     f.finish()?;
     api.caches_ready().await?;
@@ -205,22 +214,28 @@ pub async fn subscribe(State(api): State<Arc<Api>>, caller: Caller, Params((coll
         }
     }
     let keys: Vec<RecipientKey> = subscribers.iter().map(|s| s.key().clone()).collect();
+    // The object exists afterwards; subscribers listed in it get the new properties there.
     let object = upsert_object(&api, &caller.namespace, &collection, &id, &|spec| {
-        for key in &keys {
-            match spec.subscribers.iter_mut().find(|s| subscription_key(s).as_ref() == Some(key)) {
-                Some(existing) => existing.properties = properties.clone(),
-                None => spec.subscribers.push(Subscription { recipient: reference(key), properties: properties.clone() }),
+        for s in spec.subscribers.iter_mut() {
+            if subscription_key(s).is_some_and(|k| keys.contains(&k)) {
+                s.properties = properties.clone();
             }
         }
         Ok(())
     })
     .await?;
-    let out: Vec<Value> = object.spec.subscribers.iter().filter(|s| subscription_key(s).is_some_and(|k| keys.contains(&k))).map(|s| subscription_json(&object, s)).collect();
-    Ok(Json(Value::Array(out)))
+    let listed: HashSet<RecipientKey> = object.spec.subscribers.iter().filter_map(subscription_key).collect();
+    let sliced: Vec<(RecipientKey, JsonObject)> = keys.iter().filter(|k| !listed.contains(*k)).map(|k| (k.clone(), properties.clone())).collect();
+    if !sliced.is_empty() {
+        api.membership.apply(&caller.namespace, &MemberTarget::Object { collection: collection.clone(), id: id.clone() }, Change::Add(sliced)).await?;
+        api.ctx.metrics.write("MemberSlice");
+    }
+    Ok(Json(Value::Array(keys.iter().map(|k| subscription_json(&object, k, &properties)).collect())))
 }
 
 /// `DELETE /v1/objects/{collection}/{id}/subscriptions`: unsubscribes the
-/// recipients named; returns the subscriptions removed.
+/// recipients named (from the Object's own list and its MemberSlices);
+/// returns the subscriptions removed.
 pub async fn unsubscribe(
     State(api): State<Arc<Api>>,
     caller: Caller,
@@ -234,17 +249,66 @@ pub async fn unsubscribe(
     let keys: Vec<RecipientKey> = read_subscribers(&mut f, &this, false).iter().map(|s| s.key().clone()).collect();
     f.deny_unknown(" (unsubscribing takes recipients)");
     f.finish()?;
-    let Some(before) = find(&api, &caller.namespace, &collection, &id).await?.object else {
+    let Some(mut object) = find(&api, &caller.namespace, &collection, &id).await?.object else {
         return Err(not_found(&collection, &id));
     };
-    let removed: Vec<Subscription> = before.spec.subscribers.iter().filter(|s| subscription_key(s).is_some_and(|k| keys.contains(&k))).cloned().collect();
-    if removed.is_empty() {
-        return Ok(Json(json!([])));
+    let mut removed: Vec<(RecipientKey, JsonObject)> =
+        object.spec.subscribers.iter().filter_map(|s| subscription_key(s).filter(|k| keys.contains(k)).map(|k| (k, s.properties.clone()))).collect();
+    if !removed.is_empty() {
+        object = upsert_object(&api, &caller.namespace, &collection, &id, &|spec| {
+            spec.subscribers.retain(|s| !subscription_key(s).is_some_and(|k| keys.contains(&k)));
+            Ok(())
+        })
+        .await?;
     }
-    let object = upsert_object(&api, &caller.namespace, &collection, &id, &|spec| {
-        spec.subscribers.retain(|s| !subscription_key(s).is_some_and(|k| keys.contains(&k)));
-        Ok(())
-    })
-    .await?;
-    Ok(Json(Value::Array(removed.iter().map(|s| subscription_json(&object, s)).collect())))
+    let outcome = api.membership.apply(&caller.namespace, &MemberTarget::Object { collection: collection.clone(), id: id.clone() }, Change::Remove(keys.clone())).await?;
+    for (key, was) in outcome {
+        if let Some(properties) = was {
+            if !removed.iter().any(|(k, _)| *k == key) {
+                removed.push((key, properties));
+            }
+        }
+    }
+    Ok(Json(Value::Array(removed.iter().map(|(k, p)| subscription_json(&object, k, p)).collect())))
+}
+
+/// `GET /v1/objects/{collection}/{id}/subscriptions`: the object's
+/// subscribers, its own list first, then its MemberSlices', in pages
+/// (`page_size` up to 50, `after` from `page_info`).
+pub async fn subscriptions(
+    State(api): State<Arc<Api>>,
+    caller: Caller,
+    Params((collection, id)): Params<(String, String)>,
+    QueryParams(query): QueryParams<PageQuery>,
+) -> Result<Json<Value>, ApiError> {
+    api.allow(&caller, "get", "objects").await?;
+    check_ids(&[("collection", &collection), ("id", &id)])?;
+    let object = find(&api, &caller.namespace, &collection, &id).await?.object.ok_or_else(|| not_found(&collection, &id))?;
+    let directory = LiveDirectory::new(&api.ctx.stores, &caller.namespace);
+    let chunks = directory.subscribers(&collection, &id);
+    let (entries, page_info) = page(chunks.iter().flat_map(|c| c.iter()), &query)?;
+    let entries: Vec<Value> = entries.iter().map(|s| subscription_json(&object, &s.recipient, &s.properties)).collect();
+    Ok(Json(json!({"entries": entries, "page_info": page_info})))
+}
+
+/// `page_size` and `after` of a list call.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct PageQuery {
+    pub page_size: Option<usize>,
+    pub after: Option<String>,
+}
+
+/// One page of `entries` (cursors are positions) and its `page_info`.
+pub fn page<'a, T: 'a>(entries: impl Iterator<Item = &'a T>, query: &PageQuery) -> Result<(Vec<&'a T>, Value), ApiError> {
+    let size = query.page_size.unwrap_or(50).clamp(1, 50);
+    let start = match &query.after {
+        None => 0,
+        Some(after) => after.parse::<usize>().map_err(|_| ApiError::invalid("after", "is not a cursor this API returned"))?,
+    };
+    let mut taken: Vec<&T> = entries.skip(start).take(size + 1).collect();
+    let more = taken.len() > size;
+    taken.truncate(size);
+    let after = more.then(|| (start + size).to_string());
+    let before = (start > 0).then(|| start.saturating_sub(size).to_string());
+    Ok((taken, json!({"__typename": "PageInfo", "after": after, "before": before, "page_size": size})))
 }

@@ -24,7 +24,7 @@ use super::auth::Caller;
 use super::errors::ApiError;
 use super::triggers::{authorize_inline, generated_name, identify_inline, read_actor_and_tenant, read_recipients, CALLER_ANNOTATION, CREATED_BY_LABEL};
 use super::{check_ids, created_at, updated_at, Api, Fields, JsonBody, Params, FIELD_MANAGER};
-use crate::controller::identify::{find_object, find_user};
+use crate::controller::directory;
 use crate::controller::schedule::{check, recipient_reference, zone_of};
 use crate::controller::workflow::find_by_key;
 use crate::core::model::{parse_recipient, parse_tenant, RecipientKey};
@@ -89,10 +89,17 @@ fn rule_json(rule: &RepeatRule) -> Value {
 
 fn recipient_json(api: &Api, namespace: &str, key: &RecipientKey) -> Value {
     match key {
-        RecipientKey::User(id) => find_user(&api.ctx.stores, namespace, id).map(|u| super::users::user_json(&u)).unwrap_or_else(|| json!({"__typename": "User", "id": id})),
-        RecipientKey::Object { collection, id } => find_object(&api.ctx.stores, namespace, collection, id)
-            .map(|o| super::objects::object_json(&o))
-            .unwrap_or_else(|| json!({"__typename": "Object", "id": id, "collection": collection})),
+        // What the index keeps: the recipient's properties (timestamps are not kept).
+        RecipientKey::User(id) => {
+            let mut user = directory::user(&api.ctx.stores, namespace, id).map(|u| u.properties.clone()).unwrap_or_default();
+            user.insert("__typename".into(), json!("User"));
+            user.insert("id".into(), json!(id));
+            Value::Object(user)
+        }
+        RecipientKey::Object { collection, id } => {
+            let properties = directory::object(&api.ctx.stores, namespace, collection, id).map(|o| o.properties.clone()).unwrap_or_default();
+            json!({"__typename": "Object", "id": id, "collection": collection, "properties": properties})
+        }
     }
 }
 

@@ -1,0 +1,301 @@
+//! Writing memberships: adding and removing an Object's subscribers or an
+//! Audience's members in its MemberSlices.
+//!
+//! Calls for one target are combined: whoever holds the target's writer
+//! takes every change queued meanwhile and writes them together, so eight
+//! clients subscribing to one object cost about one slice write per round,
+//! not eight competing ones, and none of them sees a conflict. Another
+//! replica writing the same slice makes a replace fail with 409; the slice is
+//! then read again and the change re-applied.
+//!
+//! Where members go: a member already in a slice stays there; new members
+//! fill the first slice with room (by name), then new slices. A slice holds
+//! at most [`MAX_MEMBERS`] members and [`MAX_SLICE_BYTES`] of JSON, so it
+//! always fits etcd's request limit; a slice left empty is deleted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use kube::api::{DeleteParams, PostParams, Preconditions};
+use kube::{Api, Client, ResourceExt};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::Stores;
+use crate::core::expansion::{Members, SubscriberRecord};
+use crate::core::model::{JsonObject, RecipientKey};
+use crate::resources::member_slice::MAX_MEMBERS;
+use crate::resources::{MemberSlice, MemberTarget, Subscription};
+
+/// A slice's members at most take this much JSON (etcd takes 1.5 MiB a request).
+pub const MAX_SLICE_BYTES: usize = 512 * 1024;
+/// One member's properties at most take this much JSON.
+pub const MAX_PROPERTIES_BYTES: usize = 4 * 1024;
+/// Conflicting writes of one slice retried at most this often.
+const ATTEMPTS: usize = 10;
+
+/// Errors writing memberships.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{what} kept changing while herald wrote it; try again")]
+    Contended { what: String },
+    /// The writer of this target stopped before answering (it failed; the change may or may not be stored).
+    #[error("the membership writer stopped before answering")]
+    Dropped,
+}
+
+/// A membership change.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Add these members, or give existing ones these properties.
+    Add(Vec<(RecipientKey, JsonObject)>),
+    Remove(Vec<RecipientKey>),
+}
+
+/// What a change did, per member named: its properties now (added or kept),
+/// or for a removal, its properties before (None: it was not a member).
+pub type Outcome = Vec<(RecipientKey, Option<JsonObject>)>;
+
+struct Queued {
+    change: Change,
+    done: oneshot::Sender<Result<Outcome, Arc<MembershipError>>>,
+}
+
+/// One target's queue and writer.
+#[derive(Default)]
+struct Queue {
+    pending: Mutex<Vec<Queued>>,
+    writer: tokio::sync::Mutex<()>,
+}
+
+/// Writes memberships for the API (one per process).
+pub struct Membership {
+    client: Client,
+    stores: Stores,
+    queues: Mutex<HashMap<(String, MemberTarget), Arc<Queue>>>,
+    /// Slices this process wrote lately, by target: the watch may not have
+    /// brought them to the index yet, and a removal right after an add must
+    /// still find the member.
+    recent: Mutex<HashMap<(String, MemberTarget), Recent>>,
+}
+
+/// When a target's slices were last written here, and their members then, by slice name.
+type Recent = (std::time::Instant, BTreeMap<String, Arc<Members>>);
+
+/// How long written slices are remembered beside the index.
+const RECENT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Membership {
+    pub fn new(client: Client, stores: Stores) -> Self {
+        Membership { client, stores, queues: Mutex::default(), recent: Mutex::default() }
+    }
+
+    /// Applies `change` to `target`'s slices in `namespace`, combined with
+    /// whatever other calls queued for the same target meanwhile.
+    pub async fn apply(&self, namespace: &str, target: &MemberTarget, change: Change) -> Result<Outcome, Arc<MembershipError>> {
+        let slot = (namespace.to_string(), target.clone());
+        let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).entry(slot.clone()).or_default().clone();
+        let (done, answer) = oneshot::channel();
+        queue.pending.lock().unwrap_or_else(|e| e.into_inner()).push(Queued { change, done });
+        {
+            let _writing = queue.writer.lock().await;
+            let batch = std::mem::take(&mut *queue.pending.lock().unwrap_or_else(|e| e.into_inner()));
+            // Empty: an earlier writer took this call's change with its own.
+            if !batch.is_empty() {
+                let (changes, answers): (Vec<Change>, Vec<_>) = batch.into_iter().map(|q| (q.change, q.done)).unzip();
+                match self.write(namespace, target, &changes).await {
+                    Ok(outcomes) => {
+                        for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                            let _ = answer.send(Ok(outcome));
+                        }
+                    }
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        for answer in answers {
+                            let _ = answer.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        // Idle queues go (a caller that raced in just now writes on its own: still correct).
+        {
+            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+            if Arc::strong_count(&queue) == 2 && queue.pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                queues.remove(&slot);
+            }
+        }
+        answer.await.map_err(|_| Arc::new(MembershipError::Dropped))?
+    }
+
+    /// Writes several calls' changes to the target's slices; one outcome per change.
+    async fn write(&self, namespace: &str, target: &MemberTarget, changes: &[Change]) -> Result<Vec<Outcome>, MembershipError> {
+        let api: Api<MemberSlice> = Api::namespaced(self.client.clone(), namespace);
+        // The net effect per member, in call order (a later call wins).
+        let mut wanted: BTreeMap<RecipientKey, Option<JsonObject>> = BTreeMap::new();
+        for change in changes {
+            match change {
+                Change::Add(members) => wanted.extend(members.iter().map(|(k, p)| (k.clone(), Some(p.clone())))),
+                Change::Remove(keys) => wanted.extend(keys.iter().map(|k| (k.clone(), None))),
+            }
+        }
+        // What each member was before (for removals' answers).
+        let mut before: HashMap<RecipientKey, JsonObject> = HashMap::new();
+
+        // 1. Slices that hold any member named (as the index knows them): read fresh, change, write.
+        let known: Vec<(String, Vec<Arc<Members>>)> = self.slices(namespace, target);
+        let mut placed: std::collections::HashSet<RecipientKey> = std::collections::HashSet::new();
+        for (name, members) in &known {
+            if !wanted.keys().any(|k| members.iter().any(|m| m.contains(k))) {
+                continue;
+            }
+            let (found, was) = self
+                .edit(&api, namespace, target, name, |slice| {
+                    let (mut found, mut was) = (Vec::new(), Vec::new());
+                    for s in slice.spec.members.iter_mut() {
+                        let Some(key) = key_of(s) else { continue };
+                        if let Some(want) = wanted.get(&key) {
+                            was.push((key.clone(), s.properties.clone()));
+                            if let Some(properties) = want {
+                                s.properties = properties.clone();
+                            }
+                            found.push(key);
+                        }
+                    }
+                    slice.spec.members.retain(|s| key_of(s).is_none_or(|k| !matches!(wanted.get(&k), Some(None))));
+                    (found, was)
+                })
+                .await?;
+            placed.extend(found);
+            for (key, properties) in was {
+                before.entry(key).or_insert(properties);
+            }
+        }
+
+        // 2. New members fill slices with room, then new slices.
+        let mut new: Vec<(RecipientKey, JsonObject)> =
+            wanted.iter().filter(|(k, w)| w.is_some() && !placed.contains(*k)).map(|(k, w)| (k.clone(), w.clone().unwrap_or_default())).collect();
+        let mut names: Vec<String> = known.iter().filter(|(_, m)| m.iter().all(|m| m.len() < MAX_MEMBERS)).map(|(n, _)| n.clone()).collect();
+        let taken: std::collections::HashSet<String> = known.iter().map(|(n, _)| n.clone()).collect();
+        let mut fresh_names = (0..).map(|n| target.slice_name(n)).filter(|n| !taken.contains(n));
+        while !new.is_empty() {
+            let name = if names.is_empty() { fresh_names.next().expect("endless names") } else { names.remove(0) };
+            let input = &new;
+            let rest = self
+                .edit(&api, namespace, target, &name, |slice| {
+                    let mut bytes = serde_json::to_vec(&slice.spec.members).map(|v| v.len()).unwrap_or(0);
+                    let mut rest = Vec::new();
+                    for (key, properties) in input {
+                        // Already here (the index had not seen it yet): update in place.
+                        if let Some(s) = slice.spec.members.iter_mut().find(|s| key_of(s).as_ref() == Some(key)) {
+                            s.properties = properties.clone();
+                            continue;
+                        }
+                        let entry = Subscription { recipient: reference(key), properties: properties.clone() };
+                        let size = serde_json::to_vec(&entry).map(|v| v.len() + 1).unwrap_or(0);
+                        if slice.spec.members.len() < MAX_MEMBERS && bytes + size <= MAX_SLICE_BYTES {
+                            bytes += size;
+                            slice.spec.members.push(entry);
+                        } else {
+                            rest.push((key.clone(), properties.clone()));
+                        }
+                    }
+                    rest
+                })
+                .await?;
+            new = rest;
+        }
+
+        // One outcome per change, as the member stands after this write.
+        Ok(changes
+            .iter()
+            .map(|change| match change {
+                Change::Add(members) => members.iter().map(|(k, _)| (k.clone(), wanted.get(k).cloned().flatten())).collect(),
+                Change::Remove(keys) => keys.iter().map(|k| (k.clone(), before.get(k).cloned())).collect(),
+            })
+            .collect())
+    }
+
+    /// The target's slices, in name order: as the index knows them, and as
+    /// this process lately wrote them (either may be the newer).
+    fn slices(&self, namespace: &str, target: &MemberTarget) -> Vec<(String, Vec<Arc<Members>>)> {
+        let mut out: BTreeMap<String, Vec<Arc<Members>>> = BTreeMap::new();
+        for (name, members) in self.stores.member_slices.all_named(namespace, target) {
+            out.entry(name).or_default().push(members);
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.retain(|_, (at, _)| at.elapsed() < RECENT);
+        if let Some((_, written)) = recent.get(&(namespace.to_string(), target.clone())) {
+            for (name, members) in written {
+                out.entry(name.clone()).or_default().push(members.clone());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    fn remember(&self, namespace: &str, target: &MemberTarget, slice: &MemberSlice) {
+        let members =
+            Arc::new(Members::sorted(slice.spec.members.iter().filter_map(|s| key_of(s).map(|recipient| SubscriberRecord { recipient, properties: JsonObject::new() })).collect()));
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = recent.entry((namespace.to_string(), target.clone())).or_insert_with(|| (std::time::Instant::now(), BTreeMap::new()));
+        entry.0 = std::time::Instant::now();
+        entry.1.insert(slice.name_any(), members);
+    }
+
+    /// Reads slice `name` (or starts it), applies `change`, and writes it
+    /// back conditionally, again from a fresh read if another writer won.
+    /// `change` may run more than once, each time on a fresh read; what the
+    /// attempt that was written returned is returned.
+    async fn edit<T>(
+        &self,
+        api: &Api<MemberSlice>,
+        namespace: &str,
+        target: &MemberTarget,
+        name: &str,
+        mut change: impl FnMut(&mut MemberSlice) -> T,
+    ) -> Result<T, MembershipError> {
+        for _ in 0..ATTEMPTS {
+            let existing = api.get_opt(name).await?;
+            let mut slice = existing.clone().unwrap_or_else(|| MemberSlice::for_target(target, name));
+            if slice.spec.target().as_ref() != Some(target) {
+                // A slice of that name belongs to something else (declared by hand): never touch it.
+                return Err(MembershipError::Contended { what: format!("MemberSlice `{name}` (it names another target)") });
+            }
+            let out = change(&mut slice);
+            let written = match &existing {
+                Some(old) if old.spec == slice.spec => return Ok(out),
+                Some(_) if slice.spec.members.is_empty() => {
+                    let dp = DeleteParams { preconditions: Some(Preconditions { resource_version: slice.resource_version(), uid: None }), ..Default::default() };
+                    api.delete(name, &dp).await.map(|_| ())
+                }
+                Some(_) => api.replace(name, &PostParams::default(), &slice).await.map(|_| ()),
+                None if slice.spec.members.is_empty() => return Ok(out),
+                None => api.create(&PostParams::default(), &slice).await.map(|_| ()),
+            };
+            match written {
+                Ok(()) => {
+                    self.remember(namespace, target, &slice);
+                    return Ok(out);
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 || (s.code == 404 && existing.is_some()) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(MembershipError::Contended { what: format!("MemberSlice `{name}`") })
+    }
+}
+
+/// The recipient a stored entry names.
+fn key_of(s: &Subscription) -> Option<RecipientKey> {
+    crate::core::expansion::parse_reference(&s.recipient).ok()
+}
+
+/// A recipient reference as slices store it.
+pub fn reference(key: &RecipientKey) -> Value {
+    match key {
+        RecipientKey::User(id) => Value::String(id.clone()),
+        RecipientKey::Object { collection, id } => serde_json::json!({"id": id, "collection": collection}),
+    }
+}
