@@ -186,11 +186,12 @@ impl Membership {
             let rest = self
                 .edit(&api, namespace, target, &name, |slice| {
                     let mut bytes = serde_json::to_vec(&slice.spec.members).map(|v| v.len()).unwrap_or(0);
+                    // Where each member already stands (the index may not have seen it yet).
+                    let at: HashMap<RecipientKey, usize> = slice.spec.members.iter().enumerate().filter_map(|(i, s)| key_of(s).map(|k| (k, i))).collect();
                     let mut rest = Vec::new();
                     for (key, properties) in input {
-                        // Already here (the index had not seen it yet): update in place.
-                        if let Some(s) = slice.spec.members.iter_mut().find(|s| key_of(s).as_ref() == Some(key)) {
-                            s.properties = properties.clone();
+                        if let Some(i) = at.get(key) {
+                            slice.spec.members[*i].properties = properties.clone();
                             continue;
                         }
                         let entry = Subscription { recipient: reference(key), properties: properties.clone() };
