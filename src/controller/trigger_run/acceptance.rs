@@ -2,35 +2,31 @@
 //! inline recipients, actor and tenant identified, recipients expanded, and
 //! where their records live planned (inline in the run, or pages).
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::Value;
-use uuid::Uuid;
 
 use super::records::{Holder, Page};
-use super::{page_name, run_id, Reconciler, MAX_RECIPIENTS, PAGE_SIZE, RUN_LABEL};
+use super::{page_name, run_id, Reconciler, MAX_RECIPIENTS, PAGE_SIZE};
 use crate::controller::directory::LiveDirectory;
 use crate::controller::identify::{self, IdentifyError, Recipient, Written};
 use crate::controller::workflow::find_by_key;
-use crate::controller::{conditions, directory, Context, Error, MANAGER};
+use crate::controller::{conditions, directory, Context, Error};
 use crate::core::execution::TenantRecord;
 use crate::core::expansion::{self, Directory};
 use crate::core::ids;
 use crate::core::model::{parse_recipient, parse_tenant, JsonObject, RecipientInput, RecipientKey, TenantInput};
 use crate::core::status::{self as run_status, Layout, RecipientState, RecipientStatus, RunState};
 use crate::core::validation;
-use crate::resources::recipient_page::{encode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION, WORKFLOW_RUN_ID_LABEL};
 use crate::resources::workflow::OnInvalid;
 use crate::resources::workflow::StepType;
-use crate::resources::{RecipientPage, RecipientPageSpec, TriggerRun, TriggerRunStatus, WorkflowSnapshot};
+use crate::resources::{TriggerRun, TriggerRunStatus, WorkflowSnapshot};
 
 /// What a trigger says, parsed and checked.
 pub(super) struct Trigger {
@@ -231,22 +227,76 @@ impl Reconciler<'_> {
             self.event(EventType::Warning, "OverwriteRefused", message).await;
         }
 
-        let direct: Vec<RecipientKey> = trigger.recipients.iter().map(|r| r.key().clone()).collect();
         let actor = trigger.actor.as_ref().map(|a| a.key().clone());
-        let mut expanded = expansion::expand(&direct, &self.run.spec.audiences, actor.as_ref(), &directory);
-        if self.fetch_missing(&expanded, &mut directory).await? {
-            expanded = expansion::expand(&direct, &self.run.spec.audiences, actor.as_ref(), &directory);
+        let (recipients, missing_audiences) = self.expand_records(&trigger, &mut directory).await?;
+        if !missing_audiences.is_empty() {
+            self.event(EventType::Warning, "AudienceNotFound", format!("no Audience with key {}", missing_audiences.join(", "))).await;
         }
-        if !expanded.missing_audiences.is_empty() {
-            self.event(EventType::Warning, "AudienceNotFound", format!("no Audience with key {}", expanded.missing_audiences.join(", "))).await;
-        }
-        if expanded.recipients.is_empty() {
+        if recipients.is_empty() {
             return self.fail(status, refuse("NoRecipients", "the trigger's recipients and audiences reach nobody")).await.map(Err);
         }
-        self.ctx.metrics.fanout.observe(expanded.recipients.len() as f64);
-
+        self.ctx.metrics.fanout.observe(recipients.len() as f64);
         let workflow_run_id = run_id(self.run);
-        let recipients: Vec<RecipientStatus> = expanded
+
+        let snapshot = WorkflowSnapshot::of(&workflow);
+        let (step_refs, extra) = page_shape(&workflow.spec.steps);
+        let step_refs: Vec<&str> = step_refs.iter().map(String::as_str).collect();
+        // What the run's object holds besides inline records: they share its size limit.
+        let run_size = run_status::stored_size(&self.run.metadata) + run_status::stored_size(&self.run.spec) + run_status::stored_size(&snapshot);
+        let mut pages = match run_status::plan_layout(&recipients, &step_refs, extra, run_size, PAGE_SIZE) {
+            // Inline: nothing is written yet but the recipient run ids (the
+            // API's index); the run's status goes out at the first checkpoint,
+            // or with the outcome.
+            Layout::Inline => {
+                self.write_recipient_run_ids(&recipients).await?;
+                vec![Page { holder: Holder::Run, index: 0, recipients: recipients.clone(), exists: true }]
+            }
+            // Streaming fan-out: only the first page is created now; the run
+            // lists every page, and the rest are created while the first
+            // ones deliver (a restart re-expands the ones not created yet).
+            Layout::Pages(ranges) => ranges
+                .into_iter()
+                .enumerate()
+                .map(|(index, range)| Page { holder: Holder::Page(page_name(&self.name, index)), index, recipients: recipients[range].to_vec(), exists: false })
+                .collect(),
+        };
+        if let Some(first) = pages.first_mut().filter(|p| !p.is_inline()) {
+            self.create_page(first).await?;
+        }
+
+        status.workflow_run_id = Some(workflow_run_id.to_string());
+        status.state = RunState::Running;
+        status.actor = actor.map(|a| a.to_string());
+        status.tenant = trigger.tenant.as_ref().map(|t| t.id().to_string());
+        status.pages = pages.iter().filter_map(|p| if let Holder::Page(name) = &p.holder { Some(name.clone()) } else { None }).collect();
+        status.workflow_spec = Some(snapshot);
+        self.with_records(&mut status, &pages);
+        status.start_time = Some(Time(Timestamp::now()));
+        status.observed_generation = generation;
+        conditions::set(&mut status.conditions, "Accepted", conditions::TRUE, "Accepted", &format!("{} recipients", recipients.len()), generation);
+        conditions::set(&mut status.conditions, "Succeeded", conditions::UNKNOWN, "Running", "the run is in progress", generation);
+        if !status.pages.is_empty() {
+            // The pages are listed once the first exists: a crash before
+            // re-expands and rewrites it (nothing was sent yet); a crash after
+            // re-expands the pages not created yet.
+            self.write_status(&status).await?;
+        }
+        tracing::info!(recipients = recipients.len(), pages = status.pages.len(), "run accepted");
+        Ok(Ok((status, pages, directory)))
+    }
+
+    /// Expands the trigger's recipients into their records (in expansion
+    /// order: the same trigger and directory give the same list), and names
+    /// the audiences that do not exist.
+    pub(super) async fn expand_records(&self, trigger: &Trigger, directory: &mut LiveDirectory) -> Result<(Vec<RecipientStatus>, Vec<String>), Error> {
+        let direct: Vec<RecipientKey> = trigger.recipients.iter().map(|r| r.key().clone()).collect();
+        let actor = trigger.actor.as_ref().map(|a| a.key().clone());
+        let mut expanded = expansion::expand(&direct, &self.run.spec.audiences, actor.as_ref(), directory);
+        if self.fetch_missing(&expanded, directory).await? {
+            expanded = expansion::expand(&direct, &self.run.spec.audiences, actor.as_ref(), directory);
+        }
+        let workflow_run_id = run_id(self.run);
+        let recipients = expanded
             .recipients
             .iter()
             .map(|reached| {
@@ -268,66 +318,7 @@ impl Reconciler<'_> {
                 r
             })
             .collect();
-
-        let snapshot = WorkflowSnapshot::of(&workflow);
-        let tree = crate::core::path::all_steps(&workflow.spec.steps);
-        let step_refs: Vec<&str> = tree.iter().map(|s| s.step_ref.as_str()).collect();
-        // Fetch and batch steps keep data for later steps in the record; some steps record names.
-        let named = tree.iter().filter(|s| matches!(s.step_type, StepType::Branch | StepType::Batch | StepType::TriggerWorkflow)).count();
-        let extra = run_status::extra_bound(tree.iter().any(|s| matches!(s.step_type, StepType::Fetch | StepType::Batch)), named);
-        // What the run's object holds besides inline records: they share its size limit.
-        let run_size = run_status::stored_size(&self.run.metadata) + run_status::stored_size(&self.run.spec) + run_status::stored_size(&snapshot);
-        let pages = match run_status::plan_layout(&recipients, &step_refs, extra, run_size, PAGE_SIZE) {
-            // Inline: nothing is written yet but the recipient run ids (the
-            // API's index); the run's status goes out at the first checkpoint,
-            // or with the outcome.
-            Layout::Inline => {
-                self.write_recipient_run_ids(&recipients).await?;
-                vec![Page { holder: Holder::Run, recipients: recipients.clone() }]
-            }
-            Layout::Pages(ranges) => self.create_pages(&recipients, ranges, &workflow_run_id).await?,
-        };
-
-        status.workflow_run_id = Some(workflow_run_id.to_string());
-        status.state = RunState::Running;
-        status.actor = actor.map(|a| a.to_string());
-        status.tenant = trigger.tenant.as_ref().map(|t| t.id().to_string());
-        status.pages = pages.iter().filter_map(|p| if let Holder::Page(name) = &p.holder { Some(name.clone()) } else { None }).collect();
-        status.workflow_spec = Some(snapshot);
-        self.with_records(&mut status, &pages);
-        status.start_time = Some(Time(Timestamp::now()));
-        status.observed_generation = generation;
-        conditions::set(&mut status.conditions, "Accepted", conditions::TRUE, "Accepted", &format!("{} recipients", recipients.len()), generation);
-        conditions::set(&mut status.conditions, "Succeeded", conditions::UNKNOWN, "Running", "the run is in progress", generation);
-        if !status.pages.is_empty() {
-            // The pages are listed once they exist: a crash before re-expands
-            // and rewrites the same pages (nothing was sent yet).
-            self.write_status(&status).await?;
-        }
-        tracing::info!(recipients = recipients.len(), pages = status.pages.len(), "run accepted");
-        Ok(Ok((status, pages, directory)))
-    }
-
-    /// Creates the RecipientPages of a large run (`ranges` of its recipients), each with its records.
-    async fn create_pages(&self, recipients: &[RecipientStatus], ranges: Vec<Range<usize>>, workflow_run_id: &Uuid) -> Result<Vec<Page>, Error> {
-        let owner = self.run.controller_owner_ref(&()).ok_or(Error::MissingMetadata)?;
-        let mut pages = Vec::new();
-        for (index, range) in ranges.into_iter().enumerate() {
-            let chunk = &recipients[range];
-            let name = page_name(&self.name, index);
-            let mut page = RecipientPage::new(&name, RecipientPageSpec { trigger_run: self.name.clone(), index: index as i32, size: chunk.len() as i32 });
-            page.metadata.labels = Some(BTreeMap::from([(RUN_LABEL.to_string(), ids::label_value(&self.name)), (WORKFLOW_RUN_ID_LABEL.to_string(), workflow_run_id.to_string())]));
-            // What the API finds recipient runs by (a metadata-only watch).
-            page.metadata.annotations = Some(BTreeMap::from([(RECIPIENT_RUN_IDS_ANNOTATION.to_string(), encode_recipient_run_ids(chunk))]));
-            page.metadata.owner_references = Some(vec![owner.clone()]);
-            let created = self.pages_api().patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&page)).await?;
-            self.remember(&name, created.metadata.resource_version);
-            self.ctx.metrics.write("RecipientPage");
-            let page = Page { holder: Holder::Page(name), recipients: chunk.to_vec() };
-            self.write_page(&page).await?;
-            pages.push(page);
-        }
-        Ok(pages)
+        Ok((recipients, expanded.missing_audiences))
     }
 
     /// Reads recipients the watch cache does not have (yet) from the
@@ -360,6 +351,24 @@ impl Reconciler<'_> {
         }
         Ok(found)
     }
+}
+
+/// What a page's size depends on, from a workflow's steps: every step ref,
+/// and the bound on what steps add to a record (fetched data, names).
+pub(super) fn page_shape(steps: &[crate::resources::workflow::Step]) -> (Vec<String>, usize) {
+    let tree = crate::core::path::all_steps(steps);
+    // Fetch and batch steps keep data for later steps in the record; some steps record names.
+    let named = tree.iter().filter(|s| matches!(s.step_type, StepType::Branch | StepType::Batch | StepType::TriggerWorkflow)).count();
+    let extra = run_status::extra_bound(tree.iter().any(|s| matches!(s.step_type, StepType::Fetch | StepType::Batch)), named);
+    (tree.iter().map(|s| s.step_ref.clone()).collect(), extra)
+}
+
+/// The pages a paged run's recipients go on (what acceptance planned, given
+/// the same recipients and steps).
+pub(super) fn page_ranges(recipients: &[RecipientStatus], steps: &[crate::resources::workflow::Step]) -> Vec<Range<usize>> {
+    let (step_refs, extra) = page_shape(steps);
+    let step_refs: Vec<&str> = step_refs.iter().map(String::as_str).collect();
+    run_status::plan_pages(recipients, &step_refs, extra, PAGE_SIZE, run_status::PAGE_BUDGET)
 }
 
 /// What a lookup found, with a stored object herald cannot read as nothing.

@@ -163,16 +163,26 @@ impl Reconciler<'_> {
         let mut next_wake: Option<Timestamp> = None;
         // Every unfinished recipient of every page, in order, at most
         // --run-concurrency at once: a slow recipient holds up no other page.
-        let pending: Vec<(usize, usize, RecipientStatus)> = pages
-            .iter()
-            .enumerate()
-            .flat_map(|(p, page)| page.recipients.iter().enumerate().filter(|(_, r)| !r.state.is_finished()).map(move |(i, r)| (p, i, r.clone())))
-            .collect();
         let mut remaining = vec![0usize; pages.len()];
-        for (p, _, _) in &pending {
-            remaining[*p] += 1;
+        for (p, page) in pages.iter().enumerate() {
+            remaining[p] = page.recipients.iter().filter(|r| !r.state.is_finished()).count();
         }
-        let mut results = futures::stream::iter(pending)
+        // Streaming fan-out: the recipients of the pages that exist start at
+        // once; the pages not created yet are created one after another
+        // (below, in the loop) while those deliver, and their recipients join.
+        let (work, queue) = futures::channel::mpsc::unbounded::<(usize, usize, RecipientStatus)>();
+        for item in pages.iter().enumerate().filter(|(_, page)| page.exists).flat_map(|(p, page)| unfinished(p, page)) {
+            let _ = work.unbounded_send(item);
+        }
+        let mut to_create: std::collections::VecDeque<Page> = pages.iter().filter(|page| !page.exists).cloned().collect();
+        let mut creating: Option<futures::future::BoxFuture<'_, Result<Page, Error>>> = to_create.pop_front().map(|page| Box::pin(self.create_owned(page)) as _);
+        if creating.is_none() {
+            work.close_channel();
+        }
+        for page in pages.iter_mut() {
+            page.exists = true;
+        }
+        let mut results = queue
             .map(|(p, i, mut recipient_status)| {
                 let recipient_key = recipient_status.key();
                 let is_cancelled = cancelled.covers(&recipient_key);
@@ -245,6 +255,17 @@ impl Reconciler<'_> {
                     }
                     None => break,
                 },
+                created = async { creating.as_mut().expect("polled only while a page is being created").await }, if creating.is_some() => {
+                    // A page that could not be created ends the reconcile (retried; the next re-expands it).
+                    let page = created?;
+                    for item in unfinished(page.index, &page) {
+                        let _ = work.unbounded_send(item);
+                    }
+                    creating = to_create.pop_front().map(|page| Box::pin(self.create_owned(page)) as _);
+                    if creating.is_none() {
+                        work.close_channel();
+                    }
+                }
                 saved = async { saving.as_mut().expect("polled only while a save is in flight").await }, if saving.is_some() => {
                     saving = None;
                     saved?;
@@ -314,6 +335,12 @@ impl Reconciler<'_> {
                 })
             }
         }
+    }
+
+    /// Creates a page not created yet, and gives it back.
+    async fn create_owned(&self, mut page: Page) -> Result<Page, Error> {
+        self.create_page(&mut page).await?;
+        Ok(page)
     }
 
     /// Drives one recipient until it is done, waits, or fails.
@@ -480,4 +507,9 @@ impl ChannelTypes for NamespaceChannels {
     fn channel_type(&self, channel: &str) -> Option<&'static str> {
         self.0.get(channel).copied()
     }
+}
+
+/// A page's unfinished recipients, with their place: (page, index, record).
+fn unfinished(p: usize, page: &Page) -> Vec<(usize, usize, RecipientStatus)> {
+    page.recipients.iter().enumerate().filter(|(_, r)| !r.state.is_finished()).map(|(i, r)| (p, i, r.clone())).collect()
 }

@@ -219,11 +219,12 @@ async fn reconcile_run(cached: &TriggerRun, ctx: &Context) -> Result<Action, Err
     }
     // The spec is immutable; where the apiserver cannot enforce it (before
     // Kubernetes 1.25), a changed spec is never acted on.
+    let mut pages = r.load_pages(&status).await?;
+    // Pages a stopped operator had not created yet: from the expansion, again.
+    r.refill_missing(&status, &mut pages).await?;
     if status.observed_generation.is_some() && status.observed_generation != run.metadata.generation {
-        let pages = r.load_pages(&status).await?;
         return r.fail_unfinished(status, pages, "SpecChanged", "the spec changed after the run started; create a new TriggerRun instead").await;
     }
-    let pages = r.load_pages(&status).await?;
     r.execute(status, pages, None).await
 }
 

@@ -10,11 +10,14 @@ use kube::api::{Patch, PatchParams};
 use kube::ResourceExt;
 use serde_json::json;
 
-use super::{conflict_is_stale, Reconciler, RUN_VERSION};
+use kube::Resource;
+
+use super::{conflict_is_stale, Reconciler, RUN_LABEL, RUN_VERSION};
 use crate::controller::{Error, MANAGER};
+use crate::core::ids;
 use crate::core::status::{self as run_status, RecipientStatus};
-use crate::resources::recipient_page::{encode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION};
-use crate::resources::{RecipientPageStatus, TriggerRunStatus};
+use crate::resources::recipient_page::{encode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION, WORKFLOW_RUN_ID_LABEL};
+use crate::resources::{RecipientPage, RecipientPageSpec, RecipientPageStatus, TriggerRunStatus};
 
 /// Where a set of recipient records is saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,7 +32,13 @@ pub(super) enum Holder {
 #[derive(Clone)]
 pub(super) struct Page {
     pub holder: Holder,
+    /// The page's place in the run (0 for inline records).
+    pub index: usize,
     pub recipients: Vec<RecipientStatus>,
+    /// Whether its RecipientPage exists. A large run's pages are created one
+    /// by one while the first ones are already delivering (streaming
+    /// fan-out); [`Reconciler::write_page`] creates a page it finds missing.
+    pub exists: bool,
 }
 
 impl Page {
@@ -73,10 +82,33 @@ impl Reconciler<'_> {
         Ok(())
     }
 
-    /// Writes a page's status, conditionally like [`Self::write_status`].
-    /// Inline records are saved with the run's status instead.
+    /// Creates a page's RecipientPage (labelled and annotated for the run
+    /// index) and writes its records.
+    pub(super) async fn create_page(&self, page: &mut Page) -> Result<(), Error> {
+        let Holder::Page(name) = &page.holder else { return Ok(()) };
+        let owner = self.run.controller_owner_ref(&()).ok_or(Error::MissingMetadata)?;
+        let workflow_run_id = super::run_id(self.run);
+        let spec = RecipientPageSpec { trigger_run: self.name.clone(), index: page.index as i32, size: page.recipients.len() as i32 };
+        let mut object = RecipientPage::new(name, spec);
+        object.metadata.labels = Some(BTreeMap::from([(RUN_LABEL.to_string(), ids::label_value(&self.name)), (WORKFLOW_RUN_ID_LABEL.to_string(), workflow_run_id.to_string())]));
+        // What the API finds recipient runs by (a metadata-only watch).
+        object.metadata.annotations = Some(BTreeMap::from([(RECIPIENT_RUN_IDS_ANNOTATION.to_string(), encode_recipient_run_ids(&page.recipients))]));
+        object.metadata.owner_references = Some(vec![owner]);
+        let created = self.pages_api().patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&object)).await?;
+        self.remember(name, created.metadata.resource_version);
+        self.ctx.metrics.write("RecipientPage");
+        page.exists = true;
+        self.write_page(page).await
+    }
+
+    /// Writes a page's status, conditionally like [`Self::write_status`]
+    /// (creating the page first if it does not exist yet). Inline records are
+    /// saved with the run's status instead.
     pub(super) async fn write_page(&self, page: &Page) -> Result<(), Error> {
         let Holder::Page(name) = &page.holder else { return Ok(()) };
+        if !page.exists {
+            return Box::pin(self.create_page(&mut page.clone())).await;
+        }
         // A page must fit etcd's request limit: saved with as much detail as fits.
         let (recipients, detail) = run_status::fit_page(&page.recipients, run_status::PAGE_BUDGET);
         if detail != run_status::Detail::Full {
@@ -110,18 +142,50 @@ impl Reconciler<'_> {
         Ok(())
     }
 
-    /// The run's records as stored: inline in its status, or read from its pages.
+    /// The run's records as stored: inline in its status, or read from its
+    /// pages. Pages listed but not created yet (the operator stopped while
+    /// streaming them out) come back empty with `exists: false`.
     pub(super) async fn load_pages(&self, status: &TriggerRunStatus) -> Result<Vec<Page>, Error> {
         if status.pages.is_empty() {
-            return Ok(vec![Page { holder: Holder::Run, recipients: status.recipients.clone() }]);
+            return Ok(vec![Page { holder: Holder::Run, index: 0, recipients: status.recipients.clone(), exists: true }]);
         }
         let api = self.pages_api();
         let mut pages = Vec::with_capacity(status.pages.len());
-        for name in &status.pages {
-            let page = api.get(name).await?;
-            self.remember(name, page.metadata.resource_version.clone());
-            pages.push(Page { holder: Holder::Page(name.clone()), recipients: page.status.map(|s| s.recipients).unwrap_or_default() });
+        for (index, name) in status.pages.iter().enumerate() {
+            let page = api.get_opt(name).await?;
+            let exists = page.is_some();
+            let recipients = page.map(|page| {
+                self.remember(name, page.metadata.resource_version.clone());
+                page.status.map(|s| s.recipients).unwrap_or_default()
+            });
+            pages.push(Page { holder: Holder::Page(name.clone()), index, recipients: recipients.unwrap_or_default(), exists });
         }
         Ok(pages)
+    }
+
+    /// Fills the records of pages that were never created from the run's
+    /// expansion, made again: the same trigger and memberships give the same
+    /// recipients in the same order, so the same pages. (Had memberships
+    /// changed meanwhile, a recipient may land on a page twice; both records
+    /// carry the same recipient run id, so receivers see the same
+    /// Idempotency-Key.)
+    pub(super) async fn refill_missing(&self, status: &TriggerRunStatus, pages: &mut [Page]) -> Result<(), Error> {
+        if pages.iter().all(|p| p.exists) {
+            return Ok(());
+        }
+        let trigger = match super::acceptance::parse_trigger(self.run) {
+            Ok(t) => t,
+            Err(refusal) => return Err(Error::Stale(refusal.message)),
+        };
+        let mut directory = crate::controller::directory::LiveDirectory::new(&self.ctx.stores, &self.namespace);
+        super::acceptance::overlay_inline(&mut directory, &trigger);
+        let (recipients, _) = self.expand_records(&trigger, &mut directory).await?;
+        let steps = status.workflow_spec.as_ref().map(|s| s.steps.as_slice()).unwrap_or_default();
+        let ranges = super::acceptance::page_ranges(&recipients, steps);
+        for page in pages.iter_mut().filter(|p| !p.exists) {
+            page.recipients = ranges.get(page.index).map(|r| recipients[r.clone()].to_vec()).unwrap_or_default();
+        }
+        tracing::info!(missing = pages.iter().filter(|p| !p.exists).count(), "re-expanded the pages a stopped operator had not created");
+        Ok(())
     }
 }

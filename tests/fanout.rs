@@ -1,0 +1,108 @@
+//! Streaming fan-out with the real `herald` binary: a large run delivers
+//! while its RecipientPages are still being created, and an operator
+//! SIGKILLed mid-expansion is resumed by the next one without losing a
+//! recipient; a recipient sent to twice is sent with the same Idempotency-Key.
+
+mod common;
+mod receivers;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{create, wait_for, HeraldProcess, TestNamespace};
+use herald::resources::{Channel, MemberSlice, Object, RecipientPage, TriggerRun, User, Workflow};
+use kube::api::{ListParams, PostParams};
+use kube::ResourceExt;
+use receivers::HttpReceiver;
+use serde_json::json;
+
+/// Short leases: the next process takes over a few seconds after a SIGKILL.
+const LEASE: &[&str] = &["--leader-election-lease-seconds", "4"];
+/// Subscribers of the object: 40 pages of 500...
+const SUBSCRIBERS: usize = 20_000;
+/// ...of whom the first this many exist as Users (the rest are RecipientNotFound at once).
+const USERS: usize = 1_500;
+
+fn id(i: usize) -> String {
+    format!("u{i:05}")
+}
+
+#[tokio::test]
+async fn a_large_run_delivers_before_its_pages_exist_and_resumes_after_sigkill_mid_expansion() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    // Slow enough that the first pages are still delivering when the operator dies.
+    receiver.slow("/fan", Duration::from_millis(40));
+    create::<Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/fan")}}))
+        .await;
+    create::<Workflow>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "fan"},
+               "spec": {"steps": [{"ref": "send", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.id }}"}}]}}),
+    )
+    .await;
+    let users = ns.api::<User>();
+    futures::future::join_all((0..USERS).collect::<Vec<_>>().chunks(100).map(|chunk| {
+        let users = users.clone();
+        let chunk = chunk.to_vec();
+        async move {
+            for i in chunk {
+                let user: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id(i)}, "spec": {"id": id(i)}})).unwrap();
+                users.create(&PostParams::default(), &user).await.unwrap();
+            }
+        }
+    }))
+    .await;
+    // The object and its subscribers, declared directly as MemberSlices (as from Git).
+    create::<Object>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "all"}, "spec": {"collection": "teams", "id": "all"}})).await;
+    for s in 0..SUBSCRIBERS / 1000 {
+        let members: Vec<_> = (s * 1000..(s + 1) * 1000).map(|i| json!({"recipient": id(i)})).collect();
+        create::<MemberSlice>(
+            &ns,
+            json!({"apiVersion": "herald.dev/v1alpha1", "kind": "MemberSlice", "metadata": {"name": format!("all-{s:02}")},
+                   "spec": {"object": {"collection": "teams", "id": "all"}, "members": members}}),
+        )
+        .await;
+    }
+
+    // The controllers start once the watch indexes hold a full list, slices included.
+    let mut first = HeraldProcess::start(&ns.name, LEASE);
+    let run: TriggerRun =
+        create(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"name": "fan-1"}, "spec": {"workflow": "fan", "recipients": [{"id": "all", "collection": "teams"}]}}))
+            .await;
+    let runs = ns.api::<TriggerRun>();
+    let pages = ns.api::<RecipientPage>();
+
+    // Deliveries start while the run's pages are still being created.
+    wait_for("the first deliveries", Duration::from_secs(120), || async { (receiver.arrived() >= 20).then_some(()) }).await;
+    let created = pages.list(&ListParams::default()).await.unwrap().items.len();
+    let listed = runs.get(&run.name_any()).await.unwrap().status.unwrap().pages.len();
+    assert_eq!(listed, SUBSCRIBERS / 500 + 1, "the run lists every page it will have");
+    assert!(created < listed, "deliveries began with {created} of {listed} pages created");
+    // Killed mid-expansion.
+    first.kill9();
+    let delivered_before = receiver.arrived();
+    let _second = HeraldProcess::start(&ns.name, LEASE);
+
+    let done = wait_for("the run to finish", Duration::from_secs(300), || async {
+        runs.get(&run.name_any()).await.ok().filter(|r| r.status.as_ref().is_some_and(|s| s.state.is_finished()))
+    })
+    .await;
+    let status = done.status.unwrap();
+    assert_eq!(pages.list(&ListParams::default()).await.unwrap().items.len(), status.pages.len(), "every page exists in the end");
+    let totals = status.totals.unwrap();
+    assert_eq!(totals.recipients as usize, SUBSCRIBERS + 1, "{totals:?}");
+    assert_eq!(totals.completed as usize, USERS + 1, "{totals:?}");
+
+    // Every existing recipient got its message; one sent twice (lost in the crash) had the same key.
+    let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in receiver.received_at("/fan") {
+        keys.entry(String::from_utf8_lossy(&r.body).into_owned()).or_default().push(r.header("Idempotency-Key").unwrap_or_default().to_string());
+    }
+    assert_eq!(keys.len(), USERS + 1, "every User and the object itself");
+    for (recipient, sent) in &keys {
+        assert!(sent.iter().all(|k| !k.is_empty() && *k == sent[0]), "{recipient} was sent with different keys: {sent:?}");
+    }
+    println!("{delivered_before} deliveries before the SIGKILL; {} repeated after it", keys.values().map(|k| k.len() - 1).sum::<usize>());
+}
