@@ -83,13 +83,15 @@ async fn a_large_run_delivers_before_its_pages_exist_and_resumes_after_sigkill_m
     // Killed mid-expansion.
     first.kill9();
     let delivered_before = receiver.arrived();
-    let _second = HeraldProcess::start(&ns.name, LEASE);
+    let second = HeraldProcess::start(&ns.name, LEASE);
 
     let done = wait_for("the run to finish", Duration::from_secs(300), || async {
         runs.get(&run.name_any()).await.ok().filter(|r| r.status.as_ref().is_some_and(|s| s.state.is_finished()))
     })
     .await;
     let status = done.status.unwrap();
+    let resumed = second.logs.lock().unwrap().iter().any(|l| l.contains("re-expanded the pages a stopped operator had not created"));
+    assert!(resumed, "the second operator created the pages the first had not");
     assert_eq!(pages.list(&ListParams::default()).await.unwrap().items.len(), status.pages.len(), "every page exists in the end");
     let totals = status.totals.unwrap();
     assert_eq!(totals.recipients as usize, SUBSCRIBERS + 1, "{totals:?}");
