@@ -92,6 +92,8 @@ pub struct Metrics {
     pub reconciles_in_flight: Gauge,
     /// Objects herald cannot read (and skips), by kind.
     pub invalid_resources: Family<KindLabels, Gauge>,
+    /// Objects in the watch indexes (Users, Objects, Tenants, Audiences, MemberSlices), by kind.
+    pub cached_objects: Family<KindLabels, Gauge>,
     /// Messages not queued for the history store because its buffer was full
     /// (the archive writes them later, without their content).
     pub history_messages_dropped: Counter,
@@ -127,6 +129,8 @@ impl Default for Metrics {
         registry.register("reconciles_in_flight", "Reconciles running now", reconciles_in_flight.clone());
         let invalid_resources = Family::<KindLabels, Gauge>::default();
         registry.register("invalid_resources", "Objects herald cannot read and skips, by kind (each has an Unreadable Event)", invalid_resources.clone());
+        let cached_objects = Family::<KindLabels, Gauge>::default();
+        registry.register("cached_objects", "Objects in herald's watch indexes, by kind (refreshed every 5 s)", cached_objects.clone());
         let history_messages_dropped = Counter::default();
         registry.register("history_messages_dropped", "Messages not queued for the history store because its buffer was full", history_messages_dropped.clone());
         let runs_archived = Counter::default();
@@ -139,6 +143,7 @@ impl Default for Metrics {
             history_messages_dropped,
             runs_archived,
             invalid_resources,
+            cached_objects,
             leader,
             work_queue_depth,
             reconciles_in_flight,

@@ -28,14 +28,14 @@ async fn users_are_indexed_by_id_as_records_and_follow_edits() {
     let stores = &op.context.stores;
     // Found by id (not by resource name), as a record: properties and labels.
     let cached = wait_for("ann in the index", Duration::from_secs(30), || async { stores.users.get(&ns.name, &"user_ann".to_string()) }).await;
-    assert_eq!(cached.record.properties["name"], "Ann");
+    assert_eq!(cached.record().properties["name"], "Ann");
     assert_eq!(cached.labels.get("plan").map(String::as_str), Some("pro"));
     assert!(stores.users.get(&ns.name, &"ann".to_string()).is_none(), "the resource name is not an id");
 
     // An edit that changes the id moves the entry.
     api.patch("ann", &PatchParams::apply("test").force(), &Patch::Apply(&user("user_anne", "Anne"))).await.unwrap();
     wait_for("the new id in the index", Duration::from_secs(30), || async {
-        stores.users.get(&ns.name, &"user_anne".to_string()).filter(|u| u.record.properties["name"] == "Anne")
+        stores.users.get(&ns.name, &"user_anne".to_string()).filter(|u| u.record().properties["name"] == "Anne")
     })
     .await;
     assert!(stores.users.get(&ns.name, &"user_ann".to_string()).is_none());

@@ -14,10 +14,23 @@ use crate::core::expansion::{parse_reference, Directory, Members, MemoryDirector
 use crate::core::model::RecipientKey;
 use crate::resources::{Audience, MemberSlice, MemberTarget, Object, Subscription, Tenant, User, UserSpec};
 
-/// What herald keeps of a User: its record, and its labels for dynamic audiences.
+/// What herald keeps of a User: its spec as compact JSON (a few hundred
+/// bytes, where the parsed maps took several times that), read into a record
+/// when a run or a call looks it up, and its labels for dynamic audiences.
 pub struct UserEntry {
-    pub record: Arc<UserRecord>,
+    packed: Box<[u8]>,
     pub labels: BTreeMap<String, String>,
+}
+
+impl UserEntry {
+    pub fn new(spec: &UserSpec, labels: BTreeMap<String, String>) -> Self {
+        UserEntry { packed: serde_json::to_vec(spec).unwrap_or_default().into_boxed_slice(), labels }
+    }
+
+    /// The user's record (a spec that read once always reads again).
+    pub fn record(&self) -> Arc<UserRecord> {
+        Arc::new(user_record(&serde_json::from_slice(&self.packed).unwrap_or_default()))
+    }
 }
 
 /// What herald keeps of an Audience.
@@ -80,8 +93,7 @@ impl Indexed for User {
     type Key = String;
     type Record = UserEntry;
     fn index(&self) -> Option<(String, UserEntry)> {
-        let labels = self.metadata.labels.clone().unwrap_or_default();
-        Some((self.spec.id.clone(), UserEntry { record: Arc::new(user_record(&self.spec)), labels }))
+        Some((self.spec.id.clone(), UserEntry::new(&self.spec, self.metadata.labels.clone().unwrap_or_default())))
     }
 }
 
@@ -133,7 +145,7 @@ pub fn tenant(stores: &Stores, namespace: &str, id: &str) -> Option<TenantRecord
 
 /// The user with this id in the namespace.
 pub fn user(stores: &Stores, namespace: &str, id: &str) -> Option<Arc<UserRecord>> {
-    stores.users.get(namespace, &id.to_string()).map(|u| u.record.clone())
+    stores.users.get(namespace, &id.to_string()).map(|u| u.record())
 }
 
 /// The object with this collection and id in the namespace.
@@ -174,6 +186,14 @@ impl LiveDirectory {
 impl Directory for LiveDirectory {
     fn user(&self, id: &str) -> Option<Arc<UserRecord>> {
         self.overlay.user(id).or_else(|| user(&self.stores, &self.namespace, id))
+    }
+
+    /// Without reading records: expansion asks this of every recipient.
+    fn contains(&self, key: &RecipientKey) -> bool {
+        match key {
+            RecipientKey::User(id) => self.overlay.has_user(id) || self.stores.users.named(&self.namespace, id).is_some(),
+            RecipientKey::Object { collection, id } => self.object(collection, id).is_some(),
+        }
     }
 
     fn object(&self, collection: &str, id: &str) -> Option<Arc<ObjectRecord>> {

@@ -8,7 +8,7 @@
 //! find one by id and copied a namespace's directory per run. An index keeps
 //! a few hundred bytes per User and answers by id.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, RwLock};
 
@@ -31,52 +31,82 @@ pub trait Indexed: Resource<Scope = k8s_openapi::NamespaceResourceScope, Dynamic
     fn index(&self) -> Option<(Self::Key, Self::Record)>;
 }
 
-/// The records filed under one key, by resource name.
-type Named<R> = BTreeMap<String, Arc<R>>;
+/// The records filed under one key, by resource name, in name order
+/// (nearly always one: a Vec costs far less than a map).
+type Named<R> = Vec<(String, Arc<R>)>;
 /// One scope's part of an index, shared by its watch task and readers.
 type SharedPart<K> = Arc<RwLock<Part<K>>>;
 
-/// One watch scope's entries.
+/// One namespace's entries.
+struct Space<K: Indexed> {
+    /// Every object with a key, by name (two resources may claim one id;
+    /// lookups take the first name).
+    by_key: HashMap<K::Key, Named<K::Record>>,
+    /// The key each object is filed under, to move or remove it (None:
+    /// herald cannot read it, or it names nothing to index).
+    by_name: HashMap<String, Option<K::Key>>,
+    /// Objects herald cannot read, by name.
+    invalid: std::collections::HashSet<String>,
+}
+
+impl<K: Indexed> Default for Space<K> {
+    fn default() -> Self {
+        Space { by_key: HashMap::new(), by_name: HashMap::new(), invalid: Default::default() }
+    }
+}
+
+/// One watch scope's entries, by namespace (each namespace string kept once).
 struct Part<K: Indexed> {
-    /// By namespace and key: every object with that key, by name (two
-    /// resources may claim one id; lookups take the first name).
-    by_key: HashMap<(String, K::Key), Named<K::Record>>,
-    /// By namespace and name: the key it is filed under, to move or remove
-    /// it (None: herald cannot read it, or it names nothing to index).
-    by_name: HashMap<(String, String), Option<K::Key>>,
-    /// Objects herald cannot read, by namespace and name.
-    invalid: std::collections::HashSet<(String, String)>,
+    spaces: HashMap<String, Space<K>>,
 }
 
 impl<K: Indexed> Default for Part<K> {
     fn default() -> Self {
-        Part { by_key: HashMap::new(), by_name: HashMap::new(), invalid: Default::default() }
+        Part { spaces: HashMap::new() }
     }
 }
 
 impl<K: Indexed> Part<K> {
+    fn space(&self, namespace: &str) -> Option<&Space<K>> {
+        self.spaces.get(namespace)
+    }
+
     fn remove(&mut self, namespace: &str, name: &str) {
-        self.invalid.remove(&(namespace.to_string(), name.to_string()));
-        if let Some(Some(key)) = self.by_name.remove(&(namespace.to_string(), name.to_string())) {
-            let slot = (namespace.to_string(), key);
-            if let Some(names) = self.by_key.get_mut(&slot) {
-                names.remove(name);
+        let Some(space) = self.spaces.get_mut(namespace) else { return };
+        space.invalid.remove(name);
+        if let Some(Some(key)) = space.by_name.remove(name) {
+            if let Some(names) = space.by_key.get_mut(&key) {
+                names.retain(|(n, _)| n != name);
                 if names.is_empty() {
-                    self.by_key.remove(&slot);
+                    space.by_key.remove(&key);
                 }
             }
+        }
+        if space.by_name.is_empty() {
+            self.spaces.remove(namespace);
         }
     }
 
     fn apply(&mut self, object: &K) {
         let (namespace, name) = (object.namespace().unwrap_or_default(), object.name_any());
         self.remove(&namespace, &name);
+        let space = self.spaces.entry(namespace).or_default();
         let indexed = object.index();
         let key = indexed.as_ref().map(|(k, _)| k.clone());
         if let Some((key, record)) = indexed {
-            self.by_key.entry((namespace.clone(), key)).or_default().insert(name.clone(), Arc::new(record));
+            let names = space.by_key.entry(key).or_default();
+            let at = names.partition_point(|(n, _)| *n < name);
+            names.insert(at, (name.clone(), Arc::new(record)));
+            names.shrink_to_fit();
         }
-        self.by_name.insert((namespace, name), key);
+        space.by_name.insert(name, key);
+    }
+
+    fn mark_invalid(&mut self, namespace: &str, name: &str) {
+        self.remove(namespace, name);
+        let space = self.spaces.entry(namespace.to_string()).or_default();
+        space.by_name.insert(name.to_string(), None);
+        space.invalid.insert(name.to_string());
     }
 }
 
@@ -109,29 +139,25 @@ impl<K: Indexed> Index<K> {
 
     /// The name and record with this key.
     pub fn named(&self, namespace: &str, key: &K::Key) -> Option<(String, Arc<K::Record>)> {
-        self.read(namespace, |p| p.by_key.get(&(namespace.to_string(), key.clone())).and_then(|names| names.iter().next().map(|(n, r)| (n.clone(), r.clone())))).flatten()
+        self.read(namespace, |p| p.space(namespace)?.by_key.get(key)?.first().map(|(n, r)| (n.clone(), r.clone()))).flatten()
     }
 
     /// Every record with this key, in name order (a target's MemberSlices).
     pub fn all(&self, namespace: &str, key: &K::Key) -> Vec<Arc<K::Record>> {
-        self.read(namespace, |p| p.by_key.get(&(namespace.to_string(), key.clone())).map(|names| names.values().cloned().collect())).flatten().unwrap_or_default()
+        self.all_named(namespace, key).into_iter().map(|(_, r)| r).collect()
     }
 
     /// Every record with this key and its name, in name order.
     pub fn all_named(&self, namespace: &str, key: &K::Key) -> Vec<(String, Arc<K::Record>)> {
-        self.read(namespace, |p| p.by_key.get(&(namespace.to_string(), key.clone())).map(|names| names.iter().map(|(n, r)| (n.clone(), r.clone())).collect()))
-            .flatten()
-            .unwrap_or_default()
+        self.read(namespace, |p| p.space(namespace).and_then(|s| s.by_key.get(key)).cloned()).flatten().unwrap_or_default()
     }
 
     /// Calls `f` with every record of `namespace` (in no particular order).
     pub fn for_each(&self, namespace: &str, mut f: impl FnMut(&K::Key, &K::Record)) {
         self.read(namespace, |p| {
-            for ((ns, key), names) in &p.by_key {
-                if ns == namespace {
-                    if let Some(record) = names.values().next() {
-                        f(key, record);
-                    }
+            for (key, names) in p.space(namespace).iter().flat_map(|s| s.by_key.iter()) {
+                if let Some((_, record)) = names.first() {
+                    f(key, record);
                 }
             }
         });
@@ -139,12 +165,17 @@ impl<K: Indexed> Index<K> {
 
     /// How many objects of `namespace` are indexed (any key).
     pub fn len(&self, namespace: &str) -> usize {
-        self.read(namespace, |p| p.by_name.keys().filter(|(ns, _)| ns == namespace).count()).unwrap_or(0)
+        self.read(namespace, |p| p.space(namespace).map_or(0, |s| s.by_name.len())).unwrap_or(0)
+    }
+
+    /// How many objects are indexed, in every namespace.
+    pub fn total(&self) -> usize {
+        self.parts.iter().map(|(_, p)| p.read().unwrap_or_else(|e| e.into_inner()).spaces.values().map(|s| s.by_name.len()).sum::<usize>()).sum()
     }
 
     /// How many watched objects herald cannot read.
     pub fn invalid_count(&self) -> usize {
-        self.parts.iter().map(|(_, p)| p.read().unwrap_or_else(|e| e.into_inner()).invalid.len()).sum()
+        self.parts.iter().map(|(_, p)| p.read().unwrap_or_else(|e| e.into_inner()).spaces.values().map(|s| s.invalid.len()).sum::<usize>()).sum()
     }
 
     /// Waits until every namespace's first full list is in (any number of waiters).
@@ -213,9 +244,7 @@ fn file<K: Indexed>(part: &mut Part<K>, object: &Lenient<K>, unreadable: &tokio:
         Some(valid) => part.apply(valid),
         None => {
             let (namespace, name) = (object.namespace().unwrap_or_default(), object.name_any());
-            part.remove(&namespace, &name);
-            part.by_name.insert((namespace.clone(), name.clone()), None);
-            part.invalid.insert((namespace.clone(), name.clone()));
+            part.mark_invalid(&namespace, &name);
             let reference = object.object_ref(&());
             let error = object.error().unwrap_or_default().to_string();
             tracing::warn!(kind = %K::kind(&()), %namespace, %name, %error, "skipping an object herald cannot read");

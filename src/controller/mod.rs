@@ -369,6 +369,12 @@ fn refresh_invalid_gauge(ctx: &Context) {
     for (kind, count) in ctx.stores.invalid_counts() {
         ctx.metrics.invalid_resources.get_or_create(&crate::metrics::KindLabels { kind: kind.to_string() }).set(count as i64);
     }
+    let s = &ctx.stores;
+    for (kind, count) in
+        [("User", s.users.total()), ("Object", s.objects.total()), ("Tenant", s.tenants.total()), ("Audience", s.audiences.total()), ("MemberSlice", s.member_slices.total())]
+    {
+        ctx.metrics.cached_objects.get_or_create(&crate::metrics::KindLabels { kind: kind.to_string() }).set(count as i64);
+    }
 }
 
 impl Context {

@@ -143,8 +143,9 @@ impl Reconciler<'_> {
     }
 
     /// The run's records as stored: inline in its status, or read from its
-    /// pages. Pages listed but not created yet (the operator stopped while
-    /// streaming them out) come back empty with `exists: false`.
+    /// pages. Pages listed but not created yet, or created without their
+    /// records (the operator stopped while streaming them out), come back
+    /// empty with `exists: false`.
     pub(super) async fn load_pages(&self, status: &TriggerRunStatus) -> Result<Vec<Page>, Error> {
         if status.pages.is_empty() {
             return Ok(vec![Page { holder: Holder::Run, index: 0, recipients: status.recipients.clone(), exists: true }]);
@@ -153,12 +154,14 @@ impl Reconciler<'_> {
         let mut pages = Vec::with_capacity(status.pages.len());
         for (index, name) in status.pages.iter().enumerate() {
             let page = api.get_opt(name).await?;
-            let exists = page.is_some();
-            let recipients = page.map(|page| {
+            // A page is created in two writes (the page, then its records): one
+            // stopped between them has no records yet and is filled like a missing one.
+            let filled = page.as_ref().is_some_and(|p| p.status.as_ref().is_some_and(|s| s.recipients.len() == p.spec.size.max(0) as usize));
+            let recipients = page.filter(|_| filled).map(|page| {
                 self.remember(name, page.metadata.resource_version.clone());
                 page.status.map(|s| s.recipients).unwrap_or_default()
             });
-            pages.push(Page { holder: Holder::Page(name.clone()), index, recipients: recipients.unwrap_or_default(), exists });
+            pages.push(Page { holder: Holder::Page(name.clone()), index, recipients: recipients.unwrap_or_default(), exists: filled });
         }
         Ok(pages)
     }
