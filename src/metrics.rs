@@ -29,6 +29,13 @@ pub struct DeliveryLabels {
     pub outcome: String,
 }
 
+/// A pool of fairly shared slots (`deliveries`, `reconciles`) and a namespace.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlotLabels {
+    pub pool: String,
+    pub namespace: String,
+}
+
 /// Labels of an HTTP request: the matched route (never the raw path), method and status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
@@ -101,6 +108,11 @@ pub struct Metrics {
     pub runs_archived: Counter,
     /// Real-time feed sockets open on this replica.
     pub sockets_open: Gauge,
+    /// Fair slot pools (`controller::fair`): waiters, slots held, and how
+    /// long a slot took to come, per pool and namespace.
+    pub slot_waiters: Family<SlotLabels, Gauge>,
+    pub slots_in_use: Family<SlotLabels, Gauge>,
+    pub slot_wait_seconds: Family<SlotLabels, Histogram>,
     /// The HTTP API's metrics.
     pub http: HttpMetrics,
 }
@@ -137,8 +149,17 @@ impl Default for Metrics {
         registry.register("runs_archived", "Finished runs archived to the history store", runs_archived.clone());
         let sockets_open = Gauge::default();
         registry.register("sockets_open", "Real-time feed sockets open on this replica (at most --max-sockets)", sockets_open.clone());
+        let slot_waiters = Family::<SlotLabels, Gauge>::default();
+        registry.register("slot_waiters", "Work waiting for a slot of a fairly shared pool (deliveries, reconciles), by pool and namespace", slot_waiters.clone());
+        let slots_in_use = Family::<SlotLabels, Gauge>::default();
+        registry.register("slots_in_use", "Slots of a fairly shared pool (deliveries, reconciles) held now, by pool and namespace", slots_in_use.clone());
+        let slot_wait_seconds = Family::<SlotLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 4.0, 9)));
+        registry.register("slot_wait_seconds", "Time work waited for a slot of a fairly shared pool, by pool and namespace", slot_wait_seconds.clone());
         Metrics {
             registry,
+            slot_waiters,
+            slots_in_use,
+            slot_wait_seconds,
             sockets_open,
             history_messages_dropped,
             runs_archived,

@@ -5,13 +5,13 @@
 //! attempt its Channel allows and returns the outcome that is recorded on
 //! the recipient's step. The protocols live in [`crate::delivery`]; this
 //! module finds the Channel and its Secret, prepares the request once, and
-//! runs the attempts with backoff under the operator-wide concurrency bound.
+//! runs the attempts with backoff under the operator-wide concurrency bound,
+//! whose slots are shared fairly among namespaces and runs ([`super::fair`]).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use kube::Client;
-use tokio::sync::Semaphore;
 
 use crate::core::execution::{DeliveryOutcome, Message};
 use crate::core::functions::{FetchCall, FetchFailure, FetchOutcome};
@@ -48,8 +48,10 @@ pub struct Deliverer {
     egress: Arc<EgressPolicy>,
     /// Attempts in flight across every run (`--max-deliveries`). Taken per
     /// attempt and released during backoff, so that runs retrying against a
-    /// failing receiver do not starve the others.
-    slots: Arc<Semaphore>,
+    /// failing receiver do not starve the others; handed out fairly by
+    /// namespace, then by run, so that one namespace's huge or slow run does
+    /// not delay another's.
+    slots: Arc<super::fair::FairSlots>,
     /// Checked before every attempt: a replica that cannot confirm it leads sends nothing.
     fence: crate::leader::Fence,
 }
@@ -62,19 +64,11 @@ enum Prepared {
 
 impl Deliverer {
     /// A deliverer reading Channels from `channels` and Secrets through
-    /// `client`, with at most `max_deliveries` attempts in flight at once,
-    /// connecting only where `egress` permits.
-    pub fn new(client: Client, channels: super::Cache<Channel>, max_deliveries: usize, fence: crate::leader::Fence, egress: EgressPolicy) -> Self {
+    /// `client`, with an attempt in flight for each of `slots`, connecting
+    /// only where `egress` permits.
+    pub fn new(client: Client, channels: super::Cache<Channel>, slots: Arc<super::fair::FairSlots>, fence: crate::leader::Fence, egress: EgressPolicy) -> Self {
         let egress = Arc::new(egress);
-        Deliverer {
-            fence,
-            channels,
-            secrets: SecretCache::new(client),
-            http: http::client(egress.clone()),
-            smtp: Transports::default(),
-            egress,
-            slots: Arc::new(Semaphore::new(max_deliveries.max(1))),
-        }
+        Deliverer { fence, channels, secrets: SecretCache::new(client), http: http::client(egress.clone()), smtp: Transports::default(), egress, slots }
     }
 
     /// The Secret reads, shared with the Channel reconciler.
@@ -82,13 +76,14 @@ impl Deliverer {
         &self.secrets
     }
 
-    /// Delivers one message; the outcome is recorded on the recipient's step.
+    /// Delivers one message of `run` (a TriggerRun's name: its attempts wait
+    /// for slots in that run's turn); the outcome is recorded on the recipient's step.
     /// Never panics on what templates rendered: a bad URL, header or address
     /// fails this recipient's step with a message saying which. `Err(Fenced)`:
     /// this replica's leadership could not be confirmed before an attempt, so
     /// nothing is to be recorded (the next leader delivers, with the same
     /// Idempotency-Key).
-    pub async fn deliver(&self, namespace: &str, message: &Message) -> Result<DeliveryOutcome, Fenced> {
+    pub async fn deliver(&self, namespace: &str, run: &str, message: &Message) -> Result<DeliveryOutcome, Fenced> {
         let started = Instant::now();
         let channel = self.channels.get(namespace, &message.channel);
         let Some(channel) = channel else {
@@ -123,7 +118,7 @@ impl Deliverer {
         let channel_ref = &channel;
         let prepared = &prepared;
         let (result, attempts, history) = self
-            .attempts(&policy, |attempt| {
+            .attempts(&namespace, run, &policy, |attempt| {
                 let namespace = namespace.clone();
                 async move {
                     let secret = self.secret(&namespace, channel_ref).await?;
@@ -173,7 +168,7 @@ impl Deliverer {
     /// most [`FETCH_TIMEOUT`] each, retrying 5xx answers and timeouts with
     /// backoff; the answer must be JSON (or empty). The egress policy and the
     /// delivery slots apply as for deliveries.
-    pub async fn fetch(&self, namespace: &str, call: &FetchCall) -> Result<FetchOutcome, Fenced> {
+    pub async fn fetch(&self, namespace: &str, run: &str, call: &FetchCall) -> Result<FetchOutcome, Fenced> {
         let fail = |reason: &str, message: String, attempts: u32, status_code: Option<i32>| FetchOutcome {
             result: Err(FetchFailure { reason: reason.into(), message: truncate(&message, MAX_STEP_MESSAGE) }),
             attempts: attempts as i32,
@@ -197,7 +192,7 @@ impl Deliverer {
         let policy = RetryPolicy { max_attempts: FETCH_ATTEMPTS, initial_backoff: FETCH_BACKOFF };
         let body = std::sync::Mutex::new(Vec::new());
         let (result, attempts, _) = self
-            .attempts(&policy, |_| async {
+            .attempts(namespace, run, &policy, |_| async {
                 let client = self.http.as_ref().map_err(|e| DeliveryError::Transient(Failure::new(None, e.clone())))?;
                 let (code, bytes) = http::fetch(client, &request, signing_key.as_deref(), FETCH_TIMEOUT, MAX_FETCH_BODY).await?;
                 *body.lock().unwrap_or_else(|p| p.into_inner()) = bytes;
@@ -237,9 +232,9 @@ impl Deliverer {
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the policy's
-    /// attempts are used up; returns the last result, the attempts made and
-    /// a record of each.
-    async fn attempts<F, Fut>(&self, policy: &RetryPolicy, mut attempt: F) -> Result<(Result<Sent, DeliveryError>, u32, Vec<AttemptRecord>), Fenced>
+    /// attempts are used up, each with a slot of `namespace`'s `run`; returns
+    /// the last result, the attempts made and a record of each.
+    async fn attempts<F, Fut>(&self, namespace: &str, run: &str, policy: &RetryPolicy, mut attempt: F) -> Result<(Result<Sent, DeliveryError>, u32, Vec<AttemptRecord>), Fenced>
     where
         F: FnMut(u32) -> Fut,
         Fut: std::future::Future<Output = Result<Sent, DeliveryError>>,
@@ -250,8 +245,8 @@ impl Deliverer {
             n += 1;
             let started = k8s_openapi::jiff::Timestamp::now();
             let result = {
-                // A closed semaphore cannot happen (it is never closed); go on unbounded if it did.
-                let _slot = self.slots.acquire().await.ok();
+                // The delivery pool is never closed; were it, attempts would go on unbounded.
+                let _slot = self.slots.acquire(namespace, run).await;
                 // Checked after waiting for a slot, just before sending.
                 if !self.fence.holds() {
                     return Err(Fenced);

@@ -7,6 +7,7 @@ pub mod conditions;
 pub mod cpu;
 pub mod delivery;
 pub mod directory;
+pub mod fair;
 pub mod identify;
 pub mod in_app;
 pub mod index;
@@ -389,7 +390,13 @@ impl Context {
         let recorder = Recorder::new(client.clone(), Reporter { controller: "herald".into(), instance: std::env::var("HOSTNAME").ok() });
         let fence = crate::leader::Fence::for_settings(&settings);
         let ctx = Arc::new(Context {
-            deliverer: delivery::Deliverer::new(client.clone(), stores.channels.clone(), settings.max_deliveries, fence.clone(), settings.egress_policy()),
+            deliverer: delivery::Deliverer::new(
+                client.clone(),
+                stores.channels.clone(),
+                fair::pool("deliveries", settings.max_deliveries, &settings, &metrics),
+                fence.clone(),
+                settings.egress_policy(),
+            ),
             metrics,
             history,
             client,

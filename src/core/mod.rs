@@ -5,6 +5,7 @@ pub mod batch;
 pub mod conditions;
 pub mod execution;
 pub mod expansion;
+pub mod fair;
 pub mod feed;
 pub mod functions;
 pub mod history;

@@ -388,7 +388,7 @@ impl Reconciler<'_> {
                     let outcome = if in_app {
                         crate::controller::in_app::deliver(self.ctx, &self.namespace, &source, &message).instrument(span.clone()).await?
                     } else {
-                        self.ctx.deliverer.deliver(&self.namespace, &message).instrument(span.clone()).await?
+                        self.ctx.deliverer.deliver(&self.namespace, &self.name, &message).instrument(span.clone()).await?
                     };
                     if !outcome.ok {
                         span.in_scope(|| tracing::warn!(reason = %outcome.reason, message = %outcome.message, attempts = outcome.attempts, "delivery failed"));
@@ -409,7 +409,7 @@ impl Reconciler<'_> {
                     functions::record_frequency(status, &check, first);
                 }
                 Next::Fetch(call) => {
-                    let outcome = self.ctx.deliverer.fetch(&self.namespace, &call).await?;
+                    let outcome = self.ctx.deliverer.fetch(&self.namespace, &self.name, &call).await?;
                     let step = crate::core::path::find(run.steps, &call.step_ref).expect("the call's step is in the run");
                     let data = execution::step_context(run, recipient, status)["data"].clone();
                     functions::record_fetch(status, step, &outcome, &data, Timestamp::now());

@@ -30,6 +30,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::fair::FairSlots;
 use super::lenient::Lenient;
 use super::{scope_api, scopes, Context, Error};
 use crate::core::ids;
@@ -251,11 +252,32 @@ fn error_policy(run: Arc<Lenient<TriggerRun>>, error: &Error, ctx: Arc<Context>)
     Action::requeue(Duration::from_secs(2))
 }
 
+/// Reconciles `run` once it has a slot of `slots` (none: unbounded). Runs
+/// wait for slots fairly by namespace, so that one namespace's flood of
+/// runs, or its long ones, do not hold every reconcile while another's wait.
+async fn reconcile_fairly(slots: Option<Arc<FairSlots>>, run: Arc<Lenient<TriggerRun>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _slot = match &slots {
+        None => None,
+        Some(slots) => match slots.acquire(&run.namespace().unwrap_or_default(), "").await {
+            Some(slot) => Some(slot),
+            // Stopping: leave the run to the next leader (or the next start).
+            None => return Ok(Action::await_change()),
+        },
+    };
+    // Boxed once it has its slot: a reconcile still waiting holds a small
+    // future, not a whole reconcile's state, however many runs are queued.
+    Box::pin(reconcile_lenient(run, ctx)).await
+}
+
 /// Runs the TriggerRun controller until `shutdown`.
 pub async fn run<F>(ctx: Arc<Context>, shutdown: F)
 where
     F: std::future::Future<Output = ()> + Clone + Send + Sync + 'static,
 {
+    // --max-concurrent-runs across every watched namespace, shared fairly
+    // (kube's own bound is FIFO and per controller); 0 leaves them unbounded.
+    let max_runs = usize::from(ctx.settings.max_concurrent_runs);
+    let slots = (max_runs > 0).then(|| super::fair::pool("reconciles", max_runs, &ctx.settings, &ctx.metrics));
     // One controller per watched namespace (or one for all).
     let mut stores = Vec::new();
     let mut controllers = Vec::new();
@@ -269,7 +291,8 @@ where
         let by_workflow = store.clone();
         let ready = store;
         let running = controller
-            .with_config(kube::runtime::controller::Config::default().concurrency(ctx.settings.max_concurrent_runs))
+            // Unbounded here: `slots` bounds the reconciles.
+            .with_config(kube::runtime::controller::Config::default().concurrency(0))
             // A Cancellation wakes the runs it covers.
             .watches(scope_api::<Cancellation>(&ctx.client, &scope), watcher::Config::default(), move |c: Cancellation| {
                 let ns = c.namespace();
@@ -296,7 +319,14 @@ where
                     .collect::<Vec<_>>()
             })
             .graceful_shutdown_on(shutdown.clone())
-            .run(reconcile_lenient, error_policy, ctx.clone())
+            .run(
+                {
+                    let slots = slots.clone();
+                    move |run, ctx| reconcile_fairly(slots.clone(), run, ctx)
+                },
+                error_policy,
+                ctx.clone(),
+            )
             .for_each(|result| async move {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "triggerrun controller event");
@@ -306,8 +336,17 @@ where
     }
     let reporter = std::pin::pin!(report_queue_depth(ctx.clone(), stores));
     let janitor = std::pin::pin!(sweep_step_state(ctx.clone()));
-    // The reporter and the janitor never end; they stop with the controllers.
-    futures::future::select(std::pin::pin!(futures::future::join_all(controllers)), futures::future::select(reporter, janitor)).await;
+    // On shutdown, reconciles still waiting for a slot give up at once
+    // instead of starting (kube lets every reconcile it started finish).
+    let closer = std::pin::pin!(async move {
+        shutdown.await;
+        if let Some(slots) = slots {
+            slots.close();
+        }
+        std::future::pending::<()>().await
+    });
+    // The reporter, the janitor and the closer never end; they stop with the controllers.
+    futures::future::select(std::pin::pin!(futures::future::join_all(controllers)), futures::future::select(reporter, futures::future::select(janitor, closer))).await;
 }
 
 /// How often ended throttle windows and abandoned batches are deleted.
