@@ -51,7 +51,9 @@ pub struct MemberSliceSpec {
 /// An Object by collection and id.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub struct ObjectTarget {
+    /// The Object's collection, e.g. `projects`.
     pub collection: String,
+    /// The Object's id within its collection.
     pub id: String,
 }
 
