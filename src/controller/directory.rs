@@ -191,7 +191,7 @@ impl Directory for LiveDirectory {
     /// Without reading records: expansion asks this of every recipient.
     fn contains(&self, key: &RecipientKey) -> bool {
         match key {
-            RecipientKey::User(id) => self.overlay.has_user(id) || self.stores.users.named(&self.namespace, id).is_some(),
+            RecipientKey::User(id) => self.overlay.has_user(id) || self.stores.users.contains(&self.namespace, id),
             RecipientKey::Object { collection, id } => self.object(collection, id).is_some(),
         }
     }

@@ -142,6 +142,11 @@ impl<K: Indexed> Index<K> {
         self.read(namespace, |p| p.space(namespace)?.by_key.get(key)?.first().map(|(n, r)| (n.clone(), r.clone()))).flatten()
     }
 
+    /// Whether anything is filed under this key (no clone of its name or record).
+    pub fn contains(&self, namespace: &str, key: &K::Key) -> bool {
+        self.read(namespace, |p| p.space(namespace).is_some_and(|s| s.by_key.contains_key(key))).unwrap_or(false)
+    }
+
     /// Every record with this key, in name order (a target's MemberSlices).
     pub fn all(&self, namespace: &str, key: &K::Key) -> Vec<Arc<K::Record>> {
         self.all_named(namespace, key).into_iter().map(|(_, r)| r).collect()

@@ -17,7 +17,7 @@ use super::objects::{page, PageQuery};
 use super::{check_id, check_ids, Api, Fields, JsonBody, Params, QueryParams};
 use crate::controller::directory::{self, LiveDirectory};
 use crate::controller::identify::{self, Overwrite};
-use crate::controller::membership::{Change, MAX_PROPERTIES_BYTES};
+use crate::controller::membership::Change;
 use crate::core::expansion::Directory;
 use crate::core::model::{parse_recipient, JsonObject, RecipientInput, RecipientKey};
 use crate::resources::MemberTarget;
@@ -114,7 +114,6 @@ pub async fn add(State(api): State<Arc<Api>>, caller: Caller, Params(key): Param
             }
         }
     }
-    debug_assert!(members.iter().all(|m| serde_json::to_vec(&properties_of(m)).map(|v| v.len()).unwrap_or(0) <= MAX_PROPERTIES_BYTES));
     let added = members.iter().map(|m| (m.user.key().clone(), properties_of(m))).collect();
     api.membership.apply(&caller.namespace, &MemberTarget::Audience(key), Change::Add(added)).await?;
     api.ctx.metrics.write("MemberSlice");
