@@ -34,12 +34,15 @@ pub struct Settings {
     #[arg(long, env = "HERALD_RUN_CONCURRENCY", default_value_t = 64)]
     pub run_concurrency: usize,
 
-    /// TriggerRuns reconciled at once.
+    /// TriggerRuns reconciled at once, across every watched namespace (0: no bound). Shared
+    /// fairly by namespace: with more than one namespace watched, one holds at most all but an
+    /// eighth of them.
     #[arg(long, env = "HERALD_MAX_CONCURRENT_RUNS", default_value_t = 16)]
     pub max_concurrent_runs: u16,
 
-    /// Delivery attempts in flight at once across every run (each run is also bound by
-    /// --run-concurrency, so one run cannot take every slot).
+    /// Delivery attempts in flight at once across every run. Shared fairly by namespace, then
+    /// by run: a freed slot goes to the waiting namespace holding the fewest, and with more than
+    /// one namespace watched, one holds at most all but an eighth of them.
     #[arg(long, env = "HERALD_MAX_DELIVERIES", default_value_t = 256)]
     pub max_deliveries: usize,
 
