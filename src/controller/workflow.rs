@@ -90,7 +90,11 @@ impl Compiled {
 
 /// The Workflow with this key in the namespace (from the cache).
 pub fn find_by_key(ctx: &Context, namespace: &str, key: &str) -> Option<Arc<Workflow>> {
-    ctx.stores.workflows.find(|w| w.namespace().as_deref() == Some(namespace) && w.key() == key)
+    // Runs for every trigger over every cached Workflow: compare in place,
+    // without the copies `namespace()` and `key()` make.
+    ctx.stores
+        .workflows
+        .find(|w| w.metadata.namespace.as_deref() == Some(namespace) && w.spec.key.as_deref().unwrap_or_else(|| w.metadata.name.as_deref().unwrap_or_default()) == key)
 }
 
 pub async fn reconcile(workflow: Arc<Workflow>, ctx: Arc<Context>) -> Result<Action, Error> {

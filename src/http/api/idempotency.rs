@@ -66,41 +66,67 @@ pub fn header_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// A fingerprint of a request's parameters: the SHA-256 of their canonical
 /// JSON (object keys sorted at every level), so key order does not matter.
+/// The canonical text is hashed as it is written, never held whole: a trigger
+/// computes this on every request.
 pub fn fingerprint(params: &Value) -> String {
-    let mut canonical = String::new();
-    write_canonical(params, &mut canonical);
-    let digest = Sha256::digest(canonical.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    let mut hasher = Sha256::new();
+    write_canonical(params, &mut hasher);
+    let mut hex = String::with_capacity(64);
+    for b in hasher.finalize() {
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    hex
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Canonical JSON into the hash: compact, object keys sorted; strings and
+/// numbers as serde_json writes them (stored fingerprints must not change).
+fn write_canonical(value: &Value, out: &mut Sha256) {
     match value {
         Value::Object(map) => {
             let mut keys: Vec<&String> = map.keys().collect();
             keys.sort();
-            out.push('{');
+            out.update(b"{");
             for (i, key) in keys.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.update(b",");
                 }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
+                write_json(key, out);
+                out.update(b":");
                 write_canonical(&map[key], out);
             }
-            out.push('}');
+            out.update(b"}");
         }
         Value::Array(items) => {
-            out.push('[');
+            out.update(b"[");
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.update(b",");
                 }
                 write_canonical(item, out);
             }
-            out.push(']');
+            out.update(b"]");
         }
-        other => out.push_str(&other.to_string()),
+        other => write_json(other, out),
     }
+}
+
+/// A scalar or a key as compact JSON, straight into the hash.
+fn write_json<T: serde::Serialize + ?Sized>(value: &T, out: &mut Sha256) {
+    struct Sink<'a>(&'a mut Sha256);
+    impl std::io::Write for Sink<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    // Strings and scalars always serialize; the sink never fails.
+    let _ = serde_json::to_writer(Sink(out), value);
 }
 
 #[cfg(test)]
@@ -125,6 +151,52 @@ mod tests {
         assert_eq!(a, fingerprint(&json!({"b": {"y": null, "x": [1, 2]}, "a": 1})));
         assert_ne!(a, fingerprint(&json!({"a": 1, "b": {"x": [2, 1], "y": null}})));
         assert_ne!(a, fingerprint(&json!({"a": 2, "b": {"x": [1, 2], "y": null}})));
+    }
+
+    /// The text hashed before fingerprints were streamed: runs keep their
+    /// fingerprint in an annotation, so the bytes must stay the same.
+    fn reference(value: &Value, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, key) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(key.clone()).to_string());
+                    out.push(':');
+                    reference(&map[key], out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    reference(item, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+
+    #[test]
+    fn fingerprints_hash_the_same_text_as_before() {
+        let params = json!({
+            "workflow": "w", "recipients": ["u1", {"id": "p", "collection": "c", "name": "Ünïcødé \"q\" \\ \n\t\u{1}"}],
+            "audiences": [], "actor": null, "tenant": {"id": "t", "settings": {"z": 1, "a": [true, false, null]}},
+            "data": {"b": [1, -2, 2.5, 1e300, 12345678901234567890u64, "x\"y"], "a": {"é": true, "z": null, "": ""}},
+            "cancellation_key": "k",
+        });
+        let mut text = String::new();
+        reference(&params, &mut text);
+        let expected: String = Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(fingerprint(&params), expected);
     }
 
     #[test]

@@ -255,9 +255,8 @@ impl RunIndex {
         matches!(listed, Ok(Ok(_)))
     }
 
-    /// Records a run this replica just created, before its watch event comes.
-    pub fn remember(&self, run: &TriggerRun) {
-        let meta = &run.metadata;
+    /// Records a run this replica just created (its stored metadata), before its watch event comes.
+    pub fn remember(&self, meta: &kube::core::ObjectMeta) {
         let (Some(at), Some(uid)) = (location(meta), meta.uid.as_deref().and_then(|u| Uuid::parse_str(u).ok())) else { return };
         if let Some(scope) = self.scopes.iter().find(|s| s.covers(&at.namespace)) {
             scope.runs.write().apply(Change::Run(uid, at, Vec::new()));

@@ -17,6 +17,7 @@ pub mod tenants;
 pub mod triggers;
 pub mod users;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
@@ -24,6 +25,7 @@ use axum::http::request::Parts;
 use axum::routing::{get, post, put};
 use axum::Router;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::PostParams;
 use kube::{Api as KubeApi, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -48,6 +50,22 @@ pub struct Api {
     pub index: index::RunIndex,
     /// Writes object subscriptions and audience members (combined per target).
     pub membership: crate::controller::membership::Membership,
+    /// Set once every watch cache has had its first full list (they never
+    /// go back): later requests skip waiting on each cache's channel.
+    caches_listed: AtomicBool,
+}
+
+/// The Accept header of a create whose answer herald reads only the metadata
+/// of: the apiserver then returns a PartialObjectMetadata (Kubernetes 1.15+),
+/// so the spec is neither encoded again nor parsed. Plain JSON is the
+/// fallback for a server that cannot convert (the metadata reads the same).
+const METADATA_ACCEPT: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json";
+
+/// A created object's answer, metadata only.
+#[derive(serde::Deserialize)]
+struct StoredMetadata {
+    #[serde(default)]
+    metadata: ObjectMeta,
 }
 
 impl Api {
@@ -57,7 +75,7 @@ impl Api {
         let limiter = RateLimiter::new(ctx.settings.rate_limit_per_second, ctx.settings.rate_limit_burst);
         let index = index::RunIndex::start(&ctx.client, &ctx.settings);
         let membership = crate::controller::membership::Membership::new(ctx.client.clone(), ctx.stores.clone());
-        Arc::new(Api { ctx, auth, limiter, index, membership })
+        Arc::new(Api { ctx, auth, limiter, index, membership, caches_listed: AtomicBool::new(false) })
     }
 
     /// The caller may do `verb` on `resource` in its namespace.
@@ -67,10 +85,34 @@ impl Api {
 
     /// Waits (briefly) until the watch caches hold a full list.
     pub async fn caches_ready(&self) -> Result<(), ApiError> {
+        if self.caches_listed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         match tokio::time::timeout(self.ctx.settings.api_wait(), self.ctx.stores.wait_until_ready()).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.caches_listed.store(true, Ordering::Relaxed);
+                Ok(())
+            }
             _ => Err(ApiError::unavailable("herald's caches are not loaded yet (is the Kubernetes API reachable?)")),
         }
+    }
+
+    /// Creates `object` in `namespace` and returns what the apiserver stored
+    /// of its metadata (name, uid, annotations): a hot path (every trigger)
+    /// that needs nothing else of the answer. Errors are [`KubeApi::create`]'s.
+    pub async fn create_returning_metadata<K>(&self, namespace: &str, pp: &PostParams, object: &K) -> Result<ObjectMeta, kube::Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + serde::Serialize,
+        <K as Resource>::DynamicType: Default,
+    {
+        let url = K::url_path(&Default::default(), Some(namespace));
+        let body = serde_json::to_vec(object).map_err(kube::Error::SerdeError)?;
+        let mut request = kube::core::Request::new(url).create(pp, body).map_err(kube::Error::BuildRequest)?;
+        request.headers_mut().insert(axum::http::header::ACCEPT, axum::http::HeaderValue::from_static(METADATA_ACCEPT));
+        // The span name kube's own create gives the request.
+        request.extensions_mut().insert("create");
+        let stored: StoredMetadata = self.ctx.client.request(request).await?;
+        Ok(stored.metadata)
     }
 
     /// A Kubernetes API for kind `K` in `namespace`.

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PostParams;
 use kube::ResourceExt;
 use serde_json::{json, Value};
@@ -111,7 +112,7 @@ pub(super) fn read_actor_and_tenant(f: &mut Fields) -> (Option<Value>, Option<Va
 }
 
 /// Checks the workflow and the data against its schema; every data error is listed.
-async fn check_workflow(api: &Api, namespace: &str, spec: &TriggerRunSpec) -> Result<(), ApiError> {
+async fn check_workflow(api: &Api, namespace: &str, spec: &mut TriggerRunSpec) -> Result<(), ApiError> {
     api.caches_ready().await?;
     let key = &spec.workflow;
     let workflow = find_by_key(&api.ctx, namespace, key).ok_or_else(|| ApiError::WorkflowMissing(key.clone()))?;
@@ -121,8 +122,13 @@ async fn check_workflow(api: &Api, namespace: &str, spec: &TriggerRunSpec) -> Re
     let compiled = api.ctx.workflows.get(&workflow);
     let compiled = compiled.as_ref().as_ref().map_err(|message| ApiError::WorkflowInvalid { key: key.clone(), message: message.clone() })?;
     if let (Some(schema), OnInvalid::Reject) = (&compiled.schema, workflow.spec.validation.on_invalid) {
-        let data = Value::Object(spec.data.clone().unwrap_or_default());
+        // The schema reads a Value: the data moves into one and back rather than being copied.
+        let present = spec.data.is_some();
+        let data = Value::Object(spec.data.take().unwrap_or_default());
         let errors = schema.validate(&data);
+        if let (true, Value::Object(map)) = (present, data) {
+            spec.data = Some(map);
+        }
         if !errors.is_empty() {
             let errors =
                 errors.into_iter().map(|e| FieldError::new(if e.pointer == "/" { "/data".to_string() } else { format!("/data{}", e.pointer) }, e.message)).collect::<Vec<_>>();
@@ -214,23 +220,23 @@ fn parameters(spec: &TriggerRunSpec) -> Value {
     })
 }
 
-fn new_run(name: &str, spec: TriggerRunSpec, caller: &Caller, api_name: &str) -> TriggerRun {
-    let mut run = TriggerRun::new(name, spec.clone());
+fn new_run(name: &str, spec: TriggerRunSpec, fingerprint: &str, caller: &Caller, api_name: &str) -> TriggerRun {
+    let mut run = TriggerRun::new(name, spec);
     run.metadata.labels = Some(BTreeMap::from([(CREATED_BY_LABEL.to_string(), "herald-api".to_string())]));
     run.metadata.annotations = Some(BTreeMap::from([
-        (idempotency::FINGERPRINT_ANNOTATION.to_string(), idempotency::fingerprint(&parameters(&spec))),
+        (idempotency::FINGERPRINT_ANNOTATION.to_string(), fingerprint.to_string()),
         (CALLER_ANNOTATION.to_string(), caller.name()),
         ("herald.dev/api".to_string(), api_name.to_string()),
     ]));
     run
 }
 
-fn run_id(run: &TriggerRun) -> Result<String, ApiError> {
-    run.uid().ok_or_else(|| ApiError::Internal("the stored TriggerRun has no uid".into()))
+fn run_id(run: &ObjectMeta) -> Result<String, ApiError> {
+    run.uid.clone().ok_or_else(|| ApiError::Internal("the stored TriggerRun has no uid".into()))
 }
 
 /// The trigger response: `{"workflow_run_id"}`, marked when replayed.
-fn accepted(run: &TriggerRun, replayed: bool) -> Result<Response, ApiError> {
+fn accepted(run: &ObjectMeta, replayed: bool) -> Result<Response, ApiError> {
     let mut response = Json(json!({"workflow_run_id": run_id(run)?})).into_response();
     if replayed {
         response.headers_mut().insert(idempotency::REPLAYED_HEADER, HeaderValue::from_static("true"));
@@ -238,41 +244,42 @@ fn accepted(run: &TriggerRun, replayed: bool) -> Result<Response, ApiError> {
     Ok(response)
 }
 
-/// What became of a trigger.
+/// What became of a trigger: the stored run's metadata (all a response needs).
 enum Outcome {
-    Created(TriggerRun),
+    Created(ObjectMeta),
     /// A run already holds the idempotency key.
-    Existing(TriggerRun),
+    Existing(ObjectMeta),
 }
 
-/// Checks and stores a trigger. With a key, the run is named after it, so a
-/// second create is refused by the Kubernetes API and the first run returned.
-async fn persist(api: &Api, caller: &Caller, key: Option<(Scope, &str)>, spec: TriggerRunSpec, api_name: &str) -> Result<Outcome, ApiError> {
+/// Checks and stores a trigger whose parameters have this `fingerprint`. With
+/// a key, the run is named after it, so a second create is refused by the
+/// Kubernetes API and the first run returned.
+async fn persist(api: &Api, caller: &Caller, key: Option<(Scope, &str)>, mut spec: TriggerRunSpec, fingerprint: &str, api_name: &str) -> Result<Outcome, ApiError> {
     let namespace = &caller.namespace;
     let runs = api.kube::<TriggerRun>(namespace);
     let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     let Some((scope, key)) = key else {
-        check_workflow(api, namespace, &spec).await?;
+        check_workflow(api, namespace, &mut spec).await?;
         identify_inline(api, namespace, &spec).await?;
+        let mut run = new_run(&generated_name(&spec.workflow), spec, fingerprint, caller, api_name);
         for _ in 0..3 {
-            match runs.create(&pp, &new_run(&generated_name(&spec.workflow), spec.clone(), caller, api_name)).await {
-                Ok(run) => return Ok(Outcome::Created(run)),
+            match api.create_returning_metadata(namespace, &pp, &run).await {
+                Ok(meta) => return Ok(Outcome::Created(meta)),
                 // A random name taken: draw another.
-                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(kube::Error::Api(s)) if s.code == 409 => run.metadata.name = Some(generated_name(&run.spec.workflow)),
                 Err(e) => return Err(e.into()),
             }
         }
         return Err(ApiError::Conflict("could not find a free TriggerRun name".into()));
     };
     let name = idempotency::run_name(scope, namespace, key);
-    let mut spec = spec;
     spec.idempotency_key = Some(key.to_string());
     // A key already used is answered from its run even when the request would
     // not pass the checks today (the workflow was deactivated since, say);
     // looking only when the checks fail keeps the common path to one write.
-    if let Err(refused) = check_workflow(api, namespace, &spec).await {
+    if let Err(refused) = check_workflow(api, namespace, &mut spec).await {
         return match runs.get_opt(&name).await? {
-            Some(existing) => Ok(Outcome::Existing(existing)),
+            Some(existing) => Ok(Outcome::Existing(existing.metadata)),
             None => Err(refused),
         };
     }
@@ -283,11 +290,11 @@ async fn persist(api: &Api, caller: &Caller, key: Option<(Scope, &str)>, spec: T
     let store = api.ctx.history.as_ref().map(|h| &h.store);
     let mut claimed = false;
     if let Some(store) = store {
-        match crate::store::idempotency::claim(store, namespace, &name, &idempotency::fingerprint(&parameters(&spec))).await {
+        match crate::store::idempotency::claim(store, namespace, &name, fingerprint).await {
             Ok(true) => claimed = true,
             Ok(false) => {
                 if let Some(existing) = runs.get_opt(&name).await? {
-                    return Ok(Outcome::Existing(existing));
+                    return Ok(Outcome::Existing(existing.metadata));
                 }
                 if let Some(archived) = crate::store::runs::find_by_name(store, namespace, &name).await? {
                     return Ok(Outcome::Existing(archived_run(archived)?));
@@ -302,11 +309,12 @@ async fn persist(api: &Api, caller: &Caller, key: Option<(Scope, &str)>, spec: T
             Err(e) => return Err(e.into()),
         }
     }
+    let run = new_run(&name, spec, fingerprint, caller, api_name);
     for _ in 0..3 {
-        match runs.create(&pp, &new_run(&name, spec.clone(), caller, api_name)).await {
-            Ok(run) => return Ok(Outcome::Created(run)),
+        match api.create_returning_metadata(namespace, &pp, &run).await {
+            Ok(meta) => return Ok(Outcome::Created(meta)),
             Err(kube::Error::Api(s)) if s.code == 409 => match runs.get_opt(&name).await? {
-                Some(existing) => return Ok(Outcome::Existing(existing)),
+                Some(existing) => return Ok(Outcome::Existing(existing.metadata)),
                 // Deleted in between: archived first, with a store; without one its retention ended.
                 None => match store {
                     Some(store) => match crate::store::runs::find_by_name(store, namespace, &name).await? {
@@ -330,8 +338,9 @@ async fn persist(api: &Api, caller: &Caller, key: Option<(Scope, &str)>, spec: T
     Err(ApiError::Conflict("the idempotency key's run kept changing; retry".into()))
 }
 
-fn archived_run(value: Value) -> Result<TriggerRun, ApiError> {
-    serde_json::from_value(value).map_err(|e| ApiError::Internal(format!("an archived run does not read: {e}")))
+/// The metadata of an archived run (the store keeps the whole object).
+fn archived_run(value: Value) -> Result<ObjectMeta, ApiError> {
+    serde_json::from_value::<TriggerRun>(value).map(|run| run.metadata).map_err(|e| ApiError::Internal(format!("an archived run does not read: {e}")))
 }
 
 fn count_accepted(api: &Api, name: &str) {
@@ -371,15 +380,15 @@ pub async fn trigger(State(api): State<Arc<Api>>, caller: Caller, Params(key): P
     let spec = TriggerRunSpec { workflow: key, actor, recipients, data, cancellation_key, tenant, ..Default::default() };
     authorize_inline(&api, &caller, &spec).await?;
     let fingerprint = idempotency::fingerprint(&parameters(&spec));
-    match persist(&api, &caller, idempotency_key.as_deref().map(|k| (Scope::Trigger, k)), spec, "trigger").await? {
+    match persist(&api, &caller, idempotency_key.as_deref().map(|k| (Scope::Trigger, k)), spec, &fingerprint, "trigger").await? {
         Outcome::Created(run) => {
             api.index.remember(&run);
             count_accepted(&api, "trigger");
-            tracing::info!(run = %run.name_any(), workflow_run_id = %run.uid().unwrap_or_default(), caller = %caller.name(), "trigger accepted");
+            tracing::info!(run = run.name.as_deref().unwrap_or_default(), workflow_run_id = run.uid.as_deref().unwrap_or_default(), caller = %caller.name(), "trigger accepted");
             accepted(&run, false)
         }
         Outcome::Existing(run) => {
-            let stored = run.annotations().get(idempotency::FINGERPRINT_ANNOTATION);
+            let stored = run.annotations.as_ref().and_then(|a| a.get(idempotency::FINGERPRINT_ANNOTATION));
             if stored != Some(&fingerprint) {
                 return Err(ApiError::IdempotencyMismatch { run_id: run_id(&run)? });
             }
@@ -440,11 +449,12 @@ pub async fn notify(State(api): State<Arc<Api>>, caller: Caller, JsonBody(body):
 
     let spec = TriggerRunSpec { workflow: name.unwrap_or_default(), actor, recipients, audiences: lists, data, cancellation_key, tenant, ..Default::default() };
     let key = idempotency_key.as_deref().map(|k| (Scope::Notify, k));
-    match persist(&api, &caller, key, spec, "notify").await? {
+    let fingerprint = idempotency::fingerprint(&parameters(&spec));
+    match persist(&api, &caller, key, spec, &fingerprint, "notify").await? {
         Outcome::Created(run) => {
             api.index.remember(&run);
             count_accepted(&api, "notify");
-            tracing::info!(run = %run.name_any(), workflow_run_id = ?run.uid(), caller = %caller.name(), "notify accepted");
+            tracing::info!(run = run.name.as_deref().unwrap_or_default(), workflow_run_id = run.uid.as_deref().unwrap_or_default(), caller = %caller.name(), "notify accepted");
             accepted(&run, false)
         }
         Outcome::Existing(run) => Err(ApiError::IdempotencyKeyUsed { key: idempotency_key.unwrap_or_default(), run_id: run_id(&run)? }),
