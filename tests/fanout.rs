@@ -18,10 +18,12 @@ use serde_json::json;
 
 /// Short leases: the next process takes over a few seconds after a SIGKILL.
 const LEASE: &[&str] = &["--leader-election-lease-seconds", "4"];
-/// Subscribers of the object: 40 pages of 500...
+/// Subscribers of the object: with the object itself, 41 pages of up to 500...
 const SUBSCRIBERS: usize = 20_000;
-/// ...of whom the first this many exist as Users (the rest are RecipientNotFound at once).
-const USERS: usize = 1_500;
+/// ...of whom every 13th exists as a User (the rest are RecipientNotFound at
+/// once): each page has some to deliver, so the run holds pages back while
+/// the ones before deliver.
+const STRIDE: usize = 13;
 
 fn id(i: usize) -> String {
     format!("u{i:05}")
@@ -33,7 +35,7 @@ async fn a_large_run_delivers_before_its_pages_exist_and_resumes_after_sigkill_m
     let ns = TestNamespace::new(&client).await;
     let receiver = HttpReceiver::start().await;
     // Slow enough that the first pages are still delivering when the operator dies.
-    receiver.slow("/fan", Duration::from_millis(40));
+    receiver.slow("/fan", Duration::from_millis(200));
     create::<Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/fan")}}))
         .await;
     create::<Workflow>(
@@ -43,7 +45,8 @@ async fn a_large_run_delivers_before_its_pages_exist_and_resumes_after_sigkill_m
     )
     .await;
     let users = ns.api::<User>();
-    futures::future::join_all((0..USERS).collect::<Vec<_>>().chunks(100).map(|chunk| {
+    let existing: Vec<usize> = (0..SUBSCRIBERS).step_by(STRIDE).collect();
+    futures::future::join_all(existing.chunks(100).map(|chunk| {
         let users = users.clone();
         let chunk = chunk.to_vec();
         async move {
@@ -74,12 +77,13 @@ async fn a_large_run_delivers_before_its_pages_exist_and_resumes_after_sigkill_m
     let runs = ns.api::<TriggerRun>();
     let pages = ns.api::<RecipientPage>();
 
-    // Deliveries start while the run's pages are still being created.
+    // Deliveries start while the run's recipients are still being expanded into pages.
     wait_for("the first deliveries", Duration::from_secs(120), || async { (receiver.arrived() >= 20).then_some(()) }).await;
     let created = pages.list(&ListParams::default()).await.unwrap().items.len();
-    let listed = runs.get(&run.name_any()).await.unwrap().status.unwrap().pages.len();
-    assert_eq!(listed, SUBSCRIBERS / 500 + 1, "the run lists every page it will have");
-    assert!(created < listed, "deliveries began with {created} of {listed} pages created");
+    assert!(created < SUBSCRIBERS / 500, "deliveries began with {created} pages created");
+    let expanding =
+        wait_for("the run to list its first page", Duration::from_secs(10), || async { runs.get(&run.name_any()).await.ok()?.status.filter(|s| !s.pages.is_empty()) }).await;
+    assert!(expanding.expanding, "the run says it is still expanding: {expanding:?}");
     // Killed mid-expansion.
     first.kill9();
     let delivered_before = receiver.arrived();
@@ -90,19 +94,21 @@ async fn a_large_run_delivers_before_its_pages_exist_and_resumes_after_sigkill_m
     })
     .await;
     let status = done.status.unwrap();
-    let resumed = second.logs.lock().unwrap().iter().any(|l| l.contains("re-expanded the pages a stopped operator had not created"));
-    assert!(resumed, "the second operator created the pages the first had not");
-    assert_eq!(pages.list(&ListParams::default()).await.unwrap().items.len(), status.pages.len(), "every page exists in the end");
+    let resumed = second.logs.lock().unwrap().iter().any(|l| l.contains("resuming the expansion"));
+    assert!(resumed, "the second operator went on expanding where the first stopped");
+    assert!(!status.expanding);
+    assert_eq!(status.pages.len(), SUBSCRIBERS / 500 + 1, "{:?}", status.pages);
+    assert_eq!(pages.list(&ListParams::default()).await.unwrap().items.len(), status.pages.len(), "every page exists in the end, and is listed");
     let totals = status.totals.unwrap();
     assert_eq!(totals.recipients as usize, SUBSCRIBERS + 1, "{totals:?}");
-    assert_eq!(totals.completed as usize, USERS + 1, "{totals:?}");
+    assert_eq!(totals.completed as usize, existing.len() + 1, "{totals:?}");
 
     // Every existing recipient got its message; one sent twice (lost in the crash) had the same key.
     let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in receiver.received_at("/fan") {
         keys.entry(String::from_utf8_lossy(&r.body).into_owned()).or_default().push(r.header("Idempotency-Key").unwrap_or_default().to_string());
     }
-    assert_eq!(keys.len(), USERS + 1, "every User and the object itself");
+    assert_eq!(keys.len(), existing.len() + 1, "every User and the object itself");
     for (recipient, sent) in &keys {
         assert!(sent.iter().all(|k| !k.is_empty() && *k == sent[0]), "{recipient} was sent with different keys: {sent:?}");
     }

@@ -106,6 +106,11 @@ pub trait Directory: Sync {
     /// An audience's members in chunks, or None when there is no such audience.
     fn audience(&self, key: &str) -> Option<Vec<Arc<Members>>>;
 
+    /// Whether audience `key` exists (without reading its members).
+    fn has_audience(&self, key: &str) -> bool {
+        self.audience(key).is_some()
+    }
+
     /// True when the recipient exists.
     fn contains(&self, key: &RecipientKey) -> bool {
         match key {
@@ -257,58 +262,122 @@ pub struct Expansion {
 /// Object nesting limit: object → object → users.
 const MAX_DEPTH: usize = 2;
 
-/// Expands direct recipients and audiences (see the module docs).
+/// Expands direct recipients and audiences (see the module docs) into one list.
 pub fn expand(direct: &[RecipientKey], audiences: &[String], actor: Option<&RecipientKey>, directory: &dyn Directory) -> Expansion {
-    let mut walk = Walk { directory, actor, seen: HashSet::new(), out: Expansion::default() };
-    for key in direct {
-        walk.reach(key, Via::Direct, 0);
-    }
-    for audience in audiences {
-        match directory.audience(audience) {
-            Some(chunks) => {
-                let via = Via::Audience(audience.clone());
-                for member in chunks.iter().flat_map(|c| c.iter()) {
-                    walk.reach(&member.recipient, via.clone(), 0);
-                }
-            }
-            None => walk.out.missing_audiences.push(audience.clone()),
-        }
-    }
-    walk.out
+    let mut expander = Expander::new(direct.to_vec(), audiences.to_vec(), actor.cloned(), directory);
+    let recipients = expander.by_ref().collect();
+    Expansion { recipients, missing_audiences: expander.missing_audiences }
 }
 
-struct Walk<'a> {
+/// Expansion one recipient at a time, in [`expand`]'s order: a run's first
+/// page is cut (and delivering) before its millionth recipient is looked at.
+/// Memberships are read a chunk at a time, in place; what grows with the
+/// audience is only the set of recipients reached, kept as 128-bit hashes
+/// (16 bytes each, not the keys).
+pub struct Expander<'a> {
     directory: &'a dyn Directory,
-    actor: Option<&'a RecipientKey>,
-    seen: HashSet<RecipientKey>,
-    out: Expansion,
+    direct: std::vec::IntoIter<RecipientKey>,
+    audiences: std::vec::IntoIter<String>,
+    actor: Option<RecipientKey>,
+    /// Memberships being walked, innermost last (at most [`MAX_DEPTH`] + 1).
+    stack: Vec<Frame>,
+    seen: HashSet<u128>,
+    /// Audience keys that did not exist, as they were reached.
+    pub missing_audiences: Vec<String>,
 }
 
-impl Walk<'_> {
-    /// Adds `key` (if new) and, for an object above the nesting limit, its subscribers.
-    fn reach(&mut self, key: &RecipientKey, via: Via, depth: usize) {
-        if self.seen.insert(key.clone()) {
-            let found = self.directory.contains(key);
-            self.out.recipients.push(Reached { key: key.clone(), via, found });
-        }
+/// One membership being walked: an object's subscribers or an audience's members.
+struct Frame {
+    chunks: Vec<Arc<Members>>,
+    chunk: usize,
+    member: usize,
+    via: Via,
+    /// The depth its members are reached at.
+    depth: usize,
+    /// An object's subscriptions never reach the actor; an audience's do.
+    of_object: bool,
+}
+
+impl<'a> Expander<'a> {
+    pub fn new(direct: Vec<RecipientKey>, audiences: Vec<String>, actor: Option<RecipientKey>, directory: &'a dyn Directory) -> Self {
+        Expander { directory, direct: direct.into_iter(), audiences: audiences.into_iter(), actor, stack: Vec::new(), seen: HashSet::new(), missing_audiences: Vec::new() }
+    }
+
+    /// Marks recipients as reached already (a resumed run's recipients on
+    /// its existing pages): they are skipped, everyone else comes as before.
+    /// Objects among them still fan out to their subscribers.
+    pub fn already_reached<'k>(&mut self, keys: impl IntoIterator<Item = &'k RecipientKey>) {
+        self.seen.extend(keys.into_iter().map(key_hash));
+    }
+
+    /// Reaches `key`: it is returned if new; an object below the nesting
+    /// limit also opens its subscribers, which come next (depth first).
+    fn reach(&mut self, key: RecipientKey, via: Via, depth: usize) -> Option<Reached> {
+        let new = self.seen.insert(key_hash(&key));
+        let found = self.directory.contains(&key);
         // Fan out even when the object was already reached directly: the
         // subscribers are de-duplicated by `seen` and the depth bounds cycles.
-        if let RecipientKey::Object { collection, id } = key {
-            if depth >= MAX_DEPTH || !self.directory.contains(key) {
-                return;
-            }
+        if let (RecipientKey::Object { collection, id }, true) = (&key, found && depth < MAX_DEPTH) {
+            let chunks = self.directory.subscribers(collection, id);
             let via = Via::Object { collection: collection.clone(), id: id.clone() };
-            for subscriber in self.directory.subscribers(collection, id).iter().flat_map(|c| c.iter()) {
-                if Some(&subscriber.recipient) == self.actor {
+            self.stack.push(Frame { chunks, chunk: 0, member: 0, via, depth: depth + 1, of_object: true });
+        }
+        new.then_some(Reached { key, via, found })
+    }
+}
+
+impl Iterator for Expander<'_> {
+    type Item = Reached;
+
+    fn next(&mut self) -> Option<Reached> {
+        loop {
+            if let Some(frame) = self.stack.last_mut() {
+                let Some(chunk) = frame.chunks.get(frame.chunk) else {
+                    self.stack.pop();
+                    continue;
+                };
+                let Some(member) = chunk.list.get(frame.member) else {
+                    frame.chunk += 1;
+                    frame.member = 0;
+                    continue;
+                };
+                frame.member += 1;
+                if frame.of_object && Some(&member.recipient) == self.actor.as_ref() {
                     continue;
                 }
-                if subscriber.recipient.is_object() && depth + 1 >= MAX_DEPTH {
+                if frame.of_object && member.recipient.is_object() && frame.depth >= MAX_DEPTH {
                     continue;
                 }
-                self.reach(&subscriber.recipient, via.clone(), depth + 1);
+                let (key, via, depth) = (member.recipient.clone(), frame.via.clone(), frame.depth);
+                if let Some(reached) = self.reach(key, via, depth) {
+                    return Some(reached);
+                }
+            } else if let Some(key) = self.direct.next() {
+                if let Some(reached) = self.reach(key, Via::Direct, 0) {
+                    return Some(reached);
+                }
+            } else {
+                let audience = self.audiences.next()?;
+                match self.directory.audience(&audience) {
+                    Some(chunks) => self.stack.push(Frame { chunks, chunk: 0, member: 0, via: Via::Audience(audience), depth: 0, of_object: false }),
+                    None => self.missing_audiences.push(audience),
+                }
             }
         }
     }
+}
+
+/// A recipient's 128-bit hash (two SipHashes of the key): 1,000,000
+/// recipients collide with odds of about 1 in 10^27.
+fn key_hash(key: &RecipientKey) -> u128 {
+    use std::hash::{Hash, Hasher};
+    let half = |salt: u8| {
+        let mut h = std::hash::DefaultHasher::new();
+        salt.hash(&mut h);
+        key.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(0)) << 64) | u128::from(half(1))
 }
 
 /// Properties of the subscription through which `key` was reached, if any.
@@ -462,6 +531,77 @@ mod tests {
         assert_eq!(e.recipients.len(), 3001);
         assert!(d.is_audience_member("big", "u2999") && d.is_audience_member("big", "u0000"));
         assert!(!d.is_audience_member("big", "u3000") && !d.is_audience_member("other", "u0000"));
+    }
+
+    /// A directory that counts the lookups expansion makes.
+    struct Counting<'a>(&'a dyn Directory, std::sync::atomic::AtomicUsize);
+
+    impl Directory for Counting<'_> {
+        fn user(&self, id: &str) -> Option<Arc<UserRecord>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.user(id)
+        }
+        fn object(&self, collection: &str, id: &str) -> Option<Arc<ObjectRecord>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.0.object(collection, id)
+        }
+        fn subscribers(&self, collection: &str, id: &str) -> Vec<Arc<Members>> {
+            self.0.subscribers(collection, id)
+        }
+        fn audience(&self, key: &str) -> Option<Vec<Arc<Members>>> {
+            self.0.audience(key)
+        }
+    }
+
+    fn big_audience(ids: impl Iterator<Item = usize>) -> MemoryDirectory {
+        let mut d = MemoryDirectory::default();
+        let members: Vec<RecipientKey> = ids.map(|i| u(&format!("m{i:06}"))).collect();
+        for m in &members {
+            d.insert_user(user(m.id()));
+        }
+        d.insert_audience("all".into(), members);
+        d
+    }
+
+    #[test]
+    fn the_first_recipients_come_without_reading_the_rest() {
+        let d = big_audience(0..100_000);
+        let counting = Counting(&d, Default::default());
+        let first: Vec<Reached> = Expander::new(vec![], vec!["all".into()], None, &counting).take(500).collect();
+        assert_eq!(first.len(), 500);
+        assert_eq!(first[499].key, u("m000499"));
+        let lookups = counting.1.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(lookups <= 501, "500 recipients took {lookups} lookups");
+    }
+
+    #[test]
+    fn a_resumed_expansion_skips_what_was_reached_and_loses_nobody() {
+        // The run reached the first 500 of 1,000 members; then m000010 left,
+        // m001000 joined, and the operator restarted.
+        let before = big_audience(0..1000);
+        let reached: Vec<RecipientKey> = Expander::new(vec![], vec!["all".into()], None, &before).take(500).map(|r| r.key).collect();
+        let after = big_audience((0..1001).filter(|i| *i != 10));
+        let mut resumed = Expander::new(vec![], vec!["all".into()], None, &after);
+        resumed.already_reached(&reached);
+        let rest: Vec<RecipientKey> = resumed.map(|r| r.key).collect();
+        assert_eq!(rest.first(), Some(&u("m000500")), "nobody moved onto a page already written");
+        assert_eq!(rest.len(), 501);
+        let everyone: HashSet<&RecipientKey> = reached.iter().chain(&rest).collect();
+        assert_eq!(everyone.len(), 1001, "each once: the 1,000 first members and the one who joined");
+        assert!(everyone.contains(&u("m001000")));
+    }
+
+    #[test]
+    fn streamed_and_whole_expansions_agree() {
+        let mut d = directory();
+        d.insert_audience("followers".into(), vec![u("u1"), u("u4"), RecipientKey::object("teams", "ops"), u("nobody")]);
+        let direct = [u("u2"), RecipientKey::object("projects", "p1")];
+        let whole = expand(&direct, &["followers".into(), "gone".into()], Some(&u("actor")), &d);
+        let mut streamed = Expander::new(direct.to_vec(), vec!["followers".into(), "gone".into()], Some(u("actor")), &d);
+        let one_by_one: Vec<Reached> = streamed.by_ref().collect();
+        assert_eq!(one_by_one, whole.recipients);
+        assert_eq!(streamed.missing_audiences, ["gone"]);
+        assert_eq!(keys(&whole), ["u2", "projects/p1", "u1", "teams/ops", "u3", "u4", "teams/deep", "nobody"]);
     }
 
     #[test]

@@ -216,6 +216,22 @@ pub fn totals<'a>(recipients: impl IntoIterator<Item = &'a RecipientStatus>) -> 
     t
 }
 
+impl RecipientTotals {
+    /// Adds `other`'s counts (a page's) to these.
+    pub fn add(&mut self, other: &RecipientTotals) {
+        self.recipients += other.recipients;
+        self.queued += other.queued;
+        self.running += other.running;
+        self.waiting += other.waiting;
+        self.completed += other.completed;
+        self.skipped += other.skipped;
+        self.cancelled += other.cancelled;
+        self.failed += other.failed;
+        self.batched += other.batched;
+        self.throttled += other.throttled;
+    }
+}
+
 /// How a finished run ended: its state, the `Succeeded` condition's status
 /// and reason, and a message. None while recipients are unfinished.
 pub fn run_outcome(t: &RecipientTotals) -> Option<(RunState, bool, &'static str, String)> {
@@ -473,17 +489,14 @@ pub fn extra_bound(adds_context: bool, named_steps: usize) -> usize {
 /// [`minimal_bound`] for steps with these refs. Many steps (or long ids)
 /// make pages smaller. Every page holds at least one recipient.
 pub fn plan_pages(recipients: &[RecipientStatus], step_refs: &[&str], extra: usize, max: usize, budget: usize) -> Vec<Range<usize>> {
-    let bounds = minimal_bounds(recipients, step_refs, extra);
+    let mut cutter = PageCutter::new(step_refs, extra, max, budget);
     let mut pages = Vec::new();
     let mut start = 0;
-    let mut size = 2; // []
-    for (i, bound) in bounds.enumerate() {
-        if i > start && (i - start >= max.max(1) || size + bound > budget) {
+    for (i, r) in recipients.iter().enumerate() {
+        if cutter.starts_page(r) && i > start {
             pages.push(start..i);
             start = i;
-            size = 2;
         }
-        size += bound;
     }
     if start < recipients.len() {
         pages.push(start..recipients.len());
@@ -491,14 +504,53 @@ pub fn plan_pages(recipients: &[RecipientStatus], step_refs: &[&str], extra: usi
     pages
 }
 
+/// [`plan_pages`]'s rule one record at a time, for records that are still
+/// being expanded: the same records in the same order give the same pages.
+#[derive(Clone, Debug)]
+pub struct PageCutter {
+    steps_size: usize,
+    extra: usize,
+    max: usize,
+    budget: usize,
+    count: usize,
+    size: usize,
+}
+
+impl PageCutter {
+    pub fn new(step_refs: &[&str], extra: usize, max: usize, budget: usize) -> Self {
+        // The steps are the same for every recipient: measured once. `steps`
+        // is a record's last field, so it adds `,"steps":[...]` to the rest.
+        let steps: Vec<StepStatus> = step_refs.iter().map(|r| widest_minimal_step(r)).collect();
+        let steps_size = if steps.is_empty() { 0 } else { r#","steps":"#.len() + stored_size(&steps) };
+        PageCutter { steps_size, extra, max: max.max(1), budget, count: 0, size: 2 }
+    }
+
+    /// `record`'s [`minimal_bound`] in a list (with its comma).
+    fn bound(&self, record: &RecipientStatus) -> usize {
+        stored_size(&widest_minimal(record)) + self.steps_size + self.extra + 1
+    }
+
+    /// Adds `record` to the page being cut; true when it does not fit there
+    /// and starts the next page (the first record starts none: every page
+    /// holds at least one).
+    pub fn starts_page(&mut self, record: &RecipientStatus) -> bool {
+        let bound = self.bound(record);
+        let next = self.count > 0 && (self.count >= self.max || self.size + bound > self.budget);
+        if next {
+            self.count = 0;
+            self.size = 2; // []
+        }
+        self.count += 1;
+        self.size += bound;
+        next
+    }
+}
+
 /// Each record's [`minimal_bound`] in a list (with its comma).
 /// `extra`: what else a record may hold ([`extra_bound`]).
 fn minimal_bounds<'a>(recipients: &'a [RecipientStatus], step_refs: &[&str], extra: usize) -> impl Iterator<Item = usize> + 'a {
-    // The steps are the same for every recipient: measured once. `steps`
-    // is a record's last field, so it adds `,"steps":[...]` to the rest.
-    let steps: Vec<StepStatus> = step_refs.iter().map(|r| widest_minimal_step(r)).collect();
-    let steps_size = if steps.is_empty() { 0 } else { r#","steps":"#.len() + stored_size(&steps) };
-    recipients.iter().map(move |r| stored_size(&widest_minimal(r)) + steps_size + extra + 1)
+    let cutter = PageCutter::new(step_refs, extra, 1, 0);
+    recipients.iter().map(move |r| cutter.bound(r))
 }
 
 /// Recipients a run keeps inline, in its own status, at most: a small run

@@ -103,8 +103,13 @@ pub struct TriggerRunStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totals: Option<RecipientTotals>,
     /// Names of the RecipientPage objects holding every recipient's status, in order (runs of more than 10 recipients).
+    /// While `expanding`, the pages created so far.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pages: Vec<String>,
+    /// True while the run's recipients are still being expanded into pages: the first pages
+    /// deliver while the next ones (`<run>-p<N>`) are cut; `totals` counts the pages so far.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expanding: bool,
     /// Every recipient's status, in order, for a run small enough to keep them here (up to 10 recipients; no pages then).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recipients: Vec<crate::core::status::RecipientStatus>,

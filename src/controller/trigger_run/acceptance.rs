@@ -2,7 +2,6 @@
 //! inline recipients, actor and tenant identified, recipients expanded, and
 //! where their records live planned (inline in the run, or pages).
 
-use std::ops::Range;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -13,14 +12,14 @@ use kube::{Api, ResourceExt};
 use serde_json::Value;
 
 use super::records::{Holder, Page};
-use super::{page_name, run_id, Reconciler, MAX_RECIPIENTS, PAGE_SIZE};
+use super::stream::PageStream;
+use super::{run_id, Reconciler, MAX_RECIPIENTS, PAGE_SIZE};
 use crate::controller::directory::LiveDirectory;
 use crate::controller::identify::{self, IdentifyError, Recipient, Written};
 use crate::controller::workflow::find_by_key;
 use crate::controller::{conditions, directory, Context, Error};
 use crate::core::execution::TenantRecord;
 use crate::core::expansion::{self, Directory};
-use crate::core::ids;
 use crate::core::model::{parse_recipient, parse_tenant, JsonObject, RecipientInput, RecipientKey, TenantInput};
 use crate::core::status::{self as run_status, Layout, RecipientState, RecipientStatus, RunState};
 use crate::core::validation;
@@ -228,40 +227,50 @@ impl Reconciler<'_> {
         }
 
         let actor = trigger.actor.as_ref().map(|a| a.key().clone());
-        let (recipients, missing_audiences) = self.expand_records(&trigger, &mut directory).await?;
+        let missing_audiences: Vec<&str> = self.run.spec.audiences.iter().filter(|a| !directory.has_audience(a)).map(String::as_str).collect();
         if !missing_audiences.is_empty() {
             self.event(EventType::Warning, "AudienceNotFound", format!("no Audience with key {}", missing_audiences.join(", "))).await;
         }
-        if recipients.is_empty() {
-            return self.fail(status, refuse("NoRecipients", "the trigger's recipients and audiences reach nobody")).await.map(Err);
-        }
-        self.ctx.metrics.fanout.observe(recipients.len() as f64);
         let workflow_run_id = run_id(self.run);
-
         let snapshot = WorkflowSnapshot::of(&workflow);
         let (step_refs, extra) = page_shape(&workflow.spec.steps);
         let step_refs: Vec<&str> = step_refs.iter().map(String::as_str).collect();
+
+        // The first page's worth of recipients: those the watch cache does
+        // not have yet are looked up on the apiserver before the run starts.
+        {
+            let mut first = PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), workflow_run_id, (&self.namespace, &self.name), &[]);
+            let unknown: Vec<RecipientKey> = std::iter::from_fn(|| first.next_record()).take(PAGE_SIZE).filter(|r| r.state == RecipientState::Failed).map(|r| r.key()).collect();
+            drop(first);
+            self.fetch_missing(&unknown, &mut directory).await?;
+        }
+        let mut stream = PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), workflow_run_id, (&self.namespace, &self.name), &[]);
+        let head: Vec<RecipientStatus> = std::iter::from_fn(|| stream.next_record()).take(run_status::INLINE_RECIPIENTS + 1).collect();
+        if head.is_empty() {
+            return self.fail(status, refuse("NoRecipients", "the trigger's recipients and audiences reach nobody")).await.map(Err);
+        }
         // What the run's object holds besides inline records: they share its size limit.
         let run_size = run_status::stored_size(&self.run.metadata) + run_status::stored_size(&self.run.spec) + run_status::stored_size(&snapshot);
-        let mut pages = match run_status::plan_layout(&recipients, &step_refs, extra, run_size, PAGE_SIZE) {
+        let inline = head.len() <= run_status::INLINE_RECIPIENTS && run_status::plan_layout(&head, &step_refs, extra, run_size, PAGE_SIZE) == Layout::Inline;
+        let pages = if inline {
             // Inline: nothing is written yet but the recipient run ids (the
             // API's index); the run's status goes out at the first checkpoint,
             // or with the outcome.
-            Layout::Inline => {
-                self.write_recipient_run_ids(&recipients).await?;
-                vec![Page { holder: Holder::Run, index: 0, recipients: recipients.clone(), exists: true }]
-            }
-            // Streaming fan-out: only the first page is created now; the run
-            // lists every page, and the rest are created while the first
-            // ones deliver (a restart re-expands the ones not created yet).
-            Layout::Pages(ranges) => ranges
-                .into_iter()
-                .enumerate()
-                .map(|(index, range)| Page { holder: Holder::Page(page_name(&self.name, index)), index, recipients: recipients[range].to_vec(), exists: false })
-                .collect(),
+            self.write_recipient_run_ids(&head).await?;
+            vec![Page { holder: Holder::Run, index: 0, recipients: head, exists: true, settled: None }]
+        } else {
+            // Streaming fan-out: the first page is cut and created now; the
+            // rest are cut and created while it delivers (`execute`).
+            stream.unread(head);
+            let mut first = stream.next_page().expect("the stream holds the records just read");
+            self.create_page(&mut first).await?;
+            status.expanding = stream.has_more();
+            vec![first]
         };
-        if let Some(first) = pages.first_mut().filter(|p| !p.is_inline()) {
-            self.create_page(first).await?;
+        drop(stream);
+        let count: usize = pages.iter().map(|p| p.recipients.len()).sum();
+        if !status.expanding {
+            self.ctx.metrics.fanout.observe(count as f64);
         }
 
         status.workflow_run_id = Some(workflow_run_id.to_string());
@@ -273,83 +282,45 @@ impl Reconciler<'_> {
         self.with_records(&mut status, &pages);
         status.start_time = Some(Time(Timestamp::now()));
         status.observed_generation = generation;
-        conditions::set(&mut status.conditions, "Accepted", conditions::TRUE, "Accepted", &format!("{} recipients", recipients.len()), generation);
+        let accepted = if status.expanding { format!("{count} recipients so far; expanding the rest") } else { format!("{count} recipients") };
+        conditions::set(&mut status.conditions, "Accepted", conditions::TRUE, "Accepted", &accepted, generation);
         conditions::set(&mut status.conditions, "Succeeded", conditions::UNKNOWN, "Running", "the run is in progress", generation);
         if !status.pages.is_empty() {
-            // The pages are listed once the first exists: a crash before
+            // The first page is listed once it exists: a crash before
             // re-expands and rewrites it (nothing was sent yet); a crash after
-            // re-expands the pages not created yet.
+            // finds the pages created since by name and expands the rest.
             self.write_status(&status).await?;
         }
-        tracing::info!(recipients = recipients.len(), pages = status.pages.len(), "run accepted");
+        tracing::info!(recipients = count, expanding = status.expanding, "run accepted");
         Ok(Ok((status, pages, directory)))
-    }
-
-    /// Expands the trigger's recipients into their records (in expansion
-    /// order: the same trigger and directory give the same list), and names
-    /// the audiences that do not exist.
-    pub(super) async fn expand_records(&self, trigger: &Trigger, directory: &mut LiveDirectory) -> Result<(Vec<RecipientStatus>, Vec<String>), Error> {
-        let direct: Vec<RecipientKey> = trigger.recipients.iter().map(|r| r.key().clone()).collect();
-        let actor = trigger.actor.as_ref().map(|a| a.key().clone());
-        let mut expanded = expansion::expand(&direct, &self.run.spec.audiences, actor.as_ref(), directory);
-        if self.fetch_missing(&expanded, directory).await? {
-            expanded = expansion::expand(&direct, &self.run.spec.audiences, actor.as_ref(), directory);
-        }
-        let workflow_run_id = run_id(self.run);
-        let recipients = expanded
-            .recipients
-            .iter()
-            .map(|reached| {
-                let mut r = RecipientStatus {
-                    recipient: reached.key.id().to_string(),
-                    collection: match &reached.key {
-                        RecipientKey::Object { collection, .. } => Some(collection.clone()),
-                        RecipientKey::User(_) => None,
-                    },
-                    recipient_run_id: ids::recipient_run_id(&workflow_run_id, &reached.key).to_string(),
-                    via: Some(reached.via.label()),
-                    ..Default::default()
-                };
-                if !reached.found {
-                    r.state = RecipientState::Failed;
-                    r.reason = Some("RecipientNotFound".into());
-                    r.message = Some(format!("no {} `{}` in namespace {}", if reached.key.is_object() { "Object" } else { "User" }, reached.key, self.namespace));
-                }
-                r
-            })
-            .collect();
-        Ok((recipients, expanded.missing_audiences))
     }
 
     /// Reads recipients the watch cache does not have (yet) from the
     /// apiserver, by the names herald gives them: a user identified through
     /// the API just before the trigger must not be RecipientNotFound.
-    /// Returns whether any was found. Bounded, so a trigger naming thousands
-    /// of unknown ids costs a bounded number of reads.
-    async fn fetch_missing(&self, expanded: &expansion::Expansion, directory: &mut LiveDirectory) -> Result<bool, Error> {
+    /// Bounded, so a trigger naming thousands of unknown ids costs a bounded
+    /// number of reads.
+    async fn fetch_missing(&self, keys: &[RecipientKey], directory: &mut LiveDirectory) -> Result<(), Error> {
         const MAX_READS: usize = 100;
-        let mut found = false;
-        for reached in expanded.recipients.iter().filter(|r| !r.found).take(MAX_READS) {
+        for key in keys.iter().take(MAX_READS) {
             // identify's lookup (by id, under any name herald gives it); one
             // herald cannot read counts as not found (the caches report it).
-            match &reached.key {
+            match key {
                 RecipientKey::User(id) => {
                     let target = identify::Target::user(&self.ctx.stores, &self.namespace, id);
                     if let Some(user) = not_unreadable(identify::locate(&Api::namespaced(self.ctx.client.clone(), &self.namespace), &target).await)? {
                         directory.overlay.insert_user(directory::user_record(&user.spec));
-                        found = true;
                     }
                 }
                 RecipientKey::Object { collection, id } => {
                     let target = identify::Target::object(&self.ctx.stores, &self.namespace, collection, id);
                     if let Some(object) = not_unreadable(identify::locate(&Api::namespaced(self.ctx.client.clone(), &self.namespace), &target).await)? {
                         directory.overlay.insert_object(directory::object_record(&object));
-                        found = true;
                     }
                 }
             }
         }
-        Ok(found)
+        Ok(())
     }
 }
 
@@ -361,14 +332,6 @@ pub(super) fn page_shape(steps: &[crate::resources::workflow::Step]) -> (Vec<Str
     let named = tree.iter().filter(|s| matches!(s.step_type, StepType::Branch | StepType::Batch | StepType::TriggerWorkflow)).count();
     let extra = run_status::extra_bound(tree.iter().any(|s| matches!(s.step_type, StepType::Fetch | StepType::Batch)), named);
     (tree.iter().map(|s| s.step_ref.clone()).collect(), extra)
-}
-
-/// The pages a paged run's recipients go on (what acceptance planned, given
-/// the same recipients and steps).
-pub(super) fn page_ranges(recipients: &[RecipientStatus], steps: &[crate::resources::workflow::Step]) -> Vec<Range<usize>> {
-    let (step_refs, extra) = page_shape(steps);
-    let step_refs: Vec<&str> = step_refs.iter().map(String::as_str).collect();
-    run_status::plan_pages(recipients, &step_refs, extra, PAGE_SIZE, run_status::PAGE_BUDGET)
 }
 
 /// What a lookup found, with a stored object herald cannot read as nothing.

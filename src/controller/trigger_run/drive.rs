@@ -15,9 +15,11 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 use uuid::Uuid;
 
+use super::acceptance::page_shape;
 use super::acceptance::{overlay_inline, parse_trigger, tenant_record};
-use super::records::Page;
-use super::{run_id, until, Reconciler, CHECKPOINT_EVERY, CHECKPOINT_INTERVAL};
+use super::records::{totals, Holder, Page};
+use super::stream::PageStream;
+use super::{run_id, until, Reconciler, CHECKPOINT_EVERY, CHECKPOINT_INTERVAL, PAGES_IN_FLIGHT};
 use crate::controller::delivery::Fenced;
 use crate::controller::directory::LiveDirectory;
 use crate::controller::identify;
@@ -163,24 +165,33 @@ impl Reconciler<'_> {
         let mut next_wake: Option<Timestamp> = None;
         // Every unfinished recipient of every page, in order, at most
         // --run-concurrency at once: a slow recipient holds up no other page.
-        let mut remaining = vec![0usize; pages.len()];
-        for (p, page) in pages.iter().enumerate() {
-            remaining[p] = page.recipients.iter().filter(|r| !r.state.is_finished()).count();
-        }
-        // Streaming fan-out: the recipients of the pages that exist start at
-        // once; the pages not created yet are created one after another
-        // (below, in the loop) while those deliver, and their recipients join.
+        let mut remaining: Vec<usize> = pages.iter().map(|page| page.recipients.iter().filter(|r| !r.state.is_finished()).count()).collect();
         let (work, queue) = futures::channel::mpsc::unbounded::<(usize, usize, RecipientStatus)>();
-        for item in pages.iter().enumerate().filter(|(_, page)| page.exists).flat_map(|(p, page)| unfinished(p, page)) {
+        for item in pages.iter().enumerate().flat_map(|(p, page)| unfinished(p, page)) {
             let _ = work.unbounded_send(item);
         }
-        let mut to_create: std::collections::VecDeque<Page> = pages.iter().filter(|page| !page.exists).cloned().collect();
-        let mut creating: Option<futures::future::BoxFuture<'_, Result<Page, Error>>> = to_create.pop_front().map(|page| Box::pin(self.create_owned(page)) as _);
-        if creating.is_none() {
+        // Streaming fan-out: while the run expands, its next page is cut and
+        // created (below, in the loop) whenever fewer than PAGES_IN_FLIGHT
+        // pages have recipients to go, and its recipients join. The
+        // recipients on existing pages are not reached again.
+        let (step_refs, extra) = page_shape(&snapshot.steps);
+        let step_refs: Vec<&str> = step_refs.iter().map(String::as_str).collect();
+        let mut stream =
+            status.expanding.then(|| PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), run_id(self.run), (&self.namespace, &self.name), &pages));
+        if stream.is_some() && !directory_given {
+            tracing::info!(pages = pages.len(), "resuming the expansion of a run a stopped operator had not finished expanding");
+        }
+        let mut creating: Option<futures::future::BoxFuture<'_, Result<Page, Error>>> = None;
+        // Pages with recipients to go.
+        let mut in_flight = remaining.iter().filter(|r| **r > 0).count();
+        if stream.is_none() {
             work.close_channel();
         }
-        for page in pages.iter_mut() {
-            page.exists = true;
+        // Pages with nothing left to do are let go of (their counts kept).
+        for (p, page) in pages.iter_mut().enumerate() {
+            if remaining[p] == 0 {
+                page.settle();
+            }
         }
         let mut results = queue
             .map(|(p, i, mut recipient_status)| {
@@ -233,6 +244,27 @@ impl Reconciler<'_> {
         let mut last_save = tokio::time::Instant::now();
         let mut saving: Option<futures::future::BoxFuture<'_, Result<(), Error>>> = None;
         loop {
+            // The next page, while the run expands and few pages are in flight.
+            if creating.is_none() {
+                if let Some(next) = stream.as_mut() {
+                    if in_flight < PAGES_IN_FLIGHT {
+                        match next.next_page() {
+                            Some(page) => creating = Some(Box::pin(self.create_owned(page))),
+                            None => {
+                                // Every recipient is on a page.
+                                let count = next.recipients;
+                                stream = None;
+                                work.close_channel();
+                                status.expanding = false;
+                                status_due = true;
+                                self.ctx.metrics.fanout.observe(count as f64);
+                                conditions::set(&mut status.conditions, "Accepted", conditions::TRUE, "Accepted", &format!("{count} recipients"), generation);
+                                tracing::info!(recipients = count, pages = pages.len(), "run expanded");
+                            }
+                        }
+                    }
+                }
+            }
             tokio::select! {
                 next = results.next() => match next {
                     Some((p, i, new_status, wake)) => {
@@ -251,20 +283,31 @@ impl Reconciler<'_> {
                             unsaved += 1;
                         }
                         remaining[p] -= 1;
-                        totals_due |= remaining[p] == 0 && remaining.iter().any(|r| *r > 0);
+                        if remaining[p] == 0 {
+                            in_flight -= 1;
+                            if !changed_pages.contains(&p) {
+                                pages[p].settle();
+                            }
+                        }
+                        totals_due |= remaining[p] == 0 && (in_flight > 0 || stream.is_some());
                     }
                     None => break,
                 },
                 created = async { creating.as_mut().expect("polled only while a page is being created").await }, if creating.is_some() => {
-                    // A page that could not be created ends the reconcile (retried; the next re-expands it).
+                    creating = None;
+                    // A page that could not be created ends the reconcile (retried: the next finds the pages by name).
                     let page = created?;
-                    for item in unfinished(page.index, &page) {
+                    if let Holder::Page(name) = &page.holder {
+                        status.pages.push(name.clone());
+                    }
+                    status_due = true;
+                    let p = pages.len();
+                    remaining.push(page.recipients.iter().filter(|r| !r.state.is_finished()).count());
+                    in_flight += usize::from(remaining[p] > 0);
+                    for item in unfinished(p, &page) {
                         let _ = work.unbounded_send(item);
                     }
-                    creating = to_create.pop_front().map(|page| Box::pin(self.create_owned(page)) as _);
-                    if creating.is_none() {
-                        work.close_channel();
-                    }
+                    pages.push(page);
                 }
                 saved = async { saving.as_mut().expect("polled only while a save is in flight").await }, if saving.is_some() => {
                     saving = None;
@@ -274,10 +317,16 @@ impl Reconciler<'_> {
             }
             let checkpoint = (unsaved > 0 || status_due) && (unsaved >= CHECKPOINT_EVERY || last_save.elapsed() >= CHECKPOINT_INTERVAL);
             if saving.is_none() && (checkpoint || totals_due) {
-                let changed = std::mem::take(&mut changed_pages);
+                let changed: Vec<usize> = std::mem::take(&mut changed_pages).into_iter().collect();
                 let inline_changed = changed.iter().any(|p| pages[*p].is_inline());
-                let snapshots: Vec<Page> = changed.into_iter().filter(|p| !pages[*p].is_inline()).map(|p| pages[p].clone()).collect();
-                let totals = run_status::totals(pages.iter().flat_map(|p| p.recipients.iter()));
+                let snapshots: Vec<Page> = changed.iter().filter(|p| !pages[**p].is_inline()).map(|p| pages[*p].clone()).collect();
+                // Pages done with are let go of once their last records are on their way out.
+                for p in &changed {
+                    if remaining[*p] == 0 {
+                        pages[*p].settle();
+                    }
+                }
+                let totals = totals(&pages);
                 let parent = (status_due || inline_changed || (totals_due && status.totals.as_ref() != Some(&totals))).then(|| {
                     self.with_records(&mut status, &pages);
                     status.clone()
@@ -460,6 +509,8 @@ impl Reconciler<'_> {
             }
         }
         let generation = self.run.metadata.generation;
+        // Recipients not expanded yet never run.
+        status.expanding = false;
         self.with_records(&mut status, &pages);
         status.state = RunState::Failed;
         if status.completion_time.is_none() {

@@ -7,13 +7,15 @@
 //! core, and write: `acceptance` (checks, identify, expansion, layout),
 //! `drive` (recipients through their steps, checkpoints, cancellation),
 //! `records` (where records live and the conditional writes that save them),
-//! `retention` (deleting finished runs).
+//! `stream` (a large run's recipients expanded and cut into pages while the
+//! first pages deliver), `retention` (deleting finished runs).
 
 mod acceptance;
 mod drive;
 mod functions;
 mod records;
 mod retention;
+mod stream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,6 +43,10 @@ use crate::resources::{Cancellation, RecipientPage, TriggerRun, TriggerRunStatus
 /// Workflows with many steps get fewer a page (see `core::status::plan_pages`),
 /// so that a page always fits etcd's request limit.
 pub const PAGE_SIZE: usize = 500;
+/// A run that is still expanding cuts its next page only while fewer than
+/// this many pages have recipients to go: what a run holds in memory is a
+/// few pages, not its audience.
+pub const PAGES_IN_FLIGHT: usize = 4;
 /// A page being executed is saved after this many recipients changed...
 pub const CHECKPOINT_EVERY: usize = 100;
 /// ...or this long after the last save, whichever comes first. Saves do not
@@ -208,7 +214,7 @@ async fn reconcile_run(cached: &TriggerRun, ctx: &Context) -> Result<Action, Err
     }
     let r = Reconciler { ctx, run, namespace, name, versions: Default::default(), written: Default::default() };
     r.remember(RUN_VERSION, run.metadata.resource_version.clone());
-    let status = run.status.clone().unwrap_or_default();
+    let mut status = run.status.clone().unwrap_or_default();
     if status.state.is_finished() {
         return r.retain(&status).await;
     }
@@ -220,9 +226,8 @@ async fn reconcile_run(cached: &TriggerRun, ctx: &Context) -> Result<Action, Err
     }
     // The spec is immutable; where the apiserver cannot enforce it (before
     // Kubernetes 1.25), a changed spec is never acted on.
-    let mut pages = r.load_pages(&status).await?;
-    // Pages a stopped operator had not created yet: from the expansion, again.
-    r.refill_missing(&status, &mut pages).await?;
+    // A run stopped mid-expansion goes on expanding where its pages end.
+    let pages = r.load_pages(&mut status).await?;
     if status.observed_generation.is_some() && status.observed_generation != run.metadata.generation {
         return r.fail_unfinished(status, pages, "SpecChanged", "the spec changed after the run started; create a new TriggerRun instead").await;
     }

@@ -15,7 +15,7 @@ use kube::Resource;
 use super::{conflict_is_stale, Reconciler, RUN_LABEL, RUN_VERSION};
 use crate::controller::{Error, MANAGER};
 use crate::core::ids;
-use crate::core::status::{self as run_status, RecipientStatus};
+use crate::core::status::{self as run_status, RecipientStatus, RecipientTotals};
 use crate::resources::recipient_page::{encode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION, WORKFLOW_RUN_ID_LABEL};
 use crate::resources::{RecipientPage, RecipientPageSpec, RecipientPageStatus, TriggerRunStatus};
 
@@ -39,12 +39,37 @@ pub(super) struct Page {
     /// by one while the first ones are already delivering (streaming
     /// fan-out); [`Reconciler::write_page`] creates a page it finds missing.
     pub exists: bool,
+    /// Set when the page is done with for this reconcile (every recipient
+    /// went as far as it could, and the page is saved): its records are let
+    /// go and its counts kept, so a run holds a few pages in memory, not its
+    /// whole audience.
+    pub settled: Option<RecipientTotals>,
 }
 
 impl Page {
     pub fn is_inline(&self) -> bool {
         self.holder == Holder::Run
     }
+
+    /// Lets go of the records, keeping their counts.
+    pub fn settle(&mut self) {
+        if self.settled.is_none() && !self.is_inline() {
+            self.settled = Some(run_status::totals(&self.recipients));
+            self.recipients = Vec::new();
+        }
+    }
+}
+
+/// Recipient counts over a run's pages, settled or not.
+pub(super) fn totals(pages: &[Page]) -> RecipientTotals {
+    let mut t = RecipientTotals::default();
+    for page in pages {
+        match &page.settled {
+            Some(settled) => t.add(settled),
+            None => t.add(&run_status::totals(&page.recipients)),
+        }
+    }
+    t
 }
 
 impl Reconciler<'_> {
@@ -52,7 +77,7 @@ impl Reconciler<'_> {
     /// and the records themselves when the run keeps them inline (compacted,
     /// as pages are, to fit their budget).
     pub(super) fn with_records(&self, status: &mut TriggerRunStatus, pages: &[Page]) {
-        status.totals = Some(run_status::totals(pages.iter().flat_map(|p| p.recipients.iter())));
+        status.totals = Some(totals(pages));
         if let Some(inline) = pages.iter().find(|p| p.is_inline()) {
             let (recipients, detail) = run_status::fit_page(&inline.recipients, run_status::INLINE_BUDGET);
             if detail != run_status::Detail::Full {
@@ -143,52 +168,42 @@ impl Reconciler<'_> {
     }
 
     /// The run's records as stored: inline in its status, or read from its
-    /// pages. Pages listed but not created yet, or created without their
-    /// records (the operator stopped while streaming them out), come back
-    /// empty with `exists: false`.
-    pub(super) async fn load_pages(&self, status: &TriggerRunStatus) -> Result<Vec<Page>, Error> {
-        if status.pages.is_empty() {
-            return Ok(vec![Page { holder: Holder::Run, index: 0, recipients: status.recipients.clone(), exists: true }]);
+    /// pages. Pages are created one after another, so the ones that exist
+    /// with their records are a prefix: a page listed but missing, or created
+    /// without its records (the operator stopped between its two writes),
+    /// ends it, and the run goes on expanding from there
+    /// (`status.expanding`). While a run expands, pages created but not yet
+    /// listed in its status are found by name.
+    pub(super) async fn load_pages(&self, status: &mut TriggerRunStatus) -> Result<Vec<Page>, Error> {
+        if status.pages.is_empty() && !status.expanding {
+            return Ok(vec![Page { holder: Holder::Run, index: 0, recipients: status.recipients.clone(), exists: true, settled: None }]);
         }
         let api = self.pages_api();
         let mut pages = Vec::with_capacity(status.pages.len());
-        for (index, name) in status.pages.iter().enumerate() {
-            let page = api.get_opt(name).await?;
-            // A page is created in two writes (the page, then its records): one
-            // stopped between them has no records yet and is filled like a missing one.
+        loop {
+            let index = pages.len();
+            let name = match status.pages.get(index) {
+                Some(name) => name.clone(),
+                None if status.expanding => super::page_name(&self.name, index),
+                None => break,
+            };
+            let page = api.get_opt(&name).await?;
             let filled = page.as_ref().is_some_and(|p| p.status.as_ref().is_some_and(|s| s.recipients.len() == p.spec.size.max(0) as usize));
-            let recipients = page.filter(|_| filled).map(|page| {
-                self.remember(name, page.metadata.resource_version.clone());
-                page.status.map(|s| s.recipients).unwrap_or_default()
-            });
-            pages.push(Page { holder: Holder::Page(name.clone()), index, recipients: recipients.unwrap_or_default(), exists: filled });
+            let Some(page) = page.filter(|_| filled) else {
+                if index < status.pages.len() {
+                    tracing::info!(page = %name, "resuming the expansion at a page a stopped operator had not finished creating");
+                    status.pages.truncate(index);
+                    status.expanding = true;
+                }
+                break;
+            };
+            self.remember(&name, page.metadata.resource_version.clone());
+            let recipients = page.status.map(|s| s.recipients).unwrap_or_default();
+            if index >= status.pages.len() {
+                status.pages.push(name.clone());
+            }
+            pages.push(Page { holder: Holder::Page(name), index, recipients, exists: true, settled: None });
         }
         Ok(pages)
-    }
-
-    /// Fills the records of pages that were never created from the run's
-    /// expansion, made again: the same trigger and memberships give the same
-    /// recipients in the same order, so the same pages. (Had memberships
-    /// changed meanwhile, a recipient may land on a page twice; both records
-    /// carry the same recipient run id, so receivers see the same
-    /// Idempotency-Key.)
-    pub(super) async fn refill_missing(&self, status: &TriggerRunStatus, pages: &mut [Page]) -> Result<(), Error> {
-        if pages.iter().all(|p| p.exists) {
-            return Ok(());
-        }
-        let trigger = match super::acceptance::parse_trigger(self.run) {
-            Ok(t) => t,
-            Err(refusal) => return Err(Error::Stale(refusal.message)),
-        };
-        let mut directory = crate::controller::directory::LiveDirectory::new(&self.ctx.stores, &self.namespace);
-        super::acceptance::overlay_inline(&mut directory, &trigger);
-        let (recipients, _) = self.expand_records(&trigger, &mut directory).await?;
-        let steps = status.workflow_spec.as_ref().map(|s| s.steps.as_slice()).unwrap_or_default();
-        let ranges = super::acceptance::page_ranges(&recipients, steps);
-        for page in pages.iter_mut().filter(|p| !p.exists) {
-            page.recipients = ranges.get(page.index).map(|r| recipients[r.clone()].to_vec()).unwrap_or_default();
-        }
-        tracing::info!(missing = pages.iter().filter(|p| !p.exists).count(), "re-expanded the pages a stopped operator had not created");
-        Ok(())
     }
 }

@@ -83,7 +83,7 @@ impl Reconciler<'_> {
     /// idempotency key.
     async fn archive(&self, history: &History, status: &TriggerRunStatus) -> Result<(), Error> {
         history.messages.flush().await?;
-        let records: Vec<_> = self.load_pages(status).await?.into_iter().flat_map(|p| p.recipients).collect();
+        let records: Vec<_> = self.load_pages(&mut status.clone()).await?.into_iter().flat_map(|p| p.recipients).collect();
         let id = status.workflow_run_id.as_deref().and_then(|id| Uuid::parse_str(id).ok()).or_else(|| self.run.uid().and_then(|u| Uuid::parse_str(&u).ok())).unwrap_or_default();
         // The run as kubectl showed it, without the records (kept row by row) or field bookkeeping.
         let mut run: TriggerRun = self.run.clone();
