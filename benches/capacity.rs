@@ -133,17 +133,27 @@ async fn bench() {
     let ids: Vec<String> = (0..users).map(|i| format!("user_{i:06}")).collect();
     let api = ns.api::<User>();
     let started = Instant::now();
-    futures::stream::iter(ids.iter())
-        .for_each_concurrent(32, |id| {
-            let api = api.clone();
-            async move {
-                let user: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id.replace('_', "-")},
-                    "spec": {"id": id, "name": format!("User {id}"), "email": format!("{id}@example.com"), "properties": {"plan": "pro"}}}))
-                .unwrap();
-                api.create(&PostParams::default(), &user).await.expect("create user");
-            }
-        })
-        .await;
+    // Created in two parts: the figure at 100,000 Users (the idle goal) is
+    // read on the way when there are more.
+    let checkpoint = users.min(100_000);
+    let mut at_checkpoint = None;
+    for part in [&ids[..checkpoint], &ids[checkpoint..]] {
+        futures::stream::iter(part.iter())
+            .for_each_concurrent(32, |id| {
+                let api = api.clone();
+                async move {
+                    let user: User = serde_json::from_value(json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id.replace('_', "-")},
+                        "spec": {"id": id, "name": format!("User {id}"), "email": format!("{id}@example.com"), "properties": {"plan": "pro"}}}))
+                    .unwrap();
+                    api.create(&PostParams::default(), &user).await.expect("create user");
+                }
+            })
+            .await;
+        if at_checkpoint.is_none() {
+            cached(&herald, "User", checkpoint).await;
+            at_checkpoint = Some(rss_bytes(pid));
+        }
+    }
     cached(&herald, "User", users).await;
     let with_users = rss_bytes(pid);
     let users_setup = started.elapsed();
@@ -187,6 +197,19 @@ async fn bench() {
     )
     .await;
     let runs = ns.api::<TriggerRun>();
+    // The highest RSS while the run goes, sampled.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_bytes(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
     let done = common::wait_for("the fan-out to finish", Duration::from_secs(1800), || async {
         runs.get(&run.name_any()).await.ok().filter(|r| r.status.as_ref().is_some_and(|s| s.state.is_finished()))
     })
@@ -198,15 +221,18 @@ async fn bench() {
     let recipients = users + 1;
     assert!(arrivals.len() >= recipients, "{} deliveries for {recipients} recipients", arrivals.len());
     let first = arrivals.iter().cloned().fold(f64::INFINITY, f64::min) - triggered;
-    let peak = rss_bytes(pid);
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or_default();
 
     println!("herald capacity, {users} Users (setup {:.0}s), release={}", users_setup.as_secs_f64(), !cfg!(debug_assertions));
     println!(
-        "  memory: idle {:.1} MiB; +{:.0} bytes per cached User; +{:.0} bytes per subscription; {:.1} MiB after the fan-out",
+        "  memory: idle {:.1} MiB; {:.1} MiB with {checkpoint} Users; +{:.0} bytes per cached User; +{:.0} bytes per subscription; peak {:.1} MiB during the fan-out (+{:.1} MiB over before it)",
         mib(idle),
+        mib(at_checkpoint.unwrap_or(with_users)),
         (with_users.saturating_sub(idle)) as f64 / users as f64,
         (with_subscriptions.saturating_sub(with_users)) as f64 / users as f64,
-        mib(peak)
+        mib(peak),
+        mib(peak.saturating_sub(with_subscriptions))
     );
     println!(
         "  subscriptions: {users} through POST /v1/objects/{{c}}/{{id}}/subscriptions, 8 clients, 100 a call: {:.0}/s, {refused} of {} calls refused",

@@ -152,7 +152,8 @@ async fn herald_archiving(url: String, ttl: i64) -> Herald {
 async fn gone(h: &Herald, run_id: &str, within: Duration) {
     wait_for("the run to leave the cluster", within, || async {
         let runs = h.api::<TriggerRun>().list(&Default::default()).await.ok()?;
-        (!runs.items.iter().any(|r| r.status.as_ref().and_then(|s| s.workflow_run_id.as_deref()) == Some(run_id))).then_some(())
+        // By uid (the workflow run id): a run not accepted yet has no status to say it.
+        (!runs.items.iter().any(|r| r.metadata.uid.as_deref() == Some(run_id))).then_some(())
     })
     .await;
 }
@@ -168,9 +169,10 @@ async fn finished_runs_are_archived_and_still_readable() {
     h.http_channel("hooks", &receiver.url("/hook"), 1).await;
     h.workflow("ping", json!({"steps": [{"ref": "hook", "type": "channel", "channel": "hooks", "template": {"body": "{\"to\": \"{{ recipient.id }}\"}"}}]})).await;
 
-    // A small run (records inline) and one with pages (more than 10 recipients).
+    // A small run (records inline) and one with pages (more than 10
+    // recipients; 510 take two pages, archived one at a time).
     let small = trigger(&h, "ping", json!({"recipients": users(2)})).await;
-    let large = trigger(&h, "ping", json!({"recipients": users(15)})).await;
+    let large = trigger(&h, "ping", json!({"recipients": users(510)})).await;
     // A run created with kubectl keeps its explicit TTL.
     let kept: TriggerRun = serde_json::from_value(json!({
         "apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"name": "kept"},
@@ -183,7 +185,7 @@ async fn finished_runs_are_archived_and_still_readable() {
     assert!(h.api::<herald::resources::RecipientPage>().list(&Default::default()).await.unwrap().items.is_empty(), "the pages left with their run");
     let kept = h.api::<TriggerRun>().get("kept").await.expect("a run with its own ttlSecondsAfterFinished stays");
     assert_eq!(kept.status.as_ref().map(|s| format!("{:?}", s.state)).as_deref(), Some("Completed"));
-    assert_eq!(receiver.count(), 18);
+    assert_eq!(receiver.count(), 513);
 
     // Read back from the store: the run, its recipients' runs page by page, one recipient's run, the messages.
     let a = h.call("GET", &format!("/v1/workflow_runs/{small}"), None).await;
@@ -191,22 +193,24 @@ async fn finished_runs_are_archived_and_still_readable() {
     assert_eq!((a.body["status"].as_str(), a.body["workflow"].as_str()), (Some("completed"), Some("ping")));
     assert_eq!(a.body["recipient_runs"]["entries"].as_array().map(Vec::len), Some(2), "{a:?}");
     let mut ids = Vec::new();
-    let mut path = format!("/v1/workflow_runs/{large}?page_size=10");
+    let mut path = format!("/v1/workflow_runs/{large}?page_size=50");
     loop {
         let a = h.call("GET", &path, None).await;
         assert_eq!(a.status, 200, "{a:?}");
         ids.extend(a.body["recipient_runs"]["entries"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_string()));
         match a.body["recipient_runs"]["page_info"]["after"].as_str() {
-            Some(after) => path = format!("/v1/workflow_runs/{large}?page_size=10&after={after}"),
+            Some(after) => path = format!("/v1/workflow_runs/{large}?page_size=50&after={after}"),
             None => break,
         }
     }
-    assert_eq!(ids.len(), 15, "{ids:?}");
-    let a = h.call("GET", &format!("/v1/workflow_recipient_runs/{}", ids[14]), None).await;
+    assert_eq!(ids.len(), 510, "every recipient once, in order");
+    assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 510);
+    let a = h.call("GET", &format!("/v1/workflow_recipient_runs/{}", ids[509]), None).await;
     assert_eq!(a.status, 200, "{a:?}");
-    assert_eq!((a.body["recipient"].as_str(), a.body["state"].as_str(), a.body["workflow_run_id"].as_str()), (Some("user-14"), Some("Completed"), Some(large.as_str())));
+    assert_eq!((a.body["recipient"].as_str(), a.body["state"].as_str(), a.body["workflow_run_id"].as_str()), (Some("user-509"), Some("Completed"), Some(large.as_str())));
     assert_eq!(a.body["steps"][0]["reason"], "Delivered");
-    messages(&h, &format!("workflow_run_id={large}"), 15).await;
+    // The messages list reads in pages of 50 (Knock's default): the first is full.
+    messages(&h, &format!("workflow_run_id={large}"), 50).await;
     assert!(h.metrics().await.lines().any(|l| l.starts_with("herald_runs_archived_total") && !l.ends_with(" 0")), "{}", h.metrics().await);
     h.call("GET", &format!("/v1/workflow_runs/{}", uuid::Uuid::new_v4()), None).await.assert_error(404, "resource_missing");
 }

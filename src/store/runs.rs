@@ -1,5 +1,8 @@
 //! Finished runs in the store: the TriggerRun as it was and each recipient's
-//! record, written in one transaction before the run leaves the cluster.
+//! record, written before the run leaves the cluster: the run's row first,
+//! then its recipients a page at a time (a run of any size is archived in
+//! bounded memory). The API reads a run from the cluster while it is there,
+//! so a partly written archive is never read; archiving again rewrites it.
 
 use jiff::Timestamp;
 use serde_json::Value;
@@ -20,13 +23,11 @@ pub struct ArchivedRun {
     /// The TriggerRun object, without its pages.
     pub run: Value,
     pub inserted_at: Timestamp,
-    /// Each recipient's record (recipient run id, record), in the run's order.
-    pub recipients: Vec<(Uuid, Value)>,
 }
 
-/// Archives a run, its recipients' records and the messages its records
-/// stand for that are not stored yet; all or nothing, and idempotent.
-pub async fn archive(store: &Store, run: &ArchivedRun, messages: &[MessageRecord]) -> Result<(), StoreError> {
+/// Starts archiving a run: its row, and none of its recipients' rows yet (a
+/// stopped archive's are cleared). [`archive_recipients`] adds them.
+pub async fn archive_run(store: &Store, run: &ArchivedRun) -> Result<(), StoreError> {
     let mut client = store.client().await?;
     let tx = client.transaction().await?;
     let now = Timestamp::now();
@@ -37,20 +38,30 @@ pub async fn archive(store: &Store, run: &ArchivedRun, messages: &[MessageRecord
     )
     .await?;
     tx.execute("DELETE FROM herald_recipient_runs WHERE workflow_run_id = $1", &[&run.id]).await?;
-    // Rows in batches: one statement per 1,000 recipients.
-    for (chunk_index, chunk) in run.recipients.chunks(1000).enumerate() {
-        let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-        let positions: Vec<i32> = (0..chunk.len()).map(|i| (chunk_index * 1000 + i) as i32).collect();
-        let records: Vec<Value> = chunk.iter().map(|(_, r)| r.clone()).collect();
-        tx.execute(
-            "INSERT INTO herald_recipient_runs (id, workflow_run_id, position, record, updated_at) \
-             SELECT id, $1, position, record, $2 FROM UNNEST($3::uuid[], $4::int4[], $5::jsonb[]) AS t(id, position, record) \
-             ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, position = EXCLUDED.position, workflow_run_id = EXCLUDED.workflow_run_id",
-            &[&run.id, &now, &ids, &positions, &records],
-        )
-        .await?;
-    }
     tx.commit().await?;
+    Ok(())
+}
+
+/// Archives recipients' records (recipient run id, record) of run `run_id`
+/// at positions from `first`, and the messages they stand for that the store
+/// does not have; idempotent.
+pub async fn archive_recipients(store: &Store, run_id: Uuid, first: usize, recipients: &[(Uuid, Value)], messages: &[MessageRecord]) -> Result<(), StoreError> {
+    let client = store.client().await?;
+    let now = Timestamp::now();
+    // Rows in batches: one statement per 1,000 recipients.
+    for (chunk_index, chunk) in recipients.chunks(1000).enumerate() {
+        let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+        let positions: Vec<i32> = (0..chunk.len()).map(|i| i32::try_from(first + chunk_index * 1000 + i).unwrap_or(i32::MAX)).collect();
+        let records: Vec<&Value> = chunk.iter().map(|(_, r)| r).collect();
+        client
+            .execute(
+                "INSERT INTO herald_recipient_runs (id, workflow_run_id, position, record, updated_at) \
+                 SELECT id, $1, position, record, $2 FROM UNNEST($3::uuid[], $4::int4[], $5::jsonb[]) AS t(id, position, record) \
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record, position = EXCLUDED.position, workflow_run_id = EXCLUDED.workflow_run_id",
+                &[&run_id, &now, &ids, &positions, &records],
+            )
+            .await?;
+    }
     drop(client);
     messages::insert(store, messages, Conflict::Keep).await
 }

@@ -207,3 +207,28 @@ impl Reconciler<'_> {
         Ok(pages)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::status::RecipientState;
+
+    fn page(index: usize, states: &[RecipientState]) -> Page {
+        let recipients = states.iter().map(|s| RecipientStatus { recipient: format!("u{index}"), state: *s, ..Default::default() }).collect();
+        Page { holder: Holder::Page(format!("run-p{index}")), index, recipients, exists: true, settled: None }
+    }
+
+    #[test]
+    fn settled_pages_keep_their_counts_and_let_go_of_their_records() {
+        use RecipientState::*;
+        let mut pages = vec![page(0, &[Completed, Failed, Waiting]), page(1, &[Queued, Completed])];
+        let before = totals(&pages);
+        pages[0].settle();
+        assert!(pages[0].recipients.is_empty());
+        assert_eq!(totals(&pages), before);
+        assert_eq!((before.recipients, before.completed, before.failed, before.waiting, before.queued), (5, 2, 1, 1, 1));
+        let mut inline = Page { holder: Holder::Run, ..page(0, &[Completed]) };
+        inline.settle();
+        assert_eq!(inline.recipients.len(), 1, "inline records are saved with the run's status: kept");
+    }
+}

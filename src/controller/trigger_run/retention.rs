@@ -77,13 +77,13 @@ impl Reconciler<'_> {
     }
 
     /// Writes the finished run to the history store: first every message
-    /// still in the writer's buffer, then (in one transaction) the run and
-    /// its recipients' records, then the messages its records stand for that
-    /// the store does not have (a buffer that was full, a crash), and its
-    /// idempotency key.
+    /// still in the writer's buffer, then the run, then its recipients'
+    /// records a page at a time with the messages they stand for that the
+    /// store does not have (a buffer that was full, a crash), and its
+    /// idempotency key. A page at a time: a run of any size is archived
+    /// holding one page.
     async fn archive(&self, history: &History, status: &TriggerRunStatus) -> Result<(), Error> {
         history.messages.flush().await?;
-        let records: Vec<_> = self.load_pages(&mut status.clone()).await?.into_iter().flat_map(|p| p.recipients).collect();
         let id = status.workflow_run_id.as_deref().and_then(|id| Uuid::parse_str(id).ok()).or_else(|| self.run.uid().and_then(|u| Uuid::parse_str(&u).ok())).unwrap_or_default();
         // The run as kubectl showed it, without the records (kept row by row) or field bookkeeping.
         let mut run: TriggerRun = self.run.clone();
@@ -100,17 +100,25 @@ impl Reconciler<'_> {
             state: format!("{:?}", status.state),
             run: serde_json::to_value(&run)?,
             inserted_at: self.run.metadata.creation_timestamp.as_ref().map_or_else(Timestamp::now, |t| t.0),
-            recipients: records
-                .iter()
-                .map(|r| Ok((Uuid::parse_str(&r.recipient_run_id).unwrap_or_default(), serde_json::to_value(r)?)))
-                .collect::<Result<_, serde_json::Error>>()?,
         };
-        let messages = self.messages_of(status, id, &records);
-        store::runs::archive(&history.store, &archived, &messages).await?;
+        store::runs::archive_run(&history.store, &archived).await?;
+        let mut position = 0;
+        let pages = self.pages_api();
+        for page in 0..status.pages.len().max(1) {
+            let records = match status.pages.get(page) {
+                Some(name) => pages.get_opt(name).await?.and_then(|p| p.status).map(|s| s.recipients).unwrap_or_default(),
+                None => status.recipients.clone(),
+            };
+            let rows =
+                records.iter().map(|r| Ok((Uuid::parse_str(&r.recipient_run_id).unwrap_or_default(), serde_json::to_value(r)?))).collect::<Result<Vec<_>, serde_json::Error>>()?;
+            let messages = self.messages_of(status, id, &records);
+            store::runs::archive_recipients(&history.store, id, position, &rows, &messages).await?;
+            position += records.len();
+        }
         if let Some(fingerprint) = self.run.spec.idempotency_key.as_ref().and_then(|_| self.run.annotations().get(crate::resources::trigger_run::FINGERPRINT_ANNOTATION)) {
             store::idempotency::record(&history.store, &self.namespace, &self.name, fingerprint, archived.inserted_at).await?;
         }
-        tracing::info!(run = %self.name, recipients = records.len(), "archived finished run to the history store");
+        tracing::info!(run = %self.name, recipients = position, "archived finished run to the history store");
         Ok(())
     }
 
