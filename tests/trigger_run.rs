@@ -533,3 +533,61 @@ async fn one_operator_watches_several_namespaces_and_only_those() {
     let untouched = unwatched.api::<TriggerRun>().get(&runs[2]).await.unwrap();
     assert!(untouched.status.is_none(), "a namespace herald does not watch is left alone: {:?}", untouched.status);
 }
+
+/// A run of more pages than it holds in memory at once waits on a delay;
+/// the reconcile that wakes it reads its pages a few at a time (the others
+/// keep only their counts until their turn): every recipient is sent to
+/// once, and the totals stay whole throughout.
+#[tokio::test]
+async fn a_waiting_run_of_many_pages_resumes_a_few_pages_at_a_time() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = receivers::HttpReceiver::start().await;
+    create::<Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/")}}))
+        .await;
+    create::<Workflow>(&ns, delayed_workflow("later", "3s")).await;
+    // With the object itself, 2,601 recipients: six pages, more than the four held at once.
+    const N: usize = 2_600;
+    let ids: Vec<String> = (0..N).map(|i| format!("user_{i:04}")).collect();
+    let api = ns.api::<User>();
+    futures::stream::iter(ids.iter())
+        .for_each_concurrent(32, |id| {
+            let api = api.clone();
+            async move {
+                let u: User = serde_json::from_value(user(&id.replace('_', "-"), json!({"id": id}))).unwrap();
+                api.create(&PostParams::default(), &u).await.expect("create user");
+            }
+        })
+        .await;
+    let subscribers: Vec<Value> = ids.iter().map(|id| json!({"recipient": id})).collect();
+    create::<Object>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "everyone"},
+        "spec": {"collection": "groups", "id": "everyone", "subscribers": subscribers}}),
+    )
+    .await;
+    let _op = common::operator(&client, &ns.name).await;
+    let run: TriggerRun = create(&ns, trigger(json!({"workflow": "later", "recipients": [{"id": "everyone", "collection": "groups"}]}))).await;
+    let waiting = wait_state(&ns, &run.name_any(), RecipientState::Waiting, N + 1).await;
+    assert_eq!(waiting.status.as_ref().unwrap().pages.len(), 6);
+    assert!(receiver.received().is_empty(), "nothing is sent before the delay ends");
+
+    // While the woken run goes, its totals count every recipient.
+    let runs = ns.api::<TriggerRun>();
+    let done = wait_for("the run to finish", Duration::from_secs(120), || async {
+        let run = runs.get(&run.name_any()).await.ok()?;
+        let totals = run.status.as_ref()?.totals.clone()?;
+        assert_eq!(totals.recipients as usize, N + 1, "{totals:?}");
+        run.status.as_ref().is_some_and(|s| s.state.is_finished()).then_some(run)
+    })
+    .await;
+    assert_eq!(done.status.as_ref().unwrap().state, RunState::Completed);
+    assert_eq!(done.status.as_ref().unwrap().totals.as_ref().unwrap().completed as usize, N + 1);
+    let mut sent: Vec<String> = receiver.received().iter().map(|r| String::from_utf8_lossy(&r.body).into_owned()).collect();
+    assert_eq!(sent.len(), N + 1, "each recipient once");
+    sent.sort();
+    sent.dedup();
+    assert_eq!(sent.len(), N + 1, "each recipient once");
+    let list = recipients(&ns, &done).await;
+    assert!(list.iter().all(|r| r.state == RecipientState::Completed && r.steps.len() == 2), "each step ran once for everyone");
+}

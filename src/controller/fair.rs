@@ -105,11 +105,21 @@ impl FairSlots {
         SlotLabels { pool: self.pool.to_string(), namespace: tenant.to_string() }
     }
 
+    /// Sets a namespace's gauges; a namespace holding and awaiting nothing
+    /// has none (its series end), so namespaces come and go without the
+    /// metrics growing with every namespace ever served. The wait histogram
+    /// is cumulative and stays.
     fn report(&self, state: &State, tenant: &str) {
         if let Some(m) = &self.metrics {
             let labels = self.labels(tenant);
-            m.slot_waiters.get_or_create(&labels).set(state.queue.waiting(tenant) as i64);
-            m.slots_in_use.get_or_create(&labels).set(state.queue.in_use_by(tenant) as i64);
+            let (waiting, in_use) = (state.queue.waiting(tenant), state.queue.in_use_by(tenant));
+            if waiting == 0 && in_use == 0 {
+                m.slot_waiters.remove(&labels);
+                m.slots_in_use.remove(&labels);
+            } else {
+                m.slot_waiters.get_or_create(&labels).set(waiting as i64);
+                m.slots_in_use.get_or_create(&labels).set(in_use as i64);
+            }
         }
     }
 }
@@ -174,8 +184,11 @@ mod tests {
         drop(held.pop());
         let b = b.await.expect("b gets the freed slot");
         assert!(queued_a[0].as_mut().now_or_never().is_none(), "a's waiters are still waiting");
+        assert!(metrics.render().contains(r#"herald_slots_in_use{pool="test",namespace="b"} 1"#));
         drop(b);
         assert!(queued_a[0].as_mut().now_or_never().is_some(), "then a's first waiter goes");
+        let text = metrics.render();
+        assert!(!text.contains(r#"herald_slots_in_use{pool="test",namespace="b"}"#), "a namespace holding nothing has no gauge: {text}");
     }
 
     #[tokio::test]

@@ -181,12 +181,13 @@ impl Reconciler<'_> {
         if stream.is_some() && !directory_given {
             tracing::info!(pages = pages.len(), "resuming the expansion of a run a stopped operator had not finished expanding");
         }
+        // A page being created (streaming) or read again (let go at load).
         let mut creating: Option<futures::future::BoxFuture<'_, Result<Page, Error>>> = None;
-        // Pages with recipients to go.
+        // Pages with recipients to go, held in memory.
         let mut in_flight = remaining.iter().filter(|r| **r > 0).count();
-        if stream.is_none() {
-            work.close_channel();
-        }
+        // Pages with recipients to go that were let go at load, read again in turn.
+        let mut to_load: std::collections::VecDeque<usize> = pages.iter().enumerate().filter(|(_, page)| page.unfinished_settled() > 0).map(|(p, _)| p).collect();
+        let mut closed = false;
         // Pages with nothing left to do are let go of (their counts kept).
         for (p, page) in pages.iter_mut().enumerate() {
             if remaining[p] == 0 {
@@ -244,26 +245,33 @@ impl Reconciler<'_> {
         let mut last_save = tokio::time::Instant::now();
         let mut saving: Option<futures::future::BoxFuture<'_, Result<(), Error>>> = None;
         loop {
-            // The next page, while the run expands and few pages are in flight.
-            if creating.is_none() {
-                if let Some(next) = stream.as_mut() {
-                    if in_flight < PAGES_IN_FLIGHT {
-                        match next.next_page() {
-                            Some(page) => creating = Some(Box::pin(self.create_owned(page))),
-                            None => {
-                                // Every recipient is on a page.
-                                let count = next.recipients;
-                                stream = None;
-                                work.close_channel();
-                                status.expanding = false;
-                                status_due = true;
-                                self.ctx.metrics.fanout.observe(count as f64);
-                                conditions::set(&mut status.conditions, "Accepted", conditions::TRUE, "Accepted", &format!("{count} recipients"), generation);
-                                tracing::info!(recipients = count, pages = pages.len(), "run expanded");
-                            }
+            // The next page while few are in flight: one let go at load, read
+            // again; else, while the run expands, a new one.
+            if creating.is_none() && in_flight < PAGES_IN_FLIGHT {
+                if let Some(p) = to_load.pop_front() {
+                    // The page as let go: its name and place (no records).
+                    let shell = pages[p].clone();
+                    creating = Some(Box::pin(async move { self.reload(&shell).await }));
+                } else if let Some(next) = stream.as_mut() {
+                    match next.next_page() {
+                        Some(page) => creating = Some(Box::pin(self.create_owned(page))),
+                        None => {
+                            // Every recipient is on a page.
+                            let count = next.recipients;
+                            stream = None;
+                            status.expanding = false;
+                            status_due = true;
+                            self.ctx.metrics.fanout.observe(count as f64);
+                            conditions::set(&mut status.conditions, "Accepted", conditions::TRUE, "Accepted", &format!("{count} recipients"), generation);
+                            tracing::info!(recipients = count, pages = pages.len(), "run expanded");
                         }
                     }
                 }
+            }
+            // Nothing more to come: the work ends once the queue is drained.
+            if !closed && creating.is_none() && to_load.is_empty() && stream.is_none() {
+                work.close_channel();
+                closed = true;
             }
             tokio::select! {
                 next = results.next() => match next {
@@ -289,7 +297,7 @@ impl Reconciler<'_> {
                                 pages[p].settle();
                             }
                         }
-                        totals_due |= remaining[p] == 0 && (in_flight > 0 || stream.is_some());
+                        totals_due |= remaining[p] == 0 && (in_flight > 0 || stream.is_some() || !to_load.is_empty());
                     }
                     None => break,
                 },
@@ -297,17 +305,25 @@ impl Reconciler<'_> {
                     creating = None;
                     // A page that could not be created ends the reconcile (retried: the next finds the pages by name).
                     let page = created?;
-                    if let Holder::Page(name) = &page.holder {
-                        status.pages.push(name.clone());
-                    }
-                    status_due = true;
-                    let p = pages.len();
-                    remaining.push(page.recipients.iter().filter(|r| !r.state.is_finished()).count());
-                    in_flight += usize::from(remaining[p] > 0);
+                    let p = page.index;
+                    let to_go = page.recipients.iter().filter(|r| !r.state.is_finished()).count();
                     for item in unfinished(p, &page) {
                         let _ = work.unbounded_send(item);
                     }
-                    pages.push(page);
+                    if p < pages.len() {
+                        // Read again: it takes its place back.
+                        pages[p] = page;
+                        remaining[p] = to_go;
+                    } else {
+                        // Created: the run lists it.
+                        if let Holder::Page(name) = &page.holder {
+                            status.pages.push(name.clone());
+                        }
+                        status_due = true;
+                        pages.push(page);
+                        remaining.push(to_go);
+                    }
+                    in_flight += usize::from(to_go > 0);
                 }
                 saved = async { saving.as_mut().expect("polled only while a save is in flight").await }, if saving.is_some() => {
                     saving = None;
@@ -497,6 +513,11 @@ impl Reconciler<'_> {
     /// Fails every unfinished recipient (the workflow went away mid-run, or the spec changed).
     pub(super) async fn fail_unfinished(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>, reason: &str, message: &str) -> Result<Action, Error> {
         for page in &mut pages {
+            // A let-go page with recipients to go is read again, failed, saved and let go again.
+            let settled = page.unfinished_settled() > 0;
+            if settled {
+                *page = self.reload(page).await?;
+            }
             let mut changed = false;
             for r in page.recipients.iter_mut().filter(|r| !r.state.is_finished()) {
                 r.state = RecipientState::Failed;
@@ -506,6 +527,9 @@ impl Reconciler<'_> {
             }
             if changed {
                 self.write_page(page).await?;
+            }
+            if settled {
+                page.settle();
             }
         }
         let generation = self.run.metadata.generation;

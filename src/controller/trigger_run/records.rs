@@ -51,6 +51,11 @@ impl Page {
         self.holder == Holder::Run
     }
 
+    /// Recipients of a let-go page still to go (its records are read again to drive them).
+    pub fn unfinished_settled(&self) -> i64 {
+        self.settled.as_ref().map_or(0, |t| t.queued + t.running + t.waiting)
+    }
+
     /// Lets go of the records, keeping their counts.
     pub fn settle(&mut self) {
         if self.settled.is_none() && !self.is_inline() {
@@ -180,6 +185,7 @@ impl Reconciler<'_> {
         }
         let api = self.pages_api();
         let mut pages = Vec::with_capacity(status.pages.len());
+        let mut held = 0;
         loop {
             let index = pages.len();
             let name = match status.pages.get(index) {
@@ -202,9 +208,31 @@ impl Reconciler<'_> {
             if index >= status.pages.len() {
                 status.pages.push(name.clone());
             }
-            pages.push(Page { holder: Holder::Page(name), index, recipients, exists: true, settled: None });
+            let mut page = Page { holder: Holder::Page(name), index, recipients, exists: true, settled: None };
+            // Held: the first pages with recipients to go. The others keep
+            // their counts and are read again when their turn comes, so a
+            // run of any size holds a few pages. (A run still expanding holds
+            // them all: the expansion skips the recipients they hold.)
+            let to_go = page.recipients.iter().any(|r| !r.state.is_finished());
+            if !status.expanding && (!to_go || held >= super::PAGES_IN_FLIGHT) {
+                page.settle();
+            } else if to_go {
+                held += 1;
+            }
+            pages.push(page);
         }
         Ok(pages)
+    }
+
+    /// Reads a let-go page's records again, to drive its recipients.
+    pub(super) async fn reload(&self, page: &Page) -> Result<Page, Error> {
+        let Holder::Page(name) = &page.holder else { return Ok(page.clone()) };
+        let read = self.pages_api().get_opt(name).await?;
+        let Some(read) = read.filter(|p| p.status.as_ref().is_some_and(|s| s.recipients.len() == p.spec.size.max(0) as usize)) else {
+            return Err(Error::Stale(format!("RecipientPage {name} went away while its run was being driven")));
+        };
+        self.remember(name, read.metadata.resource_version.clone());
+        Ok(Page { holder: page.holder.clone(), index: page.index, recipients: read.status.map(|s| s.recipients).unwrap_or_default(), exists: true, settled: None })
     }
 }
 
