@@ -14,6 +14,7 @@ pub mod index;
 pub mod lenient;
 pub mod membership;
 pub mod schedule;
+pub mod slim;
 pub mod throttle;
 pub mod trigger_run;
 pub mod workflow;

@@ -13,11 +13,11 @@ use serde_json::json;
 use kube::Resource;
 
 use super::{conflict_is_stale, Reconciler, RUN_LABEL, RUN_VERSION};
-use crate::controller::{Error, MANAGER};
+use crate::controller::{slim, Error, MANAGER};
 use crate::core::ids;
 use crate::core::status::{self as run_status, RecipientStatus, RecipientTotals};
 use crate::resources::recipient_page::{encode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION, WORKFLOW_RUN_ID_LABEL};
-use crate::resources::{RecipientPage, RecipientPageSpec, RecipientPageStatus, TriggerRunStatus};
+use crate::resources::{RecipientPage, RecipientPageSpec, RecipientPageStatus, TriggerRun, TriggerRunStatus};
 
 /// Where a set of recipient records is saved.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,8 +105,10 @@ impl Reconciler<'_> {
             return Ok(());
         }
         let patch = json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": self.precondition(RUN_VERSION), "status": status});
-        let written = self.runs().patch_status(&self.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await.map_err(conflict_is_stale)?;
-        self.remember(RUN_VERSION, written.metadata.resource_version);
+        let written = slim::patch_status::<TriggerRun, _>(&self.ctx.client, &self.namespace, &self.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(conflict_is_stale)?;
+        self.remember(RUN_VERSION, written.resource_version);
         *self.written.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.clone());
         self.ctx.metrics.write("TriggerRun");
         Ok(())
@@ -124,8 +126,8 @@ impl Reconciler<'_> {
         // What the API finds recipient runs by (a metadata-only watch).
         object.metadata.annotations = Some(BTreeMap::from([(RECIPIENT_RUN_IDS_ANNOTATION.to_string(), encode_recipient_run_ids(&page.recipients))]));
         object.metadata.owner_references = Some(vec![owner]);
-        let created = self.pages_api().patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&object)).await?;
-        self.remember(name, created.metadata.resource_version);
+        let created = slim::patch::<RecipientPage, _>(&self.ctx.client, &self.namespace, name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&object)).await?;
+        self.remember(name, created.resource_version);
         self.ctx.metrics.write("RecipientPage");
         page.exists = true;
         self.write_page(page).await
@@ -149,8 +151,11 @@ impl Reconciler<'_> {
             "metadata": self.precondition(name),
             "status": RecipientPageStatus { recipients },
         });
-        let written = self.pages_api().patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await.map_err(conflict_is_stale)?;
-        self.remember(name, written.metadata.resource_version);
+        // The answer's metadata only: the page is not sent back and parsed.
+        let written = slim::patch_status::<RecipientPage, _>(&self.ctx.client, &self.namespace, name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(conflict_is_stale)?;
+        self.remember(name, written.resource_version);
         self.ctx.metrics.write("RecipientPage");
         Ok(())
     }

@@ -55,19 +55,6 @@ pub struct Api {
     caches_listed: AtomicBool,
 }
 
-/// The Accept header of a create whose answer herald reads only the metadata
-/// of: the apiserver then returns a PartialObjectMetadata (Kubernetes 1.15+),
-/// so the spec is neither encoded again nor parsed. Plain JSON is the
-/// fallback for a server that cannot convert (the metadata reads the same).
-const METADATA_ACCEPT: &str = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1, application/json";
-
-/// A created object's answer, metadata only.
-#[derive(serde::Deserialize)]
-struct StoredMetadata {
-    #[serde(default)]
-    metadata: ObjectMeta,
-}
-
 impl Api {
     /// Builds the API state and starts its watches (API keys, the run index).
     pub fn start(ctx: Arc<Context>) -> Arc<Self> {
@@ -105,14 +92,7 @@ impl Api {
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + serde::Serialize,
         <K as Resource>::DynamicType: Default,
     {
-        let url = K::url_path(&Default::default(), Some(namespace));
-        let body = serde_json::to_vec(object).map_err(kube::Error::SerdeError)?;
-        let mut request = kube::core::Request::new(url).create(pp, body).map_err(kube::Error::BuildRequest)?;
-        request.headers_mut().insert(axum::http::header::ACCEPT, axum::http::HeaderValue::from_static(METADATA_ACCEPT));
-        // The span name kube's own create gives the request.
-        request.extensions_mut().insert("create");
-        let stored: StoredMetadata = self.ctx.client.request(request).await?;
-        Ok(stored.metadata)
+        crate::controller::slim::create(&self.ctx.client, namespace, pp, object).await
     }
 
     /// A Kubernetes API for kind `K` in `namespace`.
