@@ -98,6 +98,23 @@ fn import_knock(dir: &std::path::Path, output: Option<PathBuf>, options: herald:
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Two malloc arenas, not glibc's default of eight per core: rendering moves
+/// recipients onto tokio's blocking threads (`controller::cpu`), and an arena
+/// per thread kept what they freed. Measured with heaptrack and
+/// `benches/capacity.rs`: a 50,000-recipient fan-out's live heap stayed near
+/// 25 MB while RSS grew by 89 MiB with the default arenas, 51 MiB with two.
+/// Called before any thread starts, as `MALLOC_ARENA_MAX` would be read; the
+/// variable, when set, still wins.
+fn few_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     match cli.command {
@@ -120,6 +137,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Run(settings) => {
+            few_malloc_arenas();
             herald::telemetry::init(settings.log_format);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async move {
