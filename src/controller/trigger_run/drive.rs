@@ -324,6 +324,10 @@ impl Reconciler<'_> {
                         remaining.push(to_go);
                     }
                     in_flight += usize::from(to_go > 0);
+                    if to_go == 0 {
+                        // Nobody on it to drive (every recipient not found, say): saved as created.
+                        pages[p].settle();
+                    }
                 }
                 saved = async { saving.as_mut().expect("polled only while a save is in flight").await }, if saving.is_some() => {
                     saving = None;
