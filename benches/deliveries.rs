@@ -15,9 +15,8 @@ mod receivers;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use herald::core::status::RunState;
-use herald::resources::{Channel, Object, TriggerRun, User, Workflow};
+use herald::resources::{Channel, TriggerRun, Workflow};
 use kube::api::PostParams;
 use kube::ResourceExt;
 use serde_json::{json, Value};
@@ -67,26 +66,7 @@ async fn bench() {
 
     let setup = Instant::now();
     let ids: Vec<String> = (0..n).map(|i| format!("user_{i:05}")).collect();
-    let users = ns.api::<User>();
-    futures::stream::iter(ids.iter())
-        .for_each_concurrent(32, |id| {
-            let users = users.clone();
-            async move {
-                let u: User = serde_json::from_value(
-                    json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": id.replace('_', "-")}, "spec": {"id": id, "name": id}}),
-                )
-                .unwrap();
-                users.create(&PostParams::default(), &u).await.expect("create user");
-            }
-        })
-        .await;
-    let subscribers: Vec<Value> = ids.iter().map(|id| json!({"recipient": id})).collect();
-    create::<Object>(
-        &ns,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "everyone"},
-        "spec": {"collection": "groups", "id": "everyone", "subscribers": subscribers}}),
-    )
-    .await;
+    common::runs::users_subscribed_to_everyone(&ns, &ids).await;
     println!("setup: {n} users and one object subscribed to them in {:.1}s", setup.elapsed().as_secs_f64());
 
     let op = common::operator(&client, &ns.name).await;

@@ -9,12 +9,12 @@ use std::time::Duration;
 use common::{wait_for, TestNamespace};
 use herald::core::status::{RecipientState, RunState};
 use herald::resources::{Cancellation, Channel, Object, RecipientPage, Tenant, TriggerRun, User, Workflow};
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use kube::ResourceExt;
 use serde_json::{json, Value};
 
 use common::create;
-use common::runs::{by_id, condition, finished, recipients, sent, trigger, user, users, wait_for_event, workflow};
+use common::runs::{by_id, condition, finished, recipients, sent, trigger, user, users, users_subscribed_to_everyone, wait_for_event, workflow};
 
 /// The `hooks` Channel, delivering to a real HTTP receiver that answers 200
 /// (it lives as long as the test's runtime). Returns its URL.
@@ -420,23 +420,7 @@ async fn ten_thousand_subscribers_fan_out_with_readable_status_and_few_writes() 
     create::<Workflow>(&ns, workflow("big", json!({}))).await;
     const N: usize = 10_000;
     let ids: Vec<String> = (0..N).map(|i| format!("user_{i:05}")).collect();
-    let api = ns.api::<User>();
-    futures::stream::iter(ids.iter())
-        .for_each_concurrent(32, |id| {
-            let api = api.clone();
-            async move {
-                let u: User = serde_json::from_value(user(&id.replace('_', "-"), json!({"id": id, "name": id}))).unwrap();
-                api.create(&PostParams::default(), &u).await.expect("create user");
-            }
-        })
-        .await;
-    let subscribers: Vec<Value> = ids.iter().map(|id| json!({"recipient": id})).collect();
-    create::<Object>(
-        &ns,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "everyone"},
-        "spec": {"collection": "groups", "id": "everyone", "subscribers": subscribers}}),
-    )
-    .await;
+    users_subscribed_to_everyone(&ns, &ids).await;
 
     let op = common::operator(&client, &ns.name).await;
     let writes_before = api_writes(&op);
@@ -476,8 +460,6 @@ async fn ten_thousand_subscribers_fan_out_with_readable_status_and_few_writes() 
 fn api_writes(op: &herald::operator::Operator) -> u64 {
     op.context.metrics.render().lines().filter(|l| l.starts_with("herald_api_writes_total")).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
-
-use futures::StreamExt;
 
 #[tokio::test]
 async fn a_reconcile_that_changes_nothing_writes_nothing() {
@@ -549,23 +531,7 @@ async fn a_waiting_run_of_many_pages_resumes_a_few_pages_at_a_time() {
     // With the object itself, 2,601 recipients: six pages, more than the four held at once.
     const N: usize = 2_600;
     let ids: Vec<String> = (0..N).map(|i| format!("user_{i:04}")).collect();
-    let api = ns.api::<User>();
-    futures::stream::iter(ids.iter())
-        .for_each_concurrent(32, |id| {
-            let api = api.clone();
-            async move {
-                let u: User = serde_json::from_value(user(&id.replace('_', "-"), json!({"id": id}))).unwrap();
-                api.create(&PostParams::default(), &u).await.expect("create user");
-            }
-        })
-        .await;
-    let subscribers: Vec<Value> = ids.iter().map(|id| json!({"recipient": id})).collect();
-    create::<Object>(
-        &ns,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "everyone"},
-        "spec": {"collection": "groups", "id": "everyone", "subscribers": subscribers}}),
-    )
-    .await;
+    users_subscribed_to_everyone(&ns, &ids).await;
     let _op = common::operator(&client, &ns.name).await;
     let run: TriggerRun = create(&ns, trigger(json!({"workflow": "later", "recipients": [{"id": "everyone", "collection": "groups"}]}))).await;
     let waiting = wait_state(&ns, &run.name_any(), RecipientState::Waiting, N + 1).await;

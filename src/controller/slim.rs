@@ -53,8 +53,7 @@ where
     <K as Resource>::DynamicType: Default,
     P: serde::Serialize + std::fmt::Debug,
 {
-    let request = request::<K>(namespace).patch(name, pp, patch).map_err(kube::Error::BuildRequest)?;
-    send(client, request, "patch").await
+    patch_at::<K, P>(client, namespace, name, None, pp, patch).await
 }
 
 /// [`kube::Api::patch_status`], answering the stored metadata.
@@ -64,6 +63,20 @@ where
     <K as Resource>::DynamicType: Default,
     P: serde::Serialize + std::fmt::Debug,
 {
-    let request = request::<K>(namespace).patch_subresource("status", name, pp, patch).map_err(kube::Error::BuildRequest)?;
-    send(client, request, "patch_status").await
+    patch_at::<K, P>(client, namespace, name, Some("status"), pp, patch).await
+}
+
+/// A patch of the object, or of one of its subresources.
+async fn patch_at<K, P>(client: &Client, namespace: &str, name: &str, subresource: Option<&str>, pp: &PatchParams, patch: &Patch<P>) -> Result<ObjectMeta, kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+    P: serde::Serialize + std::fmt::Debug,
+{
+    let request = request::<K>(namespace);
+    let request = match subresource {
+        Some(sub) => request.patch_subresource(sub, name, pp, patch),
+        None => request.patch(name, pp, patch),
+    };
+    send(client, request.map_err(kube::Error::BuildRequest)?, if subresource.is_some() { "patch_status" } else { "patch" }).await
 }

@@ -29,6 +29,30 @@ pub fn user(name: &str, spec: Value) -> Value {
     json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": name}, "spec": spec})
 }
 
+/// Creates Users `ids` (32 creates in flight; named after the id, `_` as
+/// `-`) and an Object `groups/everyone` that lists every one of them as a
+/// subscriber: a fan-out of `ids.len() + 1` recipients.
+pub async fn users_subscribed_to_everyone(ns: &TestNamespace, ids: &[String]) {
+    use futures::StreamExt;
+    let api = ns.api::<User>();
+    futures::stream::iter(ids.iter())
+        .for_each_concurrent(32, |id| {
+            let api = api.clone();
+            async move {
+                let u: User = serde_json::from_value(user(&id.replace('_', "-"), json!({"id": id, "name": id}))).unwrap();
+                api.create(&kube::api::PostParams::default(), &u).await.expect("create user");
+            }
+        })
+        .await;
+    let subscribers: Vec<Value> = ids.iter().map(|id| json!({"recipient": id})).collect();
+    create::<herald::resources::Object>(
+        ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Object", "metadata": {"name": "everyone"},
+        "spec": {"collection": "groups", "id": "everyone", "subscribers": subscribers}}),
+    )
+    .await;
+}
+
 pub fn trigger(spec: Value) -> Value {
     json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"generateName": "run-"}, "spec": spec})
 }
