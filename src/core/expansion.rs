@@ -251,7 +251,8 @@ pub struct Reached {
     pub found: bool,
 }
 
-/// The outcome of expansion.
+/// The outcome of expansion, whole (the tests' view; runs stream it).
+#[cfg(test)]
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Expansion {
     pub recipients: Vec<Reached>,
@@ -262,7 +263,9 @@ pub struct Expansion {
 /// Object nesting limit: object → object → users.
 const MAX_DEPTH: usize = 2;
 
-/// Expands direct recipients and audiences (see the module docs) into one list.
+/// Expands direct recipients and audiences (see the module docs) into one
+/// list: [`Expander`] collected, which the tests compare against.
+#[cfg(test)]
 pub fn expand(direct: &[RecipientKey], audiences: &[String], actor: Option<&RecipientKey>, directory: &dyn Directory) -> Expansion {
     let mut expander = Expander::new(direct.to_vec(), audiences.to_vec(), actor.cloned(), directory);
     let recipients = expander.by_ref().collect();

@@ -257,13 +257,13 @@ impl Reconciler<'_> {
             // API's index); the run's status goes out at the first checkpoint,
             // or with the outcome.
             self.write_recipient_run_ids(&head).await?;
-            vec![Page { holder: Holder::Run, index: 0, recipients: head, exists: true, settled: None }]
+            vec![Page { holder: Holder::Run, index: 0, recipients: head, settled: None }]
         } else {
             // Streaming fan-out: the first page is cut and created now; the
             // rest are cut and created while it delivers (`execute`).
             stream.unread(head);
-            let mut first = stream.next_page().expect("the stream holds the records just read");
-            self.create_page(&mut first).await?;
+            let first = stream.next_page().expect("the stream holds the records just read");
+            self.create_page(&first).await?;
             status.expanding = stream.has_more();
             vec![first]
         };

@@ -182,7 +182,7 @@ impl Reconciler<'_> {
             tracing::info!(pages = pages.len(), "resuming the expansion of a run a stopped operator had not finished expanding");
         }
         // A page being created (streaming) or read again (let go at load).
-        let mut creating: Option<futures::future::BoxFuture<'_, Result<Page, Error>>> = None;
+        let mut incoming: Option<futures::future::BoxFuture<'_, Result<Page, Error>>> = None;
         // Pages with recipients to go, held in memory.
         let mut in_flight = remaining.iter().filter(|r| **r > 0).count();
         // Pages with recipients to go that were let go at load, read again in turn.
@@ -247,14 +247,14 @@ impl Reconciler<'_> {
         loop {
             // The next page while few are in flight: one let go at load, read
             // again; else, while the run expands, a new one.
-            if creating.is_none() && in_flight < PAGES_IN_FLIGHT {
+            if incoming.is_none() && in_flight < PAGES_IN_FLIGHT {
                 if let Some(p) = to_load.pop_front() {
                     // The page as let go: its name and place (no records).
                     let shell = pages[p].clone();
-                    creating = Some(Box::pin(async move { self.reload(&shell).await }));
+                    incoming = Some(Box::pin(async move { self.reload(&shell).await }));
                 } else if let Some(next) = stream.as_mut() {
                     match next.next_page() {
-                        Some(page) => creating = Some(Box::pin(self.create_owned(page))),
+                        Some(page) => incoming = Some(Box::pin(self.create_owned(page))),
                         None => {
                             // Every recipient is on a page.
                             let count = next.recipients;
@@ -269,7 +269,7 @@ impl Reconciler<'_> {
                 }
             }
             // Nothing more to come: the work ends once the queue is drained.
-            if !closed && creating.is_none() && to_load.is_empty() && stream.is_none() {
+            if !closed && incoming.is_none() && to_load.is_empty() && stream.is_none() {
                 work.close_channel();
                 closed = true;
             }
@@ -301,8 +301,8 @@ impl Reconciler<'_> {
                     }
                     None => break,
                 },
-                created = async { creating.as_mut().expect("polled only while a page is being created").await }, if creating.is_some() => {
-                    creating = None;
+                created = async { incoming.as_mut().expect("polled only while a page is on its way").await }, if incoming.is_some() => {
+                    incoming = None;
                     // A page that could not be created ends the reconcile (retried: the next finds the pages by name).
                     let page = created?;
                     let p = page.index;
@@ -407,8 +407,8 @@ impl Reconciler<'_> {
     }
 
     /// Creates a page not created yet, and gives it back.
-    async fn create_owned(&self, mut page: Page) -> Result<Page, Error> {
-        self.create_page(&mut page).await?;
+    async fn create_owned(&self, page: Page) -> Result<Page, Error> {
+        self.create_page(&page).await?;
         Ok(page)
     }
 

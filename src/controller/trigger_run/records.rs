@@ -35,10 +35,6 @@ pub(super) struct Page {
     /// The page's place in the run (0 for inline records).
     pub index: usize,
     pub recipients: Vec<RecipientStatus>,
-    /// Whether its RecipientPage exists. A large run's pages are created one
-    /// by one while the first ones are already delivering (streaming
-    /// fan-out); [`Reconciler::write_page`] creates a page it finds missing.
-    pub exists: bool,
     /// Set when the page is done with for this reconcile (every recipient
     /// went as far as it could, and the page is saved): its records are let
     /// go and its counts kept, so a run holds a few pages in memory, not its
@@ -63,6 +59,12 @@ impl Page {
             self.recipients = Vec::new();
         }
     }
+}
+
+/// Whether a stored page holds its records: a page is created in two writes
+/// (the page, then its records), and one stopped between them holds none.
+fn filled(page: &RecipientPage) -> bool {
+    page.status.as_ref().is_some_and(|s| s.recipients.len() == page.spec.size.max(0) as usize)
 }
 
 /// Recipient counts over a run's pages, settled or not.
@@ -116,7 +118,7 @@ impl Reconciler<'_> {
 
     /// Creates a page's RecipientPage (labelled and annotated for the run
     /// index) and writes its records.
-    pub(super) async fn create_page(&self, page: &mut Page) -> Result<(), Error> {
+    pub(super) async fn create_page(&self, page: &Page) -> Result<(), Error> {
         let Holder::Page(name) = &page.holder else { return Ok(()) };
         let owner = self.run.controller_owner_ref(&()).ok_or(Error::MissingMetadata)?;
         let workflow_run_id = super::run_id(self.run);
@@ -129,18 +131,13 @@ impl Reconciler<'_> {
         let created = slim::patch::<RecipientPage, _>(&self.ctx.client, &self.namespace, name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&object)).await?;
         self.remember(name, created.resource_version);
         self.ctx.metrics.write("RecipientPage");
-        page.exists = true;
         self.write_page(page).await
     }
 
-    /// Writes a page's status, conditionally like [`Self::write_status`]
-    /// (creating the page first if it does not exist yet). Inline records are
-    /// saved with the run's status instead.
+    /// Writes a page's status, conditionally like [`Self::write_status`].
+    /// Inline records are saved with the run's status instead.
     pub(super) async fn write_page(&self, page: &Page) -> Result<(), Error> {
         let Holder::Page(name) = &page.holder else { return Ok(()) };
-        if !page.exists {
-            return Box::pin(self.create_page(&mut page.clone())).await;
-        }
         // A page must fit etcd's request limit: saved with as much detail as fits.
         let (recipients, detail) = run_status::fit_page(&page.recipients, run_status::PAGE_BUDGET);
         if detail != run_status::Detail::Full {
@@ -186,7 +183,7 @@ impl Reconciler<'_> {
     /// listed in its status are found by name.
     pub(super) async fn load_pages(&self, status: &mut TriggerRunStatus) -> Result<Vec<Page>, Error> {
         if status.pages.is_empty() && !status.expanding {
-            return Ok(vec![Page { holder: Holder::Run, index: 0, recipients: status.recipients.clone(), exists: true, settled: None }]);
+            return Ok(vec![Page { holder: Holder::Run, index: 0, recipients: status.recipients.clone(), settled: None }]);
         }
         let api = self.pages_api();
         let mut pages = Vec::with_capacity(status.pages.len());
@@ -198,9 +195,7 @@ impl Reconciler<'_> {
                 None if status.expanding => super::page_name(&self.name, index),
                 None => break,
             };
-            let page = api.get_opt(&name).await?;
-            let filled = page.as_ref().is_some_and(|p| p.status.as_ref().is_some_and(|s| s.recipients.len() == p.spec.size.max(0) as usize));
-            let Some(page) = page.filter(|_| filled) else {
+            let Some(page) = api.get_opt(&name).await?.filter(filled) else {
                 if index < status.pages.len() {
                     tracing::info!(page = %name, "resuming the expansion at a page a stopped operator had not finished creating");
                     status.pages.truncate(index);
@@ -213,7 +208,7 @@ impl Reconciler<'_> {
             if index >= status.pages.len() {
                 status.pages.push(name.clone());
             }
-            let mut page = Page { holder: Holder::Page(name), index, recipients, exists: true, settled: None };
+            let mut page = Page { holder: Holder::Page(name), index, recipients, settled: None };
             // Held: the first pages with recipients to go. The others keep
             // their counts and are read again when their turn comes, so a
             // run of any size holds a few pages. (A run still expanding holds
@@ -233,11 +228,11 @@ impl Reconciler<'_> {
     pub(super) async fn reload(&self, page: &Page) -> Result<Page, Error> {
         let Holder::Page(name) = &page.holder else { return Ok(page.clone()) };
         let read = self.pages_api().get_opt(name).await?;
-        let Some(read) = read.filter(|p| p.status.as_ref().is_some_and(|s| s.recipients.len() == p.spec.size.max(0) as usize)) else {
+        let Some(read) = read.filter(filled) else {
             return Err(Error::Stale(format!("RecipientPage {name} went away while its run was being driven")));
         };
         self.remember(name, read.metadata.resource_version.clone());
-        Ok(Page { holder: page.holder.clone(), index: page.index, recipients: read.status.map(|s| s.recipients).unwrap_or_default(), exists: true, settled: None })
+        Ok(Page { holder: page.holder.clone(), index: page.index, recipients: read.status.map(|s| s.recipients).unwrap_or_default(), settled: None })
     }
 }
 
@@ -248,7 +243,7 @@ mod tests {
 
     fn page(index: usize, states: &[RecipientState]) -> Page {
         let recipients = states.iter().map(|s| RecipientStatus { recipient: format!("u{index}"), state: *s, ..Default::default() }).collect();
-        Page { holder: Holder::Page(format!("run-p{index}")), index, recipients, exists: true, settled: None }
+        Page { holder: Holder::Page(format!("run-p{index}")), index, recipients, settled: None }
     }
 
     #[test]
