@@ -73,6 +73,73 @@ fn rss_bytes(pid: u32) -> u64 {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0) * 1024
 }
 
+/// CPU seconds (user + system) a process has used so far; 0 when it is gone.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
+    ticks as f64 / 100.0
+}
+
+/// The processes whose CPU time a phase is split between: herald and the
+/// control plane's apiserver and etcd (read from scripts/controlplane.sh's
+/// pid files beside the kubeconfig, when there are some).
+struct Processes {
+    named: Vec<(&'static str, u32)>,
+}
+
+impl Processes {
+    fn find(herald: u32) -> Processes {
+        let mut named = vec![("herald", herald)];
+        let dir = std::env::var("HERALD_TEST_KUBECONFIG").ok().and_then(|k| std::path::Path::new(&k).parent().map(|p| p.to_path_buf()));
+        for (name, file) in [("apiserver", "apiserver.pid"), ("etcd", "etcd.pid")] {
+            if let Some(pid) = dir.as_ref().and_then(|d| std::fs::read_to_string(d.join(file)).ok()).and_then(|p| p.trim().parse().ok()) {
+                named.push((name, pid));
+            }
+        }
+        Processes { named }
+    }
+
+    fn sample(&self) -> Vec<f64> {
+        self.named.iter().map(|(_, pid)| cpu_seconds(*pid)).collect()
+    }
+
+    /// "herald 12.3 s, apiserver 45.6 s, ..." between two samples, with the wall time.
+    fn spent(&self, before: &[f64], after: &[f64], wall: Duration) -> String {
+        let parts: Vec<String> = self.named.iter().zip(before.iter().zip(after)).map(|((name, _), (b, a))| format!("{name} {:.1} s", a - b)).collect();
+        format!("CPU {} in {:.1} s of wall time", parts.join(", "), wall.as_secs_f64())
+    }
+}
+
+/// With HERALD_BENCH_PERF=DIR, a phase runs under `perf record` attached to
+/// herald, writing DIR/<phase>.data (`perf report -i` it afterwards).
+struct Profile(Option<Child>);
+
+impl Profile {
+    fn start(pid: u32, phase: &str) -> Profile {
+        let Ok(dir) = std::env::var("HERALD_BENCH_PERF") else { return Profile(None) };
+        let out = format!("{dir}/{phase}.data");
+        let child = Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "199", "--call-graph", "dwarf,16384", "-o", &out, "-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("HERALD_BENCH_PERF needs perf (apt-get install linux-perf)");
+        Profile(Some(child))
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            // perf writes its file on SIGINT.
+            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -126,6 +193,7 @@ async fn bench() {
     .await;
     let herald = common::HeraldProcess::start(&ns.name, &[]);
     let pid = herald.child.id();
+    let processes = Processes::find(pid);
     cached(&herald, "User", 0).await;
     let idle = rss_bytes(pid);
 
@@ -161,6 +229,8 @@ async fn bench() {
     // Subscriptions through the API: 8 clients, 100 users a call, one object.
     let http = reqwest::Client::new();
     let base = format!("http://{}", herald.addr);
+    let cpu_before_subscribing = processes.sample();
+    let profile = Profile::start(pid, "subscribe");
     let started = Instant::now();
     let answers: Vec<u16> = futures::stream::iter(ids.chunks(100))
         .map(|chunk| {
@@ -182,12 +252,16 @@ async fn bench() {
         .collect()
         .await;
     let subscribe_time = started.elapsed();
+    let subscribe_cpu = processes.spent(&cpu_before_subscribing, &processes.sample(), subscribe_time);
+    drop(profile);
     let refused = answers.iter().filter(|s| **s != 200).count();
     cached(&herald, "MemberSlice", users.div_ceil(1000)).await;
     let with_subscriptions = rss_bytes(pid);
 
     // The fan-out: the object and every subscriber, to nginx.
     let writes_before = writes(&herald).await;
+    let cpu_before_fanout = processes.sample();
+    let profile = Profile::start(pid, "fanout");
     let triggered = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
     let started = Instant::now();
     let run: TriggerRun = create(
@@ -215,6 +289,8 @@ async fn bench() {
     })
     .await;
     let elapsed = started.elapsed();
+    let fanout_cpu = processes.spent(&cpu_before_fanout, &processes.sample(), elapsed);
+    drop(profile);
     let writes_after = writes(&herald).await;
     let status = done.status.unwrap();
     let arrivals = nginx.arrivals();
@@ -239,6 +315,7 @@ async fn bench() {
         users as f64 / subscribe_time.as_secs_f64(),
         answers.len()
     );
+    println!("    {subscribe_cpu}");
     println!(
         "  fan-out to nginx: {recipients} recipients in {:.2}s: {:.0} deliveries/s; first delivery {:.0} ms after the trigger; {} pages; {:.0} API writes ({:.4} per recipient); run {:?}",
         elapsed.as_secs_f64(),
@@ -249,4 +326,5 @@ async fn bench() {
         (writes_after - writes_before) / recipients as f64,
         status.state
     );
+    println!("    {fanout_cpu}");
 }

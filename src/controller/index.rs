@@ -149,7 +149,8 @@ impl<K: Indexed> Index<K> {
 
     /// Every record with this key, in name order (a target's MemberSlices).
     pub fn all(&self, namespace: &str, key: &K::Key) -> Vec<Arc<K::Record>> {
-        self.all_named(namespace, key).into_iter().map(|(_, r)| r).collect()
+        // Without cloning the names: a run asks this for each recipient reached through an object.
+        self.read(namespace, |p| p.space(namespace).and_then(|s| s.by_key.get(key)).map(|named| named.iter().map(|(_, r)| r.clone()).collect())).flatten().unwrap_or_default()
     }
 
     /// Every record with this key and its name, in name order.
