@@ -150,12 +150,17 @@ impl<K: Indexed> Index<K> {
     /// Every record with this key, in name order (a target's MemberSlices).
     pub fn all(&self, namespace: &str, key: &K::Key) -> Vec<Arc<K::Record>> {
         // Without cloning the names: a run asks this for each recipient reached through an object.
-        self.read(namespace, |p| p.space(namespace).and_then(|s| s.by_key.get(key)).map(|named| named.iter().map(|(_, r)| r.clone()).collect())).flatten().unwrap_or_default()
+        self.filed(namespace, key, |named| named.iter().map(|(_, r)| r.clone()).collect())
     }
 
     /// Every record with this key and its name, in name order.
     pub fn all_named(&self, namespace: &str, key: &K::Key) -> Vec<(String, Arc<K::Record>)> {
-        self.read(namespace, |p| p.space(namespace).and_then(|s| s.by_key.get(key)).cloned()).flatten().unwrap_or_default()
+        self.filed(namespace, key, |named| named.clone())
+    }
+
+    /// `f` of what is filed under this key (nothing: an empty list).
+    fn filed<T>(&self, namespace: &str, key: &K::Key, f: impl FnOnce(&Named<K::Record>) -> Vec<T>) -> Vec<T> {
+        self.read(namespace, |p| p.space(namespace).and_then(|s| s.by_key.get(key)).map(f)).flatten().unwrap_or_default()
     }
 
     /// Calls `f` with every record of `namespace` (in no particular order).

@@ -63,8 +63,7 @@ pub struct Members {
 impl Members {
     /// A list in the order it was written.
     pub fn listed(list: Vec<SubscriberRecord>) -> Self {
-        let with_properties = list.iter().any(|s| !s.properties.is_empty());
-        Members { list, sorted: false, with_properties }
+        Members::new(list, false)
     }
 
     /// A list sorted by recipient; a recipient listed twice keeps its first entry.
@@ -72,8 +71,12 @@ impl Members {
         list.sort_by(|a, b| a.recipient.cmp(&b.recipient));
         list.dedup_by(|later, first| later.recipient == first.recipient);
         list.shrink_to_fit();
+        Members::new(list, true)
+    }
+
+    fn new(list: Vec<SubscriberRecord>, sorted: bool) -> Self {
         let with_properties = list.iter().any(|s| !s.properties.is_empty());
-        Members { list, sorted: true, with_properties }
+        Members { list, sorted, with_properties }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &SubscriberRecord> {
@@ -639,7 +642,13 @@ mod tests {
         let via = Via::Object { collection: "projects".into(), id: "p1".into() };
         assert_eq!(subscription(&d, &via, &u("u1")).unwrap()["role"], "owner");
         assert!(subscription(&d, &Via::Direct, &u("u1")).is_none());
-        // Chunks where nobody has properties are not searched; their members' subscriptions are empty.
+        // A subscriber without properties has an empty subscription (templates see `{}`).
+        let mut plain_object = object("projects", "p2", &[u("u1")]);
+        plain_object.subscribers = Arc::new(Members::sorted(vec![SubscriberRecord { recipient: u("u1"), properties: JsonObject::new() }]));
+        d.insert_object(plain_object);
+        let plain_via = Via::Object { collection: "projects".into(), id: "p2".into() };
+        assert_eq!(subscription(&d, &plain_via, &u("u1")), Some(JsonObject::new()));
+        // properties_of answers only members with properties (a chunk with none is not searched).
         let plain = Members::sorted(vec![SubscriberRecord { recipient: u("u2"), properties: JsonObject::new() }]);
         assert_eq!(plain.properties_of(&u("u2")), None);
         let with = Members::sorted(vec![
