@@ -19,7 +19,7 @@ use super::acceptance::page_shape;
 use super::acceptance::{overlay_inline, parse_trigger, tenant_record};
 use super::records::{totals, Holder, Page};
 use super::stream::PageStream;
-use super::{run_id, until, Reconciler, CHECKPOINT_EVERY, CHECKPOINT_INTERVAL, PAGES_IN_FLIGHT};
+use super::{run_id, until, Reconciler, CHECKPOINT_INTERVAL, PAGES_IN_FLIGHT};
 use crate::controller::delivery::Fenced;
 use crate::controller::directory::LiveDirectory;
 use crate::controller::identify;
@@ -228,21 +228,24 @@ impl Reconciler<'_> {
                 }
             })
             .buffer_unordered(self.ctx.settings.run_concurrency.max(1));
-        // Checkpoints: the changed records are saved after CHECKPOINT_EVERY
-        // changed recipients or CHECKPOINT_INTERVAL, whichever comes first,
-        // while deliveries go on (one save in flight at a time). A crash loses
-        // at most the outcomes recorded since the last save; those recipients
-        // are sent again, with the same Idempotency-Key. When a page finishes
-        // while others go on, the save also updates the run's totals, so that
-        // `kubectl get tr` stays current during long runs. Inline records are
-        // saved with the run's status; a run accepted in memory (a small run)
-        // is saved at the first checkpoint, or with its outcome if it finishes
-        // before: then its status is written once.
+        // Checkpoints: a page whose recipients all went as far as they can is
+        // saved at once (its final records, usually its last write); other
+        // changed records, the run's totals and its list of pages every
+        // CHECKPOINT_INTERVAL. Deliveries go on meanwhile (one save in flight
+        // at a time). Each save writes a whole page, so saving by time and by
+        // finished page, not after every so many recipients, is what keeps a
+        // fast fan-out's writes (and the apiserver's work) to about one per
+        // page. A crash loses at most the outcomes recorded since the last
+        // save; those recipients are sent again, with the same
+        // Idempotency-Key. Inline records are saved with the run's status; a
+        // run accepted in memory (a small run) is saved at the first
+        // checkpoint, or with its outcome if it finishes before: then its
+        // status is written once.
         let mut changed_pages = std::collections::BTreeSet::new();
-        let mut unsaved = 0usize;
+        // Finished pages were saved since the last checkpoint: the run's totals are behind.
         let mut totals_due = false;
         let mut status_due = !self.is_saved(&status);
-        let mut last_save = tokio::time::Instant::now();
+        let mut last_checkpoint = tokio::time::Instant::now();
         let mut saving: Option<futures::future::BoxFuture<'_, Result<(), Error>>> = None;
         loop {
             // The next page while few are in flight: one let go at load, read
@@ -288,7 +291,6 @@ impl Reconciler<'_> {
                         if pages[p].recipients[i] != new_status {
                             pages[p].recipients[i] = new_status;
                             changed_pages.insert(p);
-                            unsaved += 1;
                         }
                         remaining[p] -= 1;
                         if remaining[p] == 0 {
@@ -297,7 +299,6 @@ impl Reconciler<'_> {
                                 pages[p].settle();
                             }
                         }
-                        totals_due |= remaining[p] == 0 && (in_flight > 0 || stream.is_some() || !to_load.is_empty());
                     }
                     None => break,
                 },
@@ -333,37 +334,54 @@ impl Reconciler<'_> {
                     saving = None;
                     saved?;
                 }
-                _ = tokio::time::sleep_until(last_save + CHECKPOINT_INTERVAL), if (unsaved > 0 || status_due) && saving.is_none() => {}
+                _ = tokio::time::sleep_until(last_checkpoint + CHECKPOINT_INTERVAL), if (!changed_pages.is_empty() || status_due || totals_due) && saving.is_none() => {}
             }
-            let checkpoint = (unsaved > 0 || status_due) && (unsaved >= CHECKPOINT_EVERY || last_save.elapsed() >= CHECKPOINT_INTERVAL);
-            if saving.is_none() && (checkpoint || totals_due) {
-                let changed: Vec<usize> = std::mem::take(&mut changed_pages).into_iter().collect();
-                let inline_changed = changed.iter().any(|p| pages[*p].is_inline());
-                let snapshots: Vec<Page> = changed.iter().filter(|p| !pages[**p].is_inline()).map(|p| pages[*p].clone()).collect();
-                // Pages done with are let go of once their last records are on their way out.
-                for p in &changed {
-                    if remaining[*p] == 0 {
-                        pages[*p].settle();
-                    }
+            if saving.is_some() {
+                continue;
+            }
+            let checkpoint = (!changed_pages.is_empty() || status_due || totals_due) && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL;
+            let finished: Vec<usize> = changed_pages.iter().copied().filter(|p| remaining[*p] == 0 && !pages[*p].is_inline()).collect();
+            if !checkpoint && finished.is_empty() {
+                continue;
+            }
+            let changed: Vec<usize> = if checkpoint {
+                std::mem::take(&mut changed_pages).into_iter().collect()
+            } else {
+                changed_pages.retain(|p| !finished.contains(p));
+                finished
+            };
+            let inline_changed = changed.iter().any(|p| pages[*p].is_inline());
+            let snapshots: Vec<Page> = changed.iter().filter(|p| !pages[**p].is_inline()).map(|p| pages[*p].clone()).collect();
+            // Pages done with are let go of once their last records are on their way out.
+            for p in &changed {
+                if remaining[*p] == 0 {
+                    pages[*p].settle();
                 }
-                let totals = totals(&pages);
-                let parent = (status_due || inline_changed || (totals_due && status.totals.as_ref() != Some(&totals))).then(|| {
-                    self.with_records(&mut status, &pages);
-                    status.clone()
-                });
-                saving = Some(Box::pin(async move {
-                    for page in &snapshots {
-                        self.write_page(page).await?;
-                    }
-                    if let Some(parent) = parent {
-                        self.write_status(&parent).await?;
-                    }
-                    Ok(())
-                }));
-                unsaved = 0;
-                totals_due = false;
+            }
+            let parent = checkpoint
+                .then(|| {
+                    let totals = totals(&pages);
+                    (status_due || inline_changed || status.totals.as_ref() != Some(&totals)).then(|| {
+                        self.with_records(&mut status, &pages);
+                        status.clone()
+                    })
+                })
+                .flatten();
+            saving = Some(Box::pin(async move {
+                for page in &snapshots {
+                    self.write_page(page).await?;
+                }
+                if let Some(parent) = parent {
+                    self.write_status(&parent).await?;
+                }
+                Ok(())
+            }));
+            if checkpoint {
                 status_due = false;
-                last_save = tokio::time::Instant::now();
+                totals_due = false;
+                last_checkpoint = tokio::time::Instant::now();
+            } else {
+                totals_due = true;
             }
         }
         if let Some(save) = saving {

@@ -47,12 +47,11 @@ pub const PAGE_SIZE: usize = 500;
 /// this many pages have recipients to go: what a run holds in memory is a
 /// few pages, not its audience.
 pub const PAGES_IN_FLIGHT: usize = 4;
-/// A page being executed is saved after this many recipients changed...
-pub const CHECKPOINT_EVERY: usize = 100;
-/// ...or this long after the last save, whichever comes first. Saves do not
-/// stall deliveries (one is in flight at a time), so a crash loses at most
-/// this much recorded progress plus what finished during the save in flight,
-/// and 10,000 recipients take at most about 100 writes, not 10,000.
+/// Changed records are saved this long after the last checkpoint (a page is
+/// also saved as soon as its recipients are done). Saves do not stall
+/// deliveries (one is in flight at a time), so a crash loses at most this
+/// much recorded progress plus what finished during the save in flight, and
+/// a run writes each page about once however fast it delivers.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 /// Directly listed recipients allowed per trigger (Knock's limit).
 pub const MAX_RECIPIENTS: usize = 1000;
