@@ -170,3 +170,43 @@ async fn audience_members_through_knocks_api_are_slices_that_runs_and_conditions
     assert_eq!(removed.status, 204, "{removed:?}");
     assert!(slices(&h, "herald.dev/audience=beta").await.is_empty());
 }
+
+/// herald starts a slice's next change from the copy it last wrote (no read
+/// before every write). A slice changed by someone else in between must
+/// still come out right: the stale copy's write is refused and the slice
+/// read again, and a change the stale copy says is already there is checked
+/// against what is stored.
+#[tokio::test]
+async fn a_slice_changed_by_someone_else_after_herald_wrote_it_keeps_both_changes() {
+    let h = Herald::start().await;
+    let subscribe = |ids: &[&str]| {
+        let (h, recipients) = (&h, ids.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        async move { h.call("POST", "/v1/objects/teams/small/subscriptions", Some(json!({"recipients": recipients}))).await }
+    };
+    let stored = || async {
+        let mut ids: Vec<String> = slices(&h, "herald.dev/object=teams.small")
+            .await
+            .iter()
+            .flat_map(|s| s.spec.members.iter().map(|m| m.recipient.as_str().unwrap().to_string()))
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(subscribe(&["ann"]).await.status, 200);
+    let slices_api = h.api::<MemberSlice>();
+    // Someone else adds `ext` to the slice herald just wrote.
+    let mut slice = slices(&h, "herald.dev/object=teams.small").await.remove(0);
+    slice.spec.members.push(serde_json::from_value(json!({"recipient": "ext"})).unwrap());
+    let name = slice.metadata.name.clone().unwrap();
+    slices_api.replace(&name, &PostParams::default(), &slice).await.unwrap();
+    assert_eq!(subscribe(&["bob"]).await.status, 200);
+    assert_eq!(stored().await, ["ann", "bob", "ext"], "herald's write from its stale copy was refused and redone on the stored slice");
+
+    // Someone else removes `ann`; subscribing her again must add her back,
+    // though herald's copy from its last write still lists her.
+    let mut slice = slices_api.get(&name).await.unwrap();
+    slice.spec.members.retain(|m| m.recipient != "ann");
+    slices_api.replace(&name, &PostParams::default(), &slice).await.unwrap();
+    assert_eq!(subscribe(&["ann"]).await.status, 200);
+    assert_eq!(stored().await, ["ann", "bob", "ext"]);
+}

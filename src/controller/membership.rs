@@ -13,7 +13,7 @@
 //! at most [`MAX_MEMBERS`] members and [`MAX_SLICE_BYTES`] of JSON, so it
 //! always fits etcd's request limit; a slice left empty is deleted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use kube::api::{DeleteParams, PostParams, Preconditions};
@@ -75,6 +75,11 @@ pub struct Membership {
     client: Client,
     stores: Stores,
     queues: Mutex<HashMap<(String, MemberTarget), Arc<Queue>>>,
+    /// The last few slices this process wrote, as written (with their
+    /// resourceVersion), by namespace and name: the next change to one starts
+    /// from it instead of reading it again. A copy someone else wrote since
+    /// makes the write fail with 409, and the slice is then read fresh.
+    written: Mutex<VecDeque<((String, String), MemberSlice)>>,
     /// Slices this process wrote lately, by target: the watch may not have
     /// brought them to the index yet, and a removal right after an add must
     /// still find the member.
@@ -86,10 +91,13 @@ type Recent = (std::time::Instant, BTreeMap<String, Arc<Members>>);
 
 /// How long written slices are remembered beside the index.
 const RECENT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How many written slices are kept whole to start the next change from (a
+/// target being filled writes to one or two at a time).
+const KEPT_SLICES: usize = 8;
 
 impl Membership {
     pub fn new(client: Client, stores: Stores) -> Self {
-        Membership { client, stores, queues: Mutex::default(), recent: Mutex::default() }
+        Membership { client, stores, queues: Mutex::default(), recent: Mutex::default(), written: Mutex::default() }
     }
 
     /// Applies `change` to `target`'s slices in `namespace`, combined with
@@ -245,10 +253,32 @@ impl Membership {
         entry.1.insert(slice.name_any(), members);
     }
 
+    /// The slice as this process last wrote it, if it is among the last few.
+    fn kept(&self, namespace: &str, name: &str) -> Option<MemberSlice> {
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.iter().find(|((ns, n), _)| ns == namespace && n == name).map(|(_, slice)| slice.clone())
+    }
+
+    /// Keeps `slice` as written (None: forgets it, e.g. deleted or stale).
+    fn keep(&self, namespace: &str, name: &str, slice: Option<MemberSlice>) {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.retain(|((ns, n), _)| !(ns == namespace && n == name));
+        if let Some(slice) = slice {
+            written.push_back(((namespace.to_string(), name.to_string()), slice));
+            if written.len() > KEPT_SLICES {
+                written.pop_front();
+            }
+        }
+    }
+
     /// Reads slice `name` (or starts it), applies `change`, and writes it
     /// back conditionally, again from a fresh read if another writer won.
     /// `change` may run more than once, each time on a fresh read; what the
-    /// attempt that was written returned is returned.
+    /// attempt that was written returned is returned. The first attempt
+    /// starts from the copy this process last wrote, when it kept one: a
+    /// stale copy costs a 409 and a fresh read, and a change that would
+    /// change nothing in it is checked against a fresh read before nothing
+    /// is written.
     async fn edit<T>(
         &self,
         api: &Api<MemberSlice>,
@@ -257,8 +287,13 @@ impl Membership {
         name: &str,
         mut change: impl FnMut(&mut MemberSlice) -> T,
     ) -> Result<T, MembershipError> {
+        let mut kept = self.kept(namespace, name);
         for _ in 0..ATTEMPTS {
-            let existing = api.get_opt(name).await?;
+            let from_kept = kept.is_some();
+            let existing = match kept.take() {
+                Some(slice) => Some(slice),
+                None => api.get_opt(name).await?,
+            };
             let mut slice = existing.clone().unwrap_or_else(|| MemberSlice::for_target(target, name));
             if slice.spec.target().as_ref() != Some(target) {
                 // A slice of that name belongs to something else (declared by hand): never touch it.
@@ -266,22 +301,31 @@ impl Membership {
             }
             let out = change(&mut slice);
             let written = match &existing {
+                // Nothing to write, as far as the kept copy knows: make sure with a fresh read.
+                Some(old) if old.spec == slice.spec && from_kept => continue,
                 Some(old) if old.spec == slice.spec => return Ok(out),
                 Some(_) if slice.spec.members.is_empty() => {
                     let dp = DeleteParams { preconditions: Some(Preconditions { resource_version: slice.resource_version(), uid: None }), ..Default::default() };
-                    api.delete(name, &dp).await.map(|_| ())
+                    api.delete(name, &dp).await.map(|_| None)
                 }
-                Some(_) => api.replace(name, &PostParams::default(), &slice).await.map(|_| ()),
+                Some(_) => api.replace(name, &PostParams::default(), &slice).await.map(Some),
                 None if slice.spec.members.is_empty() => return Ok(out),
-                None => api.create(&PostParams::default(), &slice).await.map(|_| ()),
+                None => api.create(&PostParams::default(), &slice).await.map(Some),
             };
             match written {
-                Ok(()) => {
+                Ok(stored) => {
                     self.remember(namespace, target, &slice);
+                    self.keep(namespace, name, stored);
                     return Ok(out);
                 }
-                Err(kube::Error::Api(s)) if s.code == 409 || (s.code == 404 && existing.is_some()) => continue,
-                Err(e) => return Err(e.into()),
+                Err(kube::Error::Api(s)) if s.code == 409 || (s.code == 404 && existing.is_some()) => {
+                    self.keep(namespace, name, None);
+                    continue;
+                }
+                Err(e) => {
+                    self.keep(namespace, name, None);
+                    return Err(e.into());
+                }
             }
         }
         Err(MembershipError::Contended { what: format!("MemberSlice `{name}`") })
