@@ -184,11 +184,8 @@ async fn a_slice_changed_by_someone_else_after_herald_wrote_it_keeps_both_change
         async move { h.call("POST", "/v1/objects/teams/small/subscriptions", Some(json!({"recipients": recipients}))).await }
     };
     let stored = || async {
-        let mut ids: Vec<String> = slices(&h, "herald.dev/object=teams.small")
-            .await
-            .iter()
-            .flat_map(|s| s.spec.members.iter().map(|m| m.recipient.as_str().unwrap().to_string()))
-            .collect();
+        let mut ids: Vec<String> =
+            slices(&h, "herald.dev/object=teams.small").await.iter().flat_map(|s| s.spec.members.iter().map(|m| m.recipient.as_str().unwrap().to_string())).collect();
         ids.sort();
         ids
     };

@@ -229,20 +229,22 @@ impl Reconciler<'_> {
             })
             .buffer_unordered(self.ctx.settings.run_concurrency.max(1));
         // Checkpoints: a page whose recipients all went as far as they can is
-        // saved at once (its final records, usually its last write); other
-        // changed records, the run's totals and its list of pages every
+        // saved at once (its final records, usually its last write); a page
+        // still going, once its oldest unsaved outcome is CHECKPOINT_INTERVAL
+        // old; the run's totals and its list of pages at most every
         // CHECKPOINT_INTERVAL. Deliveries go on meanwhile (one save in flight
-        // at a time). Each save writes a whole page, so saving by time and by
-        // finished page, not after every so many recipients, is what keeps a
-        // fast fan-out's writes (and the apiserver's work) to about one per
-        // page. A crash loses at most the outcomes recorded since the last
-        // save; those recipients are sent again, with the same
-        // Idempotency-Key. Inline records are saved with the run's status; a
-        // run accepted in memory (a small run) is saved at the first
-        // checkpoint, or with its outcome if it finishes before: then its
-        // status is written once.
-        let mut changed_pages = std::collections::BTreeSet::new();
-        // Finished pages were saved since the last checkpoint: the run's totals are behind.
+        // at a time). Each save writes a whole page, so saving by finished
+        // page and by age, not after every so many outcomes or on a clock
+        // that catches pages about to finish, is what keeps a fast fan-out's
+        // writes (and the apiserver's work) to about one per page. A crash
+        // loses at most the outcomes not saved yet (about a second's worth);
+        // those recipients are sent again, with the same Idempotency-Key.
+        // Inline records are saved with the run's status; a run accepted in
+        // memory (a small run) is saved at the first checkpoint, or with its
+        // outcome if it finishes before: then its status is written once.
+        // Pages with unsaved outcomes, and since when.
+        let mut changed_pages: std::collections::BTreeMap<usize, tokio::time::Instant> = std::collections::BTreeMap::new();
+        // Pages were saved since the run's status was: its totals are behind.
         let mut totals_due = false;
         let mut status_due = !self.is_saved(&status);
         let mut last_checkpoint = tokio::time::Instant::now();
@@ -276,6 +278,11 @@ impl Reconciler<'_> {
                 work.close_channel();
                 closed = true;
             }
+            // When the next save falls due: a page's oldest unsaved outcome
+            // coming of age, or the run's status.
+            let oldest = changed_pages.values().min().map(|since| *since + CHECKPOINT_INTERVAL);
+            let status_at = (status_due || totals_due).then_some(last_checkpoint + CHECKPOINT_INTERVAL);
+            let next_due = oldest.into_iter().chain(status_at).min();
             tokio::select! {
                 next = results.next() => match next {
                     Some((p, i, new_status, wake)) => {
@@ -290,12 +297,12 @@ impl Reconciler<'_> {
                         }
                         if pages[p].recipients[i] != new_status {
                             pages[p].recipients[i] = new_status;
-                            changed_pages.insert(p);
+                            changed_pages.entry(p).or_insert_with(tokio::time::Instant::now);
                         }
                         remaining[p] -= 1;
                         if remaining[p] == 0 {
                             in_flight -= 1;
-                            if !changed_pages.contains(&p) {
+                            if !changed_pages.contains_key(&p) {
                                 pages[p].settle();
                             }
                         }
@@ -334,22 +341,21 @@ impl Reconciler<'_> {
                     saving = None;
                     saved?;
                 }
-                _ = tokio::time::sleep_until(last_checkpoint + CHECKPOINT_INTERVAL), if (!changed_pages.is_empty() || status_due || totals_due) && saving.is_none() => {}
+                _ = tokio::time::sleep_until(next_due.unwrap_or_else(tokio::time::Instant::now)), if next_due.is_some() && saving.is_none() => {}
             }
             if saving.is_some() {
                 continue;
             }
-            let checkpoint = (!changed_pages.is_empty() || status_due || totals_due) && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL;
-            let finished: Vec<usize> = changed_pages.iter().copied().filter(|p| remaining[*p] == 0 && !pages[*p].is_inline()).collect();
-            if !checkpoint && finished.is_empty() {
+            let now = tokio::time::Instant::now();
+            let status_check = (status_due || totals_due) && now >= last_checkpoint + CHECKPOINT_INTERVAL;
+            let changed: Vec<usize> =
+                changed_pages.iter().filter(|(p, since)| (remaining[**p] == 0 && !pages[**p].is_inline()) || now >= **since + CHECKPOINT_INTERVAL).map(|(p, _)| *p).collect();
+            if !status_check && changed.is_empty() {
                 continue;
             }
-            let changed: Vec<usize> = if checkpoint {
-                std::mem::take(&mut changed_pages).into_iter().collect()
-            } else {
-                changed_pages.retain(|p| !finished.contains(p));
-                finished
-            };
+            for p in &changed {
+                changed_pages.remove(p);
+            }
             let inline_changed = changed.iter().any(|p| pages[*p].is_inline());
             let snapshots: Vec<Page> = changed.iter().filter(|p| !pages[**p].is_inline()).map(|p| pages[*p].clone()).collect();
             // Pages done with are let go of once their last records are on their way out.
@@ -358,7 +364,7 @@ impl Reconciler<'_> {
                     pages[*p].settle();
                 }
             }
-            let parent = checkpoint
+            let parent = (status_check || inline_changed)
                 .then(|| {
                     let totals = totals(&pages);
                     (status_due || inline_changed || status.totals.as_ref() != Some(&totals)).then(|| {
@@ -367,6 +373,12 @@ impl Reconciler<'_> {
                     })
                 })
                 .flatten();
+            totals_due |= !snapshots.is_empty();
+            if parent.is_some() || status_check {
+                status_due = false;
+                totals_due = false;
+                last_checkpoint = now;
+            }
             saving = Some(Box::pin(async move {
                 for page in &snapshots {
                     self.write_page(page).await?;
@@ -376,18 +388,11 @@ impl Reconciler<'_> {
                 }
                 Ok(())
             }));
-            if checkpoint {
-                status_due = false;
-                totals_due = false;
-                last_checkpoint = tokio::time::Instant::now();
-            } else {
-                totals_due = true;
-            }
         }
         if let Some(save) = saving {
             save.await?;
         }
-        for p in changed_pages {
+        for p in changed_pages.into_keys() {
             self.write_page(&pages[p]).await?;
         }
 
