@@ -222,7 +222,14 @@ impl<K: Indexed> Index<K> {
                         }
                     };
                     match event {
-                        watcher::Event::Init => relist = Some(Part::default()),
+                        watcher::Event::Init => {
+                            // A list after the first: the watch lost its place (e.g. 410 Gone). The
+                            // old index serves until the new one is complete (both are held meanwhile).
+                            if *ready.borrow() {
+                                tracing::info!(kind = %K::kind(&()), "re-listing");
+                            }
+                            relist = Some(Part::default());
+                        }
                         watcher::Event::InitApply(object) => {
                             if let Some(fresh) = relist.as_mut() {
                                 file(fresh, &object, &unreadable);
