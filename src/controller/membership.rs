@@ -253,10 +253,12 @@ impl Membership {
         entry.1.insert(slice.name_any(), members);
     }
 
-    /// The slice as this process last wrote it, if it is among the last few.
-    fn kept(&self, namespace: &str, name: &str) -> Option<MemberSlice> {
-        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        written.iter().find(|((ns, n), _)| ns == namespace && n == name).map(|(_, slice)| slice.clone())
+    /// Takes the slice as this process last wrote it, if it is among the
+    /// last few (the edit keeps what it writes next, so no copy is made).
+    fn take_kept(&self, namespace: &str, name: &str) -> Option<MemberSlice> {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let at = written.iter().position(|((ns, n), _)| ns == namespace && n == name)?;
+        written.remove(at).map(|(_, slice)| slice)
     }
 
     /// Keeps `slice` as written (None: forgets it, e.g. deleted or stale).
@@ -287,7 +289,7 @@ impl Membership {
         name: &str,
         mut change: impl FnMut(&mut MemberSlice) -> T,
     ) -> Result<T, MembershipError> {
-        let mut kept = self.kept(namespace, name);
+        let mut kept = self.take_kept(namespace, name);
         for _ in 0..ATTEMPTS {
             let from_kept = kept.is_some();
             let existing = match kept.take() {
