@@ -1,10 +1,10 @@
 //! Writing memberships: adding and removing an Object's subscribers or an
 //! Audience's members in its MemberSlices.
 //!
-//! Calls for one target are combined: whoever holds the target's writer
-//! takes every change queued meanwhile and writes them together, so eight
-//! clients subscribing to one object cost about one slice write per round,
-//! not eight competing ones, and none of them sees a conflict. Another
+//! Calls for one target are combined ([`Combiner`]): a round writes every
+//! change queued while the previous round was written, so eight clients
+//! subscribing to one object cost about one slice write per round, not
+//! eight competing ones, and none of them sees a conflict. Another
 //! replica writing the same slice makes a replace fail with 409; the slice is
 //! then read again and the change re-applied.
 //!
@@ -19,11 +19,12 @@ use std::sync::{Arc, Mutex};
 use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
 use serde_json::Value;
-use tokio::sync::oneshot;
 
+use super::combine::Combiner;
 use super::Stores;
 use crate::core::expansion::{Members, SubscriberRecord};
 use crate::core::model::{JsonObject, RecipientKey};
+use crate::metrics::Metrics;
 use crate::resources::member_slice::MAX_MEMBERS;
 use crate::resources::{MemberSlice, MemberTarget, Subscription};
 
@@ -58,23 +59,20 @@ pub enum Change {
 /// or for a removal, its properties before (None: it was not a member).
 pub type Outcome = Vec<(RecipientKey, Option<JsonObject>)>;
 
-struct Queued {
-    change: Change,
-    done: oneshot::Sender<Result<Outcome, Arc<MembershipError>>>,
-}
-
-/// One target's queue and writer.
-#[derive(Default)]
-struct Queue {
-    pending: Mutex<Vec<Queued>>,
-    writer: tokio::sync::Mutex<()>,
-}
+/// One target's changes waiting to be written.
+type Queue = Combiner<Change, Result<Outcome, Arc<MembershipError>>>;
 
 /// Writes memberships for the API (one per process).
 pub struct Membership {
+    queues: Mutex<HashMap<(String, MemberTarget), Arc<Queue>>>,
+    slices: Arc<Slices>,
+}
+
+/// What writes the slices, shared by the rounds (which run on their own tasks).
+struct Slices {
     client: Client,
     stores: Stores,
-    queues: Mutex<HashMap<(String, MemberTarget), Arc<Queue>>>,
+    metrics: Arc<Metrics>,
     /// The last few slices this process wrote, as written (with their
     /// resourceVersion), by namespace and name: the next change to one starts
     /// from it instead of reading it again. A copy someone else wrote since
@@ -96,8 +94,8 @@ const RECENT: std::time::Duration = std::time::Duration::from_secs(60);
 const KEPT_SLICES: usize = 8;
 
 impl Membership {
-    pub fn new(client: Client, stores: Stores) -> Self {
-        Membership { client, stores, queues: Mutex::default(), recent: Mutex::default(), written: Mutex::default() }
+    pub fn new(client: Client, stores: Stores, metrics: Arc<Metrics>) -> Self {
+        Membership { queues: Mutex::default(), slices: Arc::new(Slices { client, stores, metrics, recent: Mutex::default(), written: Mutex::default() }) }
     }
 
     /// Applies `change` to `target`'s slices in `namespace`, combined with
@@ -105,39 +103,30 @@ impl Membership {
     pub async fn apply(&self, namespace: &str, target: &MemberTarget, change: Change) -> Result<Outcome, Arc<MembershipError>> {
         let slot = (namespace.to_string(), target.clone());
         let queue = self.queues.lock().unwrap_or_else(|e| e.into_inner()).entry(slot.clone()).or_default().clone();
-        let (done, answer) = oneshot::channel();
-        queue.pending.lock().unwrap_or_else(|e| e.into_inner()).push(Queued { change, done });
-        {
-            let _writing = queue.writer.lock().await;
-            let batch = std::mem::take(&mut *queue.pending.lock().unwrap_or_else(|e| e.into_inner()));
-            // Empty: an earlier writer took this call's change with its own.
-            if !batch.is_empty() {
-                let (changes, answers): (Vec<Change>, Vec<_>) = batch.into_iter().map(|q| (q.change, q.done)).unzip();
-                match self.write(namespace, target, &changes).await {
-                    Ok(outcomes) => {
-                        for (answer, outcome) in answers.into_iter().zip(outcomes) {
-                            let _ = answer.send(Ok(outcome));
-                        }
-                    }
+        let (slices, ns, tg) = (self.slices.clone(), namespace.to_string(), target.clone());
+        let outcome = queue
+            .submit(change, |changes| async move {
+                match slices.write(&ns, &tg, &changes).await {
+                    Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
                     Err(e) => {
                         let e = Arc::new(e);
-                        for answer in answers {
-                            let _ = answer.send(Err(e.clone()));
-                        }
+                        changes.iter().map(|_| Err(e.clone())).collect()
                     }
                 }
-            }
-        }
+            })
+            .await;
         // Idle queues go (a caller that raced in just now writes on its own: still correct).
         {
             let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-            if Arc::strong_count(&queue) == 2 && queue.pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            if Arc::strong_count(&queue) == 2 && queue.is_idle() {
                 queues.remove(&slot);
             }
         }
-        answer.await.map_err(|_| Arc::new(MembershipError::Dropped))?
+        outcome.unwrap_or_else(|| Err(Arc::new(MembershipError::Dropped)))
     }
+}
 
+impl Slices {
     /// Writes several calls' changes to the target's slices; one outcome per change.
     async fn write(&self, namespace: &str, target: &MemberTarget, changes: &[Change]) -> Result<Vec<Outcome>, MembershipError> {
         let api: Api<MemberSlice> = Api::namespaced(self.client.clone(), namespace);
@@ -316,6 +305,7 @@ impl Membership {
             };
             match written {
                 Ok(stored) => {
+                    self.metrics.write("MemberSlice");
                     self.remember(namespace, target, &slice);
                     self.keep(namespace, name, stored);
                     return Ok(out);

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod channel;
+pub mod combine;
 pub mod conditions;
 pub mod cpu;
 pub mod delivery;

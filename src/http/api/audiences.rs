@@ -116,7 +116,6 @@ pub async fn add(State(api): State<Arc<Api>>, caller: Caller, Params(key): Param
     }
     let added = members.iter().map(|m| (m.user.key().clone(), properties_of(m))).collect();
     api.membership.apply(&caller.namespace, &MemberTarget::Audience(key), Change::Add(added)).await?;
-    api.ctx.metrics.write("MemberSlice");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -133,7 +132,6 @@ pub async fn remove(State(api): State<Arc<Api>>, caller: Caller, Params(key): Pa
     api.caches_ready().await?;
     let keys: Vec<RecipientKey> = members.iter().map(|m| m.user.key().clone()).collect();
     api.membership.apply(&caller.namespace, &MemberTarget::Audience(key), Change::Remove(keys)).await?;
-    api.ctx.metrics.write("MemberSlice");
     Ok(StatusCode::NO_CONTENT)
 }
 

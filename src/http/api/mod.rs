@@ -61,7 +61,7 @@ impl Api {
         let auth = Authenticator::start(ctx.client.clone(), &ctx.settings);
         let limiter = RateLimiter::new(ctx.settings.rate_limit_per_second, ctx.settings.rate_limit_burst);
         let index = index::RunIndex::start(&ctx.client, &ctx.settings);
-        let membership = crate::controller::membership::Membership::new(ctx.client.clone(), ctx.stores.clone());
+        let membership = crate::controller::membership::Membership::new(ctx.client.clone(), ctx.stores.clone(), ctx.metrics.clone());
         Arc::new(Api { ctx, auth, limiter, index, membership, caches_listed: AtomicBool::new(false) })
     }
 

@@ -228,7 +228,6 @@ pub async fn subscribe(State(api): State<Arc<Api>>, caller: Caller, Params((coll
     let sliced: Vec<(RecipientKey, JsonObject)> = keys.iter().filter(|k| !listed.contains(*k)).map(|k| (k.clone(), properties.clone())).collect();
     if !sliced.is_empty() {
         api.membership.apply(&caller.namespace, &MemberTarget::Object { collection: collection.clone(), id: id.clone() }, Change::Add(sliced)).await?;
-        api.ctx.metrics.write("MemberSlice");
     }
     Ok(Json(Value::Array(keys.iter().map(|k| subscription_json(&object, k, &properties)).collect())))
 }
