@@ -97,6 +97,10 @@ pub struct Metrics {
     pub work_queue_depth: Gauge,
     /// Reconciles running now.
     pub reconciles_in_flight: Gauge,
+    /// RecipientPages whose records runs hold in memory now: pages with
+    /// recipients to go, and pages done with whose last records are not saved
+    /// yet (each run holds at most a few of each).
+    pub run_pages_held: Gauge,
     /// Objects herald cannot read (and skips), by kind.
     pub invalid_resources: Family<KindLabels, Gauge>,
     /// Objects in the watch indexes (Users, Objects, Tenants, Audiences, MemberSlices), by kind.
@@ -139,6 +143,8 @@ impl Default for Metrics {
         registry.register("work_queue_depth", "TriggerRuns not finished yet (pending, running or waiting)", work_queue_depth.clone());
         let reconciles_in_flight = Gauge::default();
         registry.register("reconciles_in_flight", "Reconciles running now", reconciles_in_flight.clone());
+        let run_pages_held = Gauge::default();
+        registry.register("run_pages_held", "RecipientPages whose records runs hold in memory (recipients to go, or last records not saved yet)", run_pages_held.clone());
         let invalid_resources = Family::<KindLabels, Gauge>::default();
         registry.register("invalid_resources", "Objects herald cannot read and skips, by kind (each has an Unreadable Event)", invalid_resources.clone());
         let cached_objects = Family::<KindLabels, Gauge>::default();
@@ -168,6 +174,7 @@ impl Default for Metrics {
             leader,
             work_queue_depth,
             reconciles_in_flight,
+            run_pages_held,
             api_writes,
             reconciles,
             reconcile_errors,

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{create, wait_for, HeraldProcess, TestNamespace};
+use herald::controller::trigger_run::{PAGES_IN_FLIGHT, PAGES_UNSAVED};
 use herald::resources::{Channel, MemberSlice, Object, RecipientPage, TriggerRun, User, Workflow};
 use kube::api::{ListParams, PostParams};
 use kube::ResourceExt;
@@ -89,10 +90,16 @@ async fn a_large_run_delivers_before_its_pages_exist_and_resumes_after_sigkill_m
     let delivered_before = receiver.arrived();
     let second = HeraldProcess::start(&ns.name, LEASE);
 
+    // What the run holds in memory stays a few pages (sampled while it goes).
+    let most_held = std::sync::atomic::AtomicU64::new(0);
     let done = wait_for("the run to finish", Duration::from_secs(300), || async {
+        most_held.fetch_max(second.metric("herald_run_pages_held").await as u64, std::sync::atomic::Ordering::Relaxed);
         runs.get(&run.name_any()).await.ok().filter(|r| r.status.as_ref().is_some_and(|s| s.state.is_finished()))
     })
     .await;
+    let most_held = most_held.into_inner() as usize;
+    assert!(most_held <= PAGES_IN_FLIGHT + PAGES_UNSAVED, "the run held {most_held} pages at once");
+    wait_for("the finished run to let go of its pages", Duration::from_secs(10), || async { (second.metric("herald_run_pages_held").await == 0.0).then_some(()) }).await;
     let status = done.status.unwrap();
     let resumed = second.logs.lock().unwrap().iter().any(|l| l.contains("resuming the expansion"));
     assert!(resumed, "the second operator went on expanding where the first stopped");

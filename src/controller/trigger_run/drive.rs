@@ -13,13 +13,14 @@ use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
+use prometheus_client::metrics::gauge::Gauge;
 use uuid::Uuid;
 
 use super::acceptance::page_shape;
 use super::acceptance::{overlay_inline, parse_trigger, tenant_record};
 use super::records::{totals, Holder, Page};
 use super::stream::PageStream;
-use super::{run_id, until, Reconciler, CHECKPOINT_INTERVAL, PAGES_IN_FLIGHT};
+use super::{run_id, until, Reconciler, CHECKPOINT_INTERVAL, PAGES_IN_FLIGHT, PAGES_SAVED_AT_ONCE, PAGES_UNSAVED};
 use crate::controller::delivery::Fenced;
 use crate::controller::directory::LiveDirectory;
 use crate::controller::identify;
@@ -249,10 +250,20 @@ impl Reconciler<'_> {
         let mut status_due = !self.is_saved(&status);
         let mut last_checkpoint = tokio::time::Instant::now();
         let mut saving: Option<futures::future::BoxFuture<'_, Result<(), Error>>> = None;
+        // Pages in the save under way (their records are held until it is written).
+        let mut saving_pages = 0;
+        let mut held = Held::new(&self.ctx.metrics.run_pages_held);
         loop {
+            // Pages done with but not saved yet (due, or in the save under
+            // way) still hold their records. No page is taken on while
+            // PAGES_UNSAVED of them wait: a fan-out that delivers
+            // faster than the apiserver takes its saves waits for them,
+            // instead of holding every page it finished until the end.
+            let unsaved = saving_pages + changed_pages.keys().filter(|p| remaining[**p] == 0 && !pages[**p].is_inline()).count();
+            held.set(in_flight + unsaved);
             // The next page while few are in flight: one let go at load, read
             // again; else, while the run expands, a new one.
-            if incoming.is_none() && in_flight < PAGES_IN_FLIGHT {
+            if incoming.is_none() && in_flight < PAGES_IN_FLIGHT && unsaved < PAGES_UNSAVED {
                 if let Some(p) = to_load.pop_front() {
                     // The page as let go: its name and place (no records).
                     let shell = pages[p].clone();
@@ -339,6 +350,7 @@ impl Reconciler<'_> {
                 }
                 saved = async { saving.as_mut().expect("polled only while a save is in flight").await }, if saving.is_some() => {
                     saving = None;
+                    saving_pages = 0;
                     saved?;
                 }
                 _ = tokio::time::sleep_until(next_due.unwrap_or_else(tokio::time::Instant::now)), if next_due.is_some() && saving.is_none() => {}
@@ -379,9 +391,18 @@ impl Reconciler<'_> {
                 totals_due = false;
                 last_checkpoint = now;
             }
+            saving_pages = snapshots.len();
             saving = Some(Box::pin(async move {
+                // Pages are independent writes: a few at a time keep the apiserver's cores busy.
+                let mut writes = futures::stream::FuturesUnordered::new();
                 for page in &snapshots {
-                    self.write_page(page).await?;
+                    if writes.len() >= PAGES_SAVED_AT_ONCE {
+                        writes.next().await.transpose()?;
+                    }
+                    writes.push(self.write_page(page));
+                }
+                while let Some(written) = writes.next().await {
+                    written?;
                 }
                 if let Some(parent) = parent {
                     self.write_status(&parent).await?;
@@ -614,4 +635,29 @@ impl ChannelTypes for NamespaceChannels {
 /// A page's unfinished recipients, with their place: (page, index, record).
 fn unfinished(p: usize, page: &Page) -> Vec<(usize, usize, RecipientStatus)> {
     page.recipients.iter().enumerate().filter(|(_, r)| !r.state.is_finished()).map(|(i, r)| (p, i, r.clone())).collect()
+}
+
+/// A run's share of `herald_run_pages_held`: the pages whose records it
+/// holds in memory now; given back when the run stops driving, however it stops.
+struct Held<'a> {
+    gauge: &'a Gauge,
+    now: i64,
+}
+
+impl<'a> Held<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        Held { gauge, now: 0 }
+    }
+
+    fn set(&mut self, pages: usize) {
+        let pages = pages as i64;
+        self.gauge.inc_by(pages - self.now);
+        self.now = pages;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.now);
+    }
 }

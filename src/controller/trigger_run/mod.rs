@@ -47,6 +47,13 @@ pub const PAGE_SIZE: usize = 500;
 /// this many pages have recipients to go: what a run holds in memory is a
 /// few pages, not its audience.
 pub const PAGES_IN_FLIGHT: usize = 4;
+/// A run takes on no further page while this many pages it is done with
+/// wait for their last records to be saved: a fan-out that delivers faster
+/// than the apiserver takes its saves goes at the pace of the saves, holding
+/// a few pages, not every page it finished.
+pub const PAGES_UNSAVED: usize = 16;
+/// Pages of one checkpoint written at once.
+pub const PAGES_SAVED_AT_ONCE: usize = 4;
 /// Changed records are saved this long after the last checkpoint (a page is
 /// also saved as soon as its recipients are done). Saves do not stall
 /// deliveries (one is in flight at a time), so a crash loses at most this
