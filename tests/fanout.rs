@@ -3,6 +3,7 @@
 //! SIGKILLed mid-expansion is resumed by the next one without losing a
 //! recipient; a recipient sent to twice is sent with the same Idempotency-Key.
 
+mod api_support;
 mod common;
 mod receivers;
 
@@ -120,4 +121,71 @@ async fn a_large_run_delivers_before_its_pages_exist_and_resumes_after_sigkill_m
         assert!(sent.iter().all(|k| !k.is_empty() && *k == sent[0]), "{recipient} was sent with different keys: {sent:?}");
     }
     println!("{delivered_before} deliveries before the SIGKILL; {} repeated after it", keys.values().map(|k| k.len() - 1).sum::<usize>());
+}
+
+/// A page's records are written by its first save. A page created but never
+/// saved (every page save refused here) is cut again by the next reconcile
+/// and its recipients are driven again, each with the same Idempotency-Key,
+/// until a save goes through: nobody is lost, nobody gets a new key.
+#[tokio::test]
+async fn a_page_whose_saves_fail_is_cut_again_and_sent_with_the_same_keys() {
+    const RECIPIENTS: usize = 30;
+    let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let refusing = refuse.clone();
+    let client = api_support::mapping_client(move |mut request| {
+        // A page's records go to its status subresource: sent instead to a resource that does not exist (404).
+        let path = request.uri().path();
+        if refusing.load(std::sync::atomic::Ordering::Relaxed) && request.method() == "PATCH" && path.contains("/recipientpages/") && path.ends_with("/status") {
+            let elsewhere = request.uri().to_string().replace("/recipientpages/", "/recipientpagez/");
+            *request.uri_mut() = elsewhere.parse().unwrap();
+        }
+        request
+    })
+    .await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    create::<Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/fan")}}))
+        .await;
+    create::<Workflow>(
+        &ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "fan"},
+               "spec": {"steps": [{"ref": "send", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.id }}"}}]}}),
+    )
+    .await;
+    let ids: Vec<String> = (0..RECIPIENTS).map(id).collect();
+    for i in &ids {
+        create::<User>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": i}, "spec": {"id": i}})).await;
+    }
+    let _op = common::operator(&client, &ns.name).await;
+    let run: TriggerRun =
+        create(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"name": "fan-1"}, "spec": {"workflow": "fan", "recipients": ids}})).await;
+
+    // Driven, not saved, driven again.
+    wait_for("every recipient sent to twice", Duration::from_secs(60), || async { (receiver.received_at("/fan").len() >= 2 * RECIPIENTS).then_some(()) }).await;
+    let runs = ns.api::<TriggerRun>();
+    let pages = ns.api::<RecipientPage>();
+    let listed = runs.get(&run.name_any()).await.unwrap().status.unwrap().pages;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(pages.get(&listed[0]).await.unwrap().status.is_none_or(|s| s.recipients.is_empty()), "no save went through yet");
+    refuse.store(false, std::sync::atomic::Ordering::Relaxed);
+
+    let done = wait_for("the run to finish", Duration::from_secs(60), || async {
+        runs.get(&run.name_any()).await.ok().filter(|r| r.status.as_ref().is_some_and(|s| s.state.is_finished()))
+    })
+    .await;
+    let status = done.status.unwrap();
+    assert_eq!(status.pages, listed, "the same page, cut again");
+    assert_eq!(status.totals.as_ref().map(|t| t.completed as usize), Some(RECIPIENTS), "{status:?}");
+    let records = pages.get(&listed[0]).await.unwrap().status.unwrap().recipients;
+    assert_eq!(records.iter().map(|r| r.recipient.clone()).collect::<Vec<_>>(), ids);
+    assert!(records.iter().all(|r| r.state == herald::core::status::RecipientState::Completed), "{records:?}");
+    let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in receiver.received_at("/fan") {
+        keys.entry(String::from_utf8_lossy(&r.body).into_owned()).or_default().push(r.header("Idempotency-Key").unwrap_or_default().to_string());
+    }
+    assert_eq!(keys.keys().cloned().collect::<Vec<_>>(), ids);
+    for (recipient, sent) in &keys {
+        assert!(sent.len() >= 2, "{recipient} was sent {} times", sent.len());
+        assert!(sent.iter().all(|k| !k.is_empty() && *k == sent[0]), "{recipient} was sent with different keys: {sent:?}");
+    }
 }

@@ -141,3 +141,41 @@ async fn a_failed_run_costs_one_write_more_its_warning_event() {
     let event = common::runs::wait_for_event(&h.ns, &name, "Warning", "RecipientsFailed").await;
     assert!(event.note.unwrap_or_default().contains("1 failed"));
 }
+
+/// A page is created with its recipients' run ids (what the API finds them
+/// by) and its records are written once, when its recipients are done: two
+/// writes a page, however many recipients it holds. (Its records were
+/// written a first time as it was created, all Queued: a third write, about
+/// a quarter of a fan-out's apiserver work.)
+#[tokio::test]
+async fn a_page_is_written_twice_created_then_its_records_once_done() {
+    let (client, log) = recording_client().await;
+    let h = Herald::start_on(client, |_| {}).await;
+    let receiver = receivers::HttpReceiver::start().await;
+    setup(&h, &receiver).await;
+    log.take();
+
+    // More recipients than a run keeps inline: one real User, the rest RecipientNotFound.
+    let mut recipients = vec!["user_1".to_string()];
+    recipients.extend((0..herald::core::status::INLINE_RECIPIENTS * 2).map(|i| format!("ghost_{i}")));
+    let a = h.call("POST", "/v1/workflows/ping/trigger", Some(json!({"recipients": recipients}))).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let uid = a.body["workflow_run_id"].as_str().unwrap().to_string();
+    let run = finished(&h, &uid).await;
+    let writes = writes(&log);
+    let status = run.status.clone().unwrap();
+    assert_eq!(status.pages.len(), 1, "{status:#?}");
+    assert_eq!(receiver.received().len(), 1, "delivered once");
+
+    let page_writes: Vec<(String, String)> = writes.iter().filter(|(_, u)| u.contains("/recipientpages/")).cloned().collect();
+    assert_eq!(page_writes.len(), 2, "the page's create and one save of its records:\n{}", describe(&page_writes));
+    let page = h.api::<RecipientPage>().get(&status.pages[0]).await.unwrap();
+    let records = page.status.unwrap().recipients;
+    assert_eq!(records.len(), recipients.len());
+    assert_eq!(records[0].state, RecipientState::Completed);
+    assert!(records[1..].iter().all(|r| r.state == RecipientState::Failed && r.reason.as_deref() == Some("RecipientNotFound")), "{records:?}");
+    // The API reads the saved records.
+    let read = h.call("GET", &format!("/v1/workflow_runs/{uid}"), None).await;
+    assert_eq!(read.status, 200, "{read:?}");
+    assert_eq!(read.body["recipient_runs"]["entries"].as_array().map(Vec::len), Some(recipients.len()), "{read:?}");
+}

@@ -264,16 +264,26 @@ impl RequestLog {
 /// A client of the test control plane that records every request it sends
 /// (the real client, with one more tower layer).
 pub async fn recording_client() -> (Client, RequestLog) {
+    let log = RequestLog::default();
+    let sink = log.clone();
+    let client = mapping_client(move |request| {
+        sink.0.lock().unwrap().push((request.method().to_string(), request.uri().to_string()));
+        request
+    })
+    .await;
+    (client, log)
+}
+
+/// A client of the test control plane that passes every request through
+/// `map` before sending it (the real client, with one more tower layer).
+pub async fn mapping_client<F>(map: F) -> Client
+where
+    F: Fn(axum::http::Request<kube::client::Body>) -> axum::http::Request<kube::client::Body> + Clone + Send + Sync + 'static,
+{
     common::client().await; // installs the CRDs
     let kubeconfig = Kubeconfig::read_from(common::kubeconfig()).unwrap();
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
-    let log = RequestLog::default();
-    let sink = log.clone();
-    let record = tower::util::MapRequestLayer::new(move |request: axum::http::Request<kube::client::Body>| {
-        sink.0.lock().unwrap().push((request.method().to_string(), request.uri().to_string()));
-        request
-    });
-    (kube::client::ClientBuilder::try_from(config).unwrap().with_layer(&record).build(), log)
+    kube::client::ClientBuilder::try_from(config).unwrap().with_layer(&tower::util::MapRequestLayer::new(map)).build()
 }
 
 /// A client of the test control plane through `url` (e.g. a proxy).

@@ -257,7 +257,7 @@ impl Reconciler<'_> {
             // API's index); the run's status goes out at the first checkpoint,
             // or with the outcome.
             self.write_recipient_run_ids(&head).await?;
-            vec![Page { holder: Holder::Run, index: 0, recipients: head, settled: None }]
+            vec![Page { holder: Holder::Run, index: 0, recipients: head, unsaved: false, settled: None }]
         } else {
             // Streaming fan-out: the first page is cut and created now; the
             // rest are cut and created while it delivers (`execute`).
@@ -288,7 +288,8 @@ impl Reconciler<'_> {
         if !status.pages.is_empty() {
             // The first page is listed once it exists: a crash before
             // re-expands and rewrites it (nothing was sent yet); a crash after
-            // finds the pages created since by name and expands the rest.
+            // finds the pages saved since by name and expands the rest (from
+            // this one, if it was not saved yet).
             self.write_status(&status).await?;
         }
         tracing::info!(recipients = count, expanding = status.expanding, "run accepted");

@@ -189,9 +189,10 @@ impl Reconciler<'_> {
         // Pages with recipients to go that were let go at load, read again in turn.
         let mut to_load: std::collections::VecDeque<usize> = pages.iter().enumerate().filter(|(_, page)| page.unfinished_settled() > 0).map(|(p, _)| p).collect();
         let mut closed = false;
-        // Pages with nothing left to do are let go of (their counts kept).
+        // Pages with nothing left to do are let go of (their counts kept);
+        // one not saved yet once its save takes its records.
         for (p, page) in pages.iter_mut().enumerate() {
-            if remaining[p] == 0 {
+            if remaining[p] == 0 && !page.unsaved {
                 page.settle();
             }
         }
@@ -230,9 +231,10 @@ impl Reconciler<'_> {
             })
             .buffer_unordered(self.ctx.settings.run_concurrency.max(1));
         // Checkpoints: a page whose recipients all went as far as they can is
-        // saved at once (its final records, usually its last write); a page
-        // still going, once its oldest unsaved outcome is CHECKPOINT_INTERVAL
-        // old; the run's totals and its list of pages at most every
+        // saved at once (its final records, usually its only save: a page is
+        // created without its records); a page still going, once its oldest
+        // unsaved outcome (or its creation) is CHECKPOINT_INTERVAL old; the
+        // run's totals and its list of pages at most every
         // CHECKPOINT_INTERVAL. Deliveries go on meanwhile (one save in flight
         // at a time). Each save writes a whole page, so saving by finished
         // page and by age, not after every so many outcomes or on a clock
@@ -243,8 +245,10 @@ impl Reconciler<'_> {
         // Inline records are saved with the run's status; a run accepted in
         // memory (a small run) is saved at the first checkpoint, or with its
         // outcome if it finishes before: then its status is written once.
-        // Pages with unsaved outcomes, and since when.
-        let mut changed_pages: std::collections::BTreeMap<usize, tokio::time::Instant> = std::collections::BTreeMap::new();
+        // Pages with unsaved outcomes, and since when; a page cut but not
+        // saved yet has unsaved records from the start.
+        let mut changed_pages: std::collections::BTreeMap<usize, tokio::time::Instant> =
+            pages.iter().enumerate().filter(|(_, page)| page.unsaved).map(|(p, _)| (p, tokio::time::Instant::now())).collect();
         // Pages were saved since the run's status was: its totals are behind.
         let mut totals_due = false;
         let mut status_due = !self.is_saved(&status);
@@ -343,8 +347,12 @@ impl Reconciler<'_> {
                         remaining.push(to_go);
                     }
                     in_flight += usize::from(to_go > 0);
-                    if to_go == 0 {
-                        // Nobody on it to drive (every recipient not found, say): saved as created.
+                    if pages[p].unsaved {
+                        // Its records are written by its first save (at once
+                        // if nobody on it is left to drive: every recipient
+                        // not found, say).
+                        changed_pages.insert(p, tokio::time::Instant::now());
+                    } else if to_go == 0 {
                         pages[p].settle();
                     }
                 }
@@ -370,6 +378,9 @@ impl Reconciler<'_> {
             }
             let inline_changed = changed.iter().any(|p| pages[*p].is_inline());
             let snapshots: Vec<Page> = changed.iter().filter(|p| !pages[**p].is_inline()).map(|p| pages[*p].clone()).collect();
+            for p in &changed {
+                pages[*p].unsaved = false;
+            }
             // Pages done with are let go of once their last records are on their way out.
             for p in &changed {
                 if remaining[*p] == 0 {
@@ -573,7 +584,8 @@ impl Reconciler<'_> {
                 r.message = Some(message.to_string());
                 changed = true;
             }
-            if changed {
+            // A page cut but not saved yet is written even if nothing changed.
+            if changed || page.unsaved {
                 self.write_page(page).await?;
             }
             if settled {

@@ -111,7 +111,7 @@ impl<'d> PageStream<'d> {
         let index = self.next_index;
         self.next_index += 1;
         self.recipients += recipients.len();
-        Some(Page { holder: Holder::Page(page_name(&self.run, index)), index, recipients, settled: None })
+        Some(Page { holder: Holder::Page(page_name(&self.run, index)), index, recipients, unsaved: true, settled: None })
     }
 }
 
