@@ -31,6 +31,18 @@ fn id(i: usize) -> String {
     format!("u{i:05}")
 }
 
+/// The Channel `hooks` to the receiver's `/fan`, and the Workflow `fan` that sends each recipient's id there.
+async fn fan_workflow(ns: &TestNamespace, receiver: &HttpReceiver) {
+    create::<Channel>(ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/fan")}}))
+        .await;
+    create::<Workflow>(
+        ns,
+        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "fan"},
+               "spec": {"steps": [{"ref": "send", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.id }}"}}]}}),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_large_run_delivers_before_its_pages_exist_and_resumes_after_sigkill_mid_expansion() {
     let client = common::client().await;
@@ -38,14 +50,7 @@ async fn a_large_run_delivers_before_its_pages_exist_and_resumes_after_sigkill_m
     let receiver = HttpReceiver::start().await;
     // Slow enough that the first pages are still delivering when the operator dies.
     receiver.slow("/fan", Duration::from_millis(200));
-    create::<Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/fan")}}))
-        .await;
-    create::<Workflow>(
-        &ns,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "fan"},
-               "spec": {"steps": [{"ref": "send", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.id }}"}}]}}),
-    )
-    .await;
+    fan_workflow(&ns, &receiver).await;
     let users = ns.api::<User>();
     let existing: Vec<usize> = (0..SUBSCRIBERS).step_by(STRIDE).collect();
     futures::future::join_all(existing.chunks(100).map(|chunk| {
@@ -144,14 +149,7 @@ async fn a_page_whose_saves_fail_is_cut_again_and_sent_with_the_same_keys() {
     .await;
     let ns = TestNamespace::new(&client).await;
     let receiver = HttpReceiver::start().await;
-    create::<Channel>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": "hooks"}, "spec": {"type": "http", "url": receiver.url("/fan")}}))
-        .await;
-    create::<Workflow>(
-        &ns,
-        json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Workflow", "metadata": {"name": "fan"},
-               "spec": {"steps": [{"ref": "send", "type": "channel", "channel": "hooks", "template": {"body": "{{ recipient.id }}"}}]}}),
-    )
-    .await;
+    fan_workflow(&ns, &receiver).await;
     let ids: Vec<String> = (0..RECIPIENTS).map(id).collect();
     for i in &ids {
         create::<User>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": i}, "spec": {"id": i}})).await;
