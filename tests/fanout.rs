@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::{create, wait_for, HeraldProcess, TestNamespace};
 use herald::controller::trigger_run::{PAGES_IN_FLIGHT, PAGES_UNSAVED};
 use herald::resources::{Channel, MemberSlice, Object, RecipientPage, TriggerRun, User, Workflow};
-use kube::api::{ListParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use receivers::HttpReceiver;
 use serde_json::json;
@@ -186,4 +186,60 @@ async fn a_page_whose_saves_fail_is_cut_again_and_sent_with_the_same_keys() {
         assert!(sent.len() >= 2, "{recipient} was sent {} times", sent.len());
         assert!(sent.iter().all(|k| !k.is_empty() && *k == sent[0]), "{recipient} was sent with different keys: {sent:?}");
     }
+}
+
+/// A run that had finished expanding, stopped before its last page's first
+/// save, goes on expanding from that page: the recipients on the pages
+/// before it are skipped even though the run does not hold their records
+/// (it lets go of finished pages as it reads them), so nobody is put on a
+/// page twice.
+#[tokio::test]
+async fn a_run_stopped_before_its_last_page_was_saved_cuts_only_that_page_again() {
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client).await;
+    let receiver = HttpReceiver::start().await;
+    // The one User's delivery is still going when the operator is stopped.
+    receiver.slow("/fan", Duration::from_secs(3));
+    fan_workflow(&ns, &receiver).await;
+    create::<User>(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "User", "metadata": {"name": "late"}, "spec": {"id": "late"}})).await;
+    // A first page of 500 recipients not found (finished at once), and a second with the User.
+    let mut recipients: Vec<String> = (0..500).map(|i| format!("ghost-{i:03}")).collect();
+    recipients.push("late".into());
+
+    let mut first = HeraldProcess::start(&ns.name, LEASE);
+    let run: TriggerRun =
+        create(&ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "TriggerRun", "metadata": {"name": "fan-1"}, "spec": {"workflow": "fan", "recipients": recipients}})).await;
+    let runs = ns.api::<TriggerRun>();
+    let pages = ns.api::<RecipientPage>();
+    let saved = |name: String| {
+        let pages = pages.clone();
+        async move { pages.get(&name).await.ok()?.status.filter(|s| !s.recipients.is_empty()).map(|_| ()) }
+    };
+    let listed = wait_for("the run to finish expanding and save both pages", Duration::from_secs(60), || async {
+        let status = runs.get(&run.name_any()).await.ok()?.status?;
+        (!status.expanding && status.pages.len() == 2).then_some(())?;
+        saved(status.pages[0].clone()).await?;
+        saved(status.pages[1].clone()).await?;
+        Some(status.pages)
+    })
+    .await;
+    first.kill9();
+    // As if the operator had stopped before the second page's first save.
+    pages.patch_status(&listed[1], &PatchParams::default(), &Patch::Merge(json!({"status": {"recipients": []}}))).await.unwrap();
+
+    let second = HeraldProcess::start(&ns.name, LEASE);
+    let done = wait_for("the run to finish", Duration::from_secs(60), || async {
+        runs.get(&run.name_any()).await.ok().filter(|r| r.status.as_ref().is_some_and(|s| s.state.is_finished()))
+    })
+    .await;
+    let status = done.status.unwrap();
+    assert!(second.logs.lock().unwrap().iter().any(|l| l.contains("resuming the expansion")), "the second operator cut the page again");
+    assert_eq!(status.pages, listed, "the same two pages");
+    assert_eq!(pages.list(&ListParams::default()).await.unwrap().items.len(), 2, "no third page");
+    let totals = status.totals.unwrap();
+    assert_eq!((totals.recipients, totals.completed, totals.failed), (501, 1, 500), "{totals:?}");
+    let last = pages.get(&listed[1]).await.unwrap().status.unwrap().recipients;
+    assert_eq!(last.iter().map(|r| r.recipient.as_str()).collect::<Vec<_>>(), ["late"]);
+    let sent: Vec<String> = receiver.received_at("/fan").iter().map(|r| r.header("Idempotency-Key").unwrap_or_default().to_string()).collect();
+    assert!(!sent.is_empty() && sent.iter().all(|k| !k.is_empty() && *k == sent[0]), "sent with one key: {sent:?}");
 }

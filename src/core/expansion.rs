@@ -325,8 +325,12 @@ impl<'a> Expander<'a> {
     /// Marks recipients as reached already (a resumed run's recipients on
     /// its existing pages): they are skipped, everyone else comes as before.
     /// Objects among them still fan out to their subscribers.
-    pub fn already_reached<'k>(&mut self, keys: impl IntoIterator<Item = &'k RecipientKey>) {
-        self.seen.extend(keys.into_iter().map(key_hash));
+    pub fn already_reached(&mut self, reached: ReachedSet) {
+        if self.seen.is_empty() {
+            self.seen = reached.0;
+        } else {
+            self.seen.extend(reached.0);
+        }
     }
 
     /// Reaches `key`: it is returned if new; an object below the nesting
@@ -383,6 +387,32 @@ impl Iterator for Expander<'_> {
                 }
             }
         }
+    }
+}
+
+/// Recipients reached already, as an expansion remembers them (16 bytes
+/// each): what a resumed run gathers from its pages as it reads them, so that
+/// it need not hold their records to skip their recipients.
+#[derive(Debug, Default)]
+pub struct ReachedSet(HashSet<u128>);
+
+impl ReachedSet {
+    pub fn insert(&mut self, key: &RecipientKey) {
+        self.0.insert(key_hash(key));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<K: std::borrow::Borrow<RecipientKey>> FromIterator<K> for ReachedSet {
+    fn from_iter<I: IntoIterator<Item = K>>(keys: I) -> Self {
+        ReachedSet(keys.into_iter().map(|k| key_hash(k.borrow())).collect())
     }
 }
 
@@ -604,7 +634,7 @@ mod tests {
         let reached: Vec<RecipientKey> = Expander::new(vec![], vec!["all".into()], None, &before).take(500).map(|r| r.key).collect();
         let after = big_audience((0..1001).filter(|i| *i != 10));
         let mut resumed = Expander::new(vec![], vec!["all".into()], None, &after);
-        resumed.already_reached(&reached);
+        resumed.already_reached(reached.iter().collect());
         let rest: Vec<RecipientKey> = resumed.map(|r| r.key).collect();
         assert_eq!(rest.first(), Some(&u("m000500")), "nobody moved onto a page already written");
         assert_eq!(rest.len(), 501);

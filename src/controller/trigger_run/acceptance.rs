@@ -12,7 +12,7 @@ use kube::{Api, ResourceExt};
 use serde_json::Value;
 
 use super::records::{Holder, Page};
-use super::stream::PageStream;
+use super::stream::{Existing, PageStream};
 use super::{run_id, Reconciler, MAX_RECIPIENTS, PAGE_SIZE};
 use crate::controller::directory::LiveDirectory;
 use crate::controller::identify::{self, IdentifyError, Recipient, Written};
@@ -239,12 +239,13 @@ impl Reconciler<'_> {
         // The first page's worth of recipients: those the watch cache does
         // not have yet are looked up on the apiserver before the run starts.
         {
-            let mut first = PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), workflow_run_id, (&self.namespace, &self.name), &[]);
+            let mut first =
+                PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), workflow_run_id, (&self.namespace, &self.name), Existing::default());
             let unknown: Vec<RecipientKey> = std::iter::from_fn(|| first.next_record()).take(PAGE_SIZE).filter(|r| r.state == RecipientState::Failed).map(|r| r.key()).collect();
             drop(first);
             self.fetch_missing(&unknown, &mut directory).await?;
         }
-        let mut stream = PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), workflow_run_id, (&self.namespace, &self.name), &[]);
+        let mut stream = PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), workflow_run_id, (&self.namespace, &self.name), Existing::default());
         let head: Vec<RecipientStatus> = std::iter::from_fn(|| stream.next_record()).take(run_status::INLINE_RECIPIENTS + 1).collect();
         if head.is_empty() {
             return self.fail(status, refuse("NoRecipients", "the trigger's recipients and audiences reach nobody")).await.map(Err);

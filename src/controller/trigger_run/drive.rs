@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::acceptance::page_shape;
 use super::acceptance::{overlay_inline, parse_trigger, tenant_record};
 use super::records::{totals, Holder, Page};
-use super::stream::PageStream;
+use super::stream::{Existing, PageStream};
 use super::{run_id, until, Reconciler, CHECKPOINT_INTERVAL, PAGES_IN_FLIGHT, PAGES_SAVED_AT_ONCE, PAGES_UNSAVED};
 use crate::controller::delivery::Fenced;
 use crate::controller::directory::LiveDirectory;
@@ -29,7 +29,7 @@ use crate::controller::workflow::find_by_key;
 use crate::controller::{conditions, Context, Error};
 use crate::core::execution::{self, ChannelTypes, Next, RecipientContext, RunContext};
 use crate::core::expansion;
-use crate::core::expansion::{AudienceView, Directory};
+use crate::core::expansion::{AudienceView, Directory, ReachedSet};
 use crate::core::functions;
 use crate::core::history::{MessageRecord, MessageSource};
 use crate::core::model::{JsonObject, RecipientInput, RecipientKey};
@@ -92,7 +92,8 @@ impl Reconciler<'_> {
     /// saving each page that changed, then the run's totals.
     /// `directory`: the one acceptance built (it may hold what the watch
     /// cache does not have yet); later reconciles build it from the cache.
-    pub(super) async fn execute(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>, directory: Option<LiveDirectory>) -> Result<Action, Error> {
+    /// `reached`: the recipients on the run's pages, which an expansion that goes on skips.
+    pub(super) async fn execute(&self, mut status: TriggerRunStatus, mut pages: Vec<Page>, reached: ReachedSet, directory: Option<LiveDirectory>) -> Result<Action, Error> {
         let generation = self.run.metadata.generation;
         let key = &self.run.spec.workflow;
         let Some(workflow) = find_by_key(self.ctx, &self.namespace, key) else {
@@ -177,8 +178,10 @@ impl Reconciler<'_> {
         // recipients on existing pages are not reached again.
         let (step_refs, extra) = page_shape(&snapshot.steps);
         let step_refs: Vec<&str> = step_refs.iter().map(String::as_str).collect();
-        let mut stream =
-            status.expanding.then(|| PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), run_id(self.run), (&self.namespace, &self.name), &pages));
+        let existing = Existing { pages: pages.iter().filter(|p| !p.is_inline()).count(), recipients: totals(&pages).recipients.max(0) as usize, reached };
+        let mut stream = status
+            .expanding
+            .then(|| PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), run_id(self.run), (&self.namespace, &self.name), existing));
         if stream.is_some() && !directory_given {
             tracing::info!(pages = pages.len(), "resuming the expansion of a run a stopped operator had not finished expanding");
         }

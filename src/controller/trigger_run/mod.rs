@@ -226,18 +226,21 @@ async fn reconcile_run(cached: &TriggerRun, ctx: &Context) -> Result<Action, Err
     }
     if status.state == RunState::Pending {
         return match r.accept(status).await? {
-            Ok((status, pages, directory)) => r.execute(status, pages, Some(directory)).await,
+            Ok((status, pages, directory)) => {
+                let reached = records::reached(&pages);
+                r.execute(status, pages, reached, Some(directory)).await
+            }
             Err(action) => Ok(action),
         };
     }
     // The spec is immutable; where the apiserver cannot enforce it (before
     // Kubernetes 1.25), a changed spec is never acted on.
     // A run stopped mid-expansion goes on expanding where its pages end.
-    let pages = r.load_pages(&mut status).await?;
+    let (pages, reached) = r.load_pages(&mut status).await?;
     if status.observed_generation.is_some() && status.observed_generation != run.metadata.generation {
         return r.fail_unfinished(status, pages, "SpecChanged", "the spec changed after the run started; create a new TriggerRun instead").await;
     }
-    r.execute(status, pages, None).await
+    r.execute(status, pages, reached, None).await
 }
 
 /// A TriggerRun herald cannot read is skipped with a Warning Event (the

@@ -14,6 +14,7 @@ use kube::Resource;
 
 use super::{conflict_is_stale, Reconciler, RUN_LABEL, RUN_VERSION};
 use crate::controller::{slim, Error, MANAGER};
+use crate::core::expansion::ReachedSet;
 use crate::core::ids;
 use crate::core::status::{self as run_status, RecipientStatus, RecipientTotals};
 use crate::resources::recipient_page::{encode_recipient_run_ids, RECIPIENT_RUN_IDS_ANNOTATION, WORKFLOW_RUN_ID_LABEL};
@@ -69,6 +70,12 @@ impl Page {
 /// written by its first save.
 fn filled(page: &RecipientPage) -> bool {
     page.status.as_ref().is_some_and(|s| s.recipients.len() == page.spec.size.max(0) as usize)
+}
+
+/// The recipients on pages held in memory (a run just accepted): what its
+/// expansion skips as it goes on.
+pub(super) fn reached(pages: &[Page]) -> ReachedSet {
+    pages.iter().flat_map(|p| p.recipients.iter().map(RecipientStatus::key)).collect()
 }
 
 /// Recipient counts over a run's pages, settled or not.
@@ -189,9 +196,13 @@ impl Reconciler<'_> {
     /// then driven again: one sent already is sent again with the same
     /// Idempotency-Key, as any outcome not saved yet. While a run expands,
     /// pages created but not yet listed in its status are found by name.
-    pub(super) async fn load_pages(&self, status: &mut TriggerRunStatus) -> Result<Vec<Page>, Error> {
+    /// Also answers the recipients the pages read hold, which an expansion
+    /// that goes on skips (a run that had finished expanding may be found to
+    /// need it only at its last pages).
+    pub(super) async fn load_pages(&self, status: &mut TriggerRunStatus) -> Result<(Vec<Page>, ReachedSet), Error> {
+        let mut reached = ReachedSet::default();
         if status.pages.is_empty() && !status.expanding {
-            return Ok(vec![Page { holder: Holder::Run, index: 0, recipients: status.recipients.clone(), unsaved: false, settled: None }]);
+            return Ok((vec![Page { holder: Holder::Run, index: 0, recipients: status.recipients.clone(), unsaved: false, settled: None }], reached));
         }
         let api = self.pages_api();
         let mut pages = Vec::with_capacity(status.pages.len());
@@ -216,20 +227,22 @@ impl Reconciler<'_> {
             if index >= status.pages.len() {
                 status.pages.push(name.clone());
             }
+            for r in &recipients {
+                reached.insert(&r.key());
+            }
             let mut page = Page { holder: Holder::Page(name), index, recipients, unsaved: false, settled: None };
             // Held: the first pages with recipients to go. The others keep
             // their counts and are read again when their turn comes, so a
-            // run of any size holds a few pages. (A run still expanding holds
-            // them all: the expansion skips the recipients they hold.)
+            // run of any size, expanding or not, holds a few pages.
             let to_go = page.recipients.iter().any(|r| !r.state.is_finished());
-            if !status.expanding && (!to_go || held >= super::PAGES_IN_FLIGHT) {
+            if !to_go || held >= super::PAGES_IN_FLIGHT {
                 page.settle();
-            } else if to_go {
+            } else {
                 held += 1;
             }
             pages.push(page);
         }
-        Ok(pages)
+        Ok((pages, reached))
     }
 
     /// Reads a let-go page's records again, to drive its recipients.

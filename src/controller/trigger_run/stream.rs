@@ -12,10 +12,19 @@ use uuid::Uuid;
 use super::acceptance::Trigger;
 use super::page_name;
 use super::records::{Holder, Page};
-use crate::core::expansion::{Directory, Expander, Reached};
+use crate::core::expansion::{Directory, Expander, Reached, ReachedSet};
 use crate::core::ids;
 use crate::core::model::RecipientKey;
 use crate::core::status::{PageCutter, RecipientState, RecipientStatus, PAGE_BUDGET};
+
+/// What a run's existing pages hold: the expansion goes on after them.
+#[derive(Default)]
+pub(super) struct Existing {
+    /// RecipientPages (the next page's index).
+    pub pages: usize,
+    pub recipients: usize,
+    pub reached: ReachedSet,
+}
 
 /// The rest of a run's recipients, page by page.
 pub(super) struct PageStream<'d> {
@@ -35,7 +44,7 @@ pub(super) struct PageStream<'d> {
 
 impl<'d> PageStream<'d> {
     /// The run's expansion, after the recipients already on `existing` pages
-    /// (which the next page follows). `steps`/`extra`: the page shape
+    /// (which the next page follows). `shape`: the page shape
     /// ([`super::acceptance::page_shape`]).
     pub fn new(
         trigger: &Trigger,
@@ -44,13 +53,12 @@ impl<'d> PageStream<'d> {
         shape: (&[&str], usize),
         workflow_run_id: Uuid,
         run: (&str, &str),
-        existing: &[Page],
+        existing: Existing,
     ) -> Self {
         let direct = trigger.recipients.iter().map(|r| r.key().clone()).collect();
         let actor = trigger.actor.as_ref().map(|a| a.key().clone());
         let mut expander = Expander::new(direct, audiences.to_vec(), actor, directory);
-        let keys: Vec<RecipientKey> = existing.iter().flat_map(|p| p.recipients.iter().map(RecipientStatus::key)).collect();
-        expander.already_reached(&keys);
+        expander.already_reached(existing.reached);
         let (namespace, run) = run;
         PageStream {
             expander,
@@ -60,8 +68,8 @@ impl<'d> PageStream<'d> {
             workflow_run_id,
             namespace: namespace.to_string(),
             run: run.to_string(),
-            next_index: existing.iter().filter(|p| !p.is_inline()).count(),
-            recipients: keys.len(),
+            next_index: existing.pages,
+            recipients: existing.recipients,
         }
     }
 
