@@ -40,7 +40,7 @@ pub fn decode_recipient_run_ids(annotation: &str) -> Option<Vec<Uuid>> {
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "herald.dev",
-    doc = "A page of a TriggerRun's recipients (up to 500; fewer for workflows with many steps), each with its recipient run id, state and step outcomes. Owned by the run and written by herald, compacted as needed so that it always fits etcd's request limit.",
+    doc = "A page of a TriggerRun's recipients (up to 500; fewer for workflows with many steps), each with its recipient run id, state and step outcomes. Owned by the run and written by herald, compacted as needed so that it always fits etcd's request limit. A page is created with its recipients' run ids (annotation herald.dev/recipient-run-ids); its records are written by its first save, once its recipients are done or 500 ms after.",
     version = "v1alpha1",
     kind = "RecipientPage",
     namespaced,
