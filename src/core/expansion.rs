@@ -400,14 +400,6 @@ impl ReachedSet {
     pub fn insert(&mut self, key: &RecipientKey) {
         self.0.insert(key_hash(key));
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl<K: std::borrow::Borrow<RecipientKey>> FromIterator<K> for ReachedSet {

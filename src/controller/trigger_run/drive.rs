@@ -178,10 +178,10 @@ impl Reconciler<'_> {
         // recipients on existing pages are not reached again.
         let (step_refs, extra) = page_shape(&snapshot.steps);
         let step_refs: Vec<&str> = step_refs.iter().map(String::as_str).collect();
-        let existing = Existing { pages: pages.iter().filter(|p| !p.is_inline()).count(), recipients: totals(&pages).recipients.max(0) as usize, reached };
-        let mut stream = status
-            .expanding
-            .then(|| PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), run_id(self.run), (&self.namespace, &self.name), existing));
+        let mut stream = status.expanding.then(|| {
+            let existing = Existing { pages: pages.iter().filter(|p| !p.is_inline()).count(), recipients: totals(&pages).recipients.max(0) as usize, reached };
+            PageStream::new(&trigger, &self.run.spec.audiences, &directory, (&step_refs, extra), run_id(self.run), (&self.namespace, &self.name), existing)
+        });
         if stream.is_some() && !directory_given {
             tracing::info!(pages = pages.len(), "resuming the expansion of a run a stopped operator had not finished expanding");
         }
