@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use common::create;
+use common::runs::channel_ready;
 
 async fn channel(ns: &TestNamespace, name: &str, spec: Value) {
     create::<Channel>(ns, json!({"apiVersion": "herald.dev/v1alpha1", "kind": "Channel", "metadata": {"name": name}, "spec": spec})).await;
@@ -68,17 +69,6 @@ async fn recipients(ns: &TestNamespace, run: &TriggerRun) -> HashMap<String, Rec
 
 fn run_state(run: &TriggerRun) -> RunState {
     run.status.as_ref().unwrap().state
-}
-
-/// Waits for the Channel's Ready condition to have `status`; returns (reason, message).
-async fn channel_ready(ns: &TestNamespace, name: &str, status: &str, timeout: Duration) -> (String, String) {
-    let api = ns.api::<Channel>();
-    wait_for(&format!("Channel {name} Ready={status}"), timeout, || async {
-        let c = api.get(name).await.ok()?;
-        let cond = c.status?.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == status)?;
-        Some((cond.reason, cond.message))
-    })
-    .await
 }
 
 fn hex(bytes: &[u8]) -> String {

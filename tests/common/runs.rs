@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use herald::core::status::RecipientStatus;
-use herald::resources::{RecipientPage, TriggerRun, User};
+use herald::resources::{Channel, RecipientPage, TriggerRun, User};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
 use kube::Api;
@@ -110,6 +110,17 @@ pub async fn wait_for_event(ns: &TestNamespace, name: &str, type_: &str, reason:
             .items
             .into_iter()
             .find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name) && e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some(type_))
+    })
+    .await
+}
+
+/// Waits for the Channel's Ready condition to have `status`; returns (reason, message).
+pub async fn channel_ready(ns: &TestNamespace, name: &str, status: &str, timeout: Duration) -> (String, String) {
+    let api = ns.api::<Channel>();
+    wait_for(&format!("Channel {name} Ready={status}"), timeout, || async {
+        let c = api.get(name).await.ok()?;
+        let cond = c.status?.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == status)?;
+        Some((cond.reason, cond.message))
     })
     .await
 }
