@@ -97,7 +97,12 @@ async fn missing_inactive_workflows_and_unknown_recipients() {
 
     // A Workflow applied just after its trigger (same `kubectl apply`) is waited for.
     let run: TriggerRun = create(&ns, trigger(json!({"workflow": "late", "recipients": ["user_1", "ghost"], "data": {"message": "m"}}))).await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let api = ns.api::<TriggerRun>();
+    wait_for("the run to wait for its Workflow", Duration::from_secs(20), || async {
+        let status = api.get(&run.name_any()).await.ok()?.status?;
+        status.conditions.iter().any(|c| c.type_ == "Accepted" && c.reason == "WaitingForWorkflow").then_some(())
+    })
+    .await;
     create::<Workflow>(&ns, workflow("late", json!({}))).await;
     let run = finished(&ns, &run.name_any()).await;
     let r = by_id(&recipients(&ns, &run).await);
@@ -380,8 +385,8 @@ async fn cancellation_for_all_for_some_and_before_the_trigger() {
     assert_eq!(done.status.as_ref().unwrap().state, RunState::Completed);
 
     // A cancel that arrives before its trigger still applies.
+    // (No pause between the two: tests/trust.rs shows it applies back to back.)
     create::<Cancellation>(&ns, cancellation("k-first", json!([]))).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let run: TriggerRun = create(&ns, trigger(json!({"workflow": "slow", "recipients": ["user_1"], "cancellationKey": "k-first"}))).await;
     let done = finished(&ns, &run.name_any()).await;
     assert_eq!(done.status.as_ref().unwrap().state, RunState::Cancelled);
