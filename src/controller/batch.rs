@@ -5,9 +5,10 @@
 //! ([`BatchGroup::name`]): read, decide, then create it or replace it at the
 //! resourceVersion read. A write that loses (409) reads again and decides
 //! again, so concurrent visitors, in this process or others, each land
-//! exactly once. In one process visitors of a group also queue on a keyed
-//! async mutex, which keeps them from conflicting at all, and the last object
-//! written is reused as the next one's read.
+//! exactly once. In one process visits of a group are combined
+//! ([`Combiner`]): a round decides every visit queued meanwhile and writes
+//! once, so they never conflict with each other, and the last object written
+//! is reused as the next round's read.
 //!
 //! A closed batch with a carrier is archived (copied under
 //! [`BatchGroup::archive_name`]) before a new batch replaces it, so its
@@ -22,6 +23,7 @@ use jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
 use kube::{Api, Client};
 
+use super::combine::Combiner;
 use super::lenient::Lenient;
 use super::Error;
 use crate::core::batch::{self as rules, BatchDecision, BatchGroup, BatchState, BatchSummary, Visit, ABANDONED_AFTER, ARCHIVE_LABEL};
@@ -43,19 +45,15 @@ struct Slot {
     previous: Option<(String, Arc<HashSet<String>>)>,
 }
 
-/// A visit waiting for its group's writer, and where its answer goes.
-struct Pending {
-    visit: Visit,
-    now: Timestamp,
-    answer: tokio::sync::oneshot::Sender<Result<BatchDecision, String>>,
-}
+/// A visit waiting for its group's next round, and when it was made.
+type Pending = (Visit, Timestamp);
 
-/// One group in this process: its slot (held by the one visitor writing) and
-/// the visits queued for the next write.
+/// One group in this process: its slot (held by the round writing, or by a
+/// finish) and the visits queued for the next round.
 #[derive(Default)]
 struct Group {
     slot: tokio::sync::Mutex<Slot>,
-    queue: std::sync::Mutex<Vec<Pending>>,
+    visits: Combiner<Pending, Result<BatchDecision, String>>,
 }
 
 type Slots = std::sync::Mutex<HashMap<String, Weak<Group>>>;
@@ -152,66 +150,55 @@ impl BatchStore {
     /// with the closed batch's summary. Asking again gives the same answer
     /// and changes nothing.
     ///
-    /// Visitors of one group in this process commit together: each queues
-    /// its visit, and whoever holds the group's slot next decides every
-    /// queued visit in arrival order and writes the result once, so a burst
-    /// of joiners costs a few writes of the (growing) object, not one each.
+    /// Visitors of one group in this process commit together ([`Combiner`]):
+    /// each queues its visit, and a round decides every queued visit in
+    /// arrival order and writes the result once, so a burst of joiners costs
+    /// a few writes of the (growing) object, not one each.
     pub async fn visit(&self, namespace: &str, visit: &Visit, now: Timestamp) -> Result<BatchDecision, Error> {
-        use tokio::sync::oneshot::error::TryRecvError;
         let name = visit.group.name();
         let group = self.group(namespace, &name);
-        loop {
-            let (answer, mut answered) = tokio::sync::oneshot::channel();
-            group.queue.lock().unwrap_or_else(|e| e.into_inner()).push(Pending { visit: visit.clone(), now, answer });
-            let mut slot = group.slot.lock().await;
-            match answered.try_recv() {
-                // Decided with others by the writer before us.
-                Ok(decision) => return decision.map_err(Error::Stale),
-                // That writer was cancelled before it answered: ask again.
-                Err(TryRecvError::Closed) => continue,
-                Err(TryRecvError::Empty) => {}
-            }
-            let pending = std::mem::take(&mut *group.queue.lock().unwrap_or_else(|e| e.into_inner()));
-            self.visit_all(&mut slot, namespace, &name, pending).await;
-            return match answered.try_recv() {
-                Ok(decision) => decision.map_err(Error::Stale),
-                Err(_) => Err(Error::Stale(format!("Batch {namespace}/{name}: the visit was not decided"))),
-            };
+        let (store, round_group, round_namespace, round_name) = (self.clone(), group.clone(), namespace.to_string(), name.clone());
+        let decided = group
+            .visits
+            .submit((visit.clone(), now), move |pending| async move {
+                let mut slot = round_group.slot.lock().await;
+                store.visit_all(&mut slot, &round_namespace, &round_name, pending).await
+            })
+            .await;
+        match decided {
+            Some(decision) => decision.map_err(Error::Stale),
+            None => Err(Error::Stale(format!("Batch {namespace}/{name}: the visit was not decided"))),
         }
     }
 
-    /// Decides queued visits, in order: runs of ordinary ones together (one
-    /// write), the others (a carrier whose batch was replaced, a run to look
-    /// for in the previous batch, a close that archives) one at a time.
-    async fn visit_all(&self, slot: &mut Slot, namespace: &str, name: &str, mut pending: Vec<Pending>) {
-        while !pending.is_empty() {
-            let decided = match self.visit_together(slot, namespace, name, &pending).await {
-                Ok(decisions) if !decisions.is_empty() => decisions,
+    /// Decides queued visits, in order, one answer each: runs of ordinary
+    /// ones together (one write), the others (a carrier whose batch was
+    /// replaced, a run to look for in the previous batch, a close that
+    /// archives) one at a time.
+    async fn visit_all(&self, slot: &mut Slot, namespace: &str, name: &str, pending: Vec<Pending>) -> Vec<Result<BatchDecision, String>> {
+        let mut answers = Vec::with_capacity(pending.len());
+        while answers.len() < pending.len() {
+            let rest = &pending[answers.len()..];
+            match self.visit_together(slot, namespace, name, rest).await {
+                Ok(decisions) if !decisions.is_empty() => answers.extend(decisions.into_iter().map(Ok)),
                 Ok(_) => {
-                    let first = pending.remove(0);
-                    let decision = self.visit_one(slot, namespace, &first.visit, first.now).await.map_err(|e| e.to_string());
-                    let _ = first.answer.send(decision);
-                    continue;
+                    let (visit, now) = &rest[0];
+                    answers.push(self.visit_one(slot, namespace, visit, *now).await.map_err(|e| e.to_string()));
                 }
                 Err(e) => {
                     let message = e.to_string();
-                    for p in pending.drain(..) {
-                        let _ = p.answer.send(Err(message.clone()));
-                    }
-                    return;
+                    answers.resize(pending.len(), Err(message));
                 }
-            };
-            for (p, decision) in pending.drain(..decided.len()).zip(decided) {
-                let _ = p.answer.send(Ok(decision));
             }
         }
+        answers
     }
 
     /// Decides the longest run of ordinary visits from the front of
     /// `pending` against one read, and writes once. Empty when the first
     /// visit needs [`Self::visit_one`].
     async fn visit_together(&self, slot: &mut Slot, namespace: &str, name: &str, pending: &[Pending]) -> Result<Vec<BatchDecision>, Error> {
-        let group = &pending[0].visit.group;
+        let group = &pending[0].0.group;
         for attempt in 0..MAX_ATTEMPTS {
             let (from_cache, (current, resource_version)) = match slot.last.take() {
                 Some(last) => (true, last),
@@ -226,13 +213,13 @@ impl BatchStore {
             let mut state = current.clone();
             let mut decisions = Vec::new();
             let mut changed = false;
-            for p in pending {
-                let me = p.visit.activity.recipient_run_id.as_str();
+            for (visit, now) in pending {
+                let me = visit.activity.recipient_run_id.as_str();
                 let known = state.as_ref().is_some_and(|s| s.contains(me));
-                if !known && (p.visit.carrying || state.as_ref().and_then(|s| s.previous_to_check(p.now)).is_some()) {
+                if !known && (visit.carrying || state.as_ref().and_then(|s| s.previous_to_check(*now)).is_some()) {
                     break;
                 }
-                let (decision, next) = rules::visit(state.as_ref(), &p.visit, p.now);
+                let (decision, next) = rules::visit(state.as_ref(), visit, *now);
                 if let Some(next) = next {
                     if state.as_ref().is_some_and(|c| rules::needs_archive(c, &next)) {
                         break;
