@@ -154,16 +154,7 @@ async fn audience_members_through_knocks_api_are_slices_that_runs_and_conditions
     assert_eq!(entries.len(), 3);
     let ann = entries.iter().find(|e| e["user_id"] == "ann").unwrap();
     assert_eq!((ann["__typename"].as_str(), ann["tenant"].as_str(), ann["user"]["name"].as_str()), (Some("AudienceMember"), Some("acme"), Some("Ann")));
-    let stored = slices(&h, "herald.dev/audience=everyone").await;
-    assert_eq!(stored.len(), 1);
-    // When each joined is recorded in the slice, and answered as `added_at`.
-    for entry in entries {
-        let id = entry["user_id"].as_str().unwrap();
-        let member = stored[0].spec.members.iter().find(|m| m.recipient == id).unwrap();
-        let added = member.added_at.as_deref().unwrap_or_else(|| panic!("{id} has no addedAt"));
-        assert!(added.parse::<jiff::Timestamp>().is_ok_and(|t| t <= jiff::Timestamp::now()), "{added}");
-        assert_eq!(entry["added_at"].as_str(), Some(added), "{entry:#}");
-    }
+    assert_eq!(slices(&h, "herald.dev/audience=everyone").await.len(), 1);
 
     // A run to the audience: everyone is reached, beta members get the message.
     h.cached(&["ann", "bob", "cat"]).await;

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::index::Indexed;
 use super::Stores;
 use crate::core::execution::TenantRecord;
-use crate::core::expansion::{parse_reference, Directory, MemberTimes, Members, MemoryDirectory, ObjectRecord, Selector, SubscriberRecord, UserRecord};
+use crate::core::expansion::{parse_reference, Directory, Members, MemoryDirectory, ObjectRecord, Selector, SubscriberRecord, UserRecord};
 use crate::core::model::RecipientKey;
 use crate::resources::{Audience, MemberSlice, MemberTarget, Object, Subscription, Tenant, User, UserSpec};
 
@@ -61,13 +61,7 @@ pub fn user_record(spec: &UserSpec) -> UserRecord {
 /// Subscriptions as the core reads them; entries that do not name a
 /// recipient (malformed) are left out.
 fn subscriber_records(subscriptions: &[Subscription]) -> Vec<SubscriberRecord> {
-    subscriptions
-        .iter()
-        .filter_map(|s| {
-            let recipient = parse_reference(&s.recipient).ok()?;
-            Some(SubscriberRecord { since: MemberTimes::parse(s.added_at.as_deref(), s.updated_at.as_deref()), ..SubscriberRecord::new(recipient, s.properties.clone()) })
-        })
-        .collect()
+    subscriptions.iter().filter_map(|s| parse_reference(&s.recipient).ok().map(|recipient| SubscriberRecord { recipient, properties: s.properties.clone() })).collect()
 }
 
 /// An object's record.
@@ -123,7 +117,7 @@ impl Indexed for Audience {
     type Key = String;
     type Record = AudienceEntry;
     fn index(&self) -> Option<(String, AudienceEntry)> {
-        let members = self.spec.members.iter().filter_map(|m| parse_reference(m).ok()).map(|recipient| SubscriberRecord::new(recipient, Default::default())).collect();
+        let members = self.spec.members.iter().filter_map(|m| parse_reference(m).ok()).map(|recipient| SubscriberRecord { recipient, properties: Default::default() }).collect();
         Some((self.spec.key.clone(), AudienceEntry { members: Arc::new(Members::listed(members)), selector: self.spec.selector.as_ref().map(selector) }))
     }
 }
@@ -182,7 +176,7 @@ impl LiveDirectory {
         let mut picked = Vec::new();
         self.stores.users.for_each(&self.namespace, |id, user| {
             if selector.matches(&user.labels) {
-                picked.push(SubscriberRecord::new(RecipientKey::user(id.clone()), Default::default()));
+                picked.push(SubscriberRecord { recipient: RecipientKey::user(id.clone()), properties: Default::default() });
             }
         });
         Members::sorted(picked)

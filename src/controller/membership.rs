@@ -55,9 +55,9 @@ pub enum Change {
     Remove(Vec<RecipientKey>),
 }
 
-/// What a change did, per member named: its entry now (added or kept), or
-/// for a removal, its entry before (None: it was not a member).
-pub type Outcome = Vec<(RecipientKey, Option<Subscription>)>;
+/// What a change did, per member named: its properties now (added or kept),
+/// or for a removal, its properties before (None: it was not a member).
+pub type Outcome = Vec<(RecipientKey, Option<JsonObject>)>;
 
 /// One target's changes waiting to be written.
 type Queue = Combiner<Change, Result<Outcome, Arc<MembershipError>>>;
@@ -138,10 +138,8 @@ impl Slices {
                 Change::Remove(keys) => wanted.extend(keys.iter().map(|k| (k.clone(), None))),
             }
         }
-        // What each member was before (for removals' answers), and is after (for additions').
-        let mut before: HashMap<RecipientKey, Subscription> = HashMap::new();
-        let mut after: HashMap<RecipientKey, Subscription> = HashMap::new();
-        let now = Some(stamp());
+        // What each member was before (for removals' answers).
+        let mut before: HashMap<RecipientKey, JsonObject> = HashMap::new();
 
         // 1. Slices that hold any member named (as the index knows them): read fresh, change, write.
         let known: Vec<(String, Vec<Arc<Members>>)> = self.slices(namespace, target);
@@ -156,23 +154,20 @@ impl Slices {
                     for s in slice.spec.members.iter_mut() {
                         let Some(key) = key_of(s) else { continue };
                         if let Some(want) = wanted.get(&key) {
-                            was.push((key.clone(), s.clone()));
+                            was.push((key.clone(), s.properties.clone()));
                             if let Some(properties) = want {
-                                set_properties(s, properties, &now);
+                                s.properties = properties.clone();
                             }
-                            found.push((key, s.clone()));
+                            found.push(key);
                         }
                     }
                     slice.spec.members.retain(|s| key_of(s).is_none_or(|k| !matches!(wanted.get(&k), Some(None))));
                     (found, was)
                 })
                 .await?;
-            for (key, entry) in found {
-                placed.insert(key.clone());
-                after.insert(key, entry);
-            }
-            for (key, entry) in was {
-                before.entry(key).or_insert(entry);
+            placed.extend(found);
+            for (key, properties) in was {
+                before.entry(key).or_insert(properties);
             }
         }
 
@@ -185,33 +180,29 @@ impl Slices {
         while !new.is_empty() {
             let name = if names.is_empty() { fresh_names.next().expect("endless names") } else { names.remove(0) };
             let input = &new;
-            let (rest, stored) = self
+            let rest = self
                 .edit(&api, namespace, target, &name, |slice| {
                     let mut bytes = serde_json::to_vec(&slice.spec.members).map(|v| v.len()).unwrap_or(0);
                     // Where each member already stands (the index may not have seen it yet).
                     let at: HashMap<RecipientKey, usize> = slice.spec.members.iter().enumerate().filter_map(|(i, s)| key_of(s).map(|k| (k, i))).collect();
-                    let (mut rest, mut stored) = (Vec::new(), Vec::new());
+                    let mut rest = Vec::new();
                     for (key, properties) in input {
                         if let Some(i) = at.get(key) {
-                            let entry = &mut slice.spec.members[*i];
-                            set_properties(entry, properties, &now);
-                            stored.push((key.clone(), entry.clone()));
+                            slice.spec.members[*i].properties = properties.clone();
                             continue;
                         }
-                        let entry = Subscription { recipient: reference(key), properties: properties.clone(), added_at: now.clone(), updated_at: None };
+                        let entry = Subscription { recipient: reference(key), properties: properties.clone() };
                         let size = serde_json::to_vec(&entry).map(|v| v.len() + 1).unwrap_or(0);
                         if slice.spec.members.len() < MAX_MEMBERS && bytes + size <= MAX_SLICE_BYTES {
                             bytes += size;
-                            stored.push((key.clone(), entry.clone()));
                             slice.spec.members.push(entry);
                         } else {
                             rest.push((key.clone(), properties.clone()));
                         }
                     }
-                    (rest, stored)
+                    rest
                 })
                 .await?;
-            after.extend(stored);
             new = rest;
         }
 
@@ -219,7 +210,7 @@ impl Slices {
         Ok(changes
             .iter()
             .map(|change| match change {
-                Change::Add(members) => members.iter().map(|(k, _)| (k.clone(), after.get(k).filter(|_| matches!(wanted.get(k), Some(Some(_)))).cloned())).collect(),
+                Change::Add(members) => members.iter().map(|(k, _)| (k.clone(), wanted.get(k).cloned().flatten())).collect(),
                 Change::Remove(keys) => keys.iter().map(|k| (k.clone(), before.get(k).cloned())).collect(),
             })
             .collect())
@@ -243,7 +234,8 @@ impl Slices {
     }
 
     fn remember(&self, namespace: &str, target: &MemberTarget, slice: &MemberSlice) {
-        let members = Arc::new(Members::sorted(slice.spec.members.iter().filter_map(|s| key_of(s).map(|recipient| SubscriberRecord::new(recipient, JsonObject::new()))).collect()));
+        let members =
+            Arc::new(Members::sorted(slice.spec.members.iter().filter_map(|s| key_of(s).map(|recipient| SubscriberRecord { recipient, properties: JsonObject::new() })).collect()));
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let entry = recent.entry((namespace.to_string(), target.clone())).or_insert_with(|| (std::time::Instant::now(), BTreeMap::new()));
         entry.0 = std::time::Instant::now();
@@ -329,21 +321,6 @@ impl Slices {
             }
         }
         Err(MembershipError::Contended { what: format!("MemberSlice `{name}`") })
-    }
-}
-
-/// Now, as a membership's `addedAt`/`updatedAt` record it: to the second,
-/// since a slice of 1,000 members carries one or two each.
-pub fn stamp() -> String {
-    let now = jiff::Timestamp::now();
-    jiff::Timestamp::from_second(now.as_second()).unwrap_or(now).to_string()
-}
-
-/// Gives a stored entry `properties`, stamping `now` as its update when they change.
-fn set_properties(entry: &mut Subscription, properties: &JsonObject, now: &Option<String>) {
-    if entry.properties != *properties {
-        entry.properties = properties.clone();
-        entry.updated_at = now.clone();
     }
 }
 

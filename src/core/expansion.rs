@@ -16,8 +16,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use jiff::Timestamp;
-
 use super::model::{parse_recipient, IdentifierError, JsonObject, PreferenceSet, RecipientKey};
 
 /// A user as the core sees it.
@@ -48,46 +46,6 @@ pub struct ObjectRecord {
 pub struct SubscriberRecord {
     pub recipient: RecipientKey,
     pub properties: JsonObject,
-    /// When it joined and was last changed, where that was recorded (the
-    /// API answers them; runs do not read them).
-    pub since: MemberTimes,
-}
-
-impl SubscriberRecord {
-    /// A member with these properties and no recorded times.
-    pub fn new(recipient: RecipientKey, properties: JsonObject) -> Self {
-        SubscriberRecord { recipient, properties, since: MemberTimes::default() }
-    }
-}
-
-/// When a membership began and when its properties were last set, to the
-/// second; None where nobody recorded it (members listed by hand). Unix
-/// seconds, 0 for none: 16 bytes a member where two `Option<Timestamp>`
-/// would take 48, and every cached subscription carries one.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemberTimes {
-    added: i64,
-    updated: i64,
-}
-
-impl MemberTimes {
-    /// Times as a stored entry has them (RFC 3339); one that does not parse is left out.
-    pub fn parse(added: Option<&str>, updated: Option<&str>) -> Self {
-        let seconds = |t: Option<&str>| t.and_then(|t| t.parse::<Timestamp>().ok()).map_or(0, |t| t.as_second());
-        MemberTimes { added: seconds(added), updated: seconds(updated) }
-    }
-
-    pub fn added(&self) -> Option<Timestamp> {
-        Self::time(self.added)
-    }
-
-    pub fn updated(&self) -> Option<Timestamp> {
-        Self::time(self.updated)
-    }
-
-    fn time(seconds: i64) -> Option<Timestamp> {
-        (seconds != 0).then(|| Timestamp::from_second(seconds).ok()).flatten()
-    }
 }
 
 /// A chunk of an object's subscribers or an audience's members: a list as
@@ -201,7 +159,7 @@ impl MemoryDirectory {
         self.objects.insert((object.collection.clone(), object.id.clone()), Arc::new(object));
     }
     pub fn insert_audience(&mut self, key: String, members: Vec<RecipientKey>) {
-        let list = members.into_iter().map(|recipient| SubscriberRecord::new(recipient, JsonObject::new())).collect();
+        let list = members.into_iter().map(|recipient| SubscriberRecord { recipient, properties: JsonObject::new() }).collect();
         self.audiences.insert(key, Arc::new(Members::listed(list)));
     }
     pub fn has_user(&self, id: &str) -> bool {
@@ -485,7 +443,7 @@ mod tests {
         ObjectRecord {
             collection: collection.into(),
             id: id.into(),
-            subscribers: Arc::new(Members::listed(subs.iter().map(|k| SubscriberRecord::new(k.clone(), JsonObject::new())).collect())),
+            subscribers: Arc::new(Members::listed(subs.iter().map(|k| SubscriberRecord { recipient: k.clone(), properties: JsonObject::new() }).collect())),
             ..Default::default()
         }
     }
@@ -598,7 +556,7 @@ mod tests {
     #[test]
     fn slices_expand_in_order_once_each_and_answer_lookups() {
         let mut users = MemoryDirectory::default();
-        let record = |id: String| SubscriberRecord::new(u(&id), JsonObject::new());
+        let record = |id: String| SubscriberRecord { recipient: u(&id), properties: JsonObject::new() };
         users.insert_user(user("first"));
         for i in 0..3000 {
             users.insert_user(user(&format!("u{i:04}")));
@@ -701,21 +659,24 @@ mod tests {
     fn subscription_properties_are_found() {
         let mut d = MemoryDirectory::default();
         let mut o = object("projects", "p1", &[]);
-        o.subscribers = Arc::new(Members::listed(vec![SubscriberRecord::new(u("u1"), json!({"role": "owner"}).as_object().unwrap().clone())]));
+        o.subscribers = Arc::new(Members::listed(vec![SubscriberRecord { recipient: u("u1"), properties: json!({"role": "owner"}).as_object().unwrap().clone() }]));
         d.insert_object(o);
         let via = Via::Object { collection: "projects".into(), id: "p1".into() };
         assert_eq!(subscription(&d, &via, &u("u1")).unwrap()["role"], "owner");
         assert!(subscription(&d, &Via::Direct, &u("u1")).is_none());
         // A subscriber without properties has an empty subscription (templates see `{}`).
         let mut plain_object = object("projects", "p2", &[u("u1")]);
-        plain_object.subscribers = Arc::new(Members::sorted(vec![SubscriberRecord::new(u("u1"), JsonObject::new())]));
+        plain_object.subscribers = Arc::new(Members::sorted(vec![SubscriberRecord { recipient: u("u1"), properties: JsonObject::new() }]));
         d.insert_object(plain_object);
         let plain_via = Via::Object { collection: "projects".into(), id: "p2".into() };
         assert_eq!(subscription(&d, &plain_via, &u("u1")), Some(JsonObject::new()));
         // properties_of answers only members with properties (a chunk with none is not searched).
-        let plain = Members::sorted(vec![SubscriberRecord::new(u("u2"), JsonObject::new())]);
+        let plain = Members::sorted(vec![SubscriberRecord { recipient: u("u2"), properties: JsonObject::new() }]);
         assert_eq!(plain.properties_of(&u("u2")), None);
-        let with = Members::sorted(vec![SubscriberRecord::new(u("u2"), JsonObject::new()), SubscriberRecord::new(u("u3"), json!({"role": "viewer"}).as_object().unwrap().clone())]);
+        let with = Members::sorted(vec![
+            SubscriberRecord { recipient: u("u2"), properties: JsonObject::new() },
+            SubscriberRecord { recipient: u("u3"), properties: json!({"role": "viewer"}).as_object().unwrap().clone() },
+        ]);
         assert_eq!(with.properties_of(&u("u3")).unwrap()["role"], "viewer");
         assert_eq!(with.properties_of(&u("u2")), None);
     }
@@ -738,17 +699,5 @@ mod tests {
         assert!(expr("tier", "DoesNotExist", &[]).matches(&labels));
         assert!(!expr("plan", "Typo", &[]).matches(&labels), "an unknown operator matches nothing");
         assert!(Selector::default().matches(&labels));
-    }
-
-    #[test]
-    fn member_times_read_what_was_recorded_and_nothing_else() {
-        let t = MemberTimes::parse(Some("2026-12-01T09:30:00Z"), None);
-        assert_eq!(t.added(), Some("2026-12-01T09:30:00Z".parse().unwrap()));
-        assert_eq!(t.updated(), None);
-        let t = MemberTimes::parse(Some("yesterday"), Some("2026-12-01T10:00:00.750+01:00"));
-        assert_eq!(t.added(), None, "a time that does not parse is left out, not a failure");
-        assert_eq!(t.updated(), Some("2026-12-01T09:00:00Z".parse().unwrap()), "kept to the second, in UTC");
-        assert_eq!(MemberTimes::default().added(), None);
-        assert_eq!(std::mem::size_of::<MemberTimes>(), 16, "every cached subscription carries one");
     }
 }

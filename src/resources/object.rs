@@ -57,14 +57,4 @@ pub struct Subscription {
     #[serde(default, skip_serializing_if = "JsonObject::is_empty")]
     #[schemars(schema_with = "crate::resources::schema::free_form_object")]
     pub properties: JsonObject,
-    /// When the subscription began (RFC 3339). herald's API sets it when it
-    /// adds a member and answers it as Knock's `inserted_at` (`added_at` for
-    /// an audience member); entries listed without it answer their holder's
-    /// creation time.
-    #[serde(default, rename = "addedAt", skip_serializing_if = "Option::is_none")]
-    pub added_at: Option<String>,
-    /// When the API last changed the subscription's properties (RFC 3339);
-    /// absent when they are as they were added. Knock's `updated_at`.
-    #[serde(default, rename = "updatedAt", skip_serializing_if = "Option::is_none")]
-    pub updated_at: Option<String>,
 }

@@ -151,10 +151,8 @@ pub async fn list(State(api): State<Arc<Api>>, caller: Caller, Params(key): Para
             let mut user = directory::user(&api.ctx.stores, &caller.namespace, id).map(|u| u.properties.clone()).unwrap_or_default();
             user.insert("__typename".into(), json!("User"));
             user.insert("id".into(), json!(id));
-            // When the API added the member; members listed in an Audience
-            // resource or picked by its selector have no such record (null).
-            let added_at = m.since.added().map(|t| t.to_string());
-            json!({"__typename": "AudienceMember", "user_id": id, "user": user, "tenant": m.properties.get("tenant"), "added_at": added_at})
+            // When a member joined is not kept (a slice stores members, not their history).
+            json!({"__typename": "AudienceMember", "user_id": id, "user": user, "tenant": m.properties.get("tenant"), "added_at": null})
         })
         .collect();
     Ok(Json(json!({"entries": entries, "page_info": page_info})))

@@ -2,7 +2,7 @@
 //! subscriptions (`POST/DELETE /v1/objects/{collection}/{id}/subscriptions`
 //! with `{"recipients": [...], "properties": {...}}`, and `GET` to list them).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -15,8 +15,8 @@ use super::errors::ApiError;
 use super::{check_id, check_ids, created_at, delete_located, updated_at, Api, Fields, JsonBody, Params, QueryParams};
 use crate::controller::directory::LiveDirectory;
 use crate::controller::identify::{self, Located, Overwrite, Target};
-use crate::controller::membership::{self, Change, MAX_PROPERTIES_BYTES};
-use crate::core::expansion::{Directory, MemberTimes};
+use crate::controller::membership::{Change, MAX_PROPERTIES_BYTES};
+use crate::core::expansion::Directory;
 use crate::core::model::{parse_recipient, JsonObject, RecipientInput, RecipientKey};
 use crate::resources::{MemberTarget, Object, ObjectSpec, Subscription};
 
@@ -124,24 +124,15 @@ fn subscription_key(s: &Subscription) -> Option<RecipientKey> {
     parse_recipient(&s.recipient).ok().map(|r| r.key().clone())
 }
 
-/// A subscription as Knock returns it. Its times are its own where they
-/// were recorded (the API records them), else its object's.
-fn subscription_json(object: &Object, key: &RecipientKey, properties: &JsonObject, since: MemberTimes) -> Value {
-    let inserted = since.added().map(|t| t.to_string()).or_else(|| created_at(&object.metadata));
-    let updated = since.updated().or(since.added()).map(|t| t.to_string()).or_else(|| updated_at(&object.metadata));
+fn subscription_json(object: &Object, key: &RecipientKey, properties: &JsonObject) -> Value {
     json!({
         "__typename": "Subscription",
         "object": object_json(object),
         "recipient": recipient_json(key),
         "properties": properties,
-        "inserted_at": inserted,
-        "updated_at": updated,
+        "inserted_at": created_at(&object.metadata),
+        "updated_at": updated_at(&object.metadata),
     })
-}
-
-/// A stored entry's answer (see [`subscription_json`]).
-fn entry_json(object: &Object, key: &RecipientKey, entry: &Subscription) -> Value {
-    subscription_json(object, key, &entry.properties, MemberTimes::parse(entry.added_at.as_deref(), entry.updated_at.as_deref()))
 }
 
 /// Reads `recipients` of a subscriptions body; `inline` allows inline recipients.
@@ -224,30 +215,21 @@ pub async fn subscribe(State(api): State<Arc<Api>>, caller: Caller, Params((coll
     }
     let keys: Vec<RecipientKey> = subscribers.iter().map(|s| s.key().clone()).collect();
     // The object exists afterwards; subscribers listed in it get the new properties there.
-    let now = membership::stamp();
     let object = upsert_object(&api, &caller.namespace, &collection, &id, &|spec| {
         for s in spec.subscribers.iter_mut() {
-            if s.properties != properties && subscription_key(s).is_some_and(|k| keys.contains(&k)) {
+            if subscription_key(s).is_some_and(|k| keys.contains(&k)) {
                 s.properties = properties.clone();
-                s.updated_at = Some(now.clone());
             }
         }
         Ok(())
     })
     .await?;
-    // Each subscription as stored: in the object's own list, or in its slices.
-    let mut stored: HashMap<RecipientKey, Subscription> =
-        object.spec.subscribers.iter().filter_map(|s| subscription_key(s).filter(|k| keys.contains(k)).map(|k| (k, s.clone()))).collect();
-    let sliced: Vec<(RecipientKey, JsonObject)> = keys.iter().filter(|k| !stored.contains_key(*k)).map(|k| (k.clone(), properties.clone())).collect();
+    let listed: HashSet<RecipientKey> = object.spec.subscribers.iter().filter_map(subscription_key).collect();
+    let sliced: Vec<(RecipientKey, JsonObject)> = keys.iter().filter(|k| !listed.contains(*k)).map(|k| (k.clone(), properties.clone())).collect();
     if !sliced.is_empty() {
-        let outcome = api.membership.apply(&caller.namespace, &MemberTarget::Object { collection: collection.clone(), id: id.clone() }, Change::Add(sliced)).await?;
-        stored.extend(outcome.into_iter().filter_map(|(k, entry)| Some((k, entry?))));
+        api.membership.apply(&caller.namespace, &MemberTarget::Object { collection: collection.clone(), id: id.clone() }, Change::Add(sliced)).await?;
     }
-    let answer = keys.iter().map(|k| match stored.get(k) {
-        Some(entry) => entry_json(&object, k, entry),
-        None => subscription_json(&object, k, &properties, MemberTimes::default()),
-    });
-    Ok(Json(Value::Array(answer.collect())))
+    Ok(Json(Value::Array(keys.iter().map(|k| subscription_json(&object, k, &properties)).collect())))
 }
 
 /// `DELETE /v1/objects/{collection}/{id}/subscriptions`: unsubscribes the
@@ -269,8 +251,8 @@ pub async fn unsubscribe(
     let Some(mut object) = find(&api, &caller.namespace, &collection, &id).await?.object else {
         return Err(not_found(&collection, &id));
     };
-    let mut removed: Vec<(RecipientKey, Subscription)> =
-        object.spec.subscribers.iter().filter_map(|s| subscription_key(s).filter(|k| keys.contains(k)).map(|k| (k, s.clone()))).collect();
+    let mut removed: Vec<(RecipientKey, JsonObject)> =
+        object.spec.subscribers.iter().filter_map(|s| subscription_key(s).filter(|k| keys.contains(k)).map(|k| (k, s.properties.clone()))).collect();
     if !removed.is_empty() {
         object = upsert_object(&api, &caller.namespace, &collection, &id, &|spec| {
             spec.subscribers.retain(|s| !subscription_key(s).is_some_and(|k| keys.contains(&k)));
@@ -280,13 +262,13 @@ pub async fn unsubscribe(
     }
     let outcome = api.membership.apply(&caller.namespace, &MemberTarget::Object { collection: collection.clone(), id: id.clone() }, Change::Remove(keys.clone())).await?;
     for (key, was) in outcome {
-        if let Some(entry) = was {
+        if let Some(properties) = was {
             if !removed.iter().any(|(k, _)| *k == key) {
-                removed.push((key, entry));
+                removed.push((key, properties));
             }
         }
     }
-    Ok(Json(Value::Array(removed.iter().map(|(k, entry)| entry_json(&object, k, entry)).collect())))
+    Ok(Json(Value::Array(removed.iter().map(|(k, p)| subscription_json(&object, k, p)).collect())))
 }
 
 /// `GET /v1/objects/{collection}/{id}/subscriptions`: the object's
@@ -304,7 +286,7 @@ pub async fn subscriptions(
     let directory = LiveDirectory::new(&api.ctx.stores, &caller.namespace);
     let chunks = directory.subscribers(&collection, &id);
     let (entries, page_info) = page(chunks.iter().flat_map(|c| c.iter()), &query)?;
-    let entries: Vec<Value> = entries.iter().map(|s| subscription_json(&object, &s.recipient, &s.properties, s.since)).collect();
+    let entries: Vec<Value> = entries.iter().map(|s| subscription_json(&object, &s.recipient, &s.properties)).collect();
     Ok(Json(json!({"entries": entries, "page_info": page_info})))
 }
 
