@@ -64,6 +64,8 @@ pub struct HttpMetrics {
     pub triggers_accepted: Family<TriggerLabels, Counter>,
     /// Trigger requests answered by replaying an earlier response (Idempotency-Key).
     pub idempotent_replays: Counter,
+    /// Requests being served now (one still waiting for its body counts).
+    pub in_flight: Gauge,
 }
 
 impl HttpMetrics {
@@ -76,7 +78,9 @@ impl HttpMetrics {
         registry.register("http_triggers_accepted", "Triggers persisted as TriggerRuns through the HTTP API", triggers_accepted.clone());
         let idempotent_replays = Counter::default();
         registry.register("http_idempotent_replays", "Trigger requests answered by replaying the original response", idempotent_replays.clone());
-        HttpMetrics { requests, request_seconds, triggers_accepted, idempotent_replays }
+        let in_flight = Gauge::default();
+        registry.register("http_requests_in_flight", "HTTP requests being served now (one still waiting for its body counts)", in_flight.clone());
+        HttpMetrics { requests, request_seconds, triggers_accepted, idempotent_replays, in_flight }
     }
 }
 
@@ -183,6 +187,24 @@ impl Default for Metrics {
             fanout,
             http,
         }
+    }
+}
+
+/// Counts one in a gauge while it lives: work that is dropped where it
+/// stands (an aborted reconcile, a request whose client went away) does not
+/// stay counted.
+pub struct InFlight(Gauge);
+
+impl InFlight {
+    pub fn count(gauge: &Gauge) -> Self {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -709,13 +709,17 @@ async fn shutdown_finishes_in_flight_requests_and_slow_clients_time_out() {
     assert!(text.contains("request_timeout"), "{text}");
 
     // A request in flight when shutdown starts is finished, and its run stored.
+    let metrics = h.op.as_ref().unwrap().context.metrics.clone();
+    let serving = || common::metric_value(&metrics.render(), "herald_http_requests_in_flight");
+    let before = serving();
     let mut in_flight = tokio::net::TcpStream::connect(addr).await.unwrap();
     in_flight.write_all(head(body.len()).as_bytes()).await.unwrap();
     in_flight.write_all(&body[..10]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for("the request to be in flight", Duration::from_secs(10), || async { (serving() > before).then_some(()) }).await;
     let op = h.op.take().unwrap();
     let stopping = tokio::spawn(op.shutdown());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Shutdown has begun once the listener is closed.
+    wait_for("the listener to close", Duration::from_secs(10), || async move { tokio::net::TcpStream::connect(addr).await.is_err().then_some(()) }).await;
     in_flight.write_all(&body[10..]).await.unwrap();
     let mut response = Vec::new();
     let mut chunk = vec![0u8; 4096];

@@ -183,8 +183,10 @@ async fn count(AxumState(metrics): AxumState<Arc<Metrics>>, req: Request, next: 
         _ => "OTHER",
     }
     .to_string();
-    let response = next.run(req).await;
     let http = &metrics.http;
+    let in_flight = crate::metrics::InFlight::count(&http.in_flight);
+    let response = next.run(req).await;
+    drop(in_flight);
     http.requests.get_or_create(&HttpLabels { method: method.clone(), route: route.clone(), status: response.status().as_u16() }).inc();
     http.request_seconds.get_or_create(&HttpRouteLabels { method, route }).observe(started.elapsed().as_secs_f64());
     response

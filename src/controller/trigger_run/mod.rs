@@ -139,22 +139,6 @@ impl<'a> Reconciler<'a> {
     }
 }
 
-/// Counts one reconcile in a gauge while it lives.
-struct InFlight(prometheus_client::metrics::gauge::Gauge);
-
-impl InFlight {
-    fn count(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        InFlight(gauge.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// A write refused because the object changed since it was read: another
 /// writer (a newer leader) got there first. The reconcile stops; the next one
 /// reads afresh.
@@ -177,7 +161,7 @@ async fn reconcile(run: Arc<TriggerRun>, ctx: Arc<Context>) -> Result<Action, Er
     ctx.metrics.reconciles.get_or_create(&labels).inc();
     // A guard, not a dec() after the await: a reconcile aborted where it
     // stands (leadership lost) must not stay counted as in flight.
-    let _in_flight = InFlight::count(&ctx.metrics.reconciles_in_flight);
+    let _in_flight = crate::metrics::InFlight::count(&ctx.metrics.reconciles_in_flight);
     // Every log line of the reconcile (deliveries included) carries the run's ids.
     let span = tracing::info_span!(
         "reconcile",
