@@ -652,9 +652,6 @@ async fn a_page_of_500_recipients_retried_20_times_each_still_fits() {
     }
 }
 
-/// Kills the real `herald` binary with SIGKILL during a 1,000-recipient
-/// fan-out and starts it again: every recipient is delivered at least once,
-/// and every duplicate carries the same Idempotency-Key.
 #[tokio::test]
 async fn sigterm_cuts_a_stuck_delivery_short_after_the_grace_and_the_next_leader_finishes_it() {
     let client = common::client().await;
@@ -684,6 +681,9 @@ async fn sigterm_cuts_a_stuck_delivery_short_after_the_grace_and_the_next_leader
     assert_eq!(receiver.received_at("/stuck").last().and_then(|r| r.header("Idempotency-Key")), Some(key.as_str()));
 }
 
+/// Kills the real `herald` binary with SIGKILL during a 1,000-recipient
+/// fan-out and starts it again: every recipient is delivered at least once,
+/// and every duplicate carries the same Idempotency-Key.
 #[tokio::test]
 async fn sigkill_during_a_fan_out_loses_no_recipient_and_duplicates_keep_their_key() {
     const N: usize = 1000;

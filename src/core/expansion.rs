@@ -396,15 +396,17 @@ impl Iterator for Expander<'_> {
 #[derive(Debug, Default)]
 pub struct ReachedSet(HashSet<u128>);
 
-impl ReachedSet {
-    pub fn insert(&mut self, key: &RecipientKey) {
-        self.0.insert(key_hash(key));
+impl<K: std::borrow::Borrow<RecipientKey>> Extend<K> for ReachedSet {
+    fn extend<I: IntoIterator<Item = K>>(&mut self, keys: I) {
+        self.0.extend(keys.into_iter().map(|k| key_hash(k.borrow())));
     }
 }
 
 impl<K: std::borrow::Borrow<RecipientKey>> FromIterator<K> for ReachedSet {
     fn from_iter<I: IntoIterator<Item = K>>(keys: I) -> Self {
-        ReachedSet(keys.into_iter().map(|k| key_hash(k.borrow())).collect())
+        let mut set = ReachedSet::default();
+        set.extend(keys);
+        set
     }
 }
 

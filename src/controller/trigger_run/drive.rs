@@ -381,11 +381,9 @@ impl Reconciler<'_> {
             }
             let inline_changed = changed.iter().any(|p| pages[*p].is_inline());
             let snapshots: Vec<Page> = changed.iter().filter(|p| !pages[**p].is_inline()).map(|p| pages[*p].clone()).collect();
+            // Their records are on their way out: pages done with are let go of.
             for p in &changed {
                 pages[*p].unsaved = false;
-            }
-            // Pages done with are let go of once their last records are on their way out.
-            for p in &changed {
                 if remaining[*p] == 0 {
                     pages[*p].settle();
                 }

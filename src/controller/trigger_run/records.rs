@@ -227,9 +227,7 @@ impl Reconciler<'_> {
             if index >= status.pages.len() {
                 status.pages.push(name.clone());
             }
-            for r in &recipients {
-                reached.insert(&r.key());
-            }
+            reached.extend(recipients.iter().map(RecipientStatus::key));
             let mut page = Page { holder: Holder::Page(name), index, recipients, unsaved: false, settled: None };
             // Held: the first pages with recipients to go. The others keep
             // their counts and are read again when their turn comes, so a
